@@ -1,0 +1,3 @@
+//! Client access: who is calling.
+
+pub mod auth;

@@ -1,0 +1,195 @@
+//! Config validation: every refusal names the file, the field and the reason.
+
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "OPENAI_API_KEY" => Some("sk-from-env".into()),
+        "CLIENT_KEY" => Some("sk-client-env".into()),
+        _ => None,
+    }
+}
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+max_body = "1MiB"
+
+[auth]
+keys = ["sk-client-1", "${CLIENT_KEY}"]
+
+[[upstreams]]
+name = "openai"
+base_url = "https://api.openai.com/v1/"
+keys = ["${OPENAI_API_KEY}", "sk-literal", "sk-literal"]
+
+[[models]]
+name = "gpt-4o-mini"
+upstream = "openai"
+aliases = ["mini"]
+defaults = { max_tokens = 1024 }
+
+[routing]
+default_model = "mini"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(text, Path::new("/etc/sluice/test.toml"), &env)
+}
+
+fn refusal(text: &str) -> String {
+    parse(text)
+        .expect_err("config should be refused")
+        .to_string()
+}
+
+#[test]
+fn good_config_validates() {
+    let config = parse(GOOD).unwrap();
+    assert_eq!(config.server.max_body, 1 << 20);
+    assert_eq!(config.server.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(config.auth.keys.len(), 2);
+    assert!(config.auth.require_api_key);
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.base_url.path(), "/v1", "trailing slash trimmed");
+    let keys: Vec<&str> = upstream.keys.iter().map(|k| k.expose().as_str()).collect();
+    assert_eq!(
+        keys,
+        ["sk-from-env", "sk-literal"],
+        "env expanded, duplicates collapsed"
+    );
+    assert_eq!(config.models[0].defaults["max_tokens"], 1024);
+    assert_eq!(config.default_model.as_deref(), Some("mini"));
+}
+
+#[test]
+fn listen_env_override_wins() {
+    let env = |name: &str| match name {
+        "SLUICE_LISTEN" => Some("127.0.0.1:9999".into()),
+        other => env(other),
+    };
+    let config = Config::from_toml(GOOD, Path::new("x.toml"), &env).unwrap();
+    assert_eq!(config.server.listen.port(), 9999);
+}
+
+#[test]
+fn unknown_field_is_named() {
+    let err = refusal(&GOOD.replace("max_body", "max_bodee"));
+    assert!(
+        err.contains("test.toml") && err.contains("max_bodee"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_upstreams_refused() {
+    let err = refusal("[auth]\nrequire_api_key = false\n");
+    assert!(err.contains("field `upstreams`"), "{err}");
+}
+
+#[test]
+fn model_on_missing_upstream_refused() {
+    let err = refusal(&GOOD.replace("upstream = \"openai\"", "upstream = \"nope\""));
+    assert!(
+        err.contains("models[0].upstream") && err.contains("nope"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unreadable_keys_file_refused() {
+    let err = refusal(&GOOD.replace(
+        "keys = [\"${OPENAI_API_KEY}\", \"sk-literal\", \"sk-literal\"]",
+        "keys_file = \"missing-keys.txt\"",
+    ));
+    assert!(
+        err.contains("upstreams[0].keys_file") && err.contains("missing-keys.txt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_key_set_refused() {
+    let err = refusal(&GOOD.replace(
+        "keys = [\"${OPENAI_API_KEY}\", \"sk-literal\", \"sk-literal\"]",
+        "keys = []",
+    ));
+    assert!(
+        err.contains("upstreams[0].keys") && err.contains("no keys"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unset_env_var_named_not_leaked() {
+    let err = refusal(&GOOD.replace("${CLIENT_KEY}", "${NOT_SET_ANYWHERE}"));
+    assert!(
+        err.contains("auth.keys[1]") && err.contains("NOT_SET_ANYWHERE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keys_file_relative_to_config_and_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys.txt"),
+        "# team keys\nsk-file-1\n\nsk-literal\n",
+    )
+    .unwrap();
+    let text = GOOD.replace(
+        "keys = [\"${OPENAI_API_KEY}\", \"sk-literal\", \"sk-literal\"]",
+        "keys = [\"sk-literal\"]\nkeys_file = \"keys.txt\"",
+    );
+    let config = Config::from_toml(&text, &dir.path().join("sluice.toml"), &env).unwrap();
+    let keys: Vec<&str> = config.upstreams[0]
+        .keys
+        .iter()
+        .map(|k| k.expose().as_str())
+        .collect();
+    assert_eq!(keys, ["sk-literal", "sk-file-1"]);
+}
+
+#[test]
+fn bad_values_refused_with_field() {
+    for (from, to, field) in [
+        ("\"127.0.0.1:0\"", "\"localhost-ish\"", "server.listen"),
+        ("\"1MiB\"", "\"0\"", "server.max_body"),
+        (
+            "https://api.openai.com/v1/",
+            "ftp://x",
+            "upstreams[0].base_url",
+        ),
+        (
+            "default_model = \"mini\"",
+            "default_model = \"gpt-9\"",
+            "routing.default_model",
+        ),
+        (
+            "aliases = [\"mini\"]",
+            "aliases = [\"gpt-4o-mini\"]",
+            "models[0].name",
+        ),
+        (
+            "defaults = { max_tokens = 1024 }",
+            "defaults = { model = \"x\" }",
+            "models[0].defaults",
+        ),
+    ] {
+        let err = refusal(&GOOD.replace(from, to));
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}
+
+#[test]
+fn require_key_without_keys_refused() {
+    let err = refusal(&GOOD.replace("keys = [\"sk-client-1\", \"${CLIENT_KEY}\"]", ""));
+    assert!(err.contains("auth.keys"), "{err}");
+}
+
+#[test]
+fn prior_knowledge_over_tls_refused() {
+    let err = refusal(&GOOD.replace("[[models]]", "http2 = \"prior-knowledge\"\n\n[[models]]"));
+    assert!(err.contains("upstreams[0].http2"), "{err}");
+}

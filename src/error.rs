@@ -1,0 +1,306 @@
+//! The one error type of the request path and its OpenAI-shaped rendering.
+//!
+//! Every error sluice itself produces maps, without a catch-all arm, to an HTTP
+//! status, a closed `kind()` label for metrics and logs, and a retry decision.
+//! Upstream error *responses* are not errors here: they pass through untouched.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::SluiceBody;
+
+/// Everything that can stop a request inside sluice.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request body is not valid JSON (or not a JSON object).
+    #[error("invalid JSON body: {0}")]
+    BadJson(String),
+    /// The request body is empty where a JSON object is required.
+    #[error("request body is empty; a JSON object is required")]
+    EmptyBody,
+    /// `model` is present but not a string.
+    #[error("`model` must be a string")]
+    ModelNotString,
+    /// The client body could not be read (reset, malformed framing).
+    #[error("could not read request body: {0}")]
+    BodyRead(String),
+    /// No client key was presented on a path that requires one.
+    #[error(
+        "missing API key: send it as `Authorization: Bearer <key>`, `X-API-Key`, `api-key` or `?api_key=`"
+    )]
+    MissingApiKey,
+    /// A client key was presented but is not known.
+    #[error("invalid API key")]
+    InvalidApiKey,
+    /// The requested model is not routed by this gateway.
+    #[error("the model `{0}` does not exist or is not served by this gateway")]
+    UnknownModel(String),
+    /// A request needs a model (none given) and no default model is configured.
+    #[error("no `model` in the request and no default model configured")]
+    NoModel,
+    /// No handler for this path.
+    #[error("unknown path `{0}`")]
+    NotFound(String),
+    /// The path exists but not for this method.
+    #[error("method {0} is not allowed on this path")]
+    MethodNotAllowed(http::Method),
+    /// The client took too long to send its body (a slow or stalled client).
+    #[error("request body not received within {0} s")]
+    BodyTimeout(u64),
+    /// The request body exceeds `server.max_body`.
+    #[error("request body exceeds the limit of {0} bytes")]
+    BodyTooLarge(u64),
+    /// Could not connect to the upstream (refused, DNS, TLS handshake).
+    #[error("upstream `{upstream}` unreachable: {reason}")]
+    UpstreamConnect {
+        /// Upstream name from the config.
+        upstream: String,
+        /// What went wrong, without secrets.
+        reason: String,
+    },
+    /// The upstream broke the protocol or reset the exchange before headers.
+    #[error("upstream `{upstream}` protocol error: {reason}")]
+    UpstreamProtocol {
+        /// Upstream name from the config.
+        upstream: String,
+        /// What went wrong, without secrets.
+        reason: String,
+    },
+    /// The upstream did not answer with headers in time.
+    #[error("upstream `{upstream}` timed out after {after_ms} ms")]
+    UpstreamTimeout {
+        /// Upstream name from the config.
+        upstream: String,
+        /// The timeout that fired, in milliseconds.
+        after_ms: u64,
+    },
+    /// A bug or impossible state inside sluice; never a client's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadJson(_) | Self::EmptyBody | Self::ModelNotString | Self::BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::NoModel => StatusCode::BAD_REQUEST,
+            Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::UpstreamConnect { .. } | Self::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A closed, stable label: used as the OpenAI `code` field and as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BadJson(_) => "invalid_json",
+            Self::EmptyBody => "empty_body",
+            Self::ModelNotString => "invalid_model",
+            Self::BodyRead(_) => "body_read_error",
+            Self::MissingApiKey => "missing_api_key",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::UnknownModel(_) => "model_not_found",
+            Self::NoModel => "model_required",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::BodyTooLarge(_) => "request_too_large",
+            Self::BodyTimeout(_) => "request_timeout",
+            Self::UpstreamConnect { .. } => "upstream_unreachable",
+            Self::UpstreamProtocol { .. } => "upstream_protocol_error",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The OpenAI error `type` field.
+    fn error_type(&self) -> &'static str {
+        match self {
+            Self::BadJson(_)
+            | Self::EmptyBody
+            | Self::ModelNotString
+            | Self::BodyRead(_)
+            | Self::UnknownModel(_)
+            | Self::NoModel
+            | Self::NotFound(_)
+            | Self::MethodNotAllowed(_)
+            | Self::BodyTooLarge(_)
+            | Self::BodyTimeout(_) => "invalid_request_error",
+            Self::MissingApiKey | Self::InvalidApiKey => "authentication_error",
+            Self::UpstreamConnect { .. }
+            | Self::UpstreamProtocol { .. }
+            | Self::UpstreamTimeout { .. } => "upstream_error",
+            Self::Internal(_) => "server_error",
+        }
+    }
+
+    /// The OpenAI error `param` field: which request field was at fault, if any.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::ModelNotString | Self::UnknownModel(_) | Self::NoModel => Some("model"),
+            Self::BadJson(_)
+            | Self::EmptyBody
+            | Self::BodyRead(_)
+            | Self::MissingApiKey
+            | Self::InvalidApiKey
+            | Self::NotFound(_)
+            | Self::MethodNotAllowed(_)
+            | Self::BodyTooLarge(_)
+            | Self::BodyTimeout(_)
+            | Self::UpstreamConnect { .. }
+            | Self::UpstreamProtocol { .. }
+            | Self::UpstreamTimeout { .. }
+            | Self::Internal(_) => None,
+        }
+    }
+
+    /// Whether another attempt (another key, later) may succeed where this one failed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::UpstreamConnect { .. } | Self::UpstreamTimeout { .. } => true,
+            Self::UpstreamProtocol { .. } => true,
+            Self::BadJson(_)
+            | Self::EmptyBody
+            | Self::ModelNotString
+            | Self::BodyRead(_)
+            | Self::MissingApiKey
+            | Self::InvalidApiKey
+            | Self::UnknownModel(_)
+            | Self::NoModel
+            | Self::NotFound(_)
+            | Self::MethodNotAllowed(_)
+            | Self::BodyTooLarge(_)
+            | Self::BodyTimeout(_)
+            | Self::Internal(_) => false,
+        }
+    }
+
+    /// The OpenAI-shaped JSON body for this error.
+    pub fn to_json(&self) -> Bytes {
+        error_json(
+            &self.to_string(),
+            self.error_type(),
+            self.param(),
+            self.kind(),
+        )
+    }
+
+    /// Renders the error as a complete response.
+    pub fn into_response(self) -> Response<SluiceBody> {
+        let mut response = json_response(self.status(), self.to_json());
+        if let Self::MethodNotAllowed(_) = self {
+            // RFC 9110 wants an Allow header on 405; our fixed routes are GET- or POST-only.
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+        }
+        if let Self::MissingApiKey | Self::InvalidApiKey = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Builds `{"error":{"message","type","param","code"}}`.
+pub fn error_json(message: &str, error_type: &str, param: Option<&str>, code: &str) -> Bytes {
+    let value = serde_json::json!({
+        "error": { "message": message, "type": error_type, "param": param, "code": code }
+    });
+    Bytes::from(value.to_string())
+}
+
+/// A JSON response with the given status and body.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<SluiceBody> {
+    let mut response = Response::new(SluiceBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<(ProxyError, u16)> {
+        let up = || "u".to_string();
+        vec![
+            (ProxyError::BadJson("x".into()), 400),
+            (ProxyError::EmptyBody, 400),
+            (ProxyError::ModelNotString, 400),
+            (ProxyError::BodyRead("x".into()), 400),
+            (ProxyError::NoModel, 400),
+            (ProxyError::MissingApiKey, 401),
+            (ProxyError::InvalidApiKey, 401),
+            (ProxyError::UnknownModel("m".into()), 404),
+            (ProxyError::NotFound("/x".into()), 404),
+            (ProxyError::MethodNotAllowed(http::Method::PUT), 405),
+            (ProxyError::BodyTooLarge(1), 413),
+            (ProxyError::BodyTimeout(1), 408),
+            (
+                ProxyError::UpstreamConnect {
+                    upstream: up(),
+                    reason: up(),
+                },
+                502,
+            ),
+            (
+                ProxyError::UpstreamProtocol {
+                    upstream: up(),
+                    reason: up(),
+                },
+                502,
+            ),
+            (
+                ProxyError::UpstreamTimeout {
+                    upstream: up(),
+                    after_ms: 1,
+                },
+                504,
+            ),
+            (ProxyError::Internal("x".into()), 500),
+        ]
+    }
+
+    #[test]
+    fn every_variant_has_its_status() {
+        for (error, status) in all() {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn body_is_openai_shaped() {
+        for (error, _) in all() {
+            let kind = error.kind();
+            let v: serde_json::Value = serde_json::from_slice(&error.to_json()).unwrap();
+            let e = &v["error"];
+            assert!(e["message"].is_string());
+            assert!(e["type"].is_string());
+            assert!(e.get("param").is_some());
+            assert_eq!(e["code"], kind);
+        }
+    }
+
+    #[test]
+    fn only_upstream_failures_retry() {
+        for (error, status) in all() {
+            assert_eq!(
+                error.is_retryable(),
+                status == 502 || status == 504,
+                "{error:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The `sluice` command line: serve, check, models, mock, demo.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use sluice::config::{Config, LogFormat};
+use sluice::mock::MockServer;
+use sluice::server::{self, Drain};
+use sluice::state::Shared;
+use sluice::{shutdown, telemetry};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Exit code for a config that cannot be used (systemd: `RestartPreventExitStatus=2`).
+const EXIT_CONFIG: u8 = 2;
+
+/// sluice: a fast, dependable OpenAI-compatible LLM API gateway.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file.
+    #[arg(
+        short,
+        long,
+        env = "SLUICE_CONFIG",
+        default_value = "config/sluice.toml"
+    )]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ConfigArg),
+    /// Validate the config and keys files, print a summary, exit non-zero on error.
+    Check(ConfigArg),
+    /// Print the model routing table.
+    Models(ConfigArg),
+    /// Run the bundled mock OpenAI upstream.
+    Mock {
+        /// Address to listen on.
+        #[arg(short, long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
+    /// Run the mock on a free port and the gateway in front of it, offline.
+    Demo {
+        /// Address the gateway listens on.
+        #[arg(short, long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check(arg) => check(&arg.config),
+        Command::Models(arg) => models(&arg.config),
+        Command::Serve(arg) => match Config::load(&arg.config) {
+            Ok(config) => run(serve(config)),
+            Err(error) => config_failure(&error),
+        },
+        Command::Mock { listen } => run(mock(listen)),
+        Command::Demo { listen } => run(demo(listen)),
+    }
+}
+
+fn config_failure(error: &sluice::config::ConfigError) -> ExitCode {
+    eprintln!("sluice: invalid config: {error}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn run(task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sluice: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sluice: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!("{}: ok", path.display());
+            println!("  listen     {}", config.server.listen);
+            println!(
+                "  auth       {} ({} client keys)",
+                if config.auth.require_api_key {
+                    "required"
+                } else {
+                    "off"
+                },
+                config.auth.keys.len()
+            );
+            for upstream in &config.upstreams {
+                println!(
+                    "  upstream   {} -> {} ({} keys, http2 {:?})",
+                    upstream.name,
+                    upstream.base_url,
+                    upstream.keys.len(),
+                    upstream.http2
+                );
+            }
+            println!("  models     {}", config.models.len());
+            if let Some(default) = &config.default_model {
+                println!("  default    {default}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => config_failure(&error),
+    }
+}
+
+fn models(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => return config_failure(&error),
+    };
+    println!(
+        "{:<28} {:<24} {:<16} UPSTREAM MODEL",
+        "MODEL", "ALIASES", "UPSTREAM"
+    );
+    for model in &config.models {
+        let upstream_model = match model.name.as_str() {
+            "*" => "(as requested)",
+            name => model.upstream_model.as_deref().unwrap_or(name),
+        };
+        println!(
+            "{:<28} {:<24} {:<16} {upstream_model}",
+            model.name,
+            model.aliases.join(","),
+            model.upstream
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    telemetry::init(&config.log.level, config.log.format);
+    let listen = config.server.listen;
+    let grace = config.server.shutdown_grace;
+    let shared = Shared::new(config)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("sluice {} listening on http://{addr}", sluice::VERSION);
+    tracing::info!(%addr, version = sluice::VERSION, "listening");
+    match server::serve(listener, shared, shutdown::first_stop_signal(), grace).await {
+        Drain::Clean => Ok(()),
+        Drain::TimedOut(left) => {
+            tracing::warn!(
+                connections = left,
+                "exiting with connections cut at the end of the grace period"
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn mock(listen: SocketAddr) -> Result<(), String> {
+    telemetry::init("warn", LogFormat::Text);
+    let mock = MockServer::start(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    println!(
+        "sluice mock upstream listening on http://{} (base URL {})",
+        mock.addr,
+        mock.base_url()
+    );
+    shutdown::first_stop_signal().await;
+    Ok(())
+}
+
+/// Client key the demo gateway accepts.
+const DEMO_CLIENT_KEY: &str = "sk-sluice-demo";
+
+async fn demo(listen: SocketAddr) -> Result<(), String> {
+    let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(|e| format!("cannot start the mock: {e}"))?;
+    let text = format!(
+        r#"
+[server]
+listen = "{listen}"
+shutdown_grace = "5s"
+
+[auth]
+keys = ["{DEMO_CLIENT_KEY}"]
+
+[[upstreams]]
+name = "mock"
+base_url = "{base}"
+keys = ["sk-mock-1", "sk-mock-2", "sk-mock-3"]
+http2 = "prior-knowledge"
+
+[[models]]
+name = "gpt-4o-mini"
+upstream = "mock"
+aliases = ["mini"]
+defaults = {{ max_tokens = 256 }}
+
+[[models]]
+name = "*"
+upstream = "mock"
+
+[routing]
+default_model = "gpt-4o-mini"
+"#,
+        base = mock.base_url()
+    );
+    let config = Config::from_toml(&text, Path::new("<demo>"), &|name| std::env::var(name).ok())
+        .map_err(|e| e.to_string())?;
+    telemetry::init(&config.log.level, config.log.format);
+    let grace = config.server.shutdown_grace;
+    let shared = Shared::new(config)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e} (try --listen 127.0.0.1:0)"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!(
+        r#"sluice {version} demo: gateway on http://{addr}, mock upstream on http://{mock} (3 keys, h2c)
+
+Try it:
+  curl -s http://{addr}/v1/chat/completions \
+    -H 'Authorization: Bearer {DEMO_CLIENT_KEY}' -H 'Content-Type: application/json' \
+    -d '{{"model":"mini","messages":[{{"role":"user","content":"Hello"}}]}}'
+
+  curl -sN http://{addr}/v1/chat/completions \
+    -H 'Authorization: Bearer {DEMO_CLIENT_KEY}' -H 'Content-Type: application/json' \
+    -d '{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"Hello"}}]}}'
+
+OpenAI SDK (Python):
+  from openai import OpenAI
+  client = OpenAI(base_url="http://{addr}/v1", api_key="{DEMO_CLIENT_KEY}")
+  print(client.chat.completions.create(model="mini", messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
+
+Mock counters: curl -s http://{mock}/_stats    Stop: Ctrl-C"#,
+        version = sluice::VERSION,
+        mock = mock.addr,
+    );
+    server::serve(listener, shared, shutdown::first_stop_signal(), grace).await;
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! [`MeteredBody`]: the upstream response body passed to the client frame by
+//! frame, counting bytes and noting how it ended. It never buffers, re-chunks or
+//! re-parses: each upstream frame is handed on as it arrives.
+//!
+//! If the upstream breaks mid-stream, an SSE response gets one final error event
+//! and then an error, so hyper ends the client's response abnormally (no chunked
+//! terminator on HTTP/1.1, `RST_STREAM` on HTTP/2) and no client can take the
+//! answer for complete.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::body::BoxError;
+use crate::error::error_json;
+use crate::proxy::keyring::KeyLease;
+
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Still streaming (only seen if dropped: the client went away).
+    Open,
+    /// The upstream body ended cleanly.
+    Complete,
+    /// The upstream failed mid-body.
+    UpstreamError,
+}
+
+/// Per-request bookkeeping that finishes when the body ends or is dropped.
+#[derive(Debug)]
+pub struct Meter {
+    /// Request id for the log line.
+    pub request_id: HeaderValue,
+    /// Upstream name.
+    pub upstream: std::sync::Arc<str>,
+    /// The key in use; dropping it ends its in-flight count.
+    pub lease: Option<KeyLease>,
+    /// Upstream status code.
+    pub status: u16,
+    /// When sluice received the request.
+    pub started: Instant,
+    /// Body bytes passed to the client.
+    pub bytes: u64,
+    /// How the body ended.
+    pub outcome: Outcome,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        let outcome = match self.outcome {
+            Outcome::Open => "client_cancelled",
+            Outcome::Complete => "complete",
+            Outcome::UpstreamError => "upstream_error",
+        };
+        tracing::debug!(
+            request_id = ?self.request_id,
+            upstream = %self.upstream,
+            key = self.lease.as_ref().map_or("-", |l| l.key().fingerprint.as_str()),
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            outcome,
+            "response finished"
+        );
+    }
+}
+
+enum State {
+    Streaming,
+    /// The SSE error event went out; the error itself comes next.
+    Failing(Option<BoxError>),
+    Done,
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream body, metered, passed through frame by frame.
+    pub struct MeteredBody {
+        #[pin]
+        inner: Incoming,
+        sse: bool,
+        // The last two bytes sent, to know whether an SSE event was cut mid-way.
+        tail: [u8; 2],
+        state: State,
+        meter: Meter,
+    }
+}
+
+impl MeteredBody {
+    /// Wraps an upstream body. `sse` marks a `text/event-stream` response.
+    pub fn new(inner: Incoming, sse: bool, meter: Meter) -> Self {
+        Self {
+            inner,
+            sse,
+            tail: *b"\n\n",
+            state: State::Streaming,
+            meter,
+        }
+    }
+}
+
+/// The event a client sees when the upstream stream breaks; starts with a blank
+/// line when the upstream was cut inside an event, so the error event stands alone.
+fn error_event(reason: &str, at_boundary: bool) -> Bytes {
+    let json = error_json(
+        &format!("upstream stream interrupted: {reason}"),
+        "upstream_error",
+        None,
+        "upstream_stream_error",
+    );
+    let prefix: &[u8] = if at_boundary { b"" } else { b"\n\n" };
+    let mut event = Vec::with_capacity(prefix.len() + json.len() + 8);
+    event.extend_from_slice(prefix);
+    event.extend_from_slice(b"data: ");
+    event.extend_from_slice(&json);
+    event.extend_from_slice(b"\n\n");
+    Bytes::from(event)
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.state {
+            State::Done => return Poll::Ready(None),
+            State::Failing(error) => {
+                let error = error
+                    .take()
+                    .unwrap_or_else(|| "upstream stream interrupted".into());
+                *this.state = State::Done;
+                return Poll::Ready(Some(Err(error)));
+            }
+            State::Streaming => {}
+        }
+        match ready!(this.inner.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.meter.bytes += data.len() as u64;
+                    match data.len() {
+                        0 => {}
+                        1 => *this.tail = [this.tail[1], data[0]],
+                        n => *this.tail = [data[n - 2], data[n - 1]],
+                    }
+                }
+                // hyper may stop polling once the body says it has ended, so note the
+                // clean end here rather than waiting for a `None` that may never be asked for.
+                if this.inner.is_end_stream() {
+                    this.meter.outcome = Outcome::Complete;
+                    *this.state = State::Done;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(error)) => {
+                this.meter.outcome = Outcome::UpstreamError;
+                tracing::warn!(
+                    request_id = ?this.meter.request_id,
+                    upstream = %this.meter.upstream,
+                    bytes_sent = this.meter.bytes,
+                    error = %error,
+                    "upstream body failed mid-stream; ending the client response abnormally"
+                );
+                if *this.sse {
+                    let event = error_event(&error.to_string(), this.tail == b"\n\n");
+                    *this.state = State::Failing(Some(error.into()));
+                    Poll::Ready(Some(Ok(Frame::data(event))))
+                } else {
+                    *this.state = State::Done;
+                    Poll::Ready(Some(Err(error.into())))
+                }
+            }
+            None => {
+                this.meter.outcome = Outcome::Complete;
+                *this.state = State::Done;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+            || (matches!(self.state, State::Streaming) && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Streaming => self.inner.size_hint(),
+            State::Failing(_) | State::Done => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_event_is_one_sse_event() {
+        let event = error_event("reset", true);
+        let text = std::str::from_utf8(&event).unwrap();
+        assert!(text.starts_with("data: {\"error\":"));
+        assert!(text.ends_with("\n\n"));
+        let json: serde_json::Value =
+            serde_json::from_str(text.trim_start_matches("data: ").trim()).unwrap();
+        assert_eq!(json["error"]["type"], "upstream_error");
+        assert!(error_event("reset", false).starts_with(b"\n\ndata: "));
+    }
+}

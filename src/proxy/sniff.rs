@@ -1,0 +1,261 @@
+//! Reads the few fields sluice needs from a JSON request body in one pass,
+//! borrowing from the body, and splices in the changes a route asks for.
+//!
+//! Only `model` and `stream` are read; every other member is skipped (validated,
+//! never built). The sniff also notes which of the configured default parameters
+//! are present, so filling defaults needs no second parse.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::ProxyError;
+
+/// What the sniff found in a request body.
+#[derive(Debug, Default, PartialEq)]
+pub struct Sniffed<'a> {
+    /// The `model` string (borrowed unless it held escapes), `None` if absent or null.
+    pub model: Option<Cow<'a, str>>,
+    /// Byte range of the `model` value (with its quotes) in the body.
+    pub model_span: Option<Range<usize>>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// Bit `i` is set when default parameter `i` of the snapshot is present.
+    pub present: u64,
+    /// Number of top-level members.
+    pub members: usize,
+}
+
+/// Sniffs `body`, which must be a JSON object. `param_names` are the default
+/// parameter names of the snapshot, at most 64 (the config enforces it).
+pub fn sniff<'a>(body: &'a [u8], param_names: &[Box<str>]) -> Result<Sniffed<'a>, ProxyError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let seed = SniffSeed { body, param_names };
+    let sniffed = seed.deserialize(&mut de).map_err(classify)?;
+    de.end().map_err(classify)?;
+    Ok(sniffed)
+}
+
+/// Marker message so the type error for `model` maps to its own status text.
+const MODEL_NOT_STRING: &str = "model must be a string";
+
+fn classify(error: serde_json::Error) -> ProxyError {
+    if error.is_data() && error.to_string().starts_with(MODEL_NOT_STRING) {
+        ProxyError::ModelNotString
+    } else {
+        ProxyError::BadJson(error.to_string())
+    }
+}
+
+struct SniffSeed<'s> {
+    body: &'s [u8],
+    param_names: &'s [Box<str>],
+}
+
+impl<'de> DeserializeSeed<'de> for SniffSeed<'_> {
+    type Value = Sniffed<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SniffSeed<'_> {
+    type Value = Sniffed<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Sniffed::default();
+        while let Some(KeyName(key)) = map.next_key()? {
+            out.members += 1;
+            match key.as_ref() {
+                "model" => {
+                    let raw: Option<&'de RawValue> = map.next_value()?;
+                    match raw {
+                        None => {
+                            out.model = None;
+                            out.model_span = None;
+                        }
+                        Some(raw) => {
+                            let text = raw.get();
+                            if !text.starts_with('"') {
+                                return Err(de::Error::custom(MODEL_NOT_STRING));
+                            }
+                            // The raw value borrows from the body: its offset is a plain
+                            // address difference, no unsafe needed.
+                            let start = text.as_ptr() as usize - self.body.as_ptr() as usize;
+                            out.model_span = Some(start..start + text.len());
+                            out.model = Some(match serde_json::from_str::<&str>(text) {
+                                Ok(plain) => Cow::Borrowed(plain),
+                                Err(_) => Cow::Owned(
+                                    serde_json::from_str::<String>(text)
+                                        .map_err(de::Error::custom)?,
+                                ),
+                            });
+                        }
+                    }
+                }
+                "stream" => out.stream = map.next_value::<Option<bool>>()?.unwrap_or(false),
+                other => {
+                    if let Some(i) = self.param_names.iter().position(|n| n.as_ref() == other) {
+                        out.present |= 1 << i;
+                    }
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A member name, borrowed unless it holds escapes.
+struct KeyName<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for KeyName<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = KeyName<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(KeyName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(KeyName(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Writes a new body: `inserts` (each a complete `"name":value` member) go right
+/// after the opening brace, and the `model` value is replaced by `new_model`
+/// (an encoded JSON string) when given. Everything else is copied byte for byte.
+pub fn splice(
+    body: &[u8],
+    sniffed: &Sniffed<'_>,
+    new_model: Option<&str>,
+    inserts: &[&[u8]],
+) -> Bytes {
+    let extra: usize =
+        inserts.iter().map(|m| m.len() + 1).sum::<usize>() + new_model.map_or(0, str::len);
+    let mut out = BytesMut::with_capacity(body.len() + extra);
+    // A sniffed body is an object, so its first non-blank byte is `{`.
+    let open = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0);
+    out.put_slice(&body[..=open]);
+    for (i, member) in inserts.iter().enumerate() {
+        out.put_slice(member);
+        if i + 1 < inserts.len() || sniffed.members > 0 {
+            out.put_u8(b',');
+        }
+    }
+    match (new_model, &sniffed.model_span) {
+        (Some(model), Some(span)) => {
+            out.put_slice(&body[open + 1..span.start]);
+            out.put_slice(model.as_bytes());
+            out.put_slice(&body[span.end..]);
+        }
+        _ => out.put_slice(&body[open + 1..]),
+    }
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<Box<str>> {
+        vec!["max_tokens".into(), "temperature".into()]
+    }
+
+    #[test]
+    fn reads_model_stream_and_present_params() {
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","stream":true,"temperature":0.2}"#;
+        let s = sniff(body, &names()).unwrap();
+        assert_eq!(s.model.as_deref(), Some("gpt-4o"));
+        assert!(matches!(s.model, Some(Cow::Borrowed(_))));
+        assert!(s.stream);
+        assert_eq!(s.present, 0b10);
+        assert_eq!(s.members, 4);
+        assert_eq!(&body[s.model_span.clone().unwrap()], br#""gpt-4o""#);
+    }
+
+    #[test]
+    fn escaped_model_is_decoded() {
+        let s = sniff(br#"{"model":"gpt\u002d4o"}"#, &[]).unwrap();
+        assert_eq!(s.model.as_deref(), Some("gpt-4o"));
+    }
+
+    #[test]
+    fn null_or_missing_model_is_none() {
+        assert_eq!(sniff(br#"{"model":null}"#, &[]).unwrap().model, None);
+        assert_eq!(sniff(br#"{}"#, &[]).unwrap().model, None);
+    }
+
+    #[test]
+    fn bad_bodies() {
+        assert!(matches!(
+            sniff(br#"{"model":5}"#, &[]),
+            Err(ProxyError::ModelNotString)
+        ));
+        assert!(matches!(
+            sniff(br#"{"model":["a"]}"#, &[]),
+            Err(ProxyError::ModelNotString)
+        ));
+        assert!(matches!(
+            sniff(br#"[1,2]"#, &[]),
+            Err(ProxyError::BadJson(_))
+        ));
+        assert!(matches!(
+            sniff(br#"{"model":"a""#, &[]),
+            Err(ProxyError::BadJson(_))
+        ));
+        assert!(matches!(
+            sniff(br#"{"model":"a"} trailing"#, &[]),
+            Err(ProxyError::BadJson(_))
+        ));
+        assert!(matches!(
+            sniff(br#"{"stream":"yes"}"#, &[]),
+            Err(ProxyError::BadJson(_))
+        ));
+        assert!(matches!(sniff(b"", &[]), Err(ProxyError::BadJson(_))));
+    }
+
+    #[test]
+    fn splice_renames_and_inserts() {
+        let body = br#" {"model":"mini","messages":[]}"#;
+        let s = sniff(body, &names()).unwrap();
+        let out = splice(
+            body,
+            &s,
+            Some(r#""gpt-4o-mini""#),
+            &[br#""max_tokens":1024"#],
+        );
+        assert_eq!(
+            &out[..],
+            br#" {"max_tokens":1024,"model":"gpt-4o-mini","messages":[]}"#
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["max_tokens"], 1024);
+    }
+
+    #[test]
+    fn splice_into_empty_object() {
+        let body = b"{}";
+        let s = sniff(body, &[]).unwrap();
+        let out = splice(body, &s, None, &[br#""model":"m""#, br#""t":1"#]);
+        assert_eq!(&out[..], br#"{"model":"m","t":1}"#);
+    }
+}

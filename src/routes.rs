@@ -1,0 +1,142 @@
+//! The model routing table: client-visible model names and aliases to an
+//! upstream, the name sent upstream, and the default parameters to fill in.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::config::Config;
+
+/// Where one client-visible model goes.
+#[derive(Debug)]
+pub struct Route {
+    /// Canonical client-visible name (`*` for the wildcard).
+    pub name: Box<str>,
+    /// Index into the snapshot's upstreams.
+    pub upstream: usize,
+    /// The model name sent upstream, as an encoded JSON string; `None` passes the
+    /// client's name through (the wildcard route).
+    pub target_json: Option<Box<str>>,
+    /// The plain name sent upstream, to compare against what the client sent.
+    pub target: Option<Box<str>>,
+    /// Default parameters: (bit in the snapshot's parameter list, encoded `"name":value`).
+    pub defaults: Vec<(u32, Bytes)>,
+}
+
+/// All routes of a snapshot.
+#[derive(Debug)]
+pub struct Routes {
+    routes: Vec<Route>,
+    by_name: HashMap<Box<str>, usize>,
+    wildcard: Option<usize>,
+    /// The default model name and its route.
+    default: Option<(Box<str>, usize)>,
+    /// Every parameter name that some route has a default for; a request's sniff
+    /// marks which are present by their position here.
+    pub param_names: Vec<Box<str>>,
+    /// The ready `GET /v1/models` answer.
+    pub models_json: Bytes,
+}
+
+impl Routes {
+    /// Builds the table from a validated config (which guarantees unique names,
+    /// known upstreams and at most 64 parameter names).
+    pub fn new(config: &Config) -> Self {
+        let upstream_index = |name: &str| {
+            config
+                .upstreams
+                .iter()
+                .position(|u| u.name == name)
+                .unwrap_or(0)
+        };
+        let mut param_names: Vec<Box<str>> = Vec::new();
+        let mut routes = Vec::with_capacity(config.models.len());
+        let mut by_name = HashMap::new();
+        let mut wildcard = None;
+        for model in &config.models {
+            let index = routes.len();
+            let defaults = model
+                .defaults
+                .iter()
+                .map(|(name, value)| {
+                    let bit = match param_names.iter().position(|n| n.as_ref() == name) {
+                        Some(bit) => bit,
+                        None => {
+                            param_names.push(name.as_str().into());
+                            param_names.len() - 1
+                        }
+                    };
+                    let member = format!("{}:{}", serde_json::Value::from(name.as_str()), value);
+                    (bit as u32, Bytes::from(member))
+                })
+                .collect();
+            let target: Option<Box<str>> = (model.name != "*").then(|| {
+                model
+                    .upstream_model
+                    .as_deref()
+                    .unwrap_or(&model.name)
+                    .into()
+            });
+            if model.name == "*" {
+                wildcard = Some(index);
+            } else {
+                by_name.insert(model.name.as_str().into(), index);
+                for alias in &model.aliases {
+                    by_name.insert(alias.as_str().into(), index);
+                }
+            }
+            routes.push(Route {
+                name: model.name.as_str().into(),
+                upstream: upstream_index(&model.upstream),
+                target_json: target
+                    .as_deref()
+                    .map(|t| serde_json::Value::from(t).to_string().into()),
+                target,
+                defaults,
+            });
+        }
+        let mut table = Self {
+            models_json: models_json(config),
+            routes,
+            by_name,
+            wildcard,
+            default: None,
+            param_names,
+        };
+        table.default = config
+            .default_model
+            .as_deref()
+            .and_then(|name| table.lookup(name).map(|i| (name.into(), i)));
+        table
+    }
+
+    /// The route index for a client-visible model name (or the wildcard).
+    fn lookup(&self, model: &str) -> Option<usize> {
+        self.by_name.get(model).copied().or(self.wildcard)
+    }
+
+    /// The route for a model name.
+    pub fn get(&self, model: &str) -> Option<&Route> {
+        self.lookup(model).map(|i| &self.routes[i])
+    }
+
+    /// The default model's name and route.
+    pub fn default_route(&self) -> Option<(&str, &Route)> {
+        self.default
+            .as_ref()
+            .map(|(name, i)| (name.as_ref(), &self.routes[*i]))
+    }
+}
+
+/// `GET /v1/models` in OpenAI list form: each routed name and alias (the
+/// wildcard is not a model and is not listed).
+fn models_json(config: &Config) -> Bytes {
+    let data: Vec<serde_json::Value> = config
+        .models
+        .iter()
+        .filter(|m| m.name != "*")
+        .flat_map(|m| std::iter::once(&m.name).chain(&m.aliases).map(move |id| (id, &m.upstream)))
+        .map(|(id, upstream)| serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": upstream }))
+        .collect();
+    Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string())
+}
