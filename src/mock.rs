@@ -60,10 +60,11 @@ impl MockState {
         self.faults.store(Arc::new(faults));
     }
 
-    /// Zeroes the counters (connection count included) and clears the faults.
+    /// Zeroes the counters (connection count and id sequence included) and clears the faults.
     pub fn reset(&self) {
         self.stats.reset();
         self.conns.accepted.store(0, Ordering::Relaxed);
+        self.seq.store(0, Ordering::Relaxed);
         self.faults.store(Arc::new(Faults::default()));
     }
 }

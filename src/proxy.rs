@@ -91,22 +91,26 @@ pub async fn forward(
     .await
 }
 
-/// A POST whose body sluice reads: declared JSON, or no content type at all.
+/// A POST whose body sluice reads: declared JSON, no content type at all, or
+/// anything but an upload on a model endpoint (curl's `-d` says form-urlencoded
+/// while sending JSON; such bodies must still be routed, not passed blindly).
 fn carries_json(parts: &Parts) -> bool {
     if parts.method != Method::POST {
         return false;
     }
-    match parts
+    let Some(content_type) = parts
         .headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-    {
-        None => true,
-        Some(content_type) => {
-            let essence = content_type.split(';').next().unwrap_or("").trim();
-            essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
-        }
-    }
+    else {
+        return true;
+    };
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let upload = essence.starts_with("multipart/")
+        || essence.eq_ignore_ascii_case("application/octet-stream");
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.ends_with("+json")
+        || (is_model_endpoint(parts.uri.path()) && !upload)
 }
 
 fn declared_length(parts: &Parts) -> Option<u64> {

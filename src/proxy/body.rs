@@ -7,14 +7,16 @@
 //! terminator on HTTP/1.1, `RST_STREAM` on HTTP/2) and no client can take the
 //! answer for complete.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 
 use crate::body::BoxError;
 use crate::error::error_json;
@@ -70,10 +72,16 @@ impl Drop for Meter {
     }
 }
 
+/// How long the SSE error event gets to reach the wire before the stream is
+/// aborted. Both transports drop what is still queued when the body errors
+/// (HTTP/1.1 closes without flushing, an h2 reset clears the stream's send
+/// queue), so the error is held back briefly. Only the failure path waits.
+pub const ERROR_EVENT_FLUSH: Duration = Duration::from_millis(100);
+
 enum State {
     Streaming,
-    /// The SSE error event went out; the error itself comes next.
-    Failing(Option<BoxError>),
+    /// The SSE error event went out; the error itself follows once the timer fires.
+    Failing(Option<BoxError>, Pin<Box<Sleep>>),
     Done,
 }
 
@@ -132,7 +140,8 @@ impl Body for MeteredBody {
         let mut this = self.project();
         match this.state {
             State::Done => return Poll::Ready(None),
-            State::Failing(error) => {
+            State::Failing(error, flush) => {
+                ready!(flush.as_mut().poll(cx));
                 let error = error
                     .take()
                     .unwrap_or_else(|| "upstream stream interrupted".into());
@@ -170,7 +179,10 @@ impl Body for MeteredBody {
                 );
                 if *this.sse {
                     let event = error_event(&error.to_string(), this.tail == b"\n\n");
-                    *this.state = State::Failing(Some(error.into()));
+                    *this.state = State::Failing(
+                        Some(error.into()),
+                        Box::pin(tokio::time::sleep(ERROR_EVENT_FLUSH)),
+                    );
                     Poll::Ready(Some(Ok(Frame::data(event))))
                 } else {
                     *this.state = State::Done;
@@ -193,7 +205,7 @@ impl Body for MeteredBody {
     fn size_hint(&self) -> SizeHint {
         match self.state {
             State::Streaming => self.inner.size_hint(),
-            State::Failing(_) | State::Done => SizeHint::default(),
+            State::Failing(..) | State::Done => SizeHint::default(),
         }
     }
 }
