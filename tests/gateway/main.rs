@@ -9,5 +9,6 @@ mod support;
 mod binary;
 mod errors;
 mod http2;
+mod mock;
 mod routing;
 mod streaming;
