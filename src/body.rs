@@ -35,9 +35,7 @@ impl SluiceBody {
     /// A body of exactly these bytes.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes: Bytes = bytes.into();
-        Self::Full {
-            bytes: (!bytes.is_empty()).then_some(bytes),
-        }
+        Self::Full { bytes: (!bytes.is_empty()).then_some(bytes) }
     }
 
     /// An empty body.
@@ -50,10 +48,7 @@ impl Body for SluiceBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Upstream { inner } => Pin::new(inner).poll_frame(cx),
@@ -69,9 +64,7 @@ impl Body for SluiceBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Full { bytes } => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Self::Full { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Upstream { inner } => inner.size_hint(),
         }
     }
@@ -94,9 +87,7 @@ pub enum ForwardBody {
 impl ForwardBody {
     /// A body of exactly these bytes; an empty one sends no frame at all.
     pub fn full(bytes: Bytes) -> Self {
-        Self::Full {
-            bytes: (!bytes.is_empty()).then_some(bytes),
-        }
+        Self::Full { bytes: (!bytes.is_empty()).then_some(bytes) }
     }
 }
 
@@ -104,10 +95,7 @@ impl Body for ForwardBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Stream { inner } => Pin::new(inner).poll_frame(cx),
@@ -123,9 +111,7 @@ impl Body for ForwardBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Full { bytes } => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Self::Full { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Stream { inner } => inner.size_hint(),
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod keys;
 pub mod units;
+pub mod upstream;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -12,8 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use keys::{Secret, dedup_keys, env_lookup, expand_env, read_keys_file};
+use keys::{Secret, env_lookup, expand_env};
 use units::{ByteSize, HumanDuration};
+use upstream::RawUpstream;
+pub use upstream::{LoginConfig, RetryPolicy, Strategy, Timeouts, UpstreamAuth, UpstreamConfig};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -23,9 +26,6 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_BODY: u64 = 8 << 20;
 /// Default upstream TCP connect timeout (seconds).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default time to wait for upstream response headers (seconds). Long, because a
-/// non-streaming completion sends its headers only when the whole answer is ready.
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default time an idle pooled upstream connection is kept (seconds).
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Default number of idle connections kept per upstream host.
@@ -78,6 +78,8 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -112,22 +114,15 @@ struct RawAuth {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAdmin {
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
     format: Option<LogFormat>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    name: String,
-    base_url: String,
-    #[serde(default)]
-    keys: Vec<String>,
-    keys_file: Option<PathBuf>,
-    #[serde(default)]
-    http2: Http2Mode,
-    header_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,7 +144,7 @@ struct RawRouting {
 }
 
 /// How sluice speaks HTTP/2 to an upstream.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Http2Mode {
     /// HTTP/2 when TLS ALPN agrees, HTTP/1.1 otherwise (always HTTP/1.1 over `http://`).
@@ -185,6 +180,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Application logging.
     pub log: LogConfig,
+    /// Bearer token for `/admin/*`; `None` means the admin API is not served.
+    pub admin_token: Option<Secret<String>>,
     /// Upstreams, in file order.
     pub upstreams: Vec<UpstreamConfig>,
     /// Model routes, in file order.
@@ -235,21 +232,6 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// One `[[upstreams]]` entry.
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    /// Unique name.
-    pub name: String,
-    /// Base URL; request paths below `/v1` are appended to its path.
-    pub base_url: http::Uri,
-    /// Keys, merged from `keys`, `${VAR}` references and `keys_file`, duplicates removed.
-    pub keys: Vec<Secret<String>>,
-    /// HTTP/2 mode.
-    pub http2: Http2Mode,
-    /// Time allowed until response headers.
-    pub header_timeout: Duration,
-}
-
 /// One `[[models]]` entry.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -269,10 +251,8 @@ impl Config {
     /// Reads and validates a config file. Relative `keys_file` paths are resolved
     /// against the config file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            file: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { file: path.display().to_string(), reason: e.to_string() })?;
         let mut config = Self::from_toml(&text, path, &env_lookup)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -280,23 +260,12 @@ impl Config {
 
     /// Parses and validates TOML text. `path` names the file in errors and anchors
     /// relative paths; `env` resolves `${VAR}` and `SLUICE_*` overrides.
-    pub fn from_toml(
-        text: &str,
-        path: &Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_toml(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.clone(),
-            reason: e.to_string().trim_end().to_string(),
-        })?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { file: file.clone(), reason: e.to_string().trim_end().to_string() })?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
-        Validator {
-            file,
-            base_dir,
-            env,
-        }
-        .validate(raw)
+        Validator { file, base_dir, env }.validate(raw)
     }
 }
 
@@ -308,21 +277,19 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn invalid(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.clone(),
-            field: field.into(),
-            reason: reason.into(),
-        }
+        ConfigError::Invalid { file: self.file.clone(), field: field.into(), reason: reason.into() }
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(raw.server)?;
         let auth = self.auth(raw.auth)?;
+        let admin_token = self.admin(raw.admin)?;
+        let default_connect = raw.client.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
         let upstreams = raw
             .upstreams
             .into_iter()
             .enumerate()
-            .map(|(i, u)| self.upstream(i, u))
+            .map(|(i, u)| self.upstream(i, u, default_connect))
             .collect::<Result<Vec<_>, _>>()?;
         if upstreams.is_empty() {
             return Err(self.invalid("upstreams", "at least one [[upstreams]] entry is required"));
@@ -330,23 +297,17 @@ impl Validator<'_> {
         let mut names = HashSet::new();
         for (i, upstream) in upstreams.iter().enumerate() {
             if !names.insert(upstream.name.as_str()) {
-                return Err(self.invalid(
-                    format!("upstreams[{i}].name"),
-                    format!("`{}` is used twice", upstream.name),
-                ));
+                return Err(self.invalid(format!("upstreams[{i}].name"), format!("`{}` is used twice", upstream.name)));
             }
         }
         let models = self.models(raw.models, &names)?;
         let default_model = raw.routing.default_model;
         if let Some(default) = &default_model {
-            let routed = models
-                .iter()
-                .any(|m| m.name == *default || m.name == "*" || m.aliases.contains(default));
+            let routed = models.iter().any(|m| m.name == *default || m.name == "*" || m.aliases.contains(default));
             if !routed {
-                return Err(self.invalid(
-                    "routing.default_model",
-                    format!("`{default}` is not a configured model or alias"),
-                ));
+                return Err(
+                    self.invalid("routing.default_model", format!("`{default}` is not a configured model or alias"))
+                );
             }
         }
         let client = raw.client;
@@ -354,17 +315,12 @@ impl Validator<'_> {
             source: None,
             server,
             client: ClientConfig {
-                connect_timeout: client
-                    .connect_timeout
-                    .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
-                pool_idle_timeout: client
-                    .pool_idle_timeout
-                    .map_or(DEFAULT_POOL_IDLE_TIMEOUT, |d| d.0),
-                pool_max_idle_per_host: client
-                    .pool_max_idle_per_host
-                    .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
+                connect_timeout: client.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+                pool_idle_timeout: client.pool_idle_timeout.map_or(DEFAULT_POOL_IDLE_TIMEOUT, |d| d.0),
+                pool_max_idle_per_host: client.pool_max_idle_per_host.unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
             },
             auth,
+            admin_token,
             log: LogConfig {
                 level: raw.log.level.unwrap_or_else(|| "info".to_string()),
                 format: raw.log.format.unwrap_or_default(),
@@ -379,17 +335,11 @@ impl Validator<'_> {
         // SLUICE_LISTEN beats the file, so one config serves several ports.
         let (listen_text, field) = match (self.env)("SLUICE_LISTEN") {
             Some(env) => (env, "SLUICE_LISTEN (environment)"),
-            None => (
-                raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
-                "server.listen",
-            ),
+            None => (raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string()), "server.listen"),
         };
-        let listen = listen_text.parse().map_err(|e| {
-            self.invalid(
-                field,
-                format!("`{listen_text}` is not an address like 127.0.0.1:8080: {e}"),
-            )
-        })?;
+        let listen = listen_text
+            .parse()
+            .map_err(|e| self.invalid(field, format!("`{listen_text}` is not an address like 127.0.0.1:8080: {e}")))?;
         let max_body = raw.max_body.map_or(DEFAULT_MAX_BODY, |b| b.0);
         if max_body == 0 {
             return Err(self.invalid("server.max_body", "must be greater than zero"));
@@ -401,6 +351,15 @@ impl Validator<'_> {
         })
     }
 
+    fn admin(&self, raw: RawAdmin) -> Result<Option<Secret<String>>, ConfigError> {
+        let Some(token) = raw.token else { return Ok(None) };
+        let token = expand_env(&token, self.env).map_err(|e| self.invalid("admin.token", e))?;
+        if token.trim().len() < 8 {
+            return Err(self.invalid("admin.token", "must be at least 8 characters"));
+        }
+        Ok(Some(Secret::new(token.trim().to_string())))
+    }
+
     fn auth(&self, raw: RawAuth) -> Result<AuthConfig, ConfigError> {
         let keys = self.expand_keys("auth.keys", raw.keys)?;
         let require_api_key = raw.require_api_key.unwrap_or(true);
@@ -410,28 +369,18 @@ impl Validator<'_> {
                 "require_api_key is true but no client keys are configured (add keys or set require_api_key = false)",
             ));
         }
-        let exempt = raw
-            .exempt
-            .unwrap_or_else(|| DEFAULT_EXEMPT.iter().map(|s| s.to_string()).collect());
+        let exempt = raw.exempt.unwrap_or_else(|| DEFAULT_EXEMPT.iter().map(|s| s.to_string()).collect());
         if let Some((i, bad)) = exempt.iter().enumerate().find(|(_, p)| !p.starts_with('/')) {
-            return Err(self.invalid(
-                format!("auth.exempt[{i}]"),
-                format!("`{bad}` must start with `/`"),
-            ));
+            return Err(self.invalid(format!("auth.exempt[{i}]"), format!("`{bad}` must start with `/`")));
         }
-        Ok(AuthConfig {
-            require_api_key,
-            keys: keys.into_iter().map(Secret::new).collect(),
-            exempt,
-        })
+        Ok(AuthConfig { require_api_key, keys: keys.into_iter().map(Secret::new).collect(), exempt })
     }
 
     fn expand_keys(&self, field: &str, raw: Vec<String>) -> Result<Vec<String>, ConfigError> {
         raw.into_iter()
             .enumerate()
             .map(|(i, key)| {
-                let key = expand_env(&key, self.env)
-                    .map_err(|e| self.invalid(format!("{field}[{i}]"), e))?;
+                let key = expand_env(&key, self.env).map_err(|e| self.invalid(format!("{field}[{i}]"), e))?;
                 let key = key.trim().to_string();
                 if key.is_empty() {
                     return Err(self.invalid(format!("{field}[{i}]"), "key is empty"));
@@ -441,68 +390,7 @@ impl Validator<'_> {
             .collect()
     }
 
-    fn upstream(&self, i: usize, raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
-        let at = |f: &str| format!("upstreams[{i}].{f}");
-        if raw.name.trim().is_empty() {
-            return Err(self.invalid(at("name"), "must not be empty"));
-        }
-        let base_url: http::Uri = raw.base_url.trim_end_matches('/').parse().map_err(|e| {
-            self.invalid(
-                at("base_url"),
-                format!("`{}` is not a URL: {e}", raw.base_url),
-            )
-        })?;
-        let scheme = base_url.scheme_str();
-        if !matches!(scheme, Some("http" | "https")) || base_url.authority().is_none() {
-            return Err(self.invalid(
-                at("base_url"),
-                format!(
-                    "`{}` must be an absolute http:// or https:// URL",
-                    raw.base_url
-                ),
-            ));
-        }
-        if base_url.query().is_some() {
-            return Err(self.invalid(at("base_url"), "must not carry a query string"));
-        }
-        if raw.http2 == Http2Mode::PriorKnowledge && scheme == Some("https") {
-            return Err(self.invalid(at("http2"), "prior-knowledge is for http:// (h2c); over https use `auto`, which negotiates h2 by ALPN"));
-        }
-        let mut keys = self.expand_keys(&at("keys"), raw.keys)?;
-        if let Some(file) = &raw.keys_file {
-            let path = self.base_dir.join(file);
-            keys.extend(read_keys_file(&path).map_err(|e| self.invalid(at("keys_file"), e))?);
-        }
-        let keys = dedup_keys(keys);
-        if keys.is_empty() {
-            return Err(self.invalid(
-                at("keys"),
-                "no keys: give `keys` or a `keys_file` with at least one key",
-            ));
-        }
-        if let Some(bad) = keys
-            .iter()
-            .position(|k| http::HeaderValue::from_str(&format!("Bearer {k}")).is_err())
-        {
-            return Err(self.invalid(
-                at("keys"),
-                format!("key #{} has characters not allowed in a header", bad + 1),
-            ));
-        }
-        Ok(UpstreamConfig {
-            name: raw.name,
-            base_url,
-            keys: keys.into_iter().map(Secret::new).collect(),
-            http2: raw.http2,
-            header_timeout: raw.header_timeout.map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
-        })
-    }
-
-    fn models(
-        &self,
-        raw: Vec<RawModel>,
-        upstreams: &HashSet<&str>,
-    ) -> Result<Vec<ModelConfig>, ConfigError> {
+    fn models(&self, raw: Vec<RawModel>, upstreams: &HashSet<&str>) -> Result<Vec<ModelConfig>, ConfigError> {
         let mut seen_names = HashSet::new();
         let mut default_params = HashSet::new();
         let mut models = Vec::with_capacity(raw.len());
@@ -512,17 +400,11 @@ impl Validator<'_> {
                 return Err(self.invalid(at("name"), "must not be empty"));
             }
             if !upstreams.contains(model.upstream.as_str()) {
-                return Err(self.invalid(
-                    at("upstream"),
-                    format!("no upstream is named `{}`", model.upstream),
-                ));
+                return Err(self.invalid(at("upstream"), format!("no upstream is named `{}`", model.upstream)));
             }
             for name in std::iter::once(&model.name).chain(&model.aliases) {
                 if !seen_names.insert(name.clone()) {
-                    return Err(self.invalid(
-                        at("name"),
-                        format!("`{name}` is routed twice (as a name or an alias)"),
-                    ));
+                    return Err(self.invalid(at("name"), format!("`{name}` is routed twice (as a name or an alias)")));
                 }
             }
             if model.name == "*" && (!model.aliases.is_empty() || model.upstream_model.is_some()) {
@@ -531,19 +413,20 @@ impl Validator<'_> {
                     "the wildcard `*` passes names through: it takes no aliases or upstream_model",
                 ));
             }
-            let defaults = serde_json::to_value(&model.defaults)
-                .map_err(|e| self.invalid(at("defaults"), e.to_string()))?;
+            let defaults =
+                serde_json::to_value(&model.defaults).map_err(|e| self.invalid(at("defaults"), e.to_string()))?;
             let serde_json::Value::Object(defaults) = defaults else {
                 return Err(self.invalid(at("defaults"), "must be a table"));
             };
             if defaults.contains_key("model") || defaults.contains_key("stream") {
-                return Err(
-                    self.invalid(at("defaults"), "`model` and `stream` cannot have defaults")
-                );
+                return Err(self.invalid(at("defaults"), "`model` and `stream` cannot have defaults"));
             }
             default_params.extend(defaults.keys().cloned());
             if default_params.len() > MAX_DEFAULT_PARAMS {
-                return Err(self.invalid(at("defaults"), format!("all models together may name at most {MAX_DEFAULT_PARAMS} default parameters")));
+                return Err(self.invalid(
+                    at("defaults"),
+                    format!("all models together may name at most {MAX_DEFAULT_PARAMS} default parameters"),
+                ));
             }
             models.push(ModelConfig {
                 name: model.name,

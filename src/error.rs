@@ -25,9 +25,7 @@ pub enum ProxyError {
     #[error("could not read request body: {0}")]
     BodyRead(String),
     /// No client key was presented on a path that requires one.
-    #[error(
-        "missing API key: send it as `Authorization: Bearer <key>`, `X-API-Key`, `api-key` or `?api_key=`"
-    )]
+    #[error("missing API key: send it as `Authorization: Bearer <key>`, `X-API-Key`, `api-key` or `?api_key=`")]
     MissingApiKey,
     /// A client key was presented but is not known.
     #[error("invalid API key")]
@@ -74,6 +72,44 @@ pub enum ProxyError {
         /// The timeout that fired, in milliseconds.
         after_ms: u64,
     },
+    /// Logging in to a token upstream failed.
+    #[error("login to upstream `{upstream}` failed: {reason}")]
+    UpstreamLogin {
+        /// Upstream name from the config.
+        upstream: String,
+        /// What went wrong, without secrets.
+        reason: String,
+    },
+    /// No key of the upstream is usable (all cooling or disabled).
+    #[error("no usable key for upstream `{upstream}`: all keys are cooling down or disabled")]
+    NoAvailableKey {
+        /// Upstream name from the config.
+        upstream: String,
+        /// Seconds until a cooling key comes back, if any is cooling.
+        retry_after: Option<u64>,
+    },
+    /// Every key this request tried was rate-limited and none is left.
+    #[error("every key of upstream `{upstream}` is rate-limited")]
+    AllKeysRateLimited {
+        /// Upstream name from the config.
+        upstream: String,
+        /// Seconds until a key comes back.
+        retry_after: Option<u64>,
+    },
+    /// The upstream's circuit breaker is open.
+    #[error("upstream `{upstream}` is unavailable (circuit open after repeated failures)")]
+    UpstreamUnavailable {
+        /// Upstream name from the config.
+        upstream: String,
+        /// Seconds until a probe may go.
+        retry_after: Option<u64>,
+    },
+    /// `/admin/*` without the right admin token.
+    #[error("missing or wrong admin token")]
+    AdminUnauthorized,
+    /// A reload was refused; the running config stays.
+    #[error("reload refused, the running config stays: {0}")]
+    ReloadFailed(String),
     /// A bug or impossible state inside sluice; never a client's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -83,9 +119,7 @@ impl ProxyError {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadJson(_) | Self::EmptyBody | Self::ModelNotString | Self::BodyRead(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadJson(_) | Self::EmptyBody | Self::ModelNotString | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::NoModel => StatusCode::BAD_REQUEST,
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
@@ -94,6 +128,11 @@ impl ProxyError {
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect { .. } | Self::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamLogin { .. } => StatusCode::BAD_GATEWAY,
+            Self::NoAvailableKey { .. } | Self::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::AllKeysRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Self::ReloadFailed(_) => StatusCode::BAD_REQUEST,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -116,6 +155,12 @@ impl ProxyError {
             Self::UpstreamConnect { .. } => "upstream_unreachable",
             Self::UpstreamProtocol { .. } => "upstream_protocol_error",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::UpstreamLogin { .. } => "upstream_login_failed",
+            Self::NoAvailableKey { .. } => "no_available_key",
+            Self::AllKeysRateLimited { .. } => "rate_limited",
+            Self::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Self::AdminUnauthorized => "invalid_admin_token",
+            Self::ReloadFailed(_) => "reload_failed",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -132,11 +177,16 @@ impl ProxyError {
             | Self::NotFound(_)
             | Self::MethodNotAllowed(_)
             | Self::BodyTooLarge(_)
-            | Self::BodyTimeout(_) => "invalid_request_error",
-            Self::MissingApiKey | Self::InvalidApiKey => "authentication_error",
+            | Self::BodyTimeout(_)
+            | Self::ReloadFailed(_) => "invalid_request_error",
+            Self::AllKeysRateLimited { .. } => "rate_limit_error",
+            Self::MissingApiKey | Self::InvalidApiKey | Self::AdminUnauthorized => "authentication_error",
             Self::UpstreamConnect { .. }
             | Self::UpstreamProtocol { .. }
-            | Self::UpstreamTimeout { .. } => "upstream_error",
+            | Self::UpstreamTimeout { .. }
+            | Self::UpstreamLogin { .. }
+            | Self::NoAvailableKey { .. }
+            | Self::UpstreamUnavailable { .. } => "upstream_error",
             Self::Internal(_) => "server_error",
         }
     }
@@ -157,6 +207,12 @@ impl ProxyError {
             | Self::UpstreamConnect { .. }
             | Self::UpstreamProtocol { .. }
             | Self::UpstreamTimeout { .. }
+            | Self::UpstreamLogin { .. }
+            | Self::NoAvailableKey { .. }
+            | Self::AllKeysRateLimited { .. }
+            | Self::UpstreamUnavailable { .. }
+            | Self::AdminUnauthorized
+            | Self::ReloadFailed(_)
             | Self::Internal(_) => None,
         }
     }
@@ -178,18 +234,19 @@ impl ProxyError {
             | Self::MethodNotAllowed(_)
             | Self::BodyTooLarge(_)
             | Self::BodyTimeout(_)
+            | Self::UpstreamLogin { .. }
+            | Self::NoAvailableKey { .. }
+            | Self::AllKeysRateLimited { .. }
+            | Self::UpstreamUnavailable { .. }
+            | Self::AdminUnauthorized
+            | Self::ReloadFailed(_)
             | Self::Internal(_) => false,
         }
     }
 
     /// The OpenAI-shaped JSON body for this error.
     pub fn to_json(&self) -> Bytes {
-        error_json(
-            &self.to_string(),
-            self.error_type(),
-            self.param(),
-            self.kind(),
-        )
+        error_json(&self.to_string(), self.error_type(), self.param(), self.kind())
     }
 
     /// Renders the error as a complete response.
@@ -197,14 +254,16 @@ impl ProxyError {
         let mut response = json_response(self.status(), self.to_json());
         if let Self::MethodNotAllowed(_) = self {
             // RFC 9110 wants an Allow header on 405; our fixed routes are GET- or POST-only.
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
         }
-        if let Self::MissingApiKey | Self::InvalidApiKey = self {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        if let Self::NoAvailableKey { retry_after: Some(secs), .. }
+        | Self::AllKeysRateLimited { retry_after: Some(secs), .. }
+        | Self::UpstreamUnavailable { retry_after: Some(secs), .. } = self
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::MissingApiKey | Self::InvalidApiKey | Self::AdminUnauthorized = self {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -222,10 +281,7 @@ pub fn error_json(message: &str, error_type: &str, param: Option<&str>, code: &s
 pub fn json_response(status: StatusCode, body: Bytes) -> Response<SluiceBody> {
     let mut response = Response::new(SluiceBody::full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
@@ -248,27 +304,15 @@ mod tests {
             (ProxyError::MethodNotAllowed(http::Method::PUT), 405),
             (ProxyError::BodyTooLarge(1), 413),
             (ProxyError::BodyTimeout(1), 408),
-            (
-                ProxyError::UpstreamConnect {
-                    upstream: up(),
-                    reason: up(),
-                },
-                502,
-            ),
-            (
-                ProxyError::UpstreamProtocol {
-                    upstream: up(),
-                    reason: up(),
-                },
-                502,
-            ),
-            (
-                ProxyError::UpstreamTimeout {
-                    upstream: up(),
-                    after_ms: 1,
-                },
-                504,
-            ),
+            (ProxyError::UpstreamConnect { upstream: up(), reason: up() }, 502),
+            (ProxyError::UpstreamProtocol { upstream: up(), reason: up() }, 502),
+            (ProxyError::UpstreamTimeout { upstream: up(), after_ms: 1 }, 504),
+            (ProxyError::UpstreamLogin { upstream: up(), reason: up() }, 502),
+            (ProxyError::NoAvailableKey { upstream: up(), retry_after: Some(2) }, 503),
+            (ProxyError::AllKeysRateLimited { upstream: up(), retry_after: Some(2) }, 429),
+            (ProxyError::UpstreamUnavailable { upstream: up(), retry_after: None }, 503),
+            (ProxyError::AdminUnauthorized, 401),
+            (ProxyError::ReloadFailed("x".into()), 400),
             (ProxyError::Internal("x".into()), 500),
         ]
     }
@@ -296,11 +340,13 @@ mod tests {
     #[test]
     fn only_upstream_failures_retry() {
         for (error, status) in all() {
-            assert_eq!(
-                error.is_retryable(),
-                status == 502 || status == 504,
-                "{error:?}"
+            let transient = matches!(
+                error,
+                ProxyError::UpstreamConnect { .. }
+                    | ProxyError::UpstreamProtocol { .. }
+                    | ProxyError::UpstreamTimeout { .. }
             );
+            assert_eq!(error.is_retryable(), transient, "{error:?} ({status})");
         }
     }
 }

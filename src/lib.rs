@@ -5,7 +5,9 @@
 //! routes and forwards, and [`proxy::body`] streams the answer back.
 
 pub mod access;
+pub mod admin;
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod ids;

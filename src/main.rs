@@ -30,12 +30,7 @@ struct Cli {
 #[derive(clap::Args)]
 struct ConfigArg {
     /// Config file.
-    #[arg(
-        short,
-        long,
-        env = "SLUICE_CONFIG",
-        default_value = "config/sluice.toml"
-    )]
+    #[arg(short, long, env = "SLUICE_CONFIG", default_value = "config/sluice.toml")]
     config: PathBuf,
 }
 
@@ -81,10 +76,7 @@ fn config_failure(error: &sluice::config::ConfigError) -> ExitCode {
 }
 
 fn run(task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("sluice: cannot start the runtime: {error}");
@@ -107,11 +99,7 @@ fn check(path: &Path) -> ExitCode {
             println!("  listen     {}", config.server.listen);
             println!(
                 "  auth       {} ({} client keys)",
-                if config.auth.require_api_key {
-                    "required"
-                } else {
-                    "off"
-                },
+                if config.auth.require_api_key { "required" } else { "off" },
                 config.auth.keys.len()
             );
             for upstream in &config.upstreams {
@@ -119,7 +107,7 @@ fn check(path: &Path) -> ExitCode {
                     "  upstream   {} -> {} ({} keys, http2 {:?})",
                     upstream.name,
                     upstream.base_url,
-                    upstream.keys.len(),
+                    upstream.keys().len(),
                     upstream.http2
                 );
             }
@@ -138,21 +126,13 @@ fn models(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(error) => return config_failure(&error),
     };
-    println!(
-        "{:<28} {:<24} {:<16} UPSTREAM MODEL",
-        "MODEL", "ALIASES", "UPSTREAM"
-    );
+    println!("{:<28} {:<24} {:<16} UPSTREAM MODEL", "MODEL", "ALIASES", "UPSTREAM");
     for model in &config.models {
         let upstream_model = match model.name.as_str() {
             "*" => "(as requested)",
             name => model.upstream_model.as_deref().unwrap_or(name),
         };
-        println!(
-            "{:<28} {:<24} {:<16} {upstream_model}",
-            model.name,
-            model.aliases.join(","),
-            model.upstream
-        );
+        println!("{:<28} {:<24} {:<16} {upstream_model}", model.name, model.aliases.join(","), model.upstream);
     }
     ExitCode::SUCCESS
 }
@@ -162,19 +142,15 @@ async fn serve(config: Config) -> Result<(), String> {
     let listen = config.server.listen;
     let grace = config.server.shutdown_grace;
     let shared = Shared::new(config)?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("sluice {} listening on http://{addr}", sluice::VERSION);
     tracing::info!(%addr, version = sluice::VERSION, "listening");
+    tokio::spawn(shutdown::reload_on_sighup(std::sync::Arc::clone(&shared)));
     match server::serve(listener, shared, shutdown::first_stop_signal(), grace).await {
         Drain::Clean => Ok(()),
         Drain::TimedOut(left) => {
-            tracing::warn!(
-                connections = left,
-                "exiting with connections cut at the end of the grace period"
-            );
+            tracing::warn!(connections = left, "exiting with connections cut at the end of the grace period");
             Ok(())
         }
     }
@@ -182,14 +158,8 @@ async fn serve(config: Config) -> Result<(), String> {
 
 async fn mock(listen: SocketAddr) -> Result<(), String> {
     telemetry::init("warn", LogFormat::Text);
-    let mock = MockServer::start(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    println!(
-        "sluice mock upstream listening on http://{} (base URL {})",
-        mock.addr,
-        mock.base_url()
-    );
+    let mock = MockServer::start(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    println!("sluice mock upstream listening on http://{} (base URL {})", mock.addr, mock.base_url());
     shutdown::first_stop_signal().await;
     Ok(())
 }
@@ -231,8 +201,8 @@ default_model = "gpt-4o-mini"
 "#,
         base = mock.base_url()
     );
-    let config = Config::from_toml(&text, Path::new("<demo>"), &|name| std::env::var(name).ok())
-        .map_err(|e| e.to_string())?;
+    let config =
+        Config::from_toml(&text, Path::new("<demo>"), &|name| std::env::var(name).ok()).map_err(|e| e.to_string())?;
     telemetry::init(&config.log.level, config.log.format);
     let grace = config.server.shutdown_grace;
     let shared = Shared::new(config)?;

@@ -51,8 +51,7 @@ pub struct MockState {
 impl MockState {
     /// A copy of every counter.
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats
-            .snapshot(self.conns.accepted.load(Ordering::Relaxed) as u64)
+        self.stats.snapshot(self.conns.accepted.load(Ordering::Relaxed) as u64)
     }
 
     /// Replaces the standing faults.
@@ -87,9 +86,7 @@ impl MockServer {
 
     /// Serves on an already bound listener, in the background.
     pub fn serve(listener: TcpListener) -> Self {
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let conns = Arc::new(ConnStats::default());
         let state = Arc::new(MockState {
             stats: Arc::new(MockStats::default()),
@@ -109,11 +106,7 @@ impl MockServer {
             || {},
             Duration::from_secs(1),
         ));
-        Self {
-            addr,
-            state,
-            stop: Some(stop),
-        }
+        Self { addr, state, stop: Some(stop) }
     }
 
     /// The base URL an upstream config points at (`http://ADDR/v1`).
@@ -147,10 +140,7 @@ impl Body for MockBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Sse(stream) => Pin::new(stream).poll_frame(cx),
@@ -189,18 +179,12 @@ impl hyper::service::Service<Request<Incoming>> for MockService {
 fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<MockBody> {
     let mut response = Response::new(MockBody::Full(Some(body.into())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
 fn error(status: StatusCode, message: &str) -> Response<MockBody> {
-    let kind = if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
     json(status, error_json(message, kind, None, "mock_fault"))
 }
 
@@ -246,13 +230,7 @@ async fn answer(state: &MockState, request: Request<Incoming>) -> Response<MockB
     response
 }
 
-async fn respond(
-    state: &MockState,
-    request: Request<Incoming>,
-    key: &str,
-    path: &str,
-    n: u64,
-) -> Response<MockBody> {
+async fn respond(state: &MockState, request: Request<Incoming>, key: &str, path: &str, n: u64) -> Response<MockBody> {
     let faults = state.faults.load_full();
     let plan = faults.plan(request.headers());
     if plan.latency_ms > 0 {
@@ -263,11 +241,7 @@ async fn respond(
             StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             "mock: fault for this key",
         );
-        if let Some(retry_after) = fault
-            .retry_after
-            .as_deref()
-            .and_then(|v| HeaderValue::from_str(v).ok())
-        {
+        if let Some(retry_after) = fault.retry_after.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
             response.headers_mut().insert(RETRY_AFTER, retry_after);
         }
         return response;
@@ -310,9 +284,7 @@ async fn respond(
                     plan.drop_after,
                 );
                 let mut response = Response::new(MockBody::Sse(stream));
-                response
-                    .headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+                response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
                 return response;
             }
             let completion = 7;
@@ -326,9 +298,7 @@ async fn respond(
             )
         }
         (Method::POST, "/v1/completions") => {
-            let model = serde_json::from_slice::<ChatRequest>(&body)
-                .map(|c| c.model)
-                .unwrap_or_default();
+            let model = serde_json::from_slice::<ChatRequest>(&body).map(|c| c.model).unwrap_or_default();
             json(
                 StatusCode::OK,
                 format!(
@@ -337,9 +307,7 @@ async fn respond(
             )
         }
         (Method::POST, "/v1/embeddings") => {
-            let model = serde_json::from_slice::<ChatRequest>(&body)
-                .map(|c| c.model)
-                .unwrap_or_default();
+            let model = serde_json::from_slice::<ChatRequest>(&body).map(|c| c.model).unwrap_or_default();
             json(
                 StatusCode::OK,
                 format!(
@@ -358,20 +326,11 @@ async fn respond(
 /// Answers with the request as the mock saw it: method, path, query, headers, body.
 async fn echo(request: Request<Incoming>) -> Response<MockBody> {
     let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
-        .map(|(name, value)| {
-            (
-                name.to_string(),
-                String::from_utf8_lossy(value.as_bytes()).into(),
-            )
-        })
+        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into()))
         .collect();
     let value = serde_json::json!({
         "method": parts.method.as_str(),
@@ -391,12 +350,7 @@ async fn control(state: &MockState, request: Request<Incoming>) -> Response<Mock
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         },
         (Method::POST, "/_control") => {
-            let body = request
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+            let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             match serde_json::from_slice::<Faults>(&body) {
                 Ok(faults) => {
                     state.set_faults(faults);

@@ -4,9 +4,13 @@
 //! upstream body back frame by frame.
 
 pub mod body;
+pub mod breaker;
 pub mod headers;
 pub mod keyring;
+pub mod retry;
+pub mod retry_after;
 pub mod sniff;
+pub mod token;
 pub mod upstream;
 
 use std::error::Error as _;
@@ -16,15 +20,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, Version};
+use http::{HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::{ForwardBody, SluiceBody};
 use crate::error::ProxyError;
 use crate::routes::Route;
-use crate::state::{Live, Shared};
-use body::{Meter, MeteredBody, Outcome};
+use crate::state::Live;
+use retry::Plan;
 use upstream::Upstream;
 
 /// Longest time a client may take to send its request body. Past it: 408.
@@ -47,21 +51,13 @@ pub struct RequestContext {
     pub started: Instant,
 }
 
-/// Where a request goes and what is sent.
-struct Plan {
-    upstream: Arc<Upstream>,
-    body: ForwardBody,
-    body_rewritten: bool,
-}
-
 /// Forwards one `/v1/*` request to its upstream.
 pub async fn forward(
-    shared: &Shared,
     live: &Live,
     request: Request<Incoming>,
     ctx: &RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let max_body = live.config.server.max_body;
     let plan = if carries_json(&parts) {
         let bytes = read_body(body, &parts, max_body).await?;
@@ -74,21 +70,12 @@ pub async fn forward(
         }
         Plan {
             upstream: Arc::clone(upstream),
-            body: ForwardBody::Stream {
-                inner: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)),
-            },
+            body: ForwardBody::Stream { inner: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)) },
             body_rewritten: false,
+            stream: false,
         }
     };
-    send(
-        shared,
-        plan,
-        parts.method,
-        parts.uri,
-        &mut parts.headers,
-        ctx,
-    )
-    .await
+    retry::send(plan, parts.method, parts.uri, parts.headers, ctx).await
 }
 
 /// A POST whose body sluice reads: declared JSON, no content type at all, or
@@ -98,29 +85,18 @@ fn carries_json(parts: &Parts) -> bool {
     if parts.method != Method::POST {
         return false;
     }
-    let Some(content_type) = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(content_type) = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return true;
     };
     let essence = content_type.split(';').next().unwrap_or("").trim();
-    let upload = essence.starts_with("multipart/")
-        || essence.eq_ignore_ascii_case("application/octet-stream");
+    let upload = essence.starts_with("multipart/") || essence.eq_ignore_ascii_case("application/octet-stream");
     essence.eq_ignore_ascii_case("application/json")
         || essence.ends_with("+json")
         || (is_model_endpoint(parts.uri.path()) && !upload)
 }
 
 fn declared_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    parts.headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// Reads the whole body under the cap. A declared length past the cap is refused
@@ -133,9 +109,7 @@ async fn read_body(body: Incoming, parts: &Parts, max_body: u64) -> Result<Bytes
     match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
         Err(_) => Err(ProxyError::BodyTimeout(BODY_READ_TIMEOUT.as_secs())),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge(max_body))
-        }
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge(max_body)),
         Ok(Err(error)) => Err(ProxyError::BodyRead(error.to_string())),
     }
 }
@@ -149,6 +123,7 @@ fn plan_json(live: &Live, path: &str, bytes: Bytes) -> Result<Plan, ProxyError> 
             upstream: Arc::clone(upstream),
             body: ForwardBody::full(bytes),
             body_rewritten: false,
+            stream: false,
         });
     }
     if bytes.is_empty() {
@@ -156,128 +131,53 @@ fn plan_json(live: &Live, path: &str, bytes: Bytes) -> Result<Plan, ProxyError> 
     }
     let routes = &live.routes;
     let sniffed = sniff::sniff(&bytes, &routes.param_names)?;
-    let (route, new_model, insert_model): (&Route, Option<&str>, Option<String>) =
-        match sniffed.model.as_deref() {
-            Some(model) => {
-                let route = routes
-                    .get(model)
-                    .ok_or_else(|| ProxyError::UnknownModel(model.to_string()))?;
-                let rename = match (&route.target, &route.target_json) {
-                    (Some(target), Some(json)) if target.as_ref() != model => Some(json.as_ref()),
-                    _ => None,
-                };
-                (route, rename, None)
-            }
-            None if !model_endpoint => {
-                let upstream = live.fallback_upstream().ok_or(ProxyError::NoModel)?;
-                return Ok(Plan {
-                    upstream: Arc::clone(upstream),
-                    body: ForwardBody::full(bytes),
-                    body_rewritten: false,
-                });
-            }
-            None => {
-                let (name, route) = routes.default_route().ok_or(ProxyError::NoModel)?;
-                let json = match &route.target_json {
-                    Some(json) => json.to_string(),
-                    None => serde_json::Value::from(name).to_string(),
-                };
-                (route, None, Some(format!("\"model\":{json}")))
-            }
-        };
+    let (route, new_model, insert_model): (&Route, Option<&str>, Option<String>) = match sniffed.model.as_deref() {
+        Some(model) => {
+            let route = routes.get(model).ok_or_else(|| ProxyError::UnknownModel(model.to_string()))?;
+            let rename = match (&route.target, &route.target_json) {
+                (Some(target), Some(json)) if target.as_ref() != model => Some(json.as_ref()),
+                _ => None,
+            };
+            (route, rename, None)
+        }
+        None if !model_endpoint => {
+            let upstream = live.fallback_upstream().ok_or(ProxyError::NoModel)?;
+            return Ok(Plan {
+                upstream: Arc::clone(upstream),
+                body: ForwardBody::full(bytes.clone()),
+                body_rewritten: false,
+                stream: sniffed.stream,
+            });
+        }
+        None => {
+            let (name, route) = routes.default_route().ok_or(ProxyError::NoModel)?;
+            let json = match &route.target_json {
+                Some(json) => json.to_string(),
+                None => serde_json::Value::from(name).to_string(),
+            };
+            (route, None, Some(format!("\"model\":{json}")))
+        }
+    };
     let upstream = Arc::clone(&live.upstreams[route.upstream]);
-    let missing_defaults = route
-        .defaults
-        .iter()
-        .filter(|(bit, _)| sniffed.present & (1 << bit) == 0);
+    let missing_defaults = route.defaults.iter().filter(|(bit, _)| sniffed.present & (1 << bit) == 0);
     if new_model.is_none() && insert_model.is_none() && missing_defaults.clone().next().is_none() {
         return Ok(Plan {
             upstream,
-            body: ForwardBody::full(bytes),
+            body: ForwardBody::full(bytes.clone()),
             body_rewritten: false,
+            stream: sniffed.stream,
         });
     }
     let mut inserts: Vec<&[u8]> = Vec::with_capacity(route.defaults.len() + 1);
     inserts.extend(insert_model.as_deref().map(str::as_bytes));
     inserts.extend(missing_defaults.map(|(_, member)| member.as_ref()));
     let rewritten = sniff::splice(&bytes, &sniffed, new_model, &inserts);
-    Ok(Plan {
-        upstream,
-        body: ForwardBody::full(rewritten),
-        body_rewritten: true,
-    })
-}
-
-/// Sends the planned request and wraps the answer for the client.
-async fn send(
-    shared: &Shared,
-    plan: Plan,
-    method: Method,
-    uri: http::Uri,
-    headers: &mut http::HeaderMap,
-    ctx: &RequestContext,
-) -> Result<Response<SluiceBody>, ProxyError> {
-    let upstream = plan.upstream;
-    let lease = upstream
-        .keys
-        .pick()
-        .ok_or_else(|| ProxyError::Internal(format!("upstream `{}` has no keys", upstream.name)))?;
-    let target = upstream.uri_for(uri.path(), uri.query())?;
-    headers::to_upstream(
-        headers,
-        lease.key().auth_header(),
-        &ctx.request_id,
-        plan.body_rewritten,
-    );
-
-    let mut request = Request::new(plan.body);
-    *request.method_mut() = method;
-    *request.uri_mut() = target;
-    *request.headers_mut() = std::mem::take(headers);
-
-    let client = shared.clients.for_mode(upstream.http2);
-    let response =
-        match tokio::time::timeout(upstream.header_timeout, client.request(request)).await {
-            Err(_) => {
-                return Err(ProxyError::UpstreamTimeout {
-                    upstream: upstream.name.to_string(),
-                    after_ms: upstream.header_timeout.as_millis() as u64,
-                });
-            }
-            Ok(Err(error)) => return Err(client_error(&upstream, &error)),
-            Ok(Ok(response)) => response,
-        };
-
-    let (mut parts, incoming) = response.into_parts();
-    headers::to_client(&mut parts.headers, &ctx.request_id);
-    // The client connection has its own version; hyper picks the wire format.
-    parts.version = Version::HTTP_11;
-    let sse = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if sse {
-        // A stream may end with sluice's own error event: no fixed length can hold.
-        parts.headers.remove(CONTENT_LENGTH);
-    }
-    let meter = Meter {
-        request_id: ctx.request_id.clone(),
-        upstream: Arc::clone(&upstream.name),
-        lease: Some(lease),
-        status: parts.status.as_u16(),
-        started: ctx.started,
-        bytes: 0,
-        outcome: Outcome::Open,
-    };
-    let body = SluiceBody::Upstream {
-        inner: MeteredBody::new(incoming, sse, meter),
-    };
-    Ok(Response::from_parts(parts, body))
+    Ok(Plan { upstream, body: ForwardBody::full(rewritten), body_rewritten: true, stream: sniffed.stream })
 }
 
 /// Maps a pooled-client failure to the gateway's error, with the cause chain
 /// (which never holds headers or keys) for the log.
-fn client_error(upstream: &Upstream, error: &hyper_util::client::legacy::Error) -> ProxyError {
+pub(crate) fn client_error(upstream: &Upstream, error: &hyper_util::client::legacy::Error) -> ProxyError {
     let mut reason = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -42,13 +42,7 @@ impl Routes {
     /// Builds the table from a validated config (which guarantees unique names,
     /// known upstreams and at most 64 parameter names).
     pub fn new(config: &Config) -> Self {
-        let upstream_index = |name: &str| {
-            config
-                .upstreams
-                .iter()
-                .position(|u| u.name == name)
-                .unwrap_or(0)
-        };
+        let upstream_index = |name: &str| config.upstreams.iter().position(|u| u.name == name).unwrap_or(0);
         let mut param_names: Vec<Box<str>> = Vec::new();
         let mut routes = Vec::with_capacity(config.models.len());
         let mut by_name = HashMap::new();
@@ -70,13 +64,8 @@ impl Routes {
                     (bit as u32, Bytes::from(member))
                 })
                 .collect();
-            let target: Option<Box<str>> = (model.name != "*").then(|| {
-                model
-                    .upstream_model
-                    .as_deref()
-                    .unwrap_or(&model.name)
-                    .into()
-            });
+            let target: Option<Box<str>> =
+                (model.name != "*").then(|| model.upstream_model.as_deref().unwrap_or(&model.name).into());
             if model.name == "*" {
                 wildcard = Some(index);
             } else {
@@ -88,25 +77,14 @@ impl Routes {
             routes.push(Route {
                 name: model.name.as_str().into(),
                 upstream: upstream_index(&model.upstream),
-                target_json: target
-                    .as_deref()
-                    .map(|t| serde_json::Value::from(t).to_string().into()),
+                target_json: target.as_deref().map(|t| serde_json::Value::from(t).to_string().into()),
                 target,
                 defaults,
             });
         }
-        let mut table = Self {
-            models_json: models_json(config),
-            routes,
-            by_name,
-            wildcard,
-            default: None,
-            param_names,
-        };
-        table.default = config
-            .default_model
-            .as_deref()
-            .and_then(|name| table.lookup(name).map(|i| (name.into(), i)));
+        let mut table =
+            Self { models_json: models_json(config), routes, by_name, wildcard, default: None, param_names };
+        table.default = config.default_model.as_deref().and_then(|name| table.lookup(name).map(|i| (name.into(), i)));
         table
     }
 
@@ -122,9 +100,7 @@ impl Routes {
 
     /// The default model's name and route.
     pub fn default_route(&self) -> Option<(&str, &Route)> {
-        self.default
-            .as_ref()
-            .map(|(name, i)| (name.as_ref(), &self.routes[*i]))
+        self.default.as_ref().map(|(name, i)| (name.as_ref(), &self.routes[*i]))
     }
 }
 

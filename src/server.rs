@@ -74,10 +74,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -98,9 +95,7 @@ where
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
         }
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service.clone())
-            .into_owned();
+        let connection = builder.serve_connection(TokioIo::new(stream), service.clone()).into_owned();
         let connection = graceful.watch(connection);
         let stats = Arc::clone(&stats);
         stats.open.fetch_add(1, Ordering::Relaxed);
@@ -127,10 +122,7 @@ where
         }
         Err(_) => {
             let left = stats.open.load(Ordering::Relaxed);
-            tracing::warn!(
-                connections = left,
-                "grace period over; closing what is still open"
-            );
+            tracing::warn!(connections = left, "grace period over; closing what is still open");
             Drain::TimedOut(left)
         }
     }
@@ -171,10 +163,5 @@ pub async fn spawn(shared: Arc<Shared>) -> std::io::Result<Running> {
         },
         grace,
     ));
-    Ok(Running {
-        addr,
-        shared,
-        stop: Some(stop),
-        task,
-    })
+    Ok(Running { addr, shared, stop: Some(stop), task })
 }

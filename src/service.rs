@@ -11,6 +11,7 @@ use std::time::Instant;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::admin;
 use crate::body::SluiceBody;
 use crate::error::{ProxyError, json_response};
 use crate::proxy::headers::{self, REQUEST_ID};
@@ -43,10 +44,7 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
 
 /// Answers one request; never fails.
 pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<SluiceBody> {
-    let ctx = RequestContext {
-        request_id: headers::request_id(request.headers()),
-        started: Instant::now(),
-    };
+    let ctx = RequestContext { request_id: headers::request_id(request.headers()), started: Instant::now() };
     let method = request.method().clone();
     let uri = request.uri().clone();
     let mut response = match handle_inner(shared, request, &ctx).await {
@@ -79,66 +77,30 @@ async fn handle_inner(
         "/" | "/health" | "/v1/health" => {
             only(&request, &Method::GET)?;
             authenticate(&live, &request)?;
-            Ok(health(shared, &live))
+            Ok(admin::health(shared, &live))
         }
         "/v1/models" => {
             authenticate(&live, &request)?;
             only(&request, &Method::GET)?;
-            Ok(json_response(
-                StatusCode::OK,
-                live.routes.models_json.clone(),
-            ))
+            Ok(json_response(StatusCode::OK, live.routes.models_json.clone()))
         }
+        _ if path.starts_with("/admin/") => admin::handle(shared, &live, request.method(), path, request.headers()),
         _ if path.starts_with("/v1/") => {
             authenticate(&live, &request)?;
             if proxy::is_model_endpoint(path) {
                 only(&request, &Method::POST)?;
             }
-            proxy::forward(shared, &live, request, ctx).await
+            proxy::forward(&live, request, ctx).await
         }
         _ => Err(ProxyError::NotFound(path.to_string())),
     }
 }
 
 fn only(request: &Request<Incoming>, method: &Method) -> Result<(), ProxyError> {
-    let allowed =
-        request.method() == method || (method == Method::GET && request.method() == Method::HEAD);
-    if allowed {
-        Ok(())
-    } else {
-        Err(ProxyError::MethodNotAllowed(request.method().clone()))
-    }
+    let allowed = request.method() == method || (method == Method::GET && request.method() == Method::HEAD);
+    if allowed { Ok(()) } else { Err(ProxyError::MethodNotAllowed(request.method().clone())) }
 }
 
 fn authenticate(live: &Live, request: &Request<Incoming>) -> Result<(), ProxyError> {
-    live.client_keys
-        .authenticate(
-            request.uri().path(),
-            request.headers(),
-            request.uri().query(),
-        )
-        .map(|_client| ())
-}
-
-/// `GET /health`: status, version, uptime, and the upstreams' key counts.
-/// Answers 503 while draining so load balancers stop sending.
-fn health(shared: &Shared, live: &Live) -> Response<SluiceBody> {
-    let draining = shared.is_draining();
-    let upstreams: Vec<serde_json::Value> = live
-        .upstreams
-        .iter()
-        .map(|u| serde_json::json!({ "name": u.name.as_ref(), "keys": u.keys.keys().len() }))
-        .collect();
-    let body = serde_json::json!({
-        "status": if draining { "draining" } else { "ok" },
-        "version": crate::VERSION,
-        "uptime_seconds": shared.started.elapsed().as_secs(),
-        "upstreams": upstreams,
-    });
-    let status = if draining {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    json_response(status, body.to_string().into())
+    live.client_keys.authenticate(request.uri().path(), request.headers(), request.uri().query()).map(|_client| ())
 }

@@ -1,17 +1,20 @@
 //! The reloadable snapshot ([`Live`]) and the process-wide state around it
 //! ([`Shared`]). A request loads the snapshot once and keeps it to its end; a
-//! reload builds a new one fallibly and swaps it in with one store.
+//! reload builds a new one fallibly and swaps it in with one store, so a bad
+//! file leaves the running snapshot untouched.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
 use crate::access::auth::ClientKeys;
 use crate::config::Config;
+use crate::config::keys::Secret;
 use crate::proxy::keyring::UpstreamKey;
-use crate::proxy::upstream::{Upstream, UpstreamClients};
+use crate::proxy::upstream::{Carry, ClientRegistry, Upstream};
 use crate::routes::Routes;
 
 /// Everything a request needs that a reload may change.
@@ -27,26 +30,27 @@ pub struct Live {
     pub client_keys: ClientKeys,
 }
 
+struct Previous<'a>(Option<&'a Live>);
+
+impl Carry for Previous<'_> {
+    fn key(&self, secret: &Secret<String>) -> Option<Arc<UpstreamKey>> {
+        self.0?.upstreams.iter().flat_map(|u| u.keys.keys()).find(|k| k.same_secret(secret)).cloned()
+    }
+
+    fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.0?.upstreams.iter().find(|u| u.name.as_ref() == name).map(Arc::as_ref)
+    }
+}
+
 impl Live {
-    /// Builds a snapshot. `previous` lends its key state to keys that stay, so a
-    /// reload keeps their counters (and, later, their health).
-    pub fn prepare(config: Config, previous: Option<&Live>) -> Result<Self, String> {
-        let reuse = |secret: &crate::config::keys::Secret<String>| -> Option<Arc<UpstreamKey>> {
-            previous?
-                .upstreams
-                .iter()
-                .flat_map(|u| u.keys.keys())
-                .find(|k| k.same_secret(secret))
-                .cloned()
-        };
+    /// Builds a snapshot. Keys, breakers and login tokens that `previous` had
+    /// and the new config keeps are shared, so their health and counters survive.
+    pub fn prepare(config: Config, clients: &ClientRegistry, previous: Option<&Live>) -> Result<Self, String> {
+        let carry = Previous(previous);
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| {
-                Upstream::new(u, &reuse)
-                    .map(Arc::new)
-                    .map_err(|e| format!("upstream `{}`: {e}", u.name))
-            })
+            .map(|u| Upstream::new(u, clients, &carry).map(Arc::new).map_err(|e| format!("upstream `{}`: {e}", u.name)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             routes: Routes::new(&config),
@@ -59,12 +63,20 @@ impl Live {
     /// The upstream that takes requests without a JSON `model`: the default
     /// model's upstream, else the first configured one.
     pub fn fallback_upstream(&self) -> Option<&Arc<Upstream>> {
-        let index = self
-            .routes
-            .default_route()
-            .map_or(0, |(_, route)| route.upstream);
+        let index = self.routes.default_route().map_or(0, |(_, route)| route.upstream);
         self.upstreams.get(index)
     }
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Upstream keys in the new snapshot.
+    pub keys: usize,
+    /// Keys that were not in the old snapshot.
+    pub added: usize,
+    /// Keys of the old snapshot that are gone.
+    pub removed: usize,
 }
 
 /// Process-wide state shared by every connection.
@@ -72,28 +84,80 @@ pub struct Shared {
     /// The current snapshot.
     pub live: ArcSwap<Live>,
     /// Pooled upstream clients; they outlive reloads.
-    pub clients: UpstreamClients,
+    pub clients: ClientRegistry,
     /// Process start, for uptime.
     pub started: Instant,
     /// Set once shutdown began; `/health` then reports `draining`.
     pub draining: AtomicBool,
+    /// Successful and failed reloads.
+    pub reloads: [AtomicU64; 2],
+    /// Serializes reloads (SIGHUP and admin calls may race); never taken by requests.
+    reload_lock: std::sync::Mutex<()>,
 }
 
 impl Shared {
     /// Builds the shared state from a validated config.
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let clients = UpstreamClients::new(&config.client)?;
-        let live = Live::prepare(config, None)?;
+        let clients = ClientRegistry::new(config.client.clone());
+        let live = Live::prepare(config, &clients, None)?;
         Ok(Arc::new(Self {
             live: ArcSwap::from_pointee(live),
             clients,
             started: Instant::now(),
             draining: AtomicBool::new(false),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+            reload_lock: std::sync::Mutex::new(()),
         }))
     }
 
     /// Whether shutdown has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the config file the running snapshot came from and swaps in a new
+    /// snapshot. On any error the running snapshot stays and the reason is returned.
+    pub fn reload(&self) -> Result<ReloadSummary, String> {
+        let _serial = self.reload_lock.lock().map_err(|_| "reload lock poisoned".to_string())?;
+        let result = self.reload_inner();
+        self.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(summary) => {
+                tracing::info!(keys = summary.keys, added = summary.added, removed = summary.removed, "reloaded")
+            }
+            Err(reason) => tracing::error!(%reason, "reload refused; the running config stays"),
+        }
+        result
+    }
+
+    fn reload_inner(&self) -> Result<ReloadSummary, String> {
+        let current = self.live.load_full();
+        let path: PathBuf = current.config.source.clone().ok_or("this gateway was not started from a config file")?;
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        if config.server.listen != current.config.server.listen {
+            tracing::warn!(old = %current.config.server.listen, new = %config.server.listen, "server.listen changed: takes effect on restart only");
+        }
+        let next = Live::prepare(config, &self.clients, Some(&current))?;
+        let old: Vec<&Arc<UpstreamKey>> = current.upstreams.iter().flat_map(|u| u.keys.keys()).collect();
+        let new: Vec<&Arc<UpstreamKey>> = next.upstreams.iter().flat_map(|u| u.keys.keys()).collect();
+        let summary = ReloadSummary {
+            keys: new.len(),
+            added: new.iter().filter(|k| !old.iter().any(|o| Arc::ptr_eq(o, k))).count(),
+            removed: old.iter().filter(|k| !new.iter().any(|n| Arc::ptr_eq(n, k))).count(),
+        };
+        self.live.store(Arc::new(next));
+        Ok(summary)
+    }
+
+    /// Clears cooling and disabled keys and closes breakers; returns how many keys were failed.
+    pub fn reset_failed_keys(&self) -> usize {
+        let live = self.live.load();
+        live.upstreams
+            .iter()
+            .map(|u| {
+                u.breaker.reset();
+                u.keys.reset()
+            })
+            .sum()
     }
 }

@@ -26,11 +26,7 @@ impl ClientKeys {
     pub fn new(config: &AuthConfig) -> Self {
         Self {
             require: config.require_api_key,
-            keys: config
-                .keys
-                .iter()
-                .map(|k| Secret::new(k.expose().as_bytes().into()))
-                .collect(),
+            keys: config.keys.iter().map(|k| Secret::new(k.expose().as_bytes().into())).collect(),
             exempt: config.exempt.iter().map(|p| p.as_str().into()).collect(),
         }
     }
@@ -83,10 +79,7 @@ fn presented_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&
             return Some(value.as_bytes().trim_ascii());
         }
     }
-    query?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("api_key="))
-        .map(str::as_bytes)
+    query?.split('&').find_map(|pair| pair.strip_prefix("api_key=")).map(str::as_bytes)
 }
 
 /// Equality whose running time depends only on the lengths.
@@ -120,40 +113,17 @@ mod tests {
     #[test]
     fn every_place_a_key_can_be() {
         let k = keys(true);
-        assert_eq!(
-            k.authenticate("/v1/x", &with("authorization", "Bearer sk-b"), None)
-                .unwrap(),
-            Some(ClientId(1))
-        );
-        assert_eq!(
-            k.authenticate("/v1/x", &with("authorization", "bearer sk-a"), None)
-                .unwrap(),
-            Some(ClientId(0))
-        );
-        assert_eq!(
-            k.authenticate("/v1/x", &with("x-api-key", "sk-a"), None)
-                .unwrap(),
-            Some(ClientId(0))
-        );
-        assert_eq!(
-            k.authenticate("/v1/x", &with("api-key", "sk-b"), None)
-                .unwrap(),
-            Some(ClientId(1))
-        );
-        assert_eq!(
-            k.authenticate("/v1/x", &HeaderMap::new(), Some("x=1&api_key=sk-b"))
-                .unwrap(),
-            Some(ClientId(1))
-        );
+        assert_eq!(k.authenticate("/v1/x", &with("authorization", "Bearer sk-b"), None).unwrap(), Some(ClientId(1)));
+        assert_eq!(k.authenticate("/v1/x", &with("authorization", "bearer sk-a"), None).unwrap(), Some(ClientId(0)));
+        assert_eq!(k.authenticate("/v1/x", &with("x-api-key", "sk-a"), None).unwrap(), Some(ClientId(0)));
+        assert_eq!(k.authenticate("/v1/x", &with("api-key", "sk-b"), None).unwrap(), Some(ClientId(1)));
+        assert_eq!(k.authenticate("/v1/x", &HeaderMap::new(), Some("x=1&api_key=sk-b")).unwrap(), Some(ClientId(1)));
     }
 
     #[test]
     fn missing_and_wrong_keys() {
         let k = keys(true);
-        assert!(matches!(
-            k.authenticate("/v1/x", &HeaderMap::new(), None),
-            Err(ProxyError::MissingApiKey)
-        ));
+        assert!(matches!(k.authenticate("/v1/x", &HeaderMap::new(), None), Err(ProxyError::MissingApiKey)));
         assert!(matches!(
             k.authenticate("/v1/x", &with("authorization", "Bearer sk-c"), None),
             Err(ProxyError::InvalidApiKey)
@@ -162,20 +132,12 @@ mod tests {
             k.authenticate("/v1/x", &with("authorization", "Basic abc"), None),
             Err(ProxyError::MissingApiKey)
         ));
-        assert_eq!(
-            k.authenticate("/health", &HeaderMap::new(), None).unwrap(),
-            None
-        );
+        assert_eq!(k.authenticate("/health", &HeaderMap::new(), None).unwrap(), None);
     }
 
     #[test]
     fn open_gateway_needs_no_key() {
-        assert_eq!(
-            keys(false)
-                .authenticate("/v1/x", &HeaderMap::new(), None)
-                .unwrap(),
-            None
-        );
+        assert_eq!(keys(false).authenticate("/v1/x", &HeaderMap::new(), None).unwrap(), None);
     }
 
     #[test]

@@ -54,17 +54,12 @@ pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unterminated `${{` in `{}`", redact_for_error(text)))?;
+        let end = after.find('}').ok_or_else(|| format!("unterminated `${{` in `{}`", redact_for_error(text)))?;
         let name = &after[..end];
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!(
-                "`${{{name}}}` is not a valid environment variable name"
-            ));
+            return Err(format!("`${{{name}}}` is not a valid environment variable name"));
         }
-        let value =
-            lookup(name).ok_or_else(|| format!("environment variable `{name}` is not set"))?;
+        let value = lookup(name).ok_or_else(|| format!("environment variable `{name}` is not set"))?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -85,26 +80,19 @@ fn redact_for_error(text: &str) -> String {
 /// Reads a keys file: one key a line; blank lines and lines starting with `#` are ignored;
 /// surrounding whitespace is trimmed.
 pub fn read_keys_file(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     Ok(parse_keys_text(&text))
 }
 
 /// The parsing half of [`read_keys_file`].
 pub fn parse_keys_text(text: &str) -> Vec<String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(str::to_owned)
-        .collect()
+    text.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#')).map(str::to_owned).collect()
 }
 
 /// Removes repeated keys, keeping the first occurrence's position.
 pub fn dedup_keys(keys: Vec<String>) -> Vec<String> {
     let mut seen = std::collections::HashSet::with_capacity(keys.len());
-    keys.into_iter()
-        .filter(|k| seen.insert(k.clone()))
-        .collect()
+    keys.into_iter().filter(|k| seen.insert(k.clone())).collect()
 }
 
 #[cfg(test)]

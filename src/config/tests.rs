@@ -39,9 +39,7 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 }
 
 fn refusal(text: &str) -> String {
-    parse(text)
-        .expect_err("config should be refused")
-        .to_string()
+    parse(text).expect_err("config should be refused").to_string()
 }
 
 #[test]
@@ -53,12 +51,8 @@ fn good_config_validates() {
     assert!(config.auth.require_api_key);
     let upstream = &config.upstreams[0];
     assert_eq!(upstream.base_url.path(), "/v1", "trailing slash trimmed");
-    let keys: Vec<&str> = upstream.keys.iter().map(|k| k.expose().as_str()).collect();
-    assert_eq!(
-        keys,
-        ["sk-from-env", "sk-literal"],
-        "env expanded, duplicates collapsed"
-    );
+    let keys: Vec<&str> = upstream.keys().iter().map(|k| k.expose().as_str()).collect();
+    assert_eq!(keys, ["sk-from-env", "sk-literal"], "env expanded, duplicates collapsed");
     assert_eq!(config.models[0].defaults["max_tokens"], 1024);
     assert_eq!(config.default_model.as_deref(), Some("mini"));
 }
@@ -76,10 +70,7 @@ fn listen_env_override_wins() {
 #[test]
 fn unknown_field_is_named() {
     let err = refusal(&GOOD.replace("max_body", "max_bodee"));
-    assert!(
-        err.contains("test.toml") && err.contains("max_bodee"),
-        "{err}"
-    );
+    assert!(err.contains("test.toml") && err.contains("max_bodee"), "{err}");
 }
 
 #[test]
@@ -91,63 +82,41 @@ fn missing_upstreams_refused() {
 #[test]
 fn model_on_missing_upstream_refused() {
     let err = refusal(&GOOD.replace("upstream = \"openai\"", "upstream = \"nope\""));
-    assert!(
-        err.contains("models[0].upstream") && err.contains("nope"),
-        "{err}"
-    );
+    assert!(err.contains("models[0].upstream") && err.contains("nope"), "{err}");
 }
 
 #[test]
 fn unreadable_keys_file_refused() {
-    let err = refusal(&GOOD.replace(
-        "keys = [\"${OPENAI_API_KEY}\", \"sk-literal\", \"sk-literal\"]",
-        "keys_file = \"missing-keys.txt\"",
-    ));
-    assert!(
-        err.contains("upstreams[0].keys_file") && err.contains("missing-keys.txt"),
-        "{err}"
-    );
+    let err =
+        refusal(&GOOD.replace(
+            "keys = [\"${OPENAI_API_KEY}\", \"sk-literal\", \"sk-literal\"]",
+            "keys_file = \"missing-keys.txt\"",
+        ));
+    assert!(err.contains("upstreams[0].keys_file") && err.contains("missing-keys.txt"), "{err}");
 }
 
 #[test]
 fn empty_key_set_refused() {
-    let err = refusal(&GOOD.replace(
-        "keys = [\"${OPENAI_API_KEY}\", \"sk-literal\", \"sk-literal\"]",
-        "keys = []",
-    ));
-    assert!(
-        err.contains("upstreams[0].keys") && err.contains("no keys"),
-        "{err}"
-    );
+    let err = refusal(&GOOD.replace("keys = [\"${OPENAI_API_KEY}\", \"sk-literal\", \"sk-literal\"]", "keys = []"));
+    assert!(err.contains("upstreams[0].keys") && err.contains("no keys"), "{err}");
 }
 
 #[test]
 fn unset_env_var_named_not_leaked() {
     let err = refusal(&GOOD.replace("${CLIENT_KEY}", "${NOT_SET_ANYWHERE}"));
-    assert!(
-        err.contains("auth.keys[1]") && err.contains("NOT_SET_ANYWHERE"),
-        "{err}"
-    );
+    assert!(err.contains("auth.keys[1]") && err.contains("NOT_SET_ANYWHERE"), "{err}");
 }
 
 #[test]
 fn keys_file_relative_to_config_and_merged() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("keys.txt"),
-        "# team keys\nsk-file-1\n\nsk-literal\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("keys.txt"), "# team keys\nsk-file-1\n\nsk-literal\n").unwrap();
     let text = GOOD.replace(
         "keys = [\"${OPENAI_API_KEY}\", \"sk-literal\", \"sk-literal\"]",
         "keys = [\"sk-literal\"]\nkeys_file = \"keys.txt\"",
     );
     let config = Config::from_toml(&text, &dir.path().join("sluice.toml"), &env).unwrap();
-    let keys: Vec<&str> = config.upstreams[0]
-        .keys
-        .iter()
-        .map(|k| k.expose().as_str())
-        .collect();
+    let keys: Vec<&str> = config.upstreams[0].keys().iter().map(|k| k.expose().as_str()).collect();
     assert_eq!(keys, ["sk-literal", "sk-file-1"]);
 }
 
@@ -156,26 +125,10 @@ fn bad_values_refused_with_field() {
     for (from, to, field) in [
         ("\"127.0.0.1:0\"", "\"localhost-ish\"", "server.listen"),
         ("\"1MiB\"", "\"0\"", "server.max_body"),
-        (
-            "https://api.openai.com/v1/",
-            "ftp://x",
-            "upstreams[0].base_url",
-        ),
-        (
-            "default_model = \"mini\"",
-            "default_model = \"gpt-9\"",
-            "routing.default_model",
-        ),
-        (
-            "aliases = [\"mini\"]",
-            "aliases = [\"gpt-4o-mini\"]",
-            "models[0].name",
-        ),
-        (
-            "defaults = { max_tokens = 1024 }",
-            "defaults = { model = \"x\" }",
-            "models[0].defaults",
-        ),
+        ("https://api.openai.com/v1/", "ftp://x", "upstreams[0].base_url"),
+        ("default_model = \"mini\"", "default_model = \"gpt-9\"", "routing.default_model"),
+        ("aliases = [\"mini\"]", "aliases = [\"gpt-4o-mini\"]", "models[0].name"),
+        ("defaults = { max_tokens = 1024 }", "defaults = { model = \"x\" }", "models[0].defaults"),
     ] {
         let err = refusal(&GOOD.replace(from, to));
         assert!(err.contains(field), "{field}: {err}");

@@ -24,15 +24,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" | "hour" | "hours" => 3_600_000,
         "" => return Err(format!("`{text}` needs a unit: ms, s, m or h")),
         other => {
-            return Err(format!(
-                "unknown duration unit `{other}` (use ms, s, m or h)"
-            ));
+            return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)"));
         }
     };
-    number
-        .checked_mul(millis_per_unit)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is too large"))
+    number.checked_mul(millis_per_unit).map(Duration::from_millis).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// Parses `"8MiB"`, `"512KiB"`, `"1MB"`, `"100B"` or a bare number of bytes.
@@ -47,27 +42,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "G" | "GB" => 1_000_000_000,
         "GiB" => 1 << 30,
         other => {
-            return Err(format!(
-                "unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB or GiB)"
-            ));
+            return Err(format!("unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB or GiB)"));
         }
     };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("`{text}` is too large"))
+    number.checked_mul(factor).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 fn split_number(text: &str) -> Result<(u64, &str), String> {
     let text = text.trim();
-    let digits_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     if digits_end == 0 {
         return Err(format!("`{text}` does not start with a number"));
     }
-    let number = text[..digits_end]
-        .parse::<u64>()
-        .map_err(|e| format!("`{text}`: {e}"))?;
+    let number = text[..digits_end].parse::<u64>().map_err(|e| format!("`{text}`: {e}"))?;
     Ok((number, text[digits_end..].trim()))
 }
 
@@ -111,9 +98,7 @@ impl Visitor<'_> for SizeVisitor {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        u64::try_from(v)
-            .map(ByteSize)
-            .map_err(|_| E::custom("a size cannot be negative"))
+        u64::try_from(v).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {

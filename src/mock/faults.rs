@@ -74,9 +74,7 @@ impl Faults {
         Plan {
             latency_ms: num(headers, "x-mock-latency-ms").unwrap_or(self.latency_ms),
             status: num(headers, "x-mock-status"),
-            chunks: num(headers, "x-mock-chunks")
-                .or(self.chunks)
-                .unwrap_or(DEFAULT_CHUNKS),
+            chunks: num(headers, "x-mock-chunks").or(self.chunks).unwrap_or(DEFAULT_CHUNKS),
             gap_ms: num(headers, "x-mock-gap-ms").unwrap_or(self.gap_ms),
             drop_after: num(headers, "x-mock-drop-after").or(self.drop_after),
             echo: headers.contains_key("x-mock-echo"),
@@ -104,11 +102,7 @@ mod tests {
 
     #[test]
     fn headers_override_standing_faults() {
-        let faults = Faults {
-            latency_ms: 5,
-            chunks: Some(3),
-            ..Faults::default()
-        };
+        let faults = Faults { latency_ms: 5, chunks: Some(3), ..Faults::default() };
         let mut headers = HeaderMap::new();
         headers.insert("x-mock-chunks", "7".parse().unwrap());
         headers.insert("x-mock-echo", "1".parse().unwrap());

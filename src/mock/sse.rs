@@ -33,10 +33,7 @@ pub struct SseStream {
 
 impl SseStream {
     /// A stream; counts itself as started.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "a plain constructor for the mock's knobs"
-    )]
+    #[expect(clippy::too_many_arguments, reason = "a plain constructor for the mock's knobs")]
     pub fn new(
         stats: Arc<MockStats>,
         id: u64,
@@ -94,19 +91,14 @@ impl Body for SseStream {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if this.ended || this.next >= this.total() {
             return Poll::Ready(None);
         }
         if this.next > 0 && !this.gap.is_zero() {
             let gap = this.gap;
-            let sleep = this
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
             ready!(sleep.as_mut().poll(cx));
             this.sleep = None;
         }

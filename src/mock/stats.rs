@@ -21,20 +21,14 @@ impl Counters {
             return;
         }
         if let Ok(mut map) = self.0.write() {
-            map.entry(name.to_string())
-                .or_default()
-                .fetch_add(1, Ordering::Relaxed);
+            map.entry(name.to_string()).or_default().fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn snapshot(&self) -> HashMap<String, u64> {
         self.0
             .read()
-            .map(|map| {
-                map.iter()
-                    .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
-                    .collect()
-            })
+            .map(|map| map.iter().map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed))).collect())
             .unwrap_or_default()
     }
 
@@ -101,10 +95,7 @@ impl StatsSnapshot {
 
     /// Answers with one status (0 if never sent).
     pub fn status(&self, status: u16) -> u64 {
-        self.by_status
-            .get(&status.to_string())
-            .copied()
-            .unwrap_or(0)
+        self.by_status.get(&status.to_string()).copied().unwrap_or(0)
     }
 }
 

@@ -85,6 +85,15 @@ enum State {
     Done,
 }
 
+/// Which timer guards a response body.
+#[derive(Debug, Clone, Copy)]
+pub enum Timing {
+    /// Streams: the longest silence between two frames (`idle_timeout`).
+    Idle(Duration),
+    /// Everything else: the whole exchange ends by this instant (`total_timeout`).
+    Deadline(Instant),
+}
+
 pin_project_lite::pin_project! {
     /// The upstream body, metered, passed through frame by frame.
     pub struct MeteredBody {
@@ -94,18 +103,27 @@ pin_project_lite::pin_project! {
         // The last two bytes sent, to know whether an SSE event was cut mid-way.
         tail: [u8; 2],
         state: State,
+        timing: Timing,
+        // One timer per response, reset per frame for `Timing::Idle`.
+        timer: Pin<Box<Sleep>>,
         meter: Meter,
     }
 }
 
 impl MeteredBody {
     /// Wraps an upstream body. `sse` marks a `text/event-stream` response.
-    pub fn new(inner: Incoming, sse: bool, meter: Meter) -> Self {
+    pub fn new(inner: Incoming, sse: bool, timing: Timing, meter: Meter) -> Self {
+        let deadline = match timing {
+            Timing::Idle(idle) => Instant::now() + idle,
+            Timing::Deadline(at) => at,
+        };
         Self {
             inner,
             sse,
             tail: *b"\n\n",
             state: State::Streaming,
+            timing,
+            timer: Box::pin(tokio::time::sleep_until(deadline.into())),
             meter,
         }
     }
@@ -114,12 +132,8 @@ impl MeteredBody {
 /// The event a client sees when the upstream stream breaks; starts with a blank
 /// line when the upstream was cut inside an event, so the error event stands alone.
 fn error_event(reason: &str, at_boundary: bool) -> Bytes {
-    let json = error_json(
-        &format!("upstream stream interrupted: {reason}"),
-        "upstream_error",
-        None,
-        "upstream_stream_error",
-    );
+    let json =
+        error_json(&format!("upstream stream interrupted: {reason}"), "upstream_error", None, "upstream_stream_error");
     let prefix: &[u8] = if at_boundary { b"" } else { b"\n\n" };
     let mut event = Vec::with_capacity(prefix.len() + json.len() + 8);
     event.extend_from_slice(prefix);
@@ -133,25 +147,30 @@ impl Body for MeteredBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         match this.state {
             State::Done => return Poll::Ready(None),
             State::Failing(error, flush) => {
                 ready!(flush.as_mut().poll(cx));
-                let error = error
-                    .take()
-                    .unwrap_or_else(|| "upstream stream interrupted".into());
+                let error = error.take().unwrap_or_else(|| "upstream stream interrupted".into());
                 *this.state = State::Done;
                 return Poll::Ready(Some(Err(error)));
             }
             State::Streaming => {}
         }
-        match ready!(this.inner.as_mut().poll_frame(cx)) {
-            Some(Ok(frame)) => {
+        let (reason, error): (String, BoxError) = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Pending => {
+                ready!(this.timer.as_mut().poll(cx));
+                let reason = match this.timing {
+                    Timing::Idle(idle) => {
+                        format!("no data from the upstream for {} ms (idle_timeout)", idle.as_millis())
+                    }
+                    Timing::Deadline(_) => "the exchange took longer than total_timeout".to_string(),
+                };
+                (reason.clone(), reason.into())
+            }
+            Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.meter.bytes += data.len() as u64;
                     match data.len() {
@@ -160,46 +179,44 @@ impl Body for MeteredBody {
                         n => *this.tail = [data[n - 2], data[n - 1]],
                     }
                 }
+                if let Timing::Idle(idle) = this.timing {
+                    this.timer.as_mut().reset((Instant::now() + *idle).into());
+                }
                 // hyper may stop polling once the body says it has ended, so note the
                 // clean end here rather than waiting for a `None` that may never be asked for.
                 if this.inner.is_end_stream() {
                     this.meter.outcome = Outcome::Complete;
                     *this.state = State::Done;
                 }
-                Poll::Ready(Some(Ok(frame)))
+                return Poll::Ready(Some(Ok(frame)));
             }
-            Some(Err(error)) => {
-                this.meter.outcome = Outcome::UpstreamError;
-                tracing::warn!(
-                    request_id = ?this.meter.request_id,
-                    upstream = %this.meter.upstream,
-                    bytes_sent = this.meter.bytes,
-                    error = %error,
-                    "upstream body failed mid-stream; ending the client response abnormally"
-                );
-                if *this.sse {
-                    let event = error_event(&error.to_string(), this.tail == b"\n\n");
-                    *this.state = State::Failing(
-                        Some(error.into()),
-                        Box::pin(tokio::time::sleep(ERROR_EVENT_FLUSH)),
-                    );
-                    Poll::Ready(Some(Ok(Frame::data(event))))
-                } else {
-                    *this.state = State::Done;
-                    Poll::Ready(Some(Err(error.into())))
-                }
-            }
-            None => {
+            Poll::Ready(Some(Err(error))) => (error.to_string(), error.into()),
+            Poll::Ready(None) => {
                 this.meter.outcome = Outcome::Complete;
                 *this.state = State::Done;
-                Poll::Ready(None)
+                return Poll::Ready(None);
             }
+        };
+        this.meter.outcome = Outcome::UpstreamError;
+        tracing::warn!(
+            request_id = ?this.meter.request_id,
+            upstream = %this.meter.upstream,
+            bytes_sent = this.meter.bytes,
+            %reason,
+            "upstream body failed mid-stream; ending the client response abnormally"
+        );
+        if *this.sse {
+            let event = error_event(&reason, this.tail == b"\n\n");
+            *this.state = State::Failing(Some(error), Box::pin(tokio::time::sleep(ERROR_EVENT_FLUSH)));
+            Poll::Ready(Some(Ok(Frame::data(event))))
+        } else {
+            *this.state = State::Done;
+            Poll::Ready(Some(Err(error)))
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, State::Done)
-            || (matches!(self.state, State::Streaming) && self.inner.is_end_stream())
+        matches!(self.state, State::Done) || (matches!(self.state, State::Streaming) && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -220,8 +237,7 @@ mod tests {
         let text = std::str::from_utf8(&event).unwrap();
         assert!(text.starts_with("data: {\"error\":"));
         assert!(text.ends_with("\n\n"));
-        let json: serde_json::Value =
-            serde_json::from_str(text.trim_start_matches("data: ").trim()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(text.trim_start_matches("data: ").trim()).unwrap();
         assert_eq!(json["error"]["type"], "upstream_error");
         assert!(error_event("reset", false).starts_with(b"\n\ndata: "));
     }

@@ -45,14 +45,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Prepares client request headers for the upstream: hop-by-hop and `Host`
 /// removed (the client sets it from the upstream URI), client credentials
-/// replaced by the upstream's, request id set, and `Content-Length` dropped when
-/// the body was rewritten (the new length comes from the body itself).
-pub fn to_upstream(
-    headers: &mut HeaderMap,
-    auth: HeaderValue,
-    request_id: &HeaderValue,
-    body_rewritten: bool,
-) {
+/// removed (each attempt adds the upstream's), request id set, and
+/// `Content-Length` dropped when the body was rewritten (the new length comes
+/// from the body itself).
+pub fn to_upstream(headers: &mut HeaderMap, request_id: &HeaderValue, body_rewritten: bool) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
     headers.remove(X_API_KEY);
@@ -60,7 +56,7 @@ pub fn to_upstream(
     if body_rewritten {
         headers.remove(header::CONTENT_LENGTH);
     }
-    headers.insert(header::AUTHORIZATION, auth);
+    headers.remove(header::AUTHORIZATION);
     headers.insert(REQUEST_ID, request_id.clone());
 }
 
@@ -73,10 +69,8 @@ pub fn to_client(headers: &mut HeaderMap, request_id: &HeaderValue) {
 /// Removes `api_key=...` from a query string, keeping the other parameters in order.
 /// Returns `None` when nothing is left.
 pub fn query_without_api_key(query: &str) -> Option<String> {
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("api_key"))
-        .collect();
+    let kept: Vec<&str> =
+        query.split('&').filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("api_key")).collect();
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
@@ -89,8 +83,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return id.clone();
         }
     }
-    HeaderValue::from_str(&crate::ids::uuid_v4())
-        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    HeaderValue::from_str(&crate::ids::uuid_v4()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 #[cfg(test)]
@@ -100,21 +93,12 @@ mod tests {
     #[test]
     fn strips_static_and_connection_listed() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-custom-hop"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-custom-hop"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-custom-hop", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
@@ -123,20 +107,15 @@ mod tests {
     #[test]
     fn client_credentials_never_go_upstream() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer sk-client"),
-        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-client"));
         h.insert(X_API_KEY, HeaderValue::from_static("sk-client"));
         h.insert(API_KEY, HeaderValue::from_static("sk-client"));
         h.insert(header::HOST, HeaderValue::from_static("gateway"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
         let id = HeaderValue::from_static("req-1");
-        to_upstream(&mut h, HeaderValue::from_static("Bearer sk-up"), &id, true);
-        assert_eq!(h[header::AUTHORIZATION], "Bearer sk-up");
-        assert!(
-            !h.contains_key(X_API_KEY) && !h.contains_key(API_KEY) && !h.contains_key(header::HOST)
-        );
+        to_upstream(&mut h, &id, true);
+        assert!(!h.contains_key(header::AUTHORIZATION));
+        assert!(!h.contains_key(X_API_KEY) && !h.contains_key(API_KEY) && !h.contains_key(header::HOST));
         assert!(!h.contains_key(header::CONTENT_LENGTH));
         assert_eq!(h[REQUEST_ID], "req-1");
     }
@@ -144,14 +123,8 @@ mod tests {
     #[test]
     fn api_key_query_removed() {
         assert_eq!(query_without_api_key("api_key=sk-1"), None);
-        assert_eq!(
-            query_without_api_key("a=1&api_key=sk&b=2").as_deref(),
-            Some("a=1&b=2")
-        );
-        assert_eq!(
-            query_without_api_key("api_keyx=1").as_deref(),
-            Some("api_keyx=1")
-        );
+        assert_eq!(query_without_api_key("a=1&api_key=sk&b=2").as_deref(), Some("a=1&b=2"));
+        assert_eq!(query_without_api_key("api_keyx=1").as_deref(), Some("api_keyx=1"));
     }
 
     #[test]

@@ -1,28 +1,104 @@
-//! The upstream key ring: keys of one upstream, chosen lock-free.
+//! The upstream key ring: keys of one upstream with their health, chosen lock-free.
 //!
-//! The ring itself is immutable and lives in the snapshot; the per-key counters
-//! are atomics, so a pick is one `fetch_add` and no lock is ever taken.
+//! The ring is immutable and lives in the snapshot; each key's health and
+//! counters are atomics, shared with the next snapshot when a reload keeps the
+//! key. A key is healthy, cooling until a deadline (429; a new 429 extends,
+//! never shortens it; it comes back by itself), or disabled (401/402/403) until
+//! a reset or a reload that drops it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use http::HeaderValue;
 
+use crate::clock::now_ms;
+use crate::config::Strategy;
 use crate::config::keys::{Secret, fingerprint};
 
-/// One upstream key with its ready-made auth header and its counters.
+/// Why an attempt on a key failed, for counters and `last_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Failure {
+    /// 429.
+    RateLimited = 1,
+    /// 401, 402 or 403.
+    Rejected = 2,
+    /// 5xx.
+    ServerError = 3,
+    /// Connect error or reset before headers.
+    Connect = 4,
+    /// No headers in time.
+    Timeout = 5,
+}
+
+impl Failure {
+    /// Stable label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::Rejected => "rejected",
+            Self::ServerError => "server_error",
+            Self::Connect => "connect_error",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        [Self::RateLimited, Self::Rejected, Self::ServerError, Self::Connect, Self::Timeout]
+            .into_iter()
+            .find(|f| *f as u8 == code)
+    }
+}
+
+/// A key's health at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Usable.
+    Healthy,
+    /// Rate-limited until this clock time (ms, see [`crate::clock`]).
+    Cooling {
+        /// Clock time the key comes back.
+        until_ms: u64,
+    },
+    /// Refused by the upstream; back only after a reset or reload.
+    Disabled,
+}
+
+/// Per-key counters.
+#[derive(Debug, Default)]
+pub struct KeyCounters {
+    /// Attempts made with this key.
+    pub requests: AtomicU64,
+    /// Attempts answered with a usable response.
+    pub successes: AtomicU64,
+    /// 429 answers.
+    pub rate_limited: AtomicU64,
+    /// 401/402/403 answers.
+    pub rejected: AtomicU64,
+    /// 5xx answers.
+    pub server_errors: AtomicU64,
+    /// Connect errors and resets.
+    pub connect_errors: AtomicU64,
+    /// Header timeouts.
+    pub timeouts: AtomicU64,
+    /// Responses on this key not yet finished.
+    pub in_flight: AtomicU64,
+}
+
+/// One upstream key with its ready-made auth header, health and counters.
 #[derive(Debug)]
 pub struct UpstreamKey {
-    /// The key; only the auth header is derived from it.
     secret: Secret<String>,
-    /// `Bearer <key>`, marked sensitive so hyper's h2 HPACK never indexes it.
+    /// `Bearer <key>`, marked sensitive so HPACK never indexes it.
     auth_header: HeaderValue,
     /// Safe name for logs and `/health`.
     pub fingerprint: String,
-    /// Requests sent with this key.
-    pub requests: AtomicU64,
-    /// Requests on this key whose response has not ended yet.
-    pub in_flight: AtomicU64,
+    /// Counters.
+    pub counters: KeyCounters,
+    disabled: AtomicBool,
+    /// Clock ms until which the key cools; 0 = not cooling.
+    cooling_until: AtomicU64,
+    last_error: AtomicU8,
 }
 
 impl UpstreamKey {
@@ -34,8 +110,10 @@ impl UpstreamKey {
             fingerprint: fingerprint(secret.expose()),
             secret,
             auth_header,
-            requests: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
+            counters: KeyCounters::default(),
+            disabled: AtomicBool::new(false),
+            cooling_until: AtomicU64::new(0),
+            last_error: AtomicU8::new(0),
         })
     }
 
@@ -44,16 +122,76 @@ impl UpstreamKey {
         self.auth_header.clone()
     }
 
-    /// Whether this key holds the same secret as `other` (used to carry state over reloads).
+    /// Whether this key holds `other` (used to carry state over reloads).
     pub fn same_secret(&self, other: &Secret<String>) -> bool {
         self.secret == *other
     }
+
+    /// The key's state at clock time `now`.
+    pub fn state(&self, now: u64) -> KeyState {
+        if self.disabled.load(Relaxed) {
+            return KeyState::Disabled;
+        }
+        match self.cooling_until.load(Relaxed) {
+            until if until > now => KeyState::Cooling { until_ms: until },
+            _ => KeyState::Healthy,
+        }
+    }
+
+    /// Usable at clock time `now`.
+    pub fn is_usable(&self, now: u64) -> bool {
+        self.state(now) == KeyState::Healthy
+    }
+
+    /// Cools the key until `until_ms`; an earlier deadline never shortens a later one.
+    pub fn cool_until(&self, until_ms: u64) {
+        self.cooling_until.fetch_max(until_ms, Relaxed);
+        self.fail(Failure::RateLimited);
+    }
+
+    /// Disables the key until a reset.
+    pub fn disable(&self) {
+        self.disabled.store(true, Relaxed);
+        self.fail(Failure::Rejected);
+    }
+
+    /// Counts a failure that leaves the key's health as it is (5xx, connect, timeout).
+    pub fn fail(&self, failure: Failure) {
+        let counter = match failure {
+            Failure::RateLimited => &self.counters.rate_limited,
+            Failure::Rejected => &self.counters.rejected,
+            Failure::ServerError => &self.counters.server_errors,
+            Failure::Connect => &self.counters.connect_errors,
+            Failure::Timeout => &self.counters.timeouts,
+        };
+        counter.fetch_add(1, Relaxed);
+        self.last_error.store(failure as u8, Relaxed);
+    }
+
+    /// Counts a usable response.
+    pub fn succeed(&self) {
+        self.counters.successes.fetch_add(1, Relaxed);
+    }
+
+    /// The last failure seen on this key.
+    pub fn last_error(&self) -> Option<Failure> {
+        Failure::from_code(self.last_error.load(Relaxed))
+    }
+
+    /// Clears cooling and disabled; true if the key was not healthy.
+    pub fn reset(&self) -> bool {
+        let was_disabled = self.disabled.swap(false, Relaxed);
+        let was_cooling = self.cooling_until.swap(0, Relaxed) > now_ms();
+        was_disabled || was_cooling
+    }
 }
 
-/// A held key: counts as in flight until dropped (when the response body ends).
+/// A key in use by one request: counts as in flight until dropped (when the
+/// response body ends).
 #[derive(Debug)]
 pub struct KeyLease {
     key: Arc<UpstreamKey>,
+    index: usize,
 }
 
 impl KeyLease {
@@ -61,15 +199,20 @@ impl KeyLease {
     pub fn key(&self) -> &UpstreamKey {
         &self.key
     }
+
+    /// Its position in the ring.
+    pub fn index(&self) -> usize {
+        self.index
+    }
 }
 
 impl Drop for KeyLease {
     fn drop(&mut self) {
-        self.key.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.key.counters.in_flight.fetch_sub(1, Relaxed);
     }
 }
 
-/// The keys of one upstream and the round-robin cursor.
+/// The keys of one upstream and the rotation cursor.
 #[derive(Debug)]
 pub struct KeyRing {
     keys: Box<[Arc<UpstreamKey>]>,
@@ -77,12 +220,9 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
-    /// A ring over these keys; must not be empty (the config guarantees it).
+    /// A ring over these keys.
     pub fn new(keys: Vec<Arc<UpstreamKey>>) -> Self {
-        Self {
-            keys: keys.into_boxed_slice(),
-            cursor: AtomicUsize::new(0),
-        }
+        Self { keys: keys.into_boxed_slice(), cursor: AtomicUsize::new(0) }
     }
 
     /// All keys, in config order.
@@ -90,16 +230,48 @@ impl KeyRing {
         &self.keys
     }
 
-    /// Picks the next key round-robin and leases it; `None` only for an empty ring.
-    pub fn pick(&self) -> Option<KeyLease> {
-        if self.keys.is_empty() {
+    /// Picks a usable key that `allowed` admits, and leases it. Round-robin takes
+    /// the next usable key after the cursor (an unusable key never stalls the
+    /// rotation); least-in-flight takes the usable key with the fewest open
+    /// requests, ties broken from the cursor so load still spreads.
+    pub fn pick(&self, strategy: Strategy, now: u64, allowed: impl Fn(usize) -> bool) -> Option<KeyLease> {
+        let n = self.keys.len();
+        if n == 0 {
             return None;
         }
-        let i = self.cursor.fetch_add(1, Ordering::Relaxed) % self.keys.len();
-        let key = Arc::clone(&self.keys[i]);
-        key.requests.fetch_add(1, Ordering::Relaxed);
-        key.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(KeyLease { key })
+        let start = self.cursor.fetch_add(1, Relaxed);
+        let candidates =
+            (0..n).map(|offset| (start + offset) % n).filter(|&i| allowed(i) && self.keys[i].is_usable(now));
+        let index = match strategy {
+            Strategy::RoundRobin => candidates.into_iter().next(),
+            Strategy::LeastInFlight => candidates.min_by_key(|&i| self.keys[i].counters.in_flight.load(Relaxed)),
+        }?;
+        let key = Arc::clone(&self.keys[index]);
+        key.counters.requests.fetch_add(1, Relaxed);
+        key.counters.in_flight.fetch_add(1, Relaxed);
+        Some(KeyLease { key, index })
+    }
+
+    /// Whether any key is usable now.
+    pub fn any_usable(&self, now: u64) -> bool {
+        self.keys.iter().any(|k| k.is_usable(now))
+    }
+
+    /// The earliest clock time a cooling key comes back, if any key is cooling
+    /// (disabled keys never come back by themselves).
+    pub fn earliest_ready(&self, now: u64) -> Option<u64> {
+        self.keys
+            .iter()
+            .filter_map(|k| match k.state(now) {
+                KeyState::Cooling { until_ms } => Some(until_ms),
+                KeyState::Healthy | KeyState::Disabled => None,
+            })
+            .min()
+    }
+
+    /// Clears cooling and disabled on every key; returns how many were failed.
+    pub fn reset(&self) -> usize {
+        self.keys.iter().filter(|k| k.reset()).count()
     }
 }
 
@@ -108,37 +280,72 @@ mod tests {
     use super::*;
 
     fn ring(n: usize) -> KeyRing {
-        KeyRing::new(
-            (0..n)
-                .map(|i| Arc::new(UpstreamKey::new(Secret::new(format!("sk-{i}"))).unwrap()))
-                .collect(),
-        )
+        KeyRing::new((0..n).map(|i| Arc::new(UpstreamKey::new(Secret::new(format!("sk-{i}"))).unwrap())).collect())
+    }
+
+    fn pick(ring: &KeyRing, now: u64) -> Option<usize> {
+        ring.pick(Strategy::RoundRobin, now, |_| true).map(|l| l.index())
     }
 
     #[test]
     fn round_robin_visits_every_key_evenly() {
         let ring = ring(3);
-        let picks: Vec<String> = (0..6)
-            .map(|_| ring.pick().unwrap().key().fingerprint.clone())
-            .collect();
-        assert_eq!(picks[0..3], picks[3..6]);
+        let picks: Vec<usize> = (0..6).map(|_| pick(&ring, 1).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
         for key in ring.keys() {
-            assert_eq!(key.requests.load(Ordering::Relaxed), 2);
-            assert_eq!(
-                key.in_flight.load(Ordering::Relaxed),
-                0,
-                "lease drop ends in-flight"
-            );
+            assert_eq!(key.counters.requests.load(Relaxed), 2);
+            assert_eq!(key.counters.in_flight.load(Relaxed), 0, "lease drop ends in-flight");
         }
     }
 
     #[test]
-    fn lease_counts_in_flight() {
+    fn unusable_keys_are_skipped_not_starving_rotation() {
+        let ring = ring(3);
+        ring.keys()[1].cool_until(1_000);
+        let picks: Vec<usize> = (0..4).map(|_| pick(&ring, 10).unwrap()).collect();
+        assert!(!picks.contains(&1));
+        assert!(picks.contains(&0) && picks.contains(&2));
+        // Cooling ends by itself.
+        assert_eq!(ring.keys()[1].state(1_000), KeyState::Healthy);
+        assert!((0..3).any(|_| pick(&ring, 1_001) == Some(1)));
+    }
+
+    #[test]
+    fn cooldown_extends_never_shortens() {
         let ring = ring(1);
-        let lease = ring.pick().unwrap();
-        assert_eq!(ring.keys()[0].in_flight.load(Ordering::Relaxed), 1);
-        drop(lease);
-        assert_eq!(ring.keys()[0].in_flight.load(Ordering::Relaxed), 0);
+        let key = &ring.keys()[0];
+        key.cool_until(5_000);
+        key.cool_until(2_000);
+        assert_eq!(key.state(10), KeyState::Cooling { until_ms: 5_000 });
+        key.cool_until(9_000);
+        assert_eq!(key.state(10), KeyState::Cooling { until_ms: 9_000 });
+        assert_eq!(key.counters.rate_limited.load(Relaxed), 3);
+        assert_eq!(key.last_error(), Some(Failure::RateLimited));
+    }
+
+    #[test]
+    fn disabled_until_reset_and_earliest_ready() {
+        let ring = ring(3);
+        ring.keys()[0].disable();
+        ring.keys()[1].cool_until(700);
+        ring.keys()[2].cool_until(400);
+        assert_eq!(pick(&ring, 10), None);
+        assert!(!ring.any_usable(10));
+        assert_eq!(ring.earliest_ready(10), Some(400));
+        assert_eq!(ring.keys()[0].state(10_000), KeyState::Disabled, "disabled never expires");
+        assert_eq!(ring.reset(), 3);
+        assert!(ring.keys().iter().all(|k| k.is_usable(10)));
+    }
+
+    #[test]
+    fn allowed_filter_and_least_in_flight() {
+        let ring = ring(3);
+        assert_eq!(ring.pick(Strategy::RoundRobin, 1, |i| i == 2).map(|l| l.index()), Some(2));
+        let busy0 = ring.pick(Strategy::RoundRobin, 1, |i| i == 0).unwrap();
+        let busy1 = ring.pick(Strategy::RoundRobin, 1, |i| i == 1).unwrap();
+        let idle = ring.pick(Strategy::LeastInFlight, 1, |_| true).unwrap();
+        assert_eq!(idle.index(), 2);
+        drop((busy0, busy1, idle));
     }
 
     #[test]
@@ -146,10 +353,5 @@ mod tests {
         let key = UpstreamKey::new(Secret::new("sk-secret-value".into())).unwrap();
         assert!(key.auth_header().is_sensitive());
         assert!(!format!("{key:?}").contains("sk-secret-value"));
-    }
-
-    #[test]
-    fn empty_ring_picks_nothing() {
-        assert!(ring(0).pick().is_none());
     }
 }

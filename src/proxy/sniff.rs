@@ -94,10 +94,7 @@ impl<'de> Visitor<'de> for SniffSeed<'_> {
                             out.model_span = Some(start..start + text.len());
                             out.model = Some(match serde_json::from_str::<&str>(text) {
                                 Ok(plain) => Cow::Borrowed(plain),
-                                Err(_) => Cow::Owned(
-                                    serde_json::from_str::<String>(text)
-                                        .map_err(de::Error::custom)?,
-                                ),
+                                Err(_) => Cow::Owned(serde_json::from_str::<String>(text).map_err(de::Error::custom)?),
                             });
                         }
                     }
@@ -140,20 +137,11 @@ impl<'de> de::Deserialize<'de> for KeyName<'de> {
 /// Writes a new body: `inserts` (each a complete `"name":value` member) go right
 /// after the opening brace, and the `model` value is replaced by `new_model`
 /// (an encoded JSON string) when given. Everything else is copied byte for byte.
-pub fn splice(
-    body: &[u8],
-    sniffed: &Sniffed<'_>,
-    new_model: Option<&str>,
-    inserts: &[&[u8]],
-) -> Bytes {
-    let extra: usize =
-        inserts.iter().map(|m| m.len() + 1).sum::<usize>() + new_model.map_or(0, str::len);
+pub fn splice(body: &[u8], sniffed: &Sniffed<'_>, new_model: Option<&str>, inserts: &[&[u8]]) -> Bytes {
+    let extra: usize = inserts.iter().map(|m| m.len() + 1).sum::<usize>() + new_model.map_or(0, str::len);
     let mut out = BytesMut::with_capacity(body.len() + extra);
     // A sniffed body is an object, so its first non-blank byte is `{`.
-    let open = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(0);
+    let open = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(0);
     out.put_slice(&body[..=open]);
     for (i, member) in inserts.iter().enumerate() {
         out.put_slice(member);
@@ -206,30 +194,12 @@ mod tests {
 
     #[test]
     fn bad_bodies() {
-        assert!(matches!(
-            sniff(br#"{"model":5}"#, &[]),
-            Err(ProxyError::ModelNotString)
-        ));
-        assert!(matches!(
-            sniff(br#"{"model":["a"]}"#, &[]),
-            Err(ProxyError::ModelNotString)
-        ));
-        assert!(matches!(
-            sniff(br#"[1,2]"#, &[]),
-            Err(ProxyError::BadJson(_))
-        ));
-        assert!(matches!(
-            sniff(br#"{"model":"a""#, &[]),
-            Err(ProxyError::BadJson(_))
-        ));
-        assert!(matches!(
-            sniff(br#"{"model":"a"} trailing"#, &[]),
-            Err(ProxyError::BadJson(_))
-        ));
-        assert!(matches!(
-            sniff(br#"{"stream":"yes"}"#, &[]),
-            Err(ProxyError::BadJson(_))
-        ));
+        assert!(matches!(sniff(br#"{"model":5}"#, &[]), Err(ProxyError::ModelNotString)));
+        assert!(matches!(sniff(br#"{"model":["a"]}"#, &[]), Err(ProxyError::ModelNotString)));
+        assert!(matches!(sniff(br#"[1,2]"#, &[]), Err(ProxyError::BadJson(_))));
+        assert!(matches!(sniff(br#"{"model":"a""#, &[]), Err(ProxyError::BadJson(_))));
+        assert!(matches!(sniff(br#"{"model":"a"} trailing"#, &[]), Err(ProxyError::BadJson(_))));
+        assert!(matches!(sniff(br#"{"stream":"yes"}"#, &[]), Err(ProxyError::BadJson(_))));
         assert!(matches!(sniff(b"", &[]), Err(ProxyError::BadJson(_))));
     }
 
@@ -237,16 +207,8 @@ mod tests {
     fn splice_renames_and_inserts() {
         let body = br#" {"model":"mini","messages":[]}"#;
         let s = sniff(body, &names()).unwrap();
-        let out = splice(
-            body,
-            &s,
-            Some(r#""gpt-4o-mini""#),
-            &[br#""max_tokens":1024"#],
-        );
-        assert_eq!(
-            &out[..],
-            br#" {"max_tokens":1024,"model":"gpt-4o-mini","messages":[]}"#
-        );
+        let out = splice(body, &s, Some(r#""gpt-4o-mini""#), &[br#""max_tokens":1024"#]);
+        assert_eq!(&out[..], br#" {"max_tokens":1024,"model":"gpt-4o-mini","messages":[]}"#);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["max_tokens"], 1024);
     }

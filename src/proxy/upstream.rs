@@ -1,59 +1,61 @@
-//! Upstreams at run time: where to send a request (URI building) and the pooled
-//! HTTP clients that carry it. The clients live outside the reloadable snapshot,
-//! so a reload never drops a warm connection.
+//! Upstreams at run time: where a request goes (URI building), how it is
+//! authenticated, and the pooled client that carries it. Clients come from a
+//! registry outside the reloadable snapshot, so a reload never drops a warm
+//! connection: upstreams with the same connect settings share one pool.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ForwardBody;
-use crate::config::{ClientConfig, Http2Mode, UpstreamConfig};
+use crate::config::keys::Secret;
+use crate::config::{ClientConfig, Http2Mode, RetryPolicy, Strategy, Timeouts, UpstreamAuth, UpstreamConfig};
 use crate::error::ProxyError;
+use crate::proxy::breaker::Breaker;
 use crate::proxy::headers::query_without_api_key;
 use crate::proxy::keyring::{KeyRing, UpstreamKey};
+use crate::proxy::token::TokenSource;
 
 /// The pooled client type used for every upstream.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
 
-/// One pooled client per HTTP/2 mode (a client's protocol choice is fixed at build time).
-#[derive(Clone)]
-pub struct UpstreamClients {
-    alpn: HttpClient,
-    h2c: HttpClient,
-    http1: HttpClient,
+/// Pooled clients by (HTTP/2 mode, connect timeout). The lock is taken only
+/// while a snapshot is built, never per request.
+pub struct ClientRegistry {
+    config: ClientConfig,
+    clients: Mutex<HashMap<(Http2Mode, Duration), HttpClient>>,
 }
 
-impl UpstreamClients {
-    /// Builds the three clients. Fails only if the TLS provider cannot be set up.
-    pub fn new(config: &ClientConfig) -> Result<Self, String> {
-        Ok(Self {
-            alpn: build_client(config, Http2Mode::Auto)?,
-            h2c: build_client(config, Http2Mode::PriorKnowledge)?,
-            http1: build_client(config, Http2Mode::Never)?,
-        })
+impl ClientRegistry {
+    /// An empty registry; clients are built on first use.
+    pub fn new(config: ClientConfig) -> Self {
+        Self { config, clients: Mutex::new(HashMap::new()) }
     }
 
-    /// The client for an upstream's HTTP/2 mode.
-    pub fn for_mode(&self, mode: Http2Mode) -> &HttpClient {
-        match mode {
-            Http2Mode::Auto => &self.alpn,
-            Http2Mode::PriorKnowledge => &self.h2c,
-            Http2Mode::Never => &self.http1,
+    /// The shared client for these settings.
+    pub fn get(&self, mode: Http2Mode, connect_timeout: Duration) -> Result<HttpClient, String> {
+        let mut clients = self.clients.lock().map_err(|_| "client registry poisoned".to_string())?;
+        if let Some(client) = clients.get(&(mode, connect_timeout)) {
+            return Ok(client.clone());
         }
+        let client = build_client(&self.config, mode, connect_timeout)?;
+        clients.insert((mode, connect_timeout), client.clone());
+        Ok(client)
     }
 }
 
-fn build_client(config: &ClientConfig, mode: Http2Mode) -> Result<HttpClient, String> {
+fn build_client(config: &ClientConfig, mode: Http2Mode, connect_timeout: Duration) -> Result<HttpClient, String> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     // ring only: with aws-lc-rs also in the tree the implicit default would panic.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -79,8 +81,24 @@ fn build_client(config: &ClientConfig, mode: Http2Mode) -> Result<HttpClient, St
     Ok(client.build(connector))
 }
 
-/// An upstream as the request path sees it.
+/// How requests to an upstream are authenticated.
 #[derive(Debug)]
+pub enum Auth {
+    /// The ring's key headers as they are.
+    Keys,
+    /// A login token replaces the (single, synthetic) key's header.
+    Login(Arc<TokenSource>),
+}
+
+/// An extra header; `{uuid}` in the template becomes a fresh UUID per request.
+#[derive(Debug)]
+struct ExtraHeader {
+    name: HeaderName,
+    fixed: Option<HeaderValue>,
+    template: String,
+}
+
+/// An upstream as the request path sees it.
 pub struct Upstream {
     /// Name from the config.
     pub name: Arc<str>,
@@ -88,48 +106,98 @@ pub struct Upstream {
     authority: Authority,
     /// The base URL's path without a trailing slash, e.g. `/v1`.
     base_path: Box<str>,
-    /// Its keys.
+    /// Its keys (one synthetic key for token upstreams).
     pub keys: KeyRing,
-    /// HTTP/2 mode, which picks the client.
-    pub http2: Http2Mode,
-    /// Time allowed until response headers.
-    pub header_timeout: Duration,
+    /// Login token, if any.
+    pub auth: Auth,
+    extra_headers: Vec<ExtraHeader>,
+    /// The pooled client for this upstream's settings.
+    pub client: HttpClient,
+    /// Key choice.
+    pub strategy: Strategy,
+    /// Retry budget.
+    pub retry: RetryPolicy,
+    /// Cooldown after a 429 without `Retry-After`.
+    pub cooldown: Duration,
+    /// Cap on any cooldown.
+    pub max_cooldown: Duration,
+    /// Circuit breaker (kept across reloads while its settings stay).
+    pub breaker: Arc<Breaker>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("name", &self.name).field("authority", &self.authority).finish_non_exhaustive()
+    }
+}
+
+/// What a new snapshot may take over from the previous one.
+pub trait Carry {
+    /// The key state of a key with this secret, if the previous snapshot had it.
+    fn key(&self, secret: &Secret<String>) -> Option<Arc<UpstreamKey>>;
+    /// The previous upstream of this name.
+    fn upstream(&self, name: &str) -> Option<&Upstream>;
 }
 
 impl Upstream {
-    /// Builds the run-time upstream. `reuse` finds the key state of a previous
-    /// snapshot by secret, so a reload keeps counters of unchanged keys.
-    pub fn new(
-        config: &UpstreamConfig,
-        reuse: &dyn Fn(&crate::config::keys::Secret<String>) -> Option<Arc<UpstreamKey>>,
-    ) -> Result<Self, String> {
-        let scheme = config
-            .base_url
-            .scheme()
-            .cloned()
-            .ok_or("base_url has no scheme")?;
-        let authority = config
-            .base_url
-            .authority()
-            .cloned()
-            .ok_or("base_url has no host")?;
-        let keys = config
-            .keys
+    /// Builds the run-time upstream, taking over key state, breaker and token
+    /// from `carry` where they are unchanged.
+    pub fn new(config: &UpstreamConfig, clients: &ClientRegistry, carry: &dyn Carry) -> Result<Self, String> {
+        let scheme = config.base_url.scheme().cloned().ok_or("base_url has no scheme")?;
+        let authority = config.base_url.authority().cloned().ok_or("base_url has no host")?;
+        let name: Arc<str> = Arc::from(config.name.as_str());
+        let previous = carry.upstream(&config.name);
+        let key = |secret: &Secret<String>| {
+            carry
+                .key(secret)
+                .or_else(|| UpstreamKey::new(secret.clone()).map(Arc::new))
+                .ok_or_else(|| "a key is not a valid header value".to_string())
+        };
+        let (secrets, auth) = match &config.auth {
+            UpstreamAuth::Keys(keys) => (keys.clone(), Auth::Keys),
+            UpstreamAuth::StaticToken(token) => (vec![token.clone()], Auth::Keys),
+            UpstreamAuth::Login(login) => {
+                let source = previous
+                    .and_then(|p| match &p.auth {
+                        Auth::Login(source) if source.same_login(login) => Some(Arc::clone(source)),
+                        Auth::Login(_) | Auth::Keys => None,
+                    })
+                    .unwrap_or_else(|| Arc::new(TokenSource::new(Arc::clone(&name), login.clone())));
+                // One synthetic key carries the health and counters of the login.
+                (vec![Secret::new(format!("login:{}@{}", login.username, login.auth_url))], Auth::Login(source))
+            }
+        };
+        let keys = secrets.iter().map(key).collect::<Result<Vec<_>, _>>()?;
+        let breaker = previous
+            .map(|p| Arc::clone(&p.breaker))
+            .filter(|b| b.same_settings(config.breaker_failures, config.breaker_cooldown))
+            .unwrap_or_else(|| Arc::new(Breaker::new(config.breaker_failures, config.breaker_cooldown)));
+        let extra_headers = config
+            .headers
             .iter()
-            .map(|secret| {
-                reuse(secret)
-                    .or_else(|| UpstreamKey::new(secret.clone()).map(Arc::new))
-                    .ok_or_else(|| "a key is not a valid header value".to_string())
+            .map(|(name, template)| ExtraHeader {
+                name: name.clone(),
+                fixed: (!template.contains("{uuid}")).then(|| HeaderValue::from_str(template).ok()).flatten(),
+                template: template.clone(),
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect();
         Ok(Self {
-            name: Arc::from(config.name.as_str()),
+            client: clients.get(config.http2, config.timeouts.connect)?,
+            name,
             scheme,
             authority,
             base_path: config.base_url.path().trim_end_matches('/').into(),
             keys: KeyRing::new(keys),
-            http2: config.http2,
-            header_timeout: config.header_timeout,
+            auth,
+            extra_headers,
+            strategy: config.strategy,
+            retry: config.retry,
+            cooldown: config.cooldown,
+            max_cooldown: config.max_cooldown,
+            breaker,
+            timeouts: config.timeouts,
         })
     }
 
@@ -137,9 +205,8 @@ impl Upstream {
     pub fn uri_for(&self, client_path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
         let rest = client_path.strip_prefix("/v1").unwrap_or(client_path);
         let query = query.and_then(query_without_api_key);
-        let mut path = String::with_capacity(
-            self.base_path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
-        );
+        let mut path =
+            String::with_capacity(self.base_path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1));
         path.push_str(&self.base_path);
         path.push_str(rest);
         if path.is_empty() {
@@ -149,8 +216,8 @@ impl Upstream {
             path.push('?');
             path.push_str(&query);
         }
-        let path_and_query = PathAndQuery::try_from(path)
-            .map_err(|e| ProxyError::Internal(format!("bad upstream path: {e}")))?;
+        let path_and_query =
+            PathAndQuery::try_from(path).map_err(|e| ProxyError::Internal(format!("bad upstream path: {e}")))?;
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -158,44 +225,74 @@ impl Upstream {
             .build()
             .map_err(|e| ProxyError::Internal(format!("bad upstream URI: {e}")))
     }
+
+    /// Adds the configured extra headers, filling `{uuid}` afresh.
+    pub fn add_extra_headers(&self, headers: &mut HeaderMap) {
+        for extra in &self.extra_headers {
+            let value = match &extra.fixed {
+                Some(fixed) => fixed.clone(),
+                None => match HeaderValue::from_str(&extra.template.replace("{uuid}", &crate::ids::uuid_v4())) {
+                    Ok(value) => value,
+                    Err(_) => continue,
+                },
+            };
+            headers.insert(extra.name.clone(), value);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::keys::Secret;
+    use crate::config::Config;
 
-    fn upstream(base: &str) -> Upstream {
-        let config = UpstreamConfig {
-            name: "u".into(),
-            base_url: base.parse().unwrap(),
-            keys: vec![Secret::new("sk-1".into())],
-            http2: Http2Mode::Auto,
-            header_timeout: Duration::from_secs(1),
-        };
-        Upstream::new(&config, &|_| None).unwrap()
+    struct Nothing;
+    impl Carry for Nothing {
+        fn key(&self, _: &Secret<String>) -> Option<Arc<UpstreamKey>> {
+            None
+        }
+        fn upstream(&self, _: &str) -> Option<&Upstream> {
+            None
+        }
+    }
+
+    fn upstream(base: &str, extra: &str) -> Upstream {
+        let text = format!(
+            "[auth]\nrequire_api_key = false\n[[upstreams]]\nname = \"u\"\nbase_url = \"{base}\"\nkeys = [\"sk-1\"]\n{extra}\n"
+        );
+        let config = Config::from_toml(&text, std::path::Path::new("t.toml"), &|_| None).unwrap();
+        let registry = ClientRegistry::new(config.client.clone());
+        Upstream::new(&config.upstreams[0], &registry, &Nothing).unwrap()
     }
 
     #[test]
     fn uri_joins_base_path_and_drops_api_key() {
-        let u = upstream("https://api.example.com/v1");
+        let u = upstream("https://api.example.com/v1", "");
         assert_eq!(
-            u.uri_for("/v1/chat/completions", Some("api_key=sk&x=1"))
-                .unwrap()
-                .to_string(),
+            u.uri_for("/v1/chat/completions", Some("api_key=sk&x=1")).unwrap().to_string(),
             "https://api.example.com/v1/chat/completions?x=1"
         );
-        let u = upstream("http://127.0.0.1:9000/openai/v1");
+        let u = upstream("http://127.0.0.1:9000/openai/v1", "");
+        assert_eq!(u.uri_for("/v1/models", None).unwrap().to_string(), "http://127.0.0.1:9000/openai/v1/models");
+        let u = upstream("http://127.0.0.1:9000", "");
         assert_eq!(
-            u.uri_for("/v1/models", None).unwrap().to_string(),
-            "http://127.0.0.1:9000/openai/v1/models"
-        );
-        let u = upstream("http://127.0.0.1:9000");
-        assert_eq!(
-            u.uri_for("/v1/embeddings", Some("api_key=1"))
-                .unwrap()
-                .to_string(),
+            u.uri_for("/v1/embeddings", Some("api_key=1")).unwrap().to_string(),
             "http://127.0.0.1:9000/embeddings"
         );
+    }
+
+    #[test]
+    fn extra_headers_fill_a_fresh_uuid() {
+        let u = upstream(
+            "http://127.0.0.1:9000/v1",
+            "headers = { Referer = \"https://example/chat/{uuid}\", X-Fixed = \"1\" }",
+        );
+        let (mut a, mut b) = (HeaderMap::new(), HeaderMap::new());
+        u.add_extra_headers(&mut a);
+        u.add_extra_headers(&mut b);
+        assert_eq!(a["x-fixed"], "1");
+        let referer = a["referer"].to_str().unwrap();
+        assert!(referer.starts_with("https://example/chat/") && referer.len() == "https://example/chat/".len() + 36);
+        assert_ne!(a["referer"], b["referer"]);
     }
 }

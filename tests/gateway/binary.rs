@@ -24,13 +24,8 @@ fn write_config(dir: &Path, base_url: &str) -> std::path::PathBuf {
 
 /// Starts `sluice serve` and returns it with the address it printed.
 async fn start_binary(config: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(config)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(BIN).args(["serve", "-c"]).arg(config).stdout(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
@@ -38,22 +33,13 @@ async fn start_binary(config: &Path) -> (Child, SocketAddr) {
         .expect("no listening line")
         .unwrap()
         .unwrap();
-    let addr = line
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad line: {line}"));
+    let addr = line.rsplit("http://").next().unwrap().trim().parse().unwrap_or_else(|_| panic!("bad line: {line}"));
     (child, addr)
 }
 
 fn signal(child: &Child, name: &str) {
     let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args([name, &pid])
-        .status()
-        .unwrap();
+    let status = std::process::Command::new("kill").args([name, &pid]).status().unwrap();
     assert!(status.success());
 }
 
@@ -62,24 +48,17 @@ fn stream_request(addr: SocketAddr, chunks: &str) -> Request<Full<Bytes>> {
         .header("authorization", format!("Bearer {CLIENT_KEY}"))
         .header("x-mock-chunks", chunks)
         .header("x-mock-gap-ms", "50")
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"plain","stream":true}"#,
-        )))
+        .body(Full::new(Bytes::from_static(br#"{"model":"plain","stream":true}"#)))
         .unwrap()
 }
 
 #[tokio::test]
 async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
-    let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = start_binary(&write_config(dir.path(), &mock.base_url())).await;
 
-    let response = h1_client()
-        .request(stream_request(addr, "20"))
-        .await
-        .unwrap();
+    let response = h1_client().request(stream_request(addr, "20")).await.unwrap();
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert!(first.starts_with(b"data: "));
@@ -91,49 +70,29 @@ async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
         .expect("stream cut by shutdown")
         .to_bytes();
     let text = String::from_utf8_lossy(&rest);
-    assert!(
-        text.trim_end().ends_with("data: [DONE]"),
-        "stream incomplete: {text}"
-    );
+    assert!(text.trim_end().ends_with("data: [DONE]"), "stream incomplete: {text}");
     assert_eq!(text.matches("tok").count(), 19);
 
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("did not exit")
-        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("did not exit").unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "still accepting after shutdown"
-    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
     assert_eq!(mock.state.stats().streams_finished, 1);
 }
 
 #[tokio::test]
 async fn second_signal_exits_at_once() {
-    let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = start_binary(&write_config(dir.path(), &mock.base_url())).await;
     // A stream far longer than the test: only the second signal can end the process.
-    let response = h1_client()
-        .request(stream_request(addr, "100000"))
-        .await
-        .unwrap();
+    let response = h1_client().request(stream_request(addr, "100000")).await.unwrap();
     let mut body = response.into_body();
     body.frame().await.unwrap().unwrap();
     signal(&child, "-TERM");
     // The drain is under way once the listener is gone.
-    crate::support::eventually("listener closed", || {
-        std::net::TcpStream::connect(addr).is_err()
-    })
-    .await;
+    crate::support::eventually("listener closed", || std::net::TcpStream::connect(addr).is_err()).await;
     signal(&child, "-INT");
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("did not exit")
-        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("did not exit").unwrap();
     assert_eq!(status.code(), Some(sluice::shutdown::EXIT_FORCED));
 }
 
@@ -141,35 +100,18 @@ async fn second_signal_exits_at_once() {
 fn check_accepts_a_good_config_and_names_the_bad_field() {
     let dir = tempfile::tempdir().unwrap();
     let good = write_config(dir.path(), "http://127.0.0.1:9/v1");
-    let out = std::process::Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = std::process::Command::new(BIN).args(["check", "-c"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 
-    let text = std::fs::read_to_string(&good)
-        .unwrap()
-        .replace("shutdown_grace", "shutdown_grase");
+    let text = std::fs::read_to_string(&good).unwrap().replace("shutdown_grace", "shutdown_grase");
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, text).unwrap();
     for command in ["check", "serve"] {
-        let out = std::process::Command::new(BIN)
-            .args([command, "-c"])
-            .arg(&bad)
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(BIN).args([command, "-c"]).arg(&bad).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{command}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("bad.toml") && stderr.contains("shutdown_grase"),
-            "{command}: {stderr}"
-        );
+        assert!(stderr.contains("bad.toml") && stderr.contains("shutdown_grase"), "{command}: {stderr}");
     }
 }
 
@@ -184,9 +126,5 @@ fn bundled_example_config_is_valid() {
         .env("ADMIN_TOKEN", "test-admin")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -36,13 +36,7 @@ async fn malformed_bodies_are_400_and_never_forwarded() {
 #[tokio::test]
 async fn auth_failures_are_401() {
     let h = Harness::start().await;
-    let no_key = h
-        .send(
-            Request::post(h.url("/v1/chat/completions"))
-                .body(body(r#"{"model":"plain"}"#))
-                .unwrap(),
-        )
-        .await;
+    let no_key = h.send(Request::post(h.url("/v1/chat/completions")).body(body(r#"{"model":"plain"}"#)).unwrap()).await;
     assert_eq!(no_key.status, StatusCode::UNAUTHORIZED);
     assert_eq!(no_key.error_code(), "missing_api_key");
     let wrong = h
@@ -55,39 +49,24 @@ async fn auth_failures_are_401() {
         .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     assert_eq!(wrong.error_code(), "invalid_api_key");
-    assert!(
-        !String::from_utf8_lossy(&wrong.body).contains("sk-wrong"),
-        "the presented key is not echoed"
-    );
+    assert!(!String::from_utf8_lossy(&wrong.body).contains("sk-wrong"), "the presented key is not echoed");
     assert_eq!(h.stats().requests, 0);
 }
 
 #[tokio::test]
 async fn unknown_paths_and_wrong_methods() {
     let h = Harness::start().await;
-    let missing = h
-        .send(Request::get(h.url("/nope")).body(body("")).unwrap())
-        .await;
-    assert_eq!(
-        (missing.status, missing.error_code().as_str()),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
+    let missing = h.send(Request::get(h.url("/nope")).body(body("")).unwrap()).await;
+    assert_eq!((missing.status, missing.error_code().as_str()), (StatusCode::NOT_FOUND, "not_found"));
     let get_chat = h
-        .send(
-            Request::get(h.url("/v1/chat/completions"))
-                .header("x-api-key", CLIENT_KEY)
-                .body(body(""))
-                .unwrap(),
-        )
+        .send(Request::get(h.url("/v1/chat/completions")).header("x-api-key", CLIENT_KEY).body(body("")).unwrap())
         .await;
     assert_eq!(
         (get_chat.status, get_chat.error_code().as_str()),
         (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
     );
     assert!(get_chat.headers.contains_key("allow"));
-    let post_health = h
-        .send(Request::post(h.url("/health")).body(body("")).unwrap())
-        .await;
+    let post_health = h.send(Request::post(h.url("/health")).body(body("")).unwrap()).await;
     assert_eq!(post_health.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(h.stats().requests, 0);
 }
@@ -97,10 +76,7 @@ async fn oversized_bodies_are_413_declared_or_not() {
     let h = Harness::start().await; // max_body = 64 KiB
     let big = format!(r#"{{"model":"plain","input":"{}"}}"#, "x".repeat(70 * 1024));
     let declared = h.chat(&big).await;
-    assert_eq!(
-        (declared.status, declared.error_code().as_str()),
-        (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
-    );
+    assert_eq!((declared.status, declared.error_code().as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"));
 
     // Chunked, no length declared: cut off at the cap.
     let mut request = format!(
@@ -114,11 +90,7 @@ async fn oversized_bodies_are_413_declared_or_not() {
     }
     request.extend_from_slice(b"0\r\n\r\n");
     let answer = raw_exchange(h.gateway.addr, &request).await;
-    assert!(
-        answer.starts_with(b"HTTP/1.1 413"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    assert!(answer.starts_with(b"HTTP/1.1 413"), "{}", String::from_utf8_lossy(&answer));
     assert_eq!(h.stats().requests, 0);
 }
 
@@ -129,18 +101,13 @@ async fn declared_oversize_is_refused_before_the_body_is_sent() {
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: 10000000\r\n\r\n"
     );
-    let mut stream = tokio::net::TcpStream::connect(h.gateway.addr)
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(h.gateway.addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut head = vec![0u8; 12];
-    tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        stream.read_exact(&mut head),
-    )
-    .await
-    .expect("answered without the body")
-    .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_exact(&mut head))
+        .await
+        .expect("answered without the body")
+        .unwrap();
     assert_eq!(&head, b"HTTP/1.1 413");
 }
 
@@ -165,57 +132,40 @@ async fn fake_upstream(reply: &'static [u8]) -> SocketAddr {
 }
 
 async fn harness_at(addr: SocketAddr, extra: &'static str) -> Harness {
-    Harness::start_with(Opts {
-        base_url: Some(format!("http://{addr}/v1")),
-        upstream_extra: extra,
-        ..Opts::default()
-    })
-    .await
+    Harness::start_with(Opts { base_url: Some(format!("http://{addr}/v1")), upstream_extra: extra, ..Opts::default() })
+        .await
 }
 
 #[tokio::test]
 async fn refused_connection_is_502() {
     let h = harness_at(closed_port().await, "").await;
     let reply = h.chat(r#"{"model":"plain"}"#).await;
-    assert_eq!(
-        (reply.status, reply.error_code().as_str()),
-        (StatusCode::BAD_GATEWAY, "upstream_unreachable")
-    );
+    assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::BAD_GATEWAY, "upstream_unreachable"));
 }
 
 #[tokio::test]
 async fn reset_before_headers_is_502() {
     let h = harness_at(fake_upstream(b"").await, "").await;
     let reply = h.chat(r#"{"model":"plain"}"#).await;
-    assert_eq!(
-        (reply.status, reply.error_code().as_str()),
-        (StatusCode::BAD_GATEWAY, "upstream_protocol_error")
-    );
+    assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::BAD_GATEWAY, "upstream_protocol_error"));
 }
 
 #[tokio::test]
 async fn garbage_answer_is_502() {
     let h = harness_at(fake_upstream(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await, "").await;
     let reply = h.chat(r#"{"model":"plain"}"#).await;
-    assert_eq!(
-        (reply.status, reply.error_code().as_str()),
-        (StatusCode::BAD_GATEWAY, "upstream_protocol_error")
-    );
+    assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::BAD_GATEWAY, "upstream_protocol_error"));
 }
 
 #[tokio::test]
 async fn slow_upstream_is_504() {
-    let h = Harness::start().await; // header_timeout = 2 s
-    let request = h
-        .post("/v1/chat/completions")
-        .header("x-mock-latency-ms", "3000")
-        .body(body(r#"{"model":"plain"}"#))
-        .unwrap();
+    let h = Harness::start_with(Opts { upstream_extra: "max_attempts = 1", ..Opts::default() }).await;
+    // header_timeout = 2 s in the harness.
+    let request =
+        h.post("/v1/chat/completions").header("x-mock-latency-ms", "2500").body(body(r#"{"model":"plain"}"#)).unwrap();
     let reply = h.send(request).await;
-    assert_eq!(
-        (reply.status, reply.error_code().as_str()),
-        (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
-    );
+    assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"));
+    assert_eq!(h.stats().requests, 1, "one attempt only");
 }
 
 #[tokio::test]
@@ -226,7 +176,5 @@ async fn upstream_hop_by_hop_headers_are_stripped() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(&reply.body[..], b"{}");
     assert_eq!(reply.headers["x-kept"], "yes");
-    assert!(
-        !reply.headers.contains_key("x-upstream-hop") && !reply.headers.contains_key("keep-alive")
-    );
+    assert!(!reply.headers.contains_key("x-upstream-hop") && !reply.headers.contains_key("keep-alive"));
 }

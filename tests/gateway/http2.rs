@@ -9,11 +9,7 @@ use crate::support::{Harness, Opts, send};
 
 #[tokio::test]
 async fn one_upstream_connection_carries_concurrent_requests() {
-    let h = Harness::start_with(Opts {
-        upstream_extra: "http2 = \"prior-knowledge\"",
-        ..Opts::default()
-    })
-    .await;
+    let h = Harness::start_with(Opts { upstream_extra: "http2 = \"prior-knowledge\"", ..Opts::default() }).await;
     // Warm the single h2 connection so the burst below cannot race to open several.
     assert_eq!(h.chat(r#"{"model":"plain"}"#).await.status, StatusCode::OK);
     let mut set = tokio::task::JoinSet::new();
@@ -39,10 +35,8 @@ async fn one_upstream_connection_carries_concurrent_requests() {
 async fn clients_may_speak_h2c_and_http1_on_the_same_port() {
     let h = Harness::start().await;
     for client in [&h.h1, &h.h2] {
-        let request = h
-            .post("/v1/chat/completions")
-            .body(Full::new(Bytes::from_static(br#"{"model":"plain"}"#)))
-            .unwrap();
+        let request =
+            h.post("/v1/chat/completions").body(Full::new(Bytes::from_static(br#"{"model":"plain"}"#))).unwrap();
         let reply = send(client, request).await;
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.json()["object"], "chat.completion");

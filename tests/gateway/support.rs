@@ -35,22 +35,13 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Self {
-            wildcard: true,
-            upstream_extra: "",
-            base_url: None,
-            max_body: "64KiB",
-        }
+        Self { wildcard: true, upstream_extra: "", base_url: None, max_body: "64KiB" }
     }
 }
 
 /// The config text a harness runs with.
 pub fn config_text(base_url: &str, opts: &Opts) -> String {
-    let wildcard = if opts.wildcard {
-        "[[models]]\nname = \"*\"\nupstream = \"mock\"\n"
-    } else {
-        ""
-    };
+    let wildcard = if opts.wildcard { "[[models]]\nname = \"*\"\nupstream = \"mock\"\n" } else { "" };
     format!(
         r#"
 [server]
@@ -106,20 +97,14 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 
     /// The OpenAI error `code`, asserting the error shape on the way.
     pub fn error_code(&self) -> String {
         let json = self.json();
         let error = &json["error"];
-        assert!(
-            error["message"].is_string()
-                && error["type"].is_string()
-                && error.get("param").is_some(),
-            "{json}"
-        );
+        assert!(error["message"].is_string() && error["type"].is_string() && error.get("param").is_some(), "{json}");
         error["code"].as_str().unwrap_or_default().to_string()
     }
 }
@@ -129,9 +114,7 @@ pub fn h1_client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 pub fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http()
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
 }
 
 impl Harness {
@@ -140,23 +123,11 @@ impl Harness {
     }
 
     pub async fn start_with(opts: Opts) -> Self {
-        let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
+        let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let base_url = opts.base_url.clone().unwrap_or_else(|| mock.base_url());
-        let config = Config::from_toml(
-            &config_text(&base_url, &opts),
-            Path::new("test.toml"),
-            &|_| None,
-        )
-        .unwrap();
+        let config = Config::from_toml(&config_text(&base_url, &opts), Path::new("test.toml"), &|_| None).unwrap();
         let gateway = server::spawn(Shared::new(config).unwrap()).await.unwrap();
-        Self {
-            mock,
-            gateway,
-            h1: h1_client(),
-            h2: h2_client(),
-        }
+        Self { mock, gateway, h1: h1_client(), h2: h2_client() }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -176,10 +147,7 @@ impl Harness {
 
     /// POSTs a chat body with the client key and returns the whole reply.
     pub async fn chat(&self, body: &str) -> Reply {
-        let request = self
-            .post("/v1/chat/completions")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
+        let request = self.post("/v1/chat/completions").body(Full::new(Bytes::from(body.to_string()))).unwrap();
         self.send(request).await
     }
 
@@ -200,10 +168,7 @@ impl Harness {
     }
 }
 
-pub async fn send(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    request: Request<Full<Bytes>>,
-) -> Reply {
+pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, request: Request<Full<Bytes>>) -> Reply {
     let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
         .await
         .expect("no answer in 10 s")
@@ -214,11 +179,7 @@ pub async fn send(
         .expect("body stalled")
         .expect("body failed")
         .to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Reply { status: parts.status, headers: parts.headers, body }
 }
 
 /// Writes `request` on a fresh TCP connection and reads until the peer closes
@@ -235,10 +196,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
 pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
