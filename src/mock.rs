@@ -2,7 +2,8 @@
 //! load tests, so it must be fast and it must count.
 //!
 //! Endpoints: `POST /v1/chat/completions` (JSON with `usage`, or paced SSE),
-//! `POST /v1/completions`, `POST /v1/embeddings`, `GET /v1/models`; `GET /_stats`
+//! `POST /v1/completions`, `POST /v1/embeddings`, `GET /v1/models`, `POST /auth/login`
+//! (answers `{"token":"tok-N"}` for the N-th login); `GET /_stats`
 //! (hits per key, path, status; streams started/finished/cancelled/dropped),
 //! `POST /_control` (standing faults, see [`Faults`]), `POST /_reset`.
 //! Per-request headers: `x-mock-latency-ms`, `x-mock-status`, `x-mock-chunks`,
@@ -46,6 +47,8 @@ pub struct MockState {
     faults: ArcSwap<Faults>,
     /// Request sequence, for ids and for spreading rate faults evenly.
     seq: AtomicU64,
+    /// Logins served by `POST /auth/login`.
+    logins: AtomicU64,
 }
 
 impl MockState {
@@ -93,6 +96,7 @@ impl MockServer {
             conns: Arc::clone(&conns),
             faults: ArcSwap::from_pointee(Faults::default()),
             seq: AtomicU64::new(0),
+            logins: AtomicU64::new(0),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = MockService(Arc::clone(&state));
@@ -314,6 +318,11 @@ async fn respond(state: &MockState, request: Request<Incoming>, key: &str, path:
                     r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":[0.1,0.2,0.3]}}],"model":"{model}","usage":{{"prompt_tokens":1,"total_tokens":1}}}}"#
                 ),
             )
+        }
+        (Method::POST, "/auth/login") => {
+            // Tokens are numbered by login: the first login yields `tok-1`.
+            let login = state.logins.fetch_add(1, Ordering::Relaxed) + 1;
+            json(StatusCode::OK, format!(r#"{{"token":"tok-{login}","expires_in":28800}}"#))
         }
         (Method::GET, "/v1/models") => json(
             StatusCode::OK,

@@ -23,7 +23,7 @@ fn write_config(dir: &Path, base_url: &str) -> std::path::PathBuf {
 }
 
 /// Starts `sluice serve` and returns it with the address it printed.
-async fn start_binary(config: &Path) -> (Child, SocketAddr) {
+pub async fn start_binary(config: &Path) -> (Child, SocketAddr) {
     let mut child =
         Command::new(BIN).args(["serve", "-c"]).arg(config).stdout(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -37,7 +37,7 @@ async fn start_binary(config: &Path) -> (Child, SocketAddr) {
     (child, addr)
 }
 
-fn signal(child: &Child, name: &str) {
+pub fn signal(child: &Child, name: &str) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill").args([name, &pid]).status().unwrap();
     assert!(status.success());

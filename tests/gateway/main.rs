@@ -8,7 +8,10 @@ mod support;
 
 mod binary;
 mod errors;
+mod failover;
 mod http2;
 mod mock;
+mod reload;
 mod routing;
 mod streaming;
+mod token;

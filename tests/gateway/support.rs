@@ -31,16 +31,26 @@ pub struct Opts {
     pub base_url: Option<String>,
     /// `[server] max_body`.
     pub max_body: &'static str,
+    /// The upstream's credential lines, given the mock's address; default: three keys.
+    pub upstream_auth: Option<fn(SocketAddr) -> String>,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Self { wildcard: true, upstream_extra: "", base_url: None, max_body: "64KiB" }
+        Self { wildcard: true, upstream_extra: "", base_url: None, max_body: "64KiB", upstream_auth: None }
     }
 }
 
+/// The admin token every harness config carries.
+pub const ADMIN_TOKEN: &str = "admin-token-test";
+
 /// The config text a harness runs with.
 pub fn config_text(base_url: &str, opts: &Opts) -> String {
+    config_text_with_auth(base_url, opts, r#"keys = ["sk-up-1", "sk-up-2", "sk-up-3"]"#)
+}
+
+/// The config text with other upstream credential lines.
+pub fn config_text_with_auth(base_url: &str, opts: &Opts, upstream_auth: &str) -> String {
     let wildcard = if opts.wildcard { "[[models]]\nname = \"*\"\nupstream = \"mock\"\n" } else { "" };
     format!(
         r#"
@@ -52,10 +62,13 @@ max_body = "{max_body}"
 [auth]
 keys = ["{CLIENT_KEY}"]
 
+[admin]
+token = "{ADMIN_TOKEN}"
+
 [[upstreams]]
 name = "mock"
 base_url = "{base_url}"
-keys = ["sk-up-1", "sk-up-2", "sk-up-3"]
+{upstream_auth}
 header_timeout = "2s"
 {extra}
 
@@ -125,7 +138,11 @@ impl Harness {
     pub async fn start_with(opts: Opts) -> Self {
         let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let base_url = opts.base_url.clone().unwrap_or_else(|| mock.base_url());
-        let config = Config::from_toml(&config_text(&base_url, &opts), Path::new("test.toml"), &|_| None).unwrap();
+        let text = match opts.upstream_auth {
+            Some(auth) => config_text_with_auth(&base_url, &opts, &auth(mock.addr)),
+            None => config_text(&base_url, &opts),
+        };
+        let config = Config::from_toml(&text, Path::new("test.toml"), &|_| None).unwrap();
         let gateway = server::spawn(Shared::new(config).unwrap()).await.unwrap();
         Self { mock, gateway, h1: h1_client(), h2: h2_client() }
     }
@@ -198,5 +215,43 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     while !condition() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+impl Harness {
+    /// `GET /health` as JSON.
+    pub async fn health(&self) -> serde_json::Value {
+        self.send(Request::get(self.url("/health")).body(Full::new(Bytes::new())).unwrap()).await.json()
+    }
+
+    /// The state of one upstream key in `/health` (`healthy`, `cooling`, `disabled`).
+    pub async fn key_state(&self, key: &str) -> String {
+        let health = self.health().await;
+        let fingerprint = sluice::config::keys::fingerprint(key);
+        health["upstreams"][0]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key"] == fingerprint.as_str())
+            .map(|k| k["state"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| "absent".to_string())
+    }
+
+    /// POSTs to an admin path with the admin token.
+    pub async fn admin(&self, path: &str) -> Reply {
+        let request = Request::post(self.url(path))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.send(request).await
+    }
+
+    /// Sends `n` chat requests one after another; returns their statuses.
+    pub async fn chats(&self, n: usize, body: &str) -> Vec<u16> {
+        let mut statuses = Vec::with_capacity(n);
+        for _ in 0..n {
+            statuses.push(self.chat(body).await.status.as_u16());
+        }
+        statuses
     }
 }
