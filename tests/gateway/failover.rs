@@ -249,3 +249,20 @@ async fn a_stream_that_sent_bytes_is_never_retried() {
     assert!(response.into_body().collect().await.is_err());
     assert_eq!(h.stats().requests, 1, "no retry after bytes reached the client");
 }
+
+#[tokio::test]
+async fn total_timeout_bounds_a_non_streaming_exchange() {
+    // header_timeout is 2 s in the harness; total_timeout cuts the wait shorter.
+    let extra = "max_attempts = 1\ntotal_timeout = \"300ms\"";
+    let h = Harness::start_with(Opts { upstream_extra: extra, ..Opts::default() }).await;
+    let request = h
+        .post("/v1/chat/completions")
+        .header("x-mock-latency-ms", "1500")
+        .body(Full::new(Bytes::from_static(CHAT.as_bytes())))
+        .unwrap();
+    let reply = h.send(request).await;
+    assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"));
+    let message = reply.json()["error"]["message"].as_str().unwrap().to_string();
+    let waited: u64 = message.split("after ").nth(1).and_then(|m| m.split(' ').next()).unwrap().parse().unwrap();
+    assert!(waited <= 300, "waited {waited} ms, past total_timeout: {message}");
+}
