@@ -30,6 +30,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Default number of idle connections kept per upstream host.
 pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 256;
+/// Default size at which the request log rotates (bytes): 100 MiB.
+pub const DEFAULT_REQUEST_LOG_MAX_SIZE: u64 = 100 << 20;
+/// Default number of rotated request-log files kept.
+pub const DEFAULT_REQUEST_LOG_KEEP: usize = 5;
 /// Paths that never need a client key, unless the config says otherwise.
 pub const DEFAULT_EXEMPT: [&str; 3] = ["/", "/health", "/v1/health"];
 /// Most distinct parameter names all `[[models]].defaults` may name together.
@@ -80,6 +84,8 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -90,6 +96,7 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
+    overhead_header: Option<bool>,
     listen: Option<String>,
     shutdown_grace: Option<HumanDuration>,
     max_body: Option<ByteSize>,
@@ -123,6 +130,15 @@ struct RawAdmin {
 struct RawLog {
     level: Option<String>,
     format: Option<LogFormat>,
+    requests: Option<PathBuf>,
+    requests_max_size: Option<ByteSize>,
+    requests_keep: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +198,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Bearer token for `/admin/*`; `None` means the admin API is not served.
     pub admin_token: Option<Secret<String>>,
+    /// Whether `GET /metrics` is served.
+    pub metrics_enabled: bool,
     /// Upstreams, in file order.
     pub upstreams: Vec<UpstreamConfig>,
     /// Model routes, in file order.
@@ -199,6 +217,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Largest request body accepted, in bytes.
     pub max_body: u64,
+    /// Add `x-sluice-overhead-us` to proxied answers.
+    pub overhead_header: bool,
 }
 
 /// `[client]`: the pooled upstream client.
@@ -230,6 +250,12 @@ pub struct LogConfig {
     pub level: String,
     /// Text or JSON lines.
     pub format: LogFormat,
+    /// The request log file (JSON lines), if any; relative to the config file's folder.
+    pub requests: Option<PathBuf>,
+    /// Size at which the request log rotates.
+    pub requests_max_size: u64,
+    /// Rotated request-log files kept.
+    pub requests_keep: usize,
 }
 
 /// One `[[models]]` entry.
@@ -321,9 +347,13 @@ impl Validator<'_> {
             },
             auth,
             admin_token,
+            metrics_enabled: raw.metrics.enabled.unwrap_or(true),
             log: LogConfig {
                 level: raw.log.level.unwrap_or_else(|| "info".to_string()),
                 format: raw.log.format.unwrap_or_default(),
+                requests: raw.log.requests.map(|p| self.base_dir.join(p)),
+                requests_max_size: raw.log.requests_max_size.map_or(DEFAULT_REQUEST_LOG_MAX_SIZE, |b| b.0),
+                requests_keep: raw.log.requests_keep.unwrap_or(DEFAULT_REQUEST_LOG_KEEP),
             },
             upstreams,
             models,
@@ -345,6 +375,7 @@ impl Validator<'_> {
             return Err(self.invalid("server.max_body", "must be greater than zero"));
         }
         Ok(ServerConfig {
+            overhead_header: raw.overhead_header.unwrap_or(false),
             listen,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             max_body,

@@ -147,13 +147,12 @@ async fn serve(config: Config) -> Result<(), String> {
     println!("sluice {} listening on http://{addr}", sluice::VERSION);
     tracing::info!(%addr, version = sluice::VERSION, "listening");
     tokio::spawn(shutdown::reload_on_sighup(std::sync::Arc::clone(&shared)));
-    match server::serve(listener, shared, shutdown::first_stop_signal(), grace).await {
-        Drain::Clean => Ok(()),
-        Drain::TimedOut(left) => {
-            tracing::warn!(connections = left, "exiting with connections cut at the end of the grace period");
-            Ok(())
-        }
+    let drain = server::serve(listener, std::sync::Arc::clone(&shared), shutdown::first_stop_signal(), grace).await;
+    if let Drain::TimedOut(left) = drain {
+        tracing::warn!(connections = left, "exiting with connections cut at the end of the grace period");
     }
+    shared.telemetry.flush();
+    Ok(())
 }
 
 async fn mock(listen: SocketAddr) -> Result<(), String> {

@@ -15,12 +15,12 @@ pub mod upstream;
 
 use std::error::Error as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
@@ -28,6 +28,8 @@ use crate::body::{ForwardBody, SluiceBody};
 use crate::error::ProxyError;
 use crate::routes::Route;
 use crate::state::Live;
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::{ModelMetrics, Route as MetricRoute};
 use retry::Plan;
 use upstream::Upstream;
 
@@ -42,26 +44,83 @@ pub fn is_model_endpoint(path: &str) -> bool {
     MODEL_ENDPOINTS.contains(&path)
 }
 
-/// Facts about the request that outlive its parts.
-#[derive(Debug)]
+/// The facts of one request, gathered along its path and recorded once when its
+/// response ends (see [`crate::telemetry::Telemetry::finish`]).
+#[derive(Clone)]
 pub struct RequestContext {
     /// `x-request-id`, taken from the client or generated.
     pub request_id: HeaderValue,
     /// When sluice received the request.
     pub started: Instant,
+    /// Wall-clock arrival, for the request log.
+    pub arrived: SystemTime,
+    /// Method.
+    pub method: Method,
+    /// URI (only its path is ever logged).
+    pub uri: Uri,
+    /// Route label for metrics.
+    pub route: MetricRoute,
+    /// Where the request is recorded.
+    pub telemetry: Arc<Telemetry>,
+    /// Client key index, once authenticated.
+    pub client: Option<usize>,
+    /// The routed model's counters.
+    pub model: Option<Arc<ModelMetrics>>,
+    /// The upstream that served it.
+    pub upstream: Option<Arc<str>>,
+    /// Upstream attempts made.
+    pub attempts: u32,
+    /// Time spent waiting on the upstream (headers, backoffs): not sluice's overhead.
+    pub upstream_wait: Duration,
+    /// Time to the answering attempt's headers.
+    pub ttfb: Option<Duration>,
+    /// Request body bytes read.
+    pub bytes_in: u64,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// Add `x-sluice-overhead-us` to proxied answers.
+    pub overhead_header: bool,
+}
+
+impl RequestContext {
+    /// The context of a request that just arrived.
+    pub fn new<B>(telemetry: Arc<Telemetry>, request: &Request<B>) -> Self {
+        Self {
+            request_id: headers::request_id(request.headers()),
+            started: Instant::now(),
+            arrived: SystemTime::now(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            route: MetricRoute::of(request.uri().path()),
+            telemetry,
+            client: None,
+            model: None,
+            upstream: None,
+            attempts: 0,
+            upstream_wait: Duration::ZERO,
+            ttfb: None,
+            bytes_in: 0,
+            stream: false,
+            overhead_header: false,
+        }
+    }
 }
 
 /// Forwards one `/v1/*` request to its upstream.
 pub async fn forward(
     live: &Live,
     request: Request<Incoming>,
-    ctx: &RequestContext,
+    ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
     let (parts, body) = request.into_parts();
     let max_body = live.config.server.max_body;
     let plan = if carries_json(&parts) {
         let bytes = read_body(body, &parts, max_body).await?;
-        plan_json(live, parts.uri.path(), bytes)?
+        ctx.bytes_in = bytes.len() as u64;
+        let plan = plan_json(live, parts.uri.path(), bytes)?;
+        ctx.stream = plan.stream;
+        ctx.model = plan.model.clone();
+        plan
     } else {
         // Uploads and body-less requests: not ours to read; streamed through under the cap.
         let upstream = live.fallback_upstream().ok_or(ProxyError::NoModel)?;
@@ -73,6 +132,7 @@ pub async fn forward(
             body: ForwardBody::Stream { inner: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)) },
             body_rewritten: false,
             stream: false,
+            model: None,
         }
     };
     retry::send(plan, parts.method, parts.uri, parts.headers, ctx).await
@@ -124,6 +184,7 @@ fn plan_json(live: &Live, path: &str, bytes: Bytes) -> Result<Plan, ProxyError> 
             body: ForwardBody::full(bytes),
             body_rewritten: false,
             stream: false,
+            model: None,
         });
     }
     if bytes.is_empty() {
@@ -147,6 +208,7 @@ fn plan_json(live: &Live, path: &str, bytes: Bytes) -> Result<Plan, ProxyError> 
                 body: ForwardBody::full(bytes.clone()),
                 body_rewritten: false,
                 stream: sniffed.stream,
+                model: None,
             });
         }
         None => {
@@ -166,13 +228,15 @@ fn plan_json(live: &Live, path: &str, bytes: Bytes) -> Result<Plan, ProxyError> 
             body: ForwardBody::full(bytes.clone()),
             body_rewritten: false,
             stream: sniffed.stream,
+            model: Some(Arc::clone(&route.metrics)),
         });
     }
     let mut inserts: Vec<&[u8]> = Vec::with_capacity(route.defaults.len() + 1);
     inserts.extend(insert_model.as_deref().map(str::as_bytes));
     inserts.extend(missing_defaults.map(|(_, member)| member.as_ref()));
     let rewritten = sniff::splice(&bytes, &sniffed, new_model, &inserts);
-    Ok(Plan { upstream, body: ForwardBody::full(rewritten), body_rewritten: true, stream: sniffed.stream })
+    let model = Some(Arc::clone(&route.metrics));
+    Ok(Plan { upstream, body: ForwardBody::full(rewritten), body_rewritten: true, stream: sniffed.stream, model })
 }
 
 /// Maps a pooled-client failure to the gateway's error, with the cause chain

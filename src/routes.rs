@@ -3,9 +3,12 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::config::Config;
+use crate::telemetry::metrics::ModelMetrics;
 
 /// Where one client-visible model goes.
 #[derive(Debug)]
@@ -21,6 +24,8 @@ pub struct Route {
     pub target: Option<Box<str>>,
     /// Default parameters: (bit in the snapshot's parameter list, encoded `"name":value`).
     pub defaults: Vec<(u32, Bytes)>,
+    /// Request and token counters, kept across reloads while (model, upstream) stays.
+    pub metrics: Arc<ModelMetrics>,
 }
 
 /// All routes of a snapshot.
@@ -40,8 +45,9 @@ pub struct Routes {
 
 impl Routes {
     /// Builds the table from a validated config (which guarantees unique names,
-    /// known upstreams and at most 64 parameter names).
-    pub fn new(config: &Config) -> Self {
+    /// known upstreams and at most 64 parameter names), taking over the counters
+    /// of routes `previous` had.
+    pub fn new(config: &Config, previous: Option<&Routes>) -> Self {
         let upstream_index = |name: &str| config.upstreams.iter().position(|u| u.name == name).unwrap_or(0);
         let mut param_names: Vec<Box<str>> = Vec::new();
         let mut routes = Vec::with_capacity(config.models.len());
@@ -74,7 +80,13 @@ impl Routes {
                     by_name.insert(alias.as_str().into(), index);
                 }
             }
+            let metrics = previous
+                .and_then(|p| {
+                    p.routes.iter().find(|r| r.metrics.model == model.name && r.metrics.upstream == model.upstream)
+                })
+                .map_or_else(|| Arc::new(ModelMetrics::new(&model.name, &model.upstream)), |r| Arc::clone(&r.metrics));
             routes.push(Route {
+                metrics,
                 name: model.name.as_str().into(),
                 upstream: upstream_index(&model.upstream),
                 target_json: target.as_deref().map(|t| serde_json::Value::from(t).to_string().into()),
@@ -96,6 +108,11 @@ impl Routes {
     /// The route for a model name.
     pub fn get(&self, model: &str) -> Option<&Route> {
         self.lookup(model).map(|i| &self.routes[i])
+    }
+
+    /// The counters of every route.
+    pub fn metrics(&self) -> impl Iterator<Item = &ModelMetrics> + Clone {
+        self.routes.iter().map(|r| r.metrics.as_ref())
     }
 
     /// The default model's name and route.

@@ -1,22 +1,25 @@
 //! The hyper service: `(method, path)` to a handler. [`handle`] is the only place
-//! that turns an error into a response, logs it and tags it with the request id;
-//! [`handle_inner`] just uses `?`.
+//! that turns an error into a response, logs it and records it; [`handle_inner`]
+//! just uses `?`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering::Relaxed;
 
-use http::{Method, Request, Response, StatusCode};
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::admin;
 use crate::body::SluiceBody;
 use crate::error::{ProxyError, json_response};
-use crate::proxy::headers::{self, REQUEST_ID};
+use crate::proxy::headers::REQUEST_ID;
 use crate::proxy::{self, RequestContext};
 use crate::state::{Live, Shared};
+use crate::telemetry::{self, End};
 
 /// The gateway as a hyper service; cheap to clone per connection.
 #[derive(Clone)]
@@ -42,25 +45,31 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
     }
 }
 
-/// Answers one request; never fails.
+/// Answers one request; never fails. A proxied answer is recorded when its body
+/// ends (by the metered body); everything else is recorded here.
 pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<SluiceBody> {
-    let ctx = RequestContext { request_id: headers::request_id(request.headers()), started: Instant::now() };
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let mut response = match handle_inner(shared, request, &ctx).await {
-        Ok(response) => response,
+    let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request);
+    shared.telemetry.metrics.in_flight.fetch_add(1, Relaxed);
+    let (mut response, error) = match handle_inner(shared, request, &mut ctx).await {
+        Ok(response) => (response, None),
         Err(error) => {
             let status = error.status();
             // Only the path: a query may carry `api_key`.
+            let (method, path) = (&ctx.method, ctx.uri.path());
             if status.is_server_error() {
-                tracing::warn!(request_id = ?ctx.request_id, %method, path = uri.path(), status = status.as_u16(), kind = error.kind(), %error, "request failed");
+                tracing::warn!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind = error.kind(), %error, "request failed");
             } else {
-                tracing::info!(request_id = ?ctx.request_id, %method, path = uri.path(), status = status.as_u16(), kind = error.kind(), %error, "request refused");
+                tracing::info!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind = error.kind(), %error, "request refused");
             }
-            error.into_response()
+            let kind = error.kind();
+            (error.into_response(), Some(kind))
         }
     };
-    response.headers_mut().insert(REQUEST_ID, ctx.request_id);
+    response.headers_mut().insert(REQUEST_ID, ctx.request_id.clone());
+    if !matches!(response.body(), SluiceBody::Upstream { .. }) {
+        let bytes_out = response.body().size_hint().exact().unwrap_or(0);
+        shared.telemetry.finish(&ctx, End { status: response.status().as_u16(), bytes_out, error, ..End::default() });
+    }
     response
 }
 
@@ -68,25 +77,40 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Slu
 async fn handle_inner(
     shared: &Shared,
     request: Request<Incoming>,
-    ctx: &RequestContext,
+    ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
     // One snapshot per request, kept until the request (and its body) is done.
     let live = shared.live.load_full();
+    ctx.overhead_header = live.config.server.overhead_header;
     let path = request.uri().path();
     match path {
         "/" | "/health" | "/v1/health" => {
             only(&request, &Method::GET)?;
-            authenticate(&live, &request)?;
+            authenticate(&live, &request, ctx)?;
             Ok(admin::health(shared, &live))
         }
+        "/metrics" if live.config.metrics_enabled => {
+            authenticate(&live, &request, ctx)?;
+            only(&request, &Method::GET)?;
+            let mut response = Response::new(SluiceBody::full(telemetry::render_metrics(shared, &live)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            Ok(response)
+        }
+        "/stats" => {
+            authenticate(&live, &request, ctx)?;
+            only(&request, &Method::GET)?;
+            Ok(json_response(StatusCode::OK, telemetry::render_stats(shared, &live).to_string().into()))
+        }
         "/v1/models" => {
-            authenticate(&live, &request)?;
+            authenticate(&live, &request, ctx)?;
             only(&request, &Method::GET)?;
             Ok(json_response(StatusCode::OK, live.routes.models_json.clone()))
         }
         _ if path.starts_with("/admin/") => admin::handle(shared, &live, request.method(), path, request.headers()),
         _ if path.starts_with("/v1/") => {
-            authenticate(&live, &request)?;
+            authenticate(&live, &request, ctx)?;
             if proxy::is_model_endpoint(path) {
                 only(&request, &Method::POST)?;
             }
@@ -101,6 +125,8 @@ fn only(request: &Request<Incoming>, method: &Method) -> Result<(), ProxyError> 
     if allowed { Ok(()) } else { Err(ProxyError::MethodNotAllowed(request.method().clone())) }
 }
 
-fn authenticate(live: &Live, request: &Request<Incoming>) -> Result<(), ProxyError> {
-    live.client_keys.authenticate(request.uri().path(), request.headers(), request.uri().query()).map(|_client| ())
+fn authenticate(live: &Live, request: &Request<Incoming>, ctx: &mut RequestContext) -> Result<(), ProxyError> {
+    let client = live.client_keys.authenticate(request.uri().path(), request.headers(), request.uri().query())?;
+    ctx.client = client.map(|c| c.0);
+    Ok(())
 }

@@ -16,6 +16,8 @@ use crate::config::keys::Secret;
 use crate::proxy::keyring::UpstreamKey;
 use crate::proxy::upstream::{Carry, ClientRegistry, Upstream};
 use crate::routes::Routes;
+use crate::telemetry::Telemetry;
+use crate::telemetry::accesslog::AccessLog;
 
 /// Everything a request needs that a reload may change.
 #[derive(Debug)]
@@ -53,7 +55,7 @@ impl Live {
             .map(|u| Upstream::new(u, clients, &carry).map(Arc::new).map_err(|e| format!("upstream `{}`: {e}", u.name)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            routes: Routes::new(&config),
+            routes: Routes::new(&config, previous.map(|p| &p.routes)),
             client_keys: ClientKeys::new(&config.auth),
             upstreams,
             config: Arc::new(config),
@@ -91,6 +93,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Successful and failed reloads.
     pub reloads: [AtomicU64; 2],
+    /// Metrics and the request log.
+    pub telemetry: Arc<Telemetry>,
     /// Serializes reloads (SIGHUP and admin calls may race); never taken by requests.
     reload_lock: std::sync::Mutex<()>,
 }
@@ -99,6 +103,13 @@ impl Shared {
     /// Builds the shared state from a validated config.
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let clients = ClientRegistry::new(config.client.clone());
+        let log = match &config.log.requests {
+            Some(path) => Some(
+                AccessLog::start(path.clone(), config.log.requests_max_size, config.log.requests_keep)
+                    .map_err(|e| format!("cannot open the request log `{}`: {e}", path.display()))?,
+            ),
+            None => None,
+        };
         let live = Live::prepare(config, &clients, None)?;
         Ok(Arc::new(Self {
             live: ArcSwap::from_pointee(live),
@@ -106,6 +117,7 @@ impl Shared {
             started: Instant::now(),
             draining: AtomicBool::new(false),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+            telemetry: Arc::new(Telemetry::new(log)),
             reload_lock: std::sync::Mutex::new(()),
         }))
     }

@@ -9,18 +9,21 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::body::BoxError;
 use crate::error::error_json;
+use crate::proxy::RequestContext;
 use crate::proxy::keyring::KeyLease;
+use crate::telemetry::End;
+use crate::telemetry::usage::find_usage;
 
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,46 +32,66 @@ pub enum Outcome {
     Open,
     /// The upstream body ended cleanly.
     Complete,
-    /// The upstream failed mid-body.
+    /// The upstream failed (or went silent) mid-body.
     UpstreamError,
 }
 
-/// Per-request bookkeeping that finishes when the body ends or is dropped.
-#[derive(Debug)]
+/// Per-request bookkeeping that is recorded once, when the body ends or is dropped.
 pub struct Meter {
-    /// Request id for the log line.
-    pub request_id: HeaderValue,
-    /// Upstream name.
-    pub upstream: std::sync::Arc<str>,
+    ctx: RequestContext,
     /// The key in use; dropping it ends its in-flight count.
-    pub lease: Option<KeyLease>,
-    /// Upstream status code.
-    pub status: u16,
-    /// When sluice received the request.
-    pub started: Instant,
-    /// Body bytes passed to the client.
-    pub bytes: u64,
-    /// How the body ended.
-    pub outcome: Outcome,
+    lease: KeyLease,
+    status: u16,
+    sse: bool,
+    bytes: u64,
+    outcome: Outcome,
+    /// The last two data frames (shared, not copied): where `usage` is found.
+    tail: [Option<Bytes>; 2],
+}
+
+impl Meter {
+    /// Starts metering an answer; counts an SSE stream as open.
+    pub fn new(ctx: RequestContext, lease: KeyLease, status: u16, sse: bool) -> Self {
+        if sse {
+            ctx.telemetry.metrics.streams_open.fetch_add(1, Relaxed);
+        }
+        Self { ctx, lease, status, sse, bytes: 0, outcome: Outcome::Open, tail: [None, None] }
+    }
+
+    fn saw(&mut self, data: &Bytes) {
+        self.bytes += data.len() as u64;
+        if !data.is_empty() {
+            self.tail = [self.tail[1].take(), Some(data.clone())];
+        }
+    }
+
+    fn usage(&self) -> Option<(u64, u64)> {
+        if self.status != 200 || self.outcome != Outcome::Complete {
+            return None;
+        }
+        let mut tail = Vec::new();
+        for frame in self.tail.iter().flatten() {
+            tail.extend_from_slice(frame);
+        }
+        find_usage(&tail)
+    }
 }
 
 impl Drop for Meter {
     fn drop(&mut self) {
-        let outcome = match self.outcome {
-            Outcome::Open => "client_cancelled",
-            Outcome::Complete => "complete",
-            Outcome::UpstreamError => "upstream_error",
+        let telemetry = &self.ctx.telemetry;
+        if self.sse {
+            telemetry.metrics.streams_open.fetch_sub(1, Relaxed);
+        }
+        let error = match self.outcome {
+            Outcome::Open => Some("client_cancelled"),
+            Outcome::Complete => None,
+            Outcome::UpstreamError => Some("upstream_stream_error"),
         };
-        tracing::debug!(
-            request_id = ?self.request_id,
-            upstream = %self.upstream,
-            key = self.lease.as_ref().map_or("-", |l| l.key().fingerprint.as_str()),
-            status = self.status,
-            bytes = self.bytes,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
-            outcome,
-            "response finished"
-        );
+        let key = self.lease.key().fingerprint.as_str();
+        tracing::debug!(request_id = ?self.ctx.request_id, key, status = self.status, bytes = self.bytes, outcome = error.unwrap_or("complete"), "response finished");
+        let end = End { status: self.status, bytes_out: self.bytes, key: Some(key), tokens: self.usage(), error };
+        telemetry.finish(&self.ctx, end);
     }
 }
 
@@ -172,7 +195,7 @@ impl Body for MeteredBody {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.meter.bytes += data.len() as u64;
+                    this.meter.saw(data);
                     match data.len() {
                         0 => {}
                         1 => *this.tail = [this.tail[1], data[0]],
@@ -199,8 +222,8 @@ impl Body for MeteredBody {
         };
         this.meter.outcome = Outcome::UpstreamError;
         tracing::warn!(
-            request_id = ?this.meter.request_id,
-            upstream = %this.meter.upstream,
+            request_id = ?this.meter.ctx.request_id,
+            upstream = this.meter.ctx.upstream.as_deref().unwrap_or("-"),
             bytes_sent = this.meter.bytes,
             %reason,
             "upstream body failed mid-stream; ending the client response abnormally"

@@ -6,21 +6,23 @@
 //! The breaker sees one outcome per request, not per attempt.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::body::{ForwardBody, SluiceBody};
 use crate::clock::{self, now_ms};
 use crate::error::ProxyError;
-use crate::proxy::body::{Meter, MeteredBody, Outcome, Timing};
+use crate::proxy::body::{Meter, MeteredBody, Timing};
 use crate::proxy::breaker::Admission;
 use crate::proxy::keyring::{Failure, KeyLease};
 use crate::proxy::upstream::{Auth, Upstream};
 use crate::proxy::{RequestContext, client_error, headers, retry_after};
+use crate::telemetry::metrics::ModelMetrics;
 
 /// Where a request goes and what is sent.
 pub struct Plan {
@@ -32,6 +34,8 @@ pub struct Plan {
     pub body_rewritten: bool,
     /// `"stream": true` in the request.
     pub stream: bool,
+    /// The routed model's counters (`None` for pass-through requests).
+    pub model: Option<Arc<ModelMetrics>>,
 }
 
 /// The last failed attempt, kept to answer with when the budget runs out.
@@ -48,9 +52,12 @@ pub async fn send(
     method: Method,
     uri: Uri,
     mut headers: HeaderMap,
-    ctx: &RequestContext,
+    ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
     let upstream = plan.upstream;
+    ctx.upstream = Some(Arc::clone(&upstream.name));
+    let telemetry = Arc::clone(&ctx.telemetry);
+    let metrics = &telemetry.metrics;
     let probe = match upstream.breaker.admit(now_ms()) {
         Admission::Allowed => None,
         Admission::Probe(guard) => Some(guard),
@@ -92,14 +99,22 @@ pub async fn send(
                 None => break,
             },
         };
+        let previous_key = tried.last().copied();
         if !tried.contains(&lease.index()) {
             tried.push(lease.index());
         }
         if reused && !std::mem::take(&mut skip_backoff) {
             reuses += 1;
-            tokio::time::sleep(backoff(policy.retry_base, policy.retry_max, reuses)).await;
+            let pause = backoff(policy.retry_base, policy.retry_max, reuses);
+            tokio::time::sleep(pause).await;
+            ctx.upstream_wait += pause;
         }
+        ctx.attempts += 1;
         if attempt > 0 {
+            metrics.retries.fetch_add(1, Relaxed);
+            if previous_key != Some(lease.index()) {
+                metrics.failovers.fetch_add(1, Relaxed);
+            }
             tracing::debug!(request_id = ?ctx.request_id, upstream = %upstream.name, attempt, key = %lease.key().fingerprint, "retrying");
         }
 
@@ -120,7 +135,11 @@ pub async fn send(
 
         let wait = header_wait(&upstream, plan.stream, ctx.started);
         let key = lease.key();
-        let response = match tokio::time::timeout(wait, upstream.client.request(request)).await {
+        let sent = Instant::now();
+        let result = tokio::time::timeout(wait, upstream.client.request(request)).await;
+        let waited = sent.elapsed();
+        ctx.upstream_wait += waited;
+        let response = match result {
             Err(_) => {
                 key.fail(Failure::Timeout);
                 last = Some(Last::Error(ProxyError::UpstreamTimeout {
@@ -168,6 +187,8 @@ pub async fn send(
             }
             _ => {
                 key.succeed();
+                ctx.ttfb = Some(waited);
+                metrics.ttfb.observe(waited);
                 upstream.breaker.record_success();
                 if let Some(probe) = probe {
                     probe.resolve();
@@ -256,23 +277,22 @@ fn respond(
         // A stream may end with sluice's own error event: no fixed length can hold.
         parts.headers.remove(CONTENT_LENGTH);
     }
+    let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
+    ctx.telemetry.metrics.overhead.observe(overhead);
+    if ctx.overhead_header {
+        parts.headers.insert(OVERHEAD_HEADER, HeaderValue::from(overhead.as_micros() as u64));
+    }
     let timing = if sse || stream {
         Timing::Idle(upstream.timeouts.idle)
     } else {
         Timing::Deadline(ctx.started + upstream.timeouts.total)
     };
-    let meter = Meter {
-        request_id: ctx.request_id.clone(),
-        upstream: Arc::clone(&upstream.name),
-        lease: Some(lease),
-        status: parts.status.as_u16(),
-        started: ctx.started,
-        bytes: 0,
-        outcome: Outcome::Open,
-    };
-    let body = SluiceBody::Upstream { inner: MeteredBody::new(incoming, sse, timing, meter) };
-    Response::from_parts(parts, body)
+    let meter = Meter::new(ctx.clone(), lease, parts.status.as_u16(), sse);
+    Response::from_parts(parts, SluiceBody::Upstream { inner: MeteredBody::new(incoming, sse, timing, meter) })
 }
+
+/// Microseconds sluice spent on a request, upstream waits excluded (opt-in).
+pub const OVERHEAD_HEADER: HeaderName = HeaderName::from_static("x-sluice-overhead-us");
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,250 @@
+//! The request log: one JSON line per finished request, written by a dedicated
+//! thread fed through a bounded channel. The request path only `try_send`s: when
+//! the writer falls behind, lines are dropped and counted, never waited for.
+//! Files rotate by size: `requests.jsonl` -> `requests.jsonl.1` -> ... `.keep`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// Lines buffered between the request path and the writer.
+pub const CHANNEL_CAPACITY: usize = 16_384;
+
+/// One finished request. Owned, so the writer thread can serialize it later.
+#[derive(Debug, Serialize)]
+pub struct Record {
+    /// RFC 3339 UTC time the request arrived.
+    pub ts: String,
+    /// `x-request-id`.
+    pub request_id: String,
+    /// Index of the client key in the config, if one was presented.
+    pub client: Option<usize>,
+    /// HTTP method.
+    pub method: String,
+    /// Path only: a query may carry `api_key`.
+    pub path: String,
+    /// Model as routed.
+    pub model: Option<String>,
+    /// Upstream name.
+    pub upstream: Option<String>,
+    /// Fingerprint of the upstream key of the answer.
+    pub key: Option<String>,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Upstream attempts made.
+    pub attempts: u32,
+    /// Milliseconds until the end of the response body.
+    pub duration_ms: f64,
+    /// Milliseconds until the upstream's response headers.
+    pub upstream_ttfb_ms: Option<f64>,
+    /// Request body bytes read.
+    pub bytes_in: u64,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// Prompt tokens from the upstream's `usage`.
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens from the upstream's `usage`.
+    pub completion_tokens: Option<u64>,
+    /// A streaming request.
+    pub stream: bool,
+    /// Error kind when sluice answered with an error, or how a body ended badly.
+    pub error: Option<&'static str>,
+}
+
+enum Message {
+    Line(Box<Record>),
+    Flush(SyncSender<()>),
+}
+
+/// Handle to the writer thread.
+pub struct AccessLog {
+    tx: SyncSender<Message>,
+}
+
+impl AccessLog {
+    /// Opens (creating folders) the log file and starts the writer thread.
+    pub fn start(path: PathBuf, max_size: u64, keep: usize) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = open(&path)?;
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
+        let writer = Writer { path, max_size: max_size.max(1), keep, out: BufWriter::new(file), written };
+        std::thread::Builder::new().name("sluice-request-log".into()).spawn(move || writer.run(rx))?;
+        Ok(Self { tx })
+    }
+
+    /// Queues a line; false if the queue is full (the line is dropped).
+    pub fn log(&self, record: Record) -> bool {
+        match self.tx.try_send(Message::Line(Box::new(record))) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Waits until every line queued so far is on disk (shutdown, tests).
+    pub fn flush(&self) {
+        let (ack, done) = sync_channel(1);
+        if self.tx.send(Message::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+fn open(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+struct Writer {
+    path: PathBuf,
+    max_size: u64,
+    keep: usize,
+    out: BufWriter<File>,
+    written: u64,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Message>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Message::Line(record)) => self.write(&record),
+                Ok(Message::Flush(ack)) => {
+                    let _ = self.out.flush();
+                    let _ = ack.send(());
+                }
+                // Idle: push what is buffered to disk.
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.out.flush();
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.out.flush();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, record: &Record) {
+        let Ok(mut line) = serde_json::to_vec(record) else { return };
+        line.push(b'\n');
+        if let Err(error) = self.out.write_all(&line) {
+            tracing::error!(%error, path = %self.path.display(), "request log write failed");
+            return;
+        }
+        self.written += line.len() as u64;
+        if self.written >= self.max_size {
+            self.rotate();
+        }
+    }
+
+    fn rotate(&mut self) {
+        let _ = self.out.flush();
+        let numbered = |n: usize| PathBuf::from(format!("{}.{n}", self.path.display()));
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            let _ = std::fs::remove_file(numbered(self.keep));
+            for n in (1..self.keep).rev() {
+                let _ = std::fs::rename(numbered(n), numbered(n + 1));
+            }
+            let _ = std::fs::rename(&self.path, numbered(1));
+        }
+        match open(&self.path) {
+            Ok(file) => {
+                self.out = BufWriter::new(file);
+                self.written = 0;
+            }
+            Err(error) => {
+                tracing::error!(%error, path = %self.path.display(), "cannot reopen the request log after rotation")
+            }
+        }
+    }
+}
+
+/// `2026-11-22T10:05:12.290Z`.
+pub fn rfc3339(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u16) -> Record {
+        Record {
+            ts: rfc3339(SystemTime::now()),
+            request_id: format!("req-{n}"),
+            client: Some(0),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: Some("m".into()),
+            upstream: Some("u".into()),
+            key: Some("sk-u…00000000".into()),
+            status: 200,
+            attempts: 1,
+            duration_ms: 1.5,
+            upstream_ttfb_ms: Some(1.0),
+            bytes_in: 10,
+            bytes_out: 20,
+            prompt_tokens: Some(3),
+            completion_tokens: Some(4),
+            stream: false,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(784_111_777_123)), "1994-11-06T08:49:37.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_582_934_400)), "2020-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn writes_lines_and_rotates_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/requests.jsonl");
+        // Each line is ~350 bytes: rotate about every third line, keep two old files.
+        let log = AccessLog::start(path.clone(), 1000, 2).unwrap();
+        for n in 0..20 {
+            assert!(log.log(record(n)));
+        }
+        log.flush();
+        let current = std::fs::read_to_string(&path).unwrap();
+        let rotated = std::fs::read_to_string(dir.path().join("logs/requests.jsonl.1")).unwrap();
+        assert!(dir.path().join("logs/requests.jsonl.2").exists());
+        assert!(!dir.path().join("logs/requests.jsonl.3").exists(), "keep = 2");
+        for line in current.lines().chain(rotated.lines()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["status"], 200);
+        }
+        assert!(current.lines().chain(rotated.lines()).any(|l| l.contains("\"req-19\"")));
+    }
+}

@@ -1,0 +1,351 @@
+//! Prometheus metrics: recorded with atomics only (no lock, no allocation per
+//! request), rendered as text format 0.0.4 when scraped. Names are constants and
+//! every label comes from a closed set: routes, configured models and upstreams,
+//! key fingerprints, status codes from a fixed list, outcome labels.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Requests by route, model, upstream and status.
+pub const REQUESTS_TOTAL: &str = "sluice_requests_total";
+/// Whole request duration, to the end of the response body.
+pub const REQUEST_DURATION: &str = "sluice_request_duration_seconds";
+/// Time to the upstream's response headers.
+pub const UPSTREAM_TTFB: &str = "sluice_upstream_ttfb_seconds";
+/// Time spent in sluice itself, upstream waits excluded.
+pub const OVERHEAD: &str = "sluice_overhead_seconds";
+/// Requests being served now.
+pub const IN_FLIGHT: &str = "sluice_in_flight";
+/// SSE streams open now.
+pub const STREAMS_OPEN: &str = "sluice_streams_open";
+/// Upstream attempts by key and outcome.
+pub const UPSTREAM_ATTEMPTS: &str = "sluice_upstream_attempts_total";
+/// Attempts after the first of a request.
+pub const RETRIES: &str = "sluice_retries_total";
+/// Retries that moved to another key.
+pub const FAILOVERS: &str = "sluice_failovers_total";
+/// Key health, one series per state.
+pub const KEY_STATE: &str = "sluice_key_state";
+/// Breaker state: 0 closed, 1 open, 2 half-open.
+pub const BREAKER_STATE: &str = "sluice_breaker_state";
+/// Tokens reported in upstream `usage`.
+pub const TOKENS: &str = "sluice_tokens_total";
+/// Config reloads by result.
+pub const RELOADS: &str = "sluice_reloads_total";
+/// Build information.
+pub const BUILD_INFO: &str = "sluice_build_info";
+/// Request-log lines dropped because the writer fell behind.
+pub const LOG_DROPPED: &str = "sluice_request_log_dropped_total";
+
+/// The routes requests are counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/v1/chat/completions`.
+    ChatCompletions,
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/embeddings`.
+    Embeddings,
+    /// `/v1/models`.
+    Models,
+    /// Any other `/v1/*` path.
+    OtherV1,
+    /// `/`, `/health`, `/v1/health`, `/metrics`, `/stats`.
+    Meta,
+    /// `/admin/*`.
+    Admin,
+    /// Anything else.
+    Unknown,
+}
+
+const ROUTES: [(Route, &str); 8] = [
+    (Route::ChatCompletions, "chat_completions"),
+    (Route::Completions, "completions"),
+    (Route::Embeddings, "embeddings"),
+    (Route::Models, "models"),
+    (Route::OtherV1, "other_v1"),
+    (Route::Meta, "meta"),
+    (Route::Admin, "admin"),
+    (Route::Unknown, "unknown"),
+];
+
+impl Route {
+    /// The route of a request path.
+    pub fn of(path: &str) -> Self {
+        match path {
+            "/v1/chat/completions" => Self::ChatCompletions,
+            "/v1/completions" => Self::Completions,
+            "/v1/embeddings" => Self::Embeddings,
+            "/v1/models" => Self::Models,
+            "/" | "/health" | "/v1/health" | "/metrics" | "/stats" => Self::Meta,
+            _ if path.starts_with("/admin/") => Self::Admin,
+            _ if path.starts_with("/v1/") => Self::OtherV1,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Stable label.
+    pub fn label(self) -> &'static str {
+        ROUTES[self as usize].1
+    }
+}
+
+/// Status codes with their own series; others fold into `other`.
+const STATUSES: [u16; 17] = [200, 201, 204, 400, 401, 402, 403, 404, 405, 408, 413, 422, 429, 500, 502, 503, 504];
+const STATUS_SLOTS: usize = STATUSES.len() + 1;
+
+fn status_slot(status: u16) -> usize {
+    STATUSES.iter().position(|s| *s == status).unwrap_or(STATUSES.len())
+}
+
+fn status_label(slot: usize) -> String {
+    STATUSES.get(slot).map_or_else(|| "other".to_string(), u16::to_string)
+}
+
+/// Request counts of one (model, upstream), or of requests without a model.
+#[derive(Debug)]
+pub struct ModelMetrics {
+    /// Model as configured (`-` for requests without one).
+    pub model: String,
+    /// Upstream name (`-` when none).
+    pub upstream: String,
+    requests: [[AtomicU64; STATUS_SLOTS]; ROUTES.len()],
+    /// Prompt tokens reported by the upstream.
+    pub prompt_tokens: AtomicU64,
+    /// Completion tokens reported by the upstream.
+    pub completion_tokens: AtomicU64,
+}
+
+impl ModelMetrics {
+    /// Zeroed counters for one (model, upstream).
+    pub fn new(model: &str, upstream: &str) -> Self {
+        Self {
+            model: model.to_string(),
+            upstream: upstream.to_string(),
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn count(&self, route: Route, status: u16) {
+        self.requests[route as usize][status_slot(status)].fetch_add(1, Relaxed);
+    }
+
+    /// Adds reported token usage.
+    pub fn add_tokens(&self, prompt: u64, completion: u64) {
+        self.prompt_tokens.fetch_add(prompt, Relaxed);
+        self.completion_tokens.fetch_add(completion, Relaxed);
+    }
+
+    /// Requests counted for this route and status.
+    pub fn requests(&self, route: Route, status: u16) -> u64 {
+        self.requests[route as usize][status_slot(status)].load(Relaxed)
+    }
+
+    /// `(all, successful)` requests of a route; statuses below 400 are successes
+    /// (the `other` slot counts as failed).
+    pub fn totals(&self, route: Route) -> (u64, u64) {
+        self.requests[route as usize].iter().enumerate().fold((0, 0), |(all, ok), (slot, n)| {
+            let n = n.load(Relaxed);
+            let success = STATUSES.get(slot).is_some_and(|s| *s < 400);
+            (all + n, ok + if success { n } else { 0 })
+        })
+    }
+
+    fn render(&self, out: &mut String) {
+        let (model, upstream) = (escape(&self.model), escape(&self.upstream));
+        for (route, label) in ROUTES {
+            for slot in 0..STATUS_SLOTS {
+                let n = self.requests[route as usize][slot].load(Relaxed);
+                if n > 0 {
+                    let status = status_label(slot);
+                    let _ = writeln!(
+                        out,
+                        "{REQUESTS_TOTAL}{{route=\"{label}\",model=\"{model}\",upstream=\"{upstream}\",status=\"{status}\"}} {n}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Bucket upper bounds in seconds, shared by all histograms (100 µs .. 60 s).
+const BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0];
+
+/// A fixed-bucket histogram in atomics.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add(value.as_nanos() as u64, Relaxed);
+    }
+
+    /// Observations recorded.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_nanos.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Process-wide metrics (per-model counters live with the routes).
+#[derive(Debug)]
+pub struct Metrics {
+    /// Requests that never reached a model route (errors, health, admin, pass-through).
+    pub unrouted: ModelMetrics,
+    /// Whole request durations.
+    pub duration: Histogram,
+    /// Upstream time to headers.
+    pub ttfb: Histogram,
+    /// sluice's own time per request.
+    pub overhead: Histogram,
+    /// Requests in flight.
+    pub in_flight: AtomicI64,
+    /// SSE streams open.
+    pub streams_open: AtomicI64,
+    /// Attempts after the first.
+    pub retries: AtomicU64,
+    /// Retries on another key.
+    pub failovers: AtomicU64,
+    /// Request-log lines dropped.
+    pub log_dropped: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            unrouted: ModelMetrics::new("-", "-"),
+            duration: Histogram::default(),
+            ttfb: Histogram::default(),
+            overhead: Histogram::default(),
+            in_flight: AtomicI64::new(0),
+            streams_open: AtomicI64::new(0),
+            retries: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+            log_dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Escapes a label value (backslash, quote, newline).
+pub fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// One gauge or counter line.
+pub fn line(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (key, val)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{key}=\"{}\"", escape(val));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// A `# HELP` and `# TYPE` header.
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+impl Metrics {
+    /// Renders the process-wide part, and the request counters of `models`.
+    pub fn render<'a>(&self, models: impl Iterator<Item = &'a ModelMetrics> + Clone, out: &mut String) {
+        header(out, REQUESTS_TOTAL, "counter", "Requests by route, model, upstream and status.");
+        self.unrouted.render(out);
+        for model in models.clone() {
+            model.render(out);
+        }
+        self.duration.render(REQUEST_DURATION, "Request duration to the end of the response body.", out);
+        self.ttfb.render(UPSTREAM_TTFB, "Time to the upstream's response headers.", out);
+        self.overhead.render(OVERHEAD, "Time spent in sluice itself, upstream waits excluded.", out);
+        header(out, IN_FLIGHT, "gauge", "Requests being served.");
+        line(out, IN_FLIGHT, &[], self.in_flight.load(Relaxed));
+        header(out, STREAMS_OPEN, "gauge", "SSE streams open.");
+        line(out, STREAMS_OPEN, &[], self.streams_open.load(Relaxed));
+        header(out, RETRIES, "counter", "Upstream attempts after the first of a request.");
+        line(out, RETRIES, &[], self.retries.load(Relaxed));
+        header(out, FAILOVERS, "counter", "Retries that moved to another key.");
+        line(out, FAILOVERS, &[], self.failovers.load(Relaxed));
+        header(out, TOKENS, "counter", "Tokens reported in upstream usage.");
+        for model in models {
+            line(out, TOKENS, &[("model", &model.model), ("kind", "prompt")], model.prompt_tokens.load(Relaxed));
+            line(
+                out,
+                TOKENS,
+                &[("model", &model.model), ("kind", "completion")],
+                model.completion_tokens.load(Relaxed),
+            );
+        }
+        header(out, LOG_DROPPED, "counter", "Request-log lines dropped because the writer fell behind.");
+        line(out, LOG_DROPPED, &[], self.log_dropped.load(Relaxed));
+        header(out, BUILD_INFO, "gauge", "Build information.");
+        line(out, BUILD_INFO, &[("version", crate::VERSION)], 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_statuses_are_closed_sets() {
+        assert_eq!(Route::of("/v1/chat/completions").label(), "chat_completions");
+        assert_eq!(Route::of("/v1/files/x").label(), "other_v1");
+        assert_eq!(Route::of("/admin/reload").label(), "admin");
+        assert_eq!(Route::of("/wp-login.php").label(), "unknown");
+        assert_eq!(status_label(status_slot(429)), "429");
+        assert_eq!(status_label(status_slot(418)), "other");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(100));
+        let mut out = String::new();
+        h.render("x", "help", &mut out);
+        assert!(out.contains("x_bucket{le=\"0.0001\"} 1\n"));
+        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"));
+        assert!(out.contains("x_bucket{le=\"60\"} 2\n"));
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"));
+        assert!(out.contains("x_count 3\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
