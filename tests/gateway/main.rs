@@ -11,6 +11,7 @@ mod errors;
 mod failover;
 mod http2;
 mod mock;
+mod observability;
 mod reload;
 mod routing;
 mod streaming;

@@ -33,11 +33,23 @@ pub struct Opts {
     pub max_body: &'static str,
     /// The upstream's credential lines, given the mock's address; default: three keys.
     pub upstream_auth: Option<fn(SocketAddr) -> String>,
+    /// Lines added to `[server]`.
+    pub server_extra: &'static str,
+    /// Tables appended to the config.
+    pub tables: String,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Self { wildcard: true, upstream_extra: "", base_url: None, max_body: "64KiB", upstream_auth: None }
+        Self {
+            wildcard: true,
+            upstream_extra: "",
+            base_url: None,
+            max_body: "64KiB",
+            upstream_auth: None,
+            server_extra: "",
+            tables: String::new(),
+        }
     }
 }
 
@@ -58,6 +70,7 @@ pub fn config_text_with_auth(base_url: &str, opts: &Opts, upstream_auth: &str) -
 listen = "127.0.0.1:0"
 shutdown_grace = "5s"
 max_body = "{max_body}"
+{server_extra}
 
 [auth]
 keys = ["{CLIENT_KEY}"]
@@ -86,7 +99,11 @@ upstream = "mock"
 {wildcard}
 [routing]
 default_model = "gpt-4o-mini"
+
+{tables}
 "#,
+        server_extra = opts.server_extra,
+        tables = opts.tables,
         max_body = opts.max_body,
         extra = opts.upstream_extra,
     )
