@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod mock;
+pub mod notify;
 pub mod proxy;
 pub mod routes;
 pub mod server;

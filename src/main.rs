@@ -147,7 +147,12 @@ async fn serve(config: Config) -> Result<(), String> {
     println!("sluice {} listening on http://{addr}", sluice::VERSION);
     tracing::info!(%addr, version = sluice::VERSION, "listening");
     tokio::spawn(shutdown::reload_on_sighup(std::sync::Arc::clone(&shared)));
-    let drain = server::serve(listener, std::sync::Arc::clone(&shared), shutdown::first_stop_signal(), grace).await;
+    sluice::notify::ready(&format!("listening on {addr}"));
+    let stop = async {
+        shutdown::first_stop_signal().await;
+        sluice::notify::stopping();
+    };
+    let drain = server::serve(listener, std::sync::Arc::clone(&shared), stop, grace).await;
     if let Drain::TimedOut(left) = drain {
         tracing::warn!(connections = left, "exiting with connections cut at the end of the grace period");
     }

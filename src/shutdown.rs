@@ -41,6 +41,13 @@ pub async fn reload_on_sighup(shared: Arc<Shared>) {
     };
     while hangup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading");
-        let _ = shared.reload();
+        crate::notify::reloading();
+        let status = match shared.reload() {
+            Ok(summary) => {
+                format!("reloaded: {} keys ({} added, {} removed)", summary.keys, summary.added, summary.removed)
+            }
+            Err(reason) => format!("reload refused, running config kept: {reason}"),
+        };
+        crate::notify::ready(&status);
     }
 }

@@ -12,6 +12,7 @@ mod failover;
 mod http2;
 mod mock;
 mod observability;
+mod ops;
 mod reload;
 mod routing;
 mod streaming;
