@@ -91,16 +91,7 @@ pub fn handle(
     path: &str,
     headers: &HeaderMap,
 ) -> Result<http::Response<SluiceBody>, ProxyError> {
-    let Some(token) = &live.config.admin_token else {
-        return Err(ProxyError::NotFound(path.to_string()));
-    };
-    let presented = headers
-        .get(AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii()));
-    if !presented.is_some_and(|p| constant_time_eq(p, token.expose().as_bytes())) {
-        return Err(ProxyError::AdminUnauthorized);
-    }
+    check_admin(live, path, headers)?;
     match path {
         "/admin/reload" | "/admin/reload-keys" => {
             post_only(method)?;
@@ -116,6 +107,42 @@ pub fn handle(
         }
         _ => Err(ProxyError::NotFound(path.to_string())),
     }
+}
+
+/// Admits a caller holding the admin token; without a configured token the
+/// path does not exist (404), with a wrong one it is 401.
+pub fn check_admin(live: &Live, path: &str, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let Some(token) = &live.config.admin_token else {
+        return Err(ProxyError::NotFound(path.to_string()));
+    };
+    let presented = headers
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii()));
+    if presented.is_some_and(|p| constant_time_eq(p, token.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(ProxyError::AdminUnauthorized)
+    }
+}
+
+/// How long `POST /v1/models/{name}/test` waits for the model.
+pub const MODEL_TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `POST /v1/models/{name}/test` (admin token): a one-token chat through the real path.
+pub async fn test_model(
+    shared: &Shared,
+    live: &Live,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<http::Response<SluiceBody>, ProxyError> {
+    check_admin(live, path, headers)?;
+    post_only(method)?;
+    let model = path.strip_prefix("/v1/models/").and_then(|rest| rest.strip_suffix("/test")).unwrap_or_default();
+    let result = crate::probe::probe(shared, model, MODEL_TEST_TIMEOUT).await;
+    let body = serde_json::to_vec(&result).map_err(|e| ProxyError::Internal(e.to_string()))?;
+    Ok(json_response(StatusCode::OK, body.into()))
 }
 
 fn post_only(method: &Method) -> Result<(), ProxyError> {

@@ -18,6 +18,10 @@ use crate::proxy::body::MeteredBody;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body sent to a client. Every variant is `Unpin`, so no pin projection.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved into hyper once per response; boxing the metered body would cost an allocation per request"
+)]
 pub enum SluiceBody {
     /// A complete body made by sluice (errors, health, model lists).
     Full {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod ids;
 pub mod mock;
 pub mod notify;
+pub mod probe;
 pub mod proxy;
 pub mod routes;
 pub mod server;

@@ -42,6 +42,26 @@ enum Command {
     Check(ConfigArg),
     /// Print the model routing table.
     Models(ConfigArg),
+    /// Send a one-token chat to each model through the real upstream path; exit 1 if any fails.
+    Test {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Models to test (default: every configured model but `*`).
+        models: Vec<String>,
+        /// Seconds to wait for each model.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// One chat call without starting a server, streamed to the terminal as it arrives.
+    Chat {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Model to ask.
+        #[arg(short, long)]
+        model: String,
+        /// The message.
+        message: String,
+    },
     /// Run the bundled mock OpenAI upstream.
     Mock {
         /// Address to listen on.
@@ -66,6 +86,14 @@ fn main() -> ExitCode {
             Err(error) => config_failure(&error),
         },
         Command::Mock { listen } => run(mock(listen)),
+        Command::Test { config, models, timeout } => match Config::load(&config.config) {
+            Ok(config) => run(test(config, models, timeout)),
+            Err(error) => config_failure(&error),
+        },
+        Command::Chat { config, model, message } => match Config::load(&config.config) {
+            Ok(config) => run(chat(config, model, message)),
+            Err(error) => config_failure(&error),
+        },
         Command::Demo { listen } => run(demo(listen)),
     }
 }
@@ -157,6 +185,56 @@ async fn serve(config: Config) -> Result<(), String> {
         tracing::warn!(connections = left, "exiting with connections cut at the end of the grace period");
     }
     shared.telemetry.flush();
+    Ok(())
+}
+
+async fn test(config: Config, models: Vec<String>, timeout: u64) -> Result<(), String> {
+    telemetry::init("warn", config.log.format);
+    let models = if models.is_empty() {
+        config.models.iter().filter(|m| m.name != "*").map(|m| m.name.clone()).collect()
+    } else {
+        models
+    };
+    let shared = Shared::new(config)?;
+    let mut failed = 0;
+    for model in &models {
+        let result = sluice::probe::probe(&shared, model, std::time::Duration::from_secs(timeout)).await;
+        let verdict = if result.ok { "ok  " } else { "FAIL" };
+        println!(
+            "{verdict} {:<32} {:>4} {:>9.1} ms  {}",
+            result.model,
+            result.status,
+            result.latency_ms,
+            result.detail.as_deref().unwrap_or("")
+        );
+        failed += usize::from(!result.ok);
+    }
+    if failed == 0 { Ok(()) } else { Err(format!("{failed} of {} models failed", models.len())) }
+}
+
+async fn chat(config: Config, model: String, message: String) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    telemetry::init("warn", config.log.format);
+    let shared = Shared::new(config)?;
+    let body =
+        serde_json::json!({ "model": model, "stream": true, "messages": [{ "role": "user", "content": message }] });
+    let response = sluice::probe::send_chat(&shared, body).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
+    }
+    let (mut pending, mut out) = (String::new(), std::io::stdout());
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("the stream broke: {e}"))?;
+        if let Some(data) = frame.data_ref() {
+            let _ = write!(out, "{}", sluice::probe::sse_text(&mut pending, data));
+            let _ = out.flush();
+        }
+    }
+    println!();
     Ok(())
 }
 

@@ -175,7 +175,7 @@ async fn read_body(body: Incoming, parts: &Parts, max_body: u64) -> Result<Bytes
 }
 
 /// Routes a JSON body and rewrites it if the route asks for it.
-fn plan_json(live: &Live, path: &str, bytes: Bytes) -> Result<Plan, ProxyError> {
+pub(crate) fn plan_json(live: &Live, path: &str, bytes: Bytes) -> Result<Plan, ProxyError> {
     let model_endpoint = is_model_endpoint(path);
     if bytes.is_empty() && !model_endpoint {
         let upstream = live.fallback_upstream().ok_or(ProxyError::NoModel)?;

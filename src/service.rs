@@ -109,6 +109,9 @@ async fn handle_inner(
             Ok(json_response(StatusCode::OK, live.routes.models_json.clone()))
         }
         _ if path.starts_with("/admin/") => admin::handle(shared, &live, request.method(), path, request.headers()),
+        _ if path.starts_with("/v1/models/") && path.ends_with("/test") => {
+            admin::test_model(shared, &live, request.method(), path, request.headers()).await
+        }
         _ if path.starts_with("/v1/") => {
             authenticate(&live, &request, ctx)?;
             if proxy::is_model_endpoint(path) {

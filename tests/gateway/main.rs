@@ -7,6 +7,7 @@
 mod support;
 
 mod binary;
+mod cli;
 mod errors;
 mod failover;
 mod http2;
