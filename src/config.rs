@@ -96,6 +96,7 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
+    workers: Option<usize>,
     overhead_header: Option<bool>,
     listen: Option<String>,
     shutdown_grace: Option<HumanDuration>,
@@ -219,6 +220,8 @@ pub struct ServerConfig {
     pub max_body: u64,
     /// Add `x-sluice-overhead-us` to proxied answers.
     pub overhead_header: bool,
+    /// Runtime worker threads; 0 = one per core.
+    pub workers: usize,
 }
 
 /// `[client]`: the pooled upstream client.
@@ -375,6 +378,7 @@ impl Validator<'_> {
             return Err(self.invalid("server.max_body", "must be greater than zero"));
         }
         Ok(ServerConfig {
+            workers: raw.workers.unwrap_or(0),
             overhead_header: raw.overhead_header.unwrap_or(false),
             listen,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),

@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         Command::Check(arg) => check(&arg.config),
         Command::Models(arg) => models(&arg.config),
         Command::Serve(arg) => match Config::load(&arg.config) {
-            Ok(config) => run(serve(config)),
+            Ok(config) => run_on(config.server.workers, serve(config)),
             Err(error) => config_failure(&error),
         },
         Command::Mock { listen } => run(mock(listen)),
@@ -104,7 +104,16 @@ fn config_failure(error: &sluice::config::ConfigError) -> ExitCode {
 }
 
 fn run(task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    run_on(0, task)
+}
+
+/// Runs `task` on a runtime with `workers` threads (0: one per core).
+fn run_on(workers: usize, task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("sluice: cannot start the runtime: {error}");

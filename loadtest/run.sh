@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# sluice load tests: the bundled mock straight, nginx in front of it, and sluice in
+# front of it, one after another in the same run, on loopback only.
+#
+#   loadtest/run.sh
+#
+# Knobs (environment): DURATION=10 (s per scenario), CONNS=64, RATE=1000 (req/s for
+# the latency scenario), STREAM_CONNS=32, STREAM_CHUNKS=20, SLOW_STREAMS=2000,
+# SOAK_SECONDS=600 (0 skips the soak), SOAK_RATE=2000, TTFB_SAMPLES=200,
+# MOCK_PORT=19001 NGINX_PORT=19002 SLUICE_PORT=19003, SKIP_NGINX=1.
+# Every loop is bounded in time or count. Prints a table and writes it to
+# loadtest/results/<date>.md.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(dirname "$here")"
+cd "$repo"
+
+DURATION="${DURATION:-10}"
+CONNS="${CONNS:-64}"
+RATE="${RATE:-1000}"
+STREAM_CONNS="${STREAM_CONNS:-32}"
+STREAM_CHUNKS="${STREAM_CHUNKS:-20}"
+SLOW_STREAMS="${SLOW_STREAMS:-2000}"
+SOAK_SECONDS="${SOAK_SECONDS:-600}"
+SOAK_RATE="${SOAK_RATE:-2000}"
+TTFB_SAMPLES="${TTFB_SAMPLES:-200}"
+MOCK_PORT="${MOCK_PORT:-19001}"
+NGINX_PORT="${NGINX_PORT:-19002}"
+SLUICE_PORT="${SLUICE_PORT:-19003}"
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+echo "== building sluice (release)"
+cargo build --release --locked --bin sluice
+bin="$repo/target/release/sluice"
+if ! command -v oha >/dev/null 2>&1; then
+  echo "== installing oha (cargo install oha --locked; takes a few minutes)"
+  cargo install oha --locked
+fi
+command -v python3 >/dev/null 2>&1 || { echo "python3 is needed to read oha's JSON" >&2; exit 1; }
+have_nginx=""
+if [ -z "${SKIP_NGINX:-}" ] && command -v nginx >/dev/null 2>&1; then have_nginx=1; fi
+[ -n "$have_nginx" ] || echo "== nginx not found (apt-get install nginx-light): its rows are skipped"
+
+tmp="$(mktemp -d)"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+fill() { sed -e "s#__TMP__#$tmp#g" -e "s#__MOCK_PORT__#$MOCK_PORT#g" -e "s#__NGINX_PORT__#$NGINX_PORT#g" -e "s#__SLUICE_PORT__#$SLUICE_PORT#g" "$1"; }
+
+"$bin" mock --listen "127.0.0.1:$MOCK_PORT" >"$tmp/mock.log" 2>&1 &
+mock_pid=$!; pids+=("$mock_pid")
+fill "$here/sluice.toml" >"$tmp/sluice.toml"
+"$bin" serve -c "$tmp/sluice.toml" >"$tmp/sluice.log" 2>&1 &
+sluice_pid=$!; pids+=("$sluice_pid")
+nginx_pid=""
+if [ -n "$have_nginx" ]; then
+  mkdir -p "$tmp/body" "$tmp/proxy" "$tmp/fastcgi" "$tmp/uwsgi" "$tmp/scgi"
+  fill "$here/nginx.conf" >"$tmp/nginx.conf"
+  nginx -c "$tmp/nginx.conf" -p "$tmp" &
+  nginx_pid=$!; pids+=("$nginx_pid")
+fi
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0
+    sleep 0.1
+  done
+  echo "nothing answers on port $1" >&2; exit 1
+}
+wait_port "$MOCK_PORT"; wait_port "$SLUICE_PORT"; [ -z "$have_nginx" ] || wait_port "$NGINX_PORT"
+
+KEY="authorization: Bearer sk-load-client"
+CHAT='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+STREAM='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
+url() { case "$1" in direct) echo "http://127.0.0.1:$MOCK_PORT/v1/chat/completions";; nginx) echo "http://127.0.0.1:$NGINX_PORT/v1/chat/completions";; sluice) echo "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions";; esac; }
+proxy_pids() { case "$1" in direct) echo "$mock_pid";; nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')";; sluice) echo "$sluice_pid";; esac; }
+# utime + stime in clock ticks, summed over the given pids.
+cpu_ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+rss_kib() { local r=0; for p in $1; do r=$((r + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$r"; }
+HZ="$(getconf CLK_TCK)"
+
+# oha JSON -> "rps p50_ms p99_ms errors total"
+summarize() {
+  python3 - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+s = d["summary"]; p = d.get("latencyPercentiles", {})
+codes = d.get("statusCodeDistribution", {})
+ok = sum(v for k, v in codes.items() if k.startswith("2"))
+# Requests still open when a timed run ends are cut by oha itself: not errors.
+errors = {k: v for k, v in d.get("errorDistribution", {}).items() if "aborted due to deadline" not in k}
+total = sum(codes.values()) + sum(errors.values())
+ms = lambda v: (v or 0) * 1000
+print(f'{s["requestsPerSec"]:.0f} {ms(p.get("p50")):.3f} {ms(p.get("p99")):.3f} {total - ok} {total}')
+PY
+}
+
+rows=()
+# run_oha SCENARIO TARGET [oha args...]: one measured run; appends a table row.
+run_oha() {
+  local scenario="$1" target="$2"; shift 2
+  local pids_of; pids_of="$(proxy_pids "$target")"
+  local before after; before="$(cpu_ticks "$pids_of")"
+  oha --no-tui --output-format json "$@" "$(url "$target")" >"$tmp/oha.json"
+  after="$(cpu_ticks "$pids_of")"
+  read -r rps p50 p99 errors total < <(summarize "$tmp/oha.json")
+  local cpu_us="-"
+  [ "$total" -gt 0 ] && cpu_us="$(( (after - before) * 1000000 / HZ / total ))"
+  local rss; rss="$(( $(rss_kib "$pids_of") / 1024 ))"
+  rows+=("| $scenario | $target | $rps | $p50 | $p99 | $errors / $total | $cpu_us | $rss |")
+  echo "   $scenario $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, errors $errors/$total, ${cpu_us} µs CPU/req"
+}
+
+targets="direct"; [ -n "$have_nginx" ] && targets="$targets nginx"; targets="$targets sluice"
+idle_rss="$(( $(rss_kib "$sluice_pid") ))"
+
+echo "== 1. throughput: $CONNS connections, ${DURATION}s, non-streaming"
+for t in $targets; do run_oha "throughput c$CONNS" "$t" -z "${DURATION}s" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT"; done
+
+echo "== 2. latency at a fixed $RATE req/s (latency-corrected)"
+for t in $targets; do run_oha "fixed ${RATE}/s" "$t" -z "${DURATION}s" -q "$RATE" -c 16 --latency-correction -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT"; done
+
+echo "== 3. streaming: $STREAM_CONNS connections, $STREAM_CHUNKS chunks, no gap"
+for t in $targets; do run_oha "streams c$STREAM_CONNS" "$t" -z "${DURATION}s" -c "$STREAM_CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -H "x-mock-chunks: $STREAM_CHUNKS" -d "$STREAM"; done
+
+echo "== 3b. stream bytes: sluice must pass the upstream's bytes unchanged"
+strip_ids() { sed -E 's/chatcmpl-mock-[0-9]+/ID/g'; }
+curl -sN "$(url direct)" -H "$KEY" -H "x-mock-chunks: $STREAM_CHUNKS" -d "$STREAM" | strip_ids >"$tmp/direct.sse"
+curl -sN "$(url sluice)" -H "$KEY" -H "x-mock-chunks: $STREAM_CHUNKS" -d "$STREAM" | strip_ids >"$tmp/sluice.sse"
+if cmp -s "$tmp/direct.sse" "$tmp/sluice.sse"; then bytes_same="identical ($(wc -c <"$tmp/sluice.sse") bytes)"; else bytes_same="DIFFERENT"; fi
+echo "   $bytes_same"
+
+echo "== 3c. time to first byte of a stream, p50 over $TTFB_SAMPLES sequential requests"
+ttfb_p50() {
+  for _ in $(seq 1 "$TTFB_SAMPLES"); do
+    curl -sN -o /dev/null -w '%{time_starttransfer}\n' "$(url "$1")" -H "$KEY" -H "x-mock-chunks: $STREAM_CHUNKS" -d "$STREAM"
+  done | sort -n | awk '{v[NR]=$1} END {printf "%.3f", v[int((NR+1)/2)] * 1000}'
+}
+ttfb=()
+for t in $targets; do ttfb+=("| $t | $(ttfb_p50 "$t") |"); done
+
+echo "== 4. memory: idle RSS, then $SLOW_STREAMS concurrent slow streams (20 chunks x 250 ms)"
+peak=0
+oha --no-tui --output-format json -n "$SLOW_STREAMS" -c "$SLOW_STREAMS" -m POST -H "$KEY" -H 'content-type: application/json' -H 'x-mock-chunks: 20' -H 'x-mock-gap-ms: 250' -d "$STREAM" "$(url sluice)" >"$tmp/slow.json" &
+oha_pid=$!
+while kill -0 "$oha_pid" 2>/dev/null; do
+  r="$(rss_kib "$sluice_pid")"; [ "$r" -gt "$peak" ] && peak="$r"
+  sleep 0.2
+done
+wait "$oha_pid" || true
+read -r _ _ slow_p99 slow_errors slow_total < <(summarize "$tmp/slow.json")
+echo "   idle ${idle_rss} KiB, peak ${peak} KiB, errors $slow_errors / $slow_total, p99 $slow_p99 ms"
+
+echo "== 5. h2c from the client (oha --http2)"
+for t in direct sluice; do run_oha "h2c throughput c$CONNS" "$t" --http2 -z "${DURATION}s" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT"; done
+for t in direct sluice; do run_oha "h2c streams c$STREAM_CONNS" "$t" --http2 -z "${DURATION}s" -c "$STREAM_CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -H "x-mock-chunks: $STREAM_CHUNKS" -d "$STREAM"; done
+
+soak="skipped (SOAK_SECONDS=0)"
+if [ "$SOAK_SECONDS" -gt 0 ]; then
+  echo "== 6. soak: ${SOAK_SECONDS}s at $SOAK_RATE req/s, 80% plain, 20% streams"
+  plain_rate=$((SOAK_RATE * 8 / 10)); stream_rate=$((SOAK_RATE - plain_rate))
+  oha --no-tui --output-format json -z "${SOAK_SECONDS}s" -q "$plain_rate" -c 32 -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT" "$(url sluice)" >"$tmp/soak-plain.json" &
+  p1=$!
+  oha --no-tui --output-format json -z "${SOAK_SECONDS}s" -q "$stream_rate" -c 32 -m POST -H "$KEY" -H 'content-type: application/json' -H 'x-mock-chunks: 5' -d "$STREAM" "$(url sluice)" >"$tmp/soak-stream.json" &
+  p2=$!
+  sleep 60
+  rss_1m="$(rss_kib "$sluice_pid")"
+  wait "$p1" "$p2" || true
+  rss_end="$(rss_kib "$sluice_pid")"
+  read -r _ _ _ e1 t1 < <(summarize "$tmp/soak-plain.json")
+  read -r _ _ _ e2 t2 < <(summarize "$tmp/soak-stream.json")
+  drift="$(python3 -c "print(f'{($rss_end - $rss_1m) * 100 / $rss_1m:+.1f}%')")"
+  soak="$((t1 + t2)) requests, $((e1 + e2)) errors; RSS after 1 min ${rss_1m} KiB, at the end ${rss_end} KiB ($drift)"
+  echo "   $soak"
+fi
+
+dropped="$(curl -s "http://127.0.0.1:$SLUICE_PORT/metrics" -H "$KEY" | awk '/^sluice_request_log_dropped_total/ {print $2}')"
+machine="$(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
+out="$here/results/$(date +%F).md"
+mkdir -p "$here/results"
+{
+  echo "# sluice load test, $(date '+%F %H:%M %Z')"
+  echo
+  echo "Machine: $machine. Load generator, mock, and proxy share these cores."
+  echo "sluice $("$bin" --version | awk '{print $2}'): client-key auth, 3 rotating upstream keys, metrics and request log on."
+  echo
+  echo "| scenario | target | req/s | p50 ms | p99 ms | errors / total | proxy CPU µs/req | RSS MiB |"
+  echo "|---|---|---|---|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+  echo
+  echo "Stream time to first byte, p50 ms over $TTFB_SAMPLES sequential requests (curl):"
+  echo
+  echo "| target | TTFB p50 ms |"
+  echo "|---|---|"
+  printf '%s\n' "${ttfb[@]}"
+  echo
+  echo "- Stream bytes through sluice vs direct (ids masked): $bytes_same"
+  echo "- Memory: idle RSS $((idle_rss / 1024)) MiB; with $SLOW_STREAMS concurrent slow streams peak $((peak / 1024)) MiB (+$(((peak - idle_rss) / 1024)) MiB); errors $slow_errors / $slow_total"
+  echo "- Soak: $soak"
+  echo "- Request-log lines dropped: ${dropped:-?}"
+} >"$out"
+echo
+cat "$out"
+echo
+echo "written to $out"
