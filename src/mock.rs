@@ -40,6 +40,10 @@ use sse::SseStream;
 use stats::MockStats;
 pub use stats::StatsSnapshot;
 
+/// The mock takes many concurrent h2 streams on one connection, so a load test
+/// of thousands of slow streams over h2c measures the gateway, not this limit.
+pub const MOCK_H2_MAX_STREAMS: u32 = 10_000;
+
 /// The mock's shared state.
 pub struct MockState {
     stats: Arc<MockStats>,
@@ -109,6 +113,7 @@ impl MockServer {
             },
             || {},
             Duration::from_secs(1),
+            MOCK_H2_MAX_STREAMS,
         ));
         Self { addr, state, stop: Some(stop) }
     }

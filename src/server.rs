@@ -48,8 +48,11 @@ pub async fn serve(
     let gateway = Gateway::new(Arc::clone(&shared));
     let stats = Arc::new(ConnStats::default());
     let on_stop = move || shared.draining.store(true, Ordering::Relaxed);
-    serve_service(listener, gateway, stats, shutdown, on_stop, grace).await
+    serve_service(listener, gateway, stats, shutdown, on_stop, grace, DEFAULT_H2_MAX_STREAMS).await
 }
+
+/// Concurrent HTTP/2 streams a client connection may open (hyper's default).
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 200;
 
 /// The accept loop for any hyper service (the gateway and the mock share it).
 /// After `shutdown` resolves: stop accepting, call `on_stop`, ask every
@@ -61,6 +64,7 @@ pub async fn serve_service<S, B>(
     shutdown: impl Future<Output = ()>,
     on_stop: impl FnOnce(),
     grace: Duration,
+    h2_max_streams: u32,
 ) -> Drain
 where
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
@@ -75,7 +79,7 @@ where
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(h2_max_streams);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
 

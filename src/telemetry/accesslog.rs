@@ -94,7 +94,8 @@ impl AccessLog {
         });
         let writer = Writer { path, max_size: max_size.max(1), keep, out: BufWriter::new(file), written };
         let for_writer = Arc::clone(&shared);
-        let handle = std::thread::Builder::new().name("sluice-request-log".into()).spawn(move || writer.run(&for_writer))?;
+        let handle =
+            std::thread::Builder::new().name("sluice-request-log".into()).spawn(move || writer.run(&for_writer))?;
         Ok(Self { shared, writer: handle.thread().clone() })
     }
 
