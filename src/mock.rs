@@ -34,14 +34,15 @@ use tokio::net::TcpListener;
 
 use crate::body::BoxError;
 use crate::error::error_json;
-use crate::server::{ConnStats, serve_service};
+use crate::server::{ConnStats, H2Limits, serve_service};
 pub use faults::{Faults, KeyFault, RateFault};
 use sse::SseStream;
 use stats::MockStats;
 pub use stats::StatsSnapshot;
 
-/// The mock takes many concurrent h2 streams on one connection, so a load test
-/// of thousands of slow streams over h2c measures the gateway, not this limit.
+/// The mock takes many concurrent h2 streams on one connection, and as many
+/// resets, so a load test of thousands of streams over h2c (whose clients all
+/// leave at the deadline) measures the gateway, not these limits.
 pub const MOCK_H2_MAX_STREAMS: u32 = 10_000;
 
 /// The mock's shared state.
@@ -113,7 +114,7 @@ impl MockServer {
             },
             || {},
             Duration::from_secs(1),
-            MOCK_H2_MAX_STREAMS,
+            H2Limits { max_streams: MOCK_H2_MAX_STREAMS, max_pending_resets: MOCK_H2_MAX_STREAMS as usize },
         ));
         Self { addr, state, stop: Some(stop) }
     }

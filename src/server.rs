@@ -48,11 +48,25 @@ pub async fn serve(
     let gateway = Gateway::new(Arc::clone(&shared));
     let stats = Arc::new(ConnStats::default());
     let on_stop = move || shared.draining.store(true, Ordering::Relaxed);
-    serve_service(listener, gateway, stats, shutdown, on_stop, grace, DEFAULT_H2_MAX_STREAMS).await
+    serve_service(listener, gateway, stats, shutdown, on_stop, grace, H2Limits::default()).await
 }
 
-/// Concurrent HTTP/2 streams a client connection may open (hyper's default).
-pub const DEFAULT_H2_MAX_STREAMS: u32 = 200;
+/// HTTP/2 limits per client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct H2Limits {
+    /// Concurrent streams a connection may open.
+    pub max_streams: u32,
+    /// Streams reset before being accepted, past which the connection is closed
+    /// (h2's defence against rapid-reset floods).
+    pub max_pending_resets: usize,
+}
+
+impl Default for H2Limits {
+    /// hyper's and h2's defaults: 200 streams, 20 pending resets.
+    fn default() -> Self {
+        Self { max_streams: 200, max_pending_resets: 20 }
+    }
+}
 
 /// The accept loop for any hyper service (the gateway and the mock share it).
 /// After `shutdown` resolves: stop accepting, call `on_stop`, ask every
@@ -64,7 +78,7 @@ pub async fn serve_service<S, B>(
     shutdown: impl Future<Output = ()>,
     on_stop: impl FnOnce(),
     grace: Duration,
-    h2_max_streams: u32,
+    h2: H2Limits,
 ) -> Drain
 where
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
@@ -79,7 +93,11 @@ where
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(h2_max_streams);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(h2.max_streams)
+        .max_pending_accept_reset_streams(h2.max_pending_resets);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
 
