@@ -1,6 +1,9 @@
 //! Micro-benchmarks of the request path, and one in-process end-to-end request.
 //! Run: `cargo bench`; CI compiles them with `cargo bench --no-run`.
 
+// Bench setup that cannot start is a failed bench: `expect` says why.
+#![allow(clippy::expect_used)]
+
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::Path;
