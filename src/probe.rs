@@ -39,7 +39,6 @@ pub async fn send_chat(shared: &Shared, body: serde_json::Value) -> Result<Respo
     let live = shared.live.load_full();
     let request = Request::post(CHAT_PATH).body(()).map_err(|e| ProxyError::Internal(e.to_string()))?;
     let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request);
-    shared.telemetry.metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let bytes = Bytes::from(body.to_string());
     ctx.bytes_in = bytes.len() as u64;
     let result = match proxy::plan_json(&live, CHAT_PATH, bytes) {

@@ -80,12 +80,33 @@ pub struct RequestContext {
     pub stream: bool,
     /// Add `x-sluice-overhead-us` to proxied answers.
     pub overhead_header: bool,
+    /// Counts the request in flight until the last copy of the context (the
+    /// handler's, or the metered body's) is gone, even if hyper drops the
+    /// handler mid-way because the client left.
+    pub in_flight: Arc<InFlight>,
+}
+
+/// One request in the in-flight gauge; dropping it takes the request out.
+pub struct InFlight(Arc<Telemetry>);
+
+impl InFlight {
+    fn new(telemetry: Arc<Telemetry>) -> Arc<Self> {
+        telemetry.metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Arc::new(Self(telemetry))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl RequestContext {
     /// The context of a request that just arrived.
     pub fn new<B>(telemetry: Arc<Telemetry>, request: &Request<B>) -> Self {
         Self {
+            in_flight: InFlight::new(Arc::clone(&telemetry)),
             request_id: headers::request_id(request.headers()),
             started: Instant::now(),
             arrived: SystemTime::now(),

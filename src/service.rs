@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -49,7 +48,6 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
 /// ends (by the metered body); everything else is recorded here.
 pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<SluiceBody> {
     let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request);
-    shared.telemetry.metrics.in_flight.fetch_add(1, Relaxed);
     let (mut response, error) = match handle_inner(shared, request, &mut ctx).await {
         Ok(response) => (response, None),
         Err(error) => {

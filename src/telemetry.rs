@@ -64,8 +64,9 @@ impl Telemetry {
         Self { metrics: Metrics::default(), log }
     }
 
-    /// Records one finished request: counters, histograms, tokens, in-flight,
-    /// and a request-log line (dropped and counted if the writer is behind).
+    /// Records one finished request: counters, histograms, tokens, and a
+    /// request-log line (dropped and counted if the writer is behind). The
+    /// in-flight gauge is the context's [`InFlight`](crate::proxy::InFlight) token.
     pub fn finish(&self, ctx: &RequestContext, end: End<'_>) {
         let metrics = &self.metrics;
         let model = ctx.model.as_deref().unwrap_or(&metrics.unrouted);
@@ -75,7 +76,6 @@ impl Telemetry {
         }
         let duration = ctx.started.elapsed();
         metrics.duration.observe(duration);
-        metrics.in_flight.fetch_sub(1, Relaxed);
         let Some(log) = &self.log else { return };
         let record = Record {
             ts: accesslog::rfc3339(ctx.arrived),

@@ -205,3 +205,26 @@ async fn overhead_header_is_opt_in() {
     let plain = Harness::start().await;
     assert!(!plain.chat(r#"{"model":"plain"}"#).await.headers.contains_key("x-sluice-overhead-us"));
 }
+
+#[tokio::test]
+async fn a_client_leaving_before_the_answer_leaves_no_request_in_flight() {
+    let h = Harness::start().await;
+    let request = h
+        .post("/v1/chat/completions")
+        .header("x-mock-latency-ms", "3000")
+        .body(Full::new(Bytes::from_static(br#"{"model":"plain"}"#)))
+        .unwrap();
+    // Give up on the request while sluice waits for the upstream's headers.
+    let pending = tokio::time::timeout(Duration::from_millis(300), h.h1.request(request)).await;
+    assert!(pending.is_err());
+    // Well before the harness's 2 s header timeout would end the request anyway.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    loop {
+        // The scrape itself is the one request in flight.
+        if sample(&scrape(&h).await, "sluice_in_flight", &[]) == 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the abandoned request is still counted in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
