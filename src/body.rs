@@ -1,5 +1,6 @@
-//! The two body types that cross sluice: what it answers clients with
-//! ([`SluiceBody`]) and what it sends upstream ([`ForwardBody`]).
+//! The body types that cross sluice: what it answers clients with
+//! ([`SluiceBody`]), what it sends upstream ([`ForwardBody`]) and what an
+//! upstream answers with ([`UpstreamBody`]).
 //!
 //! Both are small enums instead of boxed trait objects: no allocation per
 //! request, and each variant says where its bytes come from.
@@ -13,6 +14,7 @@ use http_body_util::Limited;
 use hyper::body::Incoming;
 
 use crate::proxy::body::MeteredBody;
+use crate::proxy::h1::H1Body;
 
 /// Error type of sluice's bodies: hyper wants something convertible into a boxed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -117,6 +119,48 @@ impl Body for ForwardBody {
         match self {
             Self::Full { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Stream { inner } => inner.size_hint(),
+        }
+    }
+}
+
+/// An upstream's response body, from whichever client carried the request.
+/// Every variant is `Unpin`.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// From hyper-util's pooled client (TLS, HTTP/2, streamed uploads).
+    Hyper {
+        /// hyper's body.
+        inner: Incoming,
+    },
+    /// From sluice's own HTTP/1.1 client, read on the request's task.
+    H1 {
+        /// The connection's body reader.
+        inner: H1Body,
+    },
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Hyper { inner } => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Self::H1 { inner } => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper { inner } => inner.is_end_stream(),
+            Self::H1 { inner } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper { inner } => inner.size_hint(),
+            Self::H1 { inner } => inner.size_hint(),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod breaker;
+pub mod h1;
 pub mod headers;
 pub mod keyring;
 pub mod retry;

@@ -213,6 +213,11 @@ pub fn render_stats(shared: &Shared, live: &Live) -> serde_json::Value {
                 "attempts": sum(|c| c.requests.load(Relaxed)),
                 "successes": sum(|c| c.successes.load(Relaxed)),
                 "breaker": u.breaker.state().label(),
+                // sluice's own HTTP/1.1 pool (null for TLS and h2c upstreams).
+                "connections": u.h1.as_ref().map(|pool| serde_json::json!({
+                    "opened": pool.opened(),
+                    "idle": pool.idle(),
+                })),
                 "keys": keys,
             })
         })

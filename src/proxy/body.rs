@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use crate::body::BoxError;
+use crate::body::{BoxError, UpstreamBody};
 use crate::error::error_json;
 use crate::proxy::RequestContext;
 use crate::proxy::keyring::KeyLease;
@@ -121,7 +120,7 @@ pin_project_lite::pin_project! {
     /// The upstream body, metered, passed through frame by frame.
     pub struct MeteredBody {
         #[pin]
-        inner: Incoming,
+        inner: UpstreamBody,
         sse: bool,
         // The last two bytes sent, to know whether an SSE event was cut mid-way.
         tail: [u8; 2],
@@ -135,7 +134,7 @@ pin_project_lite::pin_project! {
 
 impl MeteredBody {
     /// Wraps an upstream body. `sse` marks a `text/event-stream` response.
-    pub fn new(inner: Incoming, sse: bool, timing: Timing, meter: Meter) -> Self {
+    pub fn new(inner: UpstreamBody, sse: bool, timing: Timing, meter: Meter) -> Self {
         let deadline = match timing {
             Timing::Idle(idle) => Instant::now() + idle,
             Timing::Deadline(at) => at,
@@ -213,7 +212,7 @@ impl Body for MeteredBody {
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
-            Poll::Ready(Some(Err(error))) => (error.to_string(), error.into()),
+            Poll::Ready(Some(Err(error))) => (error.to_string(), error),
             Poll::Ready(None) => {
                 this.meter.outcome = Outcome::Complete;
                 *this.state = State::Done;

@@ -10,18 +10,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, Uri, Version};
 
-use crate::body::{ForwardBody, SluiceBody};
+use crate::body::{ForwardBody, SluiceBody, UpstreamBody};
 use crate::clock::{self, now_ms};
 use crate::error::ProxyError;
 use crate::proxy::body::{Meter, MeteredBody, Timing};
 use crate::proxy::breaker::Admission;
 use crate::proxy::keyring::{Failure, KeyLease};
 use crate::proxy::upstream::{Auth, Upstream};
-use crate::proxy::{RequestContext, client_error, headers, retry_after};
+use crate::proxy::{RequestContext, headers, retry_after};
 use crate::telemetry::metrics::ModelMetrics;
 
 /// Where a request goes and what is sent.
@@ -41,7 +40,7 @@ pub struct Plan {
 /// The last failed attempt, kept to answer with when the budget runs out.
 enum Last {
     /// The upstream's own answer (429, 401/402/403, 5xx) with the key it came on.
-    Answer(Response<Incoming>, KeyLease, Failure),
+    Answer(Response<UpstreamBody>, KeyLease, Failure),
     /// No answer: connect error, reset, timeout.
     Error(ProxyError),
 }
@@ -127,16 +126,10 @@ pub async fn send(
             (None, Some(stream)) => stream,
             (None, None) => break,
         };
-        let mut request = Request::new(body);
-        *request.method_mut() = method.clone();
-        *request.uri_mut() = target.clone();
-        *request.headers_mut() = headers.clone();
-        request.headers_mut().insert(AUTHORIZATION, auth);
-
         let wait = header_wait(&upstream, plan.stream, ctx.started);
         let key = lease.key();
         let sent = Instant::now();
-        let result = tokio::time::timeout(wait, upstream.client.request(request)).await;
+        let result = tokio::time::timeout(wait, upstream.send(&method, &target, &headers, auth, body)).await;
         let waited = sent.elapsed();
         ctx.upstream_wait += waited;
         let response = match result {
@@ -150,7 +143,7 @@ pub async fn send(
             }
             Ok(Err(error)) => {
                 key.fail(Failure::Connect);
-                last = Some(Last::Error(client_error(&upstream, &error)));
+                last = Some(Last::Error(error));
                 continue;
             }
             Ok(Ok(response)) => response,
@@ -262,7 +255,7 @@ pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
 /// Wraps an upstream answer for the client: hop-by-hop headers stripped, the
 /// request id added, the body metered and passed through frame by frame.
 fn respond(
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     lease: KeyLease,
     upstream: &Upstream,
     stream: bool,

@@ -7,18 +7,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::ForwardBody;
+use crate::body::{ForwardBody, UpstreamBody};
 use crate::config::keys::Secret;
 use crate::config::{ClientConfig, Http2Mode, RetryPolicy, Strategy, Timeouts, UpstreamAuth, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::proxy::breaker::Breaker;
+use crate::proxy::client_error;
+use crate::proxy::h1;
 use crate::proxy::headers::query_without_api_key;
 use crate::proxy::keyring::{KeyRing, UpstreamKey};
 use crate::proxy::token::TokenSource;
@@ -26,17 +30,33 @@ use crate::proxy::token::TokenSource;
 /// The pooled client type used for every upstream.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
 
-/// Pooled clients by (HTTP/2 mode, connect timeout). The lock is taken only
+/// Pooled clients by (HTTP/2 mode, connect timeout), and sluice's own
+/// HTTP/1.1 pools by (host:port, connect timeout). The locks are taken only
 /// while a snapshot is built, never per request.
 pub struct ClientRegistry {
     config: ClientConfig,
     clients: Mutex<HashMap<(Http2Mode, Duration), HttpClient>>,
+    h1_pools: Mutex<HashMap<(Authority, Duration), Arc<h1::Pool>>>,
 }
 
 impl ClientRegistry {
     /// An empty registry; clients are built on first use.
     pub fn new(config: ClientConfig) -> Self {
-        Self { config, clients: Mutex::new(HashMap::new()) }
+        Self { config, clients: Mutex::new(HashMap::new()), h1_pools: Mutex::new(HashMap::new()) }
+    }
+
+    /// The shared HTTP/1.1 pool for this `host:port`.
+    pub fn h1_pool(&self, authority: &Authority, connect_timeout: Duration) -> Result<Arc<h1::Pool>, String> {
+        let mut pools = self.h1_pools.lock().map_err(|_| "client registry poisoned".to_string())?;
+        let pool = pools.entry((authority.clone(), connect_timeout)).or_insert_with(|| {
+            Arc::new(h1::Pool::new(
+                authority.clone(),
+                connect_timeout,
+                self.config.pool_idle_timeout,
+                self.config.pool_max_idle_per_host,
+            ))
+        });
+        Ok(Arc::clone(pool))
     }
 
     /// The shared client for these settings.
@@ -111,8 +131,10 @@ pub struct Upstream {
     /// Login token, if any.
     pub auth: Auth,
     extra_headers: Vec<ExtraHeader>,
-    /// The pooled client for this upstream's settings.
+    /// The pooled client for this upstream's settings (TLS, HTTP/2, uploads, logins).
     pub client: HttpClient,
+    /// sluice's own HTTP/1.1 client, for cleartext upstreams not in h2c mode.
+    pub h1: Option<Arc<h1::Pool>>,
     /// Key choice.
     pub strategy: Strategy,
     /// Retry budget.
@@ -183,8 +205,12 @@ impl Upstream {
                 template: template.clone(),
             })
             .collect();
+        let h1 = (scheme == Scheme::HTTP && config.http2 != Http2Mode::PriorKnowledge)
+            .then(|| clients.h1_pool(&authority, config.timeouts.connect))
+            .transpose()?;
         Ok(Self {
             client: clients.get(config.http2, config.timeouts.connect)?,
+            h1,
             name,
             scheme,
             authority,
@@ -224,6 +250,43 @@ impl Upstream {
             .path_and_query(path_and_query)
             .build()
             .map_err(|e| ProxyError::Internal(format!("bad upstream URI: {e}")))
+    }
+
+    /// Sends one attempt: a body sluice holds whole goes over its own HTTP/1.1
+    /// client when the upstream has one; anything else over hyper-util's.
+    pub async fn send(
+        &self,
+        method: &Method,
+        target: &Uri,
+        headers: &HeaderMap,
+        auth: HeaderValue,
+        body: ForwardBody,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        if let (Some(pool), ForwardBody::Full { bytes }) = (&self.h1, &body) {
+            let path = target.path_and_query().map_or("/", PathAndQuery::as_str);
+            let empty = Bytes::new();
+            return match pool.send(method, path, headers, &auth, bytes.as_ref().unwrap_or(&empty)).await {
+                Ok(response) => Ok(response.map(|inner| UpstreamBody::H1 { inner })),
+                Err(error) => {
+                    let upstream = self.name.to_string();
+                    let reason = error.to_string();
+                    Err(if error.is_connect() {
+                        ProxyError::UpstreamConnect { upstream, reason }
+                    } else {
+                        ProxyError::UpstreamProtocol { upstream, reason }
+                    })
+                }
+            };
+        }
+        let mut request = Request::new(body);
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = target.clone();
+        *request.headers_mut() = headers.clone();
+        request.headers_mut().insert(AUTHORIZATION, auth);
+        match self.client.request(request).await {
+            Ok(response) => Ok(response.map(|inner| UpstreamBody::Hyper { inner })),
+            Err(error) => Err(client_error(self, &error)),
+        }
     }
 
     /// Adds the configured extra headers, filling `{uuid}` afresh.

@@ -153,6 +153,23 @@ async fn stats_report_totals_and_keys() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let h = Harness::start().await;
+    for body in [r#"{"model":"plain"}"#, r#"{"model":"plain","stream":true}"#, r#"{"model":"plain"}"#] {
+        for _ in 0..3 {
+            assert_eq!(h.chat(body).await.status, StatusCode::OK);
+        }
+    }
+    let stats = h
+        .send(Request::get(h.url("/stats")).header("x-api-key", CLIENT_KEY).body(Full::new(Bytes::new())).unwrap())
+        .await
+        .json();
+    // Nine sequential requests, plain and streamed, over one upstream connection.
+    assert_eq!(stats["upstreams"][0]["connections"], serde_json::json!({"opened": 1, "idle": 1}));
+    assert_eq!(h.stats().requests, 9);
+}
+
+#[tokio::test]
 async fn request_log_has_one_line_per_request_and_no_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("requests.jsonl");
