@@ -1,6 +1,7 @@
 //! [`MeteredBody`]: the upstream response body passed to the client frame by
-//! frame, counting bytes and noting how it ended. It never buffers, re-chunks or
-//! re-parses: each upstream frame is handed on as it arrives.
+//! frame, counting bytes and noting how it ended. It never buffers or re-parses:
+//! each upstream frame is handed on as it arrives (sluice's HTTP/1.1 client
+//! makes one frame of the chunks that arrived in one read; nothing waits).
 //!
 //! If the upstream breaks mid-stream, an SSE response gets one final error event
 //! and then an error, so hyper ends the client's response abnormally (no chunked
@@ -126,8 +127,14 @@ pin_project_lite::pin_project! {
         tail: [u8; 2],
         state: State,
         timing: Timing,
-        // One timer per response, reset per frame for `Timing::Idle`.
+        // One timer per response. For `Timing::Idle` it is re-armed lazily: the
+        // silence is timed from the first `Pending` after data, and the timer is
+        // only moved when it fires early (resetting it per frame cost a clock read
+        // and a timer-wheel update for every SSE event).
         timer: Pin<Box<Sleep>>,
+        // When the upstream last went quiet, and whether data came since.
+        quiet_since: Instant,
+        fresh: bool,
         meter: Meter,
     }
 }
@@ -135,8 +142,9 @@ pin_project_lite::pin_project! {
 impl MeteredBody {
     /// Wraps an upstream body. `sse` marks a `text/event-stream` response.
     pub fn new(inner: UpstreamBody, sse: bool, timing: Timing, meter: Meter) -> Self {
+        let now = Instant::now();
         let deadline = match timing {
-            Timing::Idle(idle) => Instant::now() + idle,
+            Timing::Idle(idle) => now + idle,
             Timing::Deadline(at) => at,
         };
         Self {
@@ -146,6 +154,8 @@ impl MeteredBody {
             state: State::Streaming,
             timing,
             timer: Box::pin(tokio::time::sleep_until(deadline.into())),
+            quiet_since: now,
+            fresh: false,
             meter,
         }
     }
@@ -183,7 +193,21 @@ impl Body for MeteredBody {
         }
         let (reason, error): (String, BoxError) = match this.inner.as_mut().poll_frame(cx) {
             Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
+                if let Timing::Idle(idle) = *this.timing {
+                    if std::mem::take(this.fresh) {
+                        *this.quiet_since = Instant::now();
+                    }
+                    loop {
+                        ready!(this.timer.as_mut().poll(cx));
+                        let deadline = *this.quiet_since + idle;
+                        if deadline <= Instant::now() {
+                            break;
+                        }
+                        this.timer.as_mut().reset(deadline.into());
+                    }
+                } else {
+                    ready!(this.timer.as_mut().poll(cx));
+                }
                 let reason = match this.timing {
                     Timing::Idle(idle) => {
                         format!("no data from the upstream for {} ms (idle_timeout)", idle.as_millis())
@@ -201,9 +225,7 @@ impl Body for MeteredBody {
                         n => *this.tail = [data[n - 2], data[n - 1]],
                     }
                 }
-                if let Timing::Idle(idle) = this.timing {
-                    this.timer.as_mut().reset((Instant::now() + *idle).into());
-                }
+                *this.fresh = true;
                 // hyper may stop polling once the body says it has ended, so note the
                 // clean end here rather than waiting for a `None` that may never be asked for.
                 if this.inner.is_end_stream() {

@@ -236,6 +236,24 @@ async fn stalled_stream_ends_with_error_event_after_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_stream_that_keeps_talking_outlives_its_idle_timeout() {
+    // Twelve events 50 ms apart: 600 ms in all, never 400 ms of silence.
+    let h = Harness::start_with(Opts { upstream_extra: "idle_timeout = \"400ms\"", ..Opts::default() }).await;
+    let request = h
+        .post("/v1/chat/completions")
+        .header("x-mock-chunks", "12")
+        .header("x-mock-gap-ms", "50")
+        .body(Full::new(Bytes::from_static(br#"{"model":"plain","stream":true}"#)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let reply = crate::support::send(&h.h1, request).await;
+    assert!(started.elapsed() > Duration::from_millis(400), "the stream must run past one idle_timeout");
+    let text = String::from_utf8_lossy(&reply.body);
+    assert_eq!(text.matches("tok").count(), 12, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n") && !text.contains("upstream_stream_error"), "{text}");
+}
+
+#[tokio::test]
 async fn a_stream_that_sent_bytes_is_never_retried() {
     let h = Harness::start().await;
     let request = h

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -147,6 +148,27 @@ async fn chunked_stream_passes_through_and_the_connection_is_reused() {
     assert_eq!(&body[..], b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n");
     assert_eq!(send(&pool, b"{}").await.unwrap().1, Bytes::from_static(b"hello"));
     assert_eq!(pool.opened(), 1);
+}
+
+#[tokio::test]
+async fn chunks_read_together_leave_as_one_frame_and_bad_grammar_follows_the_good_data() {
+    let upstream = Scripted::start(vec![
+        Act::Answer(SSE_CHUNKED),
+        Act::Answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nZZ\r\n"),
+    ])
+    .await;
+    let pool = upstream.pool();
+    let none = HeaderMap::new();
+    let auth = HeaderValue::from_static("k");
+    // One write upstream, one read here: the three events come out as one frame.
+    let mut body = pool.send(&Method::POST, "/", &none, &auth, &Bytes::new()).await.unwrap().into_body();
+    let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&frame[..], b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n");
+    assert!(body.is_end_stream() && body.frame().await.is_none());
+
+    let mut body = pool.send(&Method::POST, "/", &none, &auth, &Bytes::new()).await.unwrap().into_body();
+    assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), Bytes::from_static(b"abc"));
+    assert!(matches!(body.frame().await, Some(Err(H1Error::Protocol(_)))));
 }
 
 #[tokio::test]
