@@ -38,6 +38,7 @@ pub struct Plan {
 }
 
 /// The last failed attempt, kept to answer with when the budget runs out.
+#[expect(clippy::large_enum_variant, reason = "one on the stack per request, never in a collection")]
 enum Last {
     /// The upstream's own answer (429, 401/402/403, 5xx) with the key it came on.
     Answer(Response<UpstreamBody>, KeyLease, Failure),
