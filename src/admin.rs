@@ -44,7 +44,7 @@ pub fn health(shared: &Shared, live: &Live) -> http::Response<SluiceBody> {
                     let counters = &key.counters;
                     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
                     serde_json::json!({
-                        "key": key.fingerprint,
+                        "key": &*key.fingerprint,
                         "state": state,
                         "cooling_for_ms": cooling_for_ms,
                         "requests": load(&counters.requests),

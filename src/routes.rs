@@ -82,7 +82,7 @@ impl Routes {
             }
             let metrics = previous
                 .and_then(|p| {
-                    p.routes.iter().find(|r| r.metrics.model == model.name && r.metrics.upstream == model.upstream)
+                    p.routes.iter().find(|r| *r.metrics.model == *model.name && r.metrics.upstream == model.upstream)
                 })
                 .map_or_else(|| Arc::new(ModelMetrics::new(&model.name, &model.upstream)), |r| Arc::clone(&r.metrics));
             routes.push(Route {

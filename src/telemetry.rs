@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod usage;
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use tracing_subscriber::EnvFilter;
@@ -44,7 +45,7 @@ pub struct End<'a> {
     /// Response body bytes sent.
     pub bytes_out: u64,
     /// Fingerprint of the key that answered.
-    pub key: Option<&'a str>,
+    pub key: Option<&'a Arc<str>>,
     /// `(prompt, completion)` tokens from the upstream's usage.
     pub tokens: Option<(u64, u64)>,
     /// Error kind, when the request failed.
@@ -77,15 +78,16 @@ impl Telemetry {
         let duration = ctx.started.elapsed();
         metrics.duration.observe(duration);
         let Some(log) = &self.log else { return };
+        // Shared handles only: the writer thread formats the line.
         let record = Record {
-            ts: accesslog::rfc3339(ctx.arrived),
-            request_id: String::from_utf8_lossy(ctx.request_id.as_bytes()).into_owned(),
+            arrived: ctx.arrived,
+            request_id: ctx.request_id.clone(),
             client: ctx.client,
-            method: ctx.method.to_string(),
-            path: ctx.uri.path().to_string(),
-            model: ctx.model.as_ref().map(|m| m.model.clone()),
-            upstream: ctx.upstream.as_deref().map(str::to_string),
-            key: end.key.map(str::to_string),
+            method: ctx.method.clone(),
+            uri: ctx.uri.clone(),
+            model: ctx.model.as_ref().map(|m| Arc::clone(&m.model)),
+            upstream: ctx.upstream.clone(),
+            key: end.key.cloned(),
             status: end.status,
             attempts: ctx.attempts,
             duration_ms: duration.as_secs_f64() * 1e3,
@@ -128,8 +130,7 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
                 ("connect_error", &c.connect_errors),
                 ("timeout", &c.timeouts),
             ] {
-                let labels =
-                    [("upstream", upstream.name.as_ref()), ("key", key.fingerprint.as_str()), ("outcome", outcome)];
+                let labels = [("upstream", upstream.name.as_ref()), ("key", &*key.fingerprint), ("outcome", outcome)];
                 line(&mut out, metrics::UPSTREAM_ATTEMPTS, &labels, counter.load(Relaxed));
             }
         }
@@ -143,8 +144,7 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
                 KeyState::Disabled => "disabled",
             };
             for state in ["healthy", "cooling", "disabled"] {
-                let labels =
-                    [("upstream", upstream.name.as_ref()), ("key", key.fingerprint.as_str()), ("state", state)];
+                let labels = [("upstream", upstream.name.as_ref()), ("key", &*key.fingerprint), ("state", state)];
                 line(&mut out, metrics::KEY_STATE, &labels, u8::from(state == current));
             }
         }
@@ -193,7 +193,7 @@ pub fn render_stats(shared: &Shared, live: &Live) -> serde_json::Value {
                 .map(|k| {
                     let c = &k.counters;
                     serde_json::json!({
-                        "key": k.fingerprint,
+                        "key": &*k.fingerprint,
                         "requests": c.requests.load(Relaxed),
                         "successes": c.successes.load(Relaxed),
                         "rate_limited": c.rate_limited.load(Relaxed),

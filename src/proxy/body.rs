@@ -88,8 +88,8 @@ impl Drop for Meter {
             Outcome::Complete => None,
             Outcome::UpstreamError => Some("upstream_stream_error"),
         };
-        let key = self.lease.key().fingerprint.as_str();
-        tracing::debug!(request_id = ?self.ctx.request_id, key, status = self.status, bytes = self.bytes, outcome = error.unwrap_or("complete"), "response finished");
+        let key = &self.lease.key().fingerprint;
+        tracing::debug!(request_id = ?self.ctx.request_id, key = %key, status = self.status, bytes = self.bytes, outcome = error.unwrap_or("complete"), "response finished");
         let end = End { status: self.status, bytes_out: self.bytes, key: Some(key), tokens: self.usage(), error };
         telemetry.finish(&self.ctx, end);
     }

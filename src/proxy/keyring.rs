@@ -91,8 +91,8 @@ pub struct UpstreamKey {
     secret: Secret<String>,
     /// `Bearer <key>`, marked sensitive so HPACK never indexes it.
     auth_header: HeaderValue,
-    /// Safe name for logs and `/health`.
-    pub fingerprint: String,
+    /// Safe name for logs and `/health`; shared with request-log lines.
+    pub fingerprint: Arc<str>,
     /// Counters.
     pub counters: KeyCounters,
     disabled: AtomicBool,
@@ -107,7 +107,7 @@ impl UpstreamKey {
         let mut auth_header = HeaderValue::from_str(&format!("Bearer {}", secret.expose())).ok()?;
         auth_header.set_sensitive(true);
         Some(Self {
-            fingerprint: fingerprint(secret.expose()),
+            fingerprint: Arc::from(fingerprint(secret.expose())),
             secret,
             auth_header,
             counters: KeyCounters::default(),

@@ -5,6 +5,7 @@
 //! [`DRAIN_INTERVAL`]. When the queue is full, lines are dropped and counted.
 //! Files rotate by size: `requests.jsonl` -> `requests.jsonl.1` -> ... `.keep`.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -14,33 +15,38 @@ use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::ArrayQueue;
+use http::{HeaderValue, Method, Uri};
 
 use serde::Serialize;
 
-/// Lines buffered between the request path and the writer.
-pub const QUEUE_CAPACITY: usize = 16_384;
+/// Lines buffered between the request path and the writer: 4096 covers 200k
+/// requests/s at the drain interval. Every slot is allocated and touched up
+/// front (16384 slots of the former owned-string records cost 5 MiB of idle RSS).
+pub const QUEUE_CAPACITY: usize = 4096;
 /// How often the writer drains the queue (a line reaches the file within about this).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
-/// One finished request. Owned, so the writer thread can serialize it later.
-#[derive(Debug, Serialize)]
+/// One finished request, made of shared handles (reference counts, no string
+/// copies) so the request path only moves it into the queue; the writer
+/// thread turns it into a JSON line.
+#[derive(Debug)]
 pub struct Record {
-    /// RFC 3339 UTC time the request arrived.
-    pub ts: String,
+    /// When the request arrived.
+    pub arrived: SystemTime,
     /// `x-request-id`.
-    pub request_id: String,
+    pub request_id: HeaderValue,
     /// Index of the client key in the config, if one was presented.
     pub client: Option<usize>,
     /// HTTP method.
-    pub method: String,
-    /// Path only: a query may carry `api_key`.
-    pub path: String,
+    pub method: Method,
+    /// The request URI; only its path is written (a query may carry `api_key`).
+    pub uri: Uri,
     /// Model as routed.
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// Upstream name.
-    pub upstream: Option<String>,
+    pub upstream: Option<Arc<str>>,
     /// Fingerprint of the upstream key of the answer.
-    pub key: Option<String>,
+    pub key: Option<Arc<str>>,
     /// Status sent to the client.
     pub status: u16,
     /// Upstream attempts made.
@@ -61,6 +67,54 @@ pub struct Record {
     pub stream: bool,
     /// Error kind when sluice answered with an error, or how a body ended badly.
     pub error: Option<&'static str>,
+}
+
+/// The JSON line of a [`Record`], field for field.
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: String,
+    request_id: Cow<'a, str>,
+    client: Option<usize>,
+    method: &'a str,
+    path: &'a str,
+    model: Option<&'a str>,
+    upstream: Option<&'a str>,
+    key: Option<&'a str>,
+    status: u16,
+    attempts: u32,
+    duration_ms: f64,
+    upstream_ttfb_ms: Option<f64>,
+    bytes_in: u64,
+    bytes_out: u64,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    stream: bool,
+    error: Option<&'static str>,
+}
+
+impl<'a> Line<'a> {
+    fn of(r: &'a Record) -> Self {
+        Line {
+            ts: rfc3339(r.arrived),
+            request_id: String::from_utf8_lossy(r.request_id.as_bytes()),
+            client: r.client,
+            method: r.method.as_str(),
+            path: r.uri.path(),
+            model: r.model.as_deref(),
+            upstream: r.upstream.as_deref(),
+            key: r.key.as_deref(),
+            status: r.status,
+            attempts: r.attempts,
+            duration_ms: r.duration_ms,
+            upstream_ttfb_ms: r.upstream_ttfb_ms,
+            bytes_in: r.bytes_in,
+            bytes_out: r.bytes_out,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            stream: r.stream,
+            error: r.error,
+        }
+    }
 }
 
 /// What the request path and the writer share.
@@ -153,7 +207,7 @@ impl Writer {
     }
 
     fn write(&mut self, record: &Record) {
-        let Ok(mut line) = serde_json::to_vec(record) else { return };
+        let Ok(mut line) = serde_json::to_vec(&Line::of(record)) else { return };
         line.push(b'\n');
         if let Err(error) = self.out.write_all(&line) {
             tracing::error!(%error, path = %self.path.display(), "request log write failed");
@@ -223,11 +277,11 @@ mod tests {
 
     fn record(n: u16) -> Record {
         Record {
-            ts: rfc3339(SystemTime::now()),
-            request_id: format!("req-{n}"),
+            arrived: SystemTime::now(),
+            request_id: HeaderValue::from_str(&format!("req-{n}")).unwrap(),
             client: Some(0),
-            method: "POST".into(),
-            path: "/v1/chat/completions".into(),
+            method: Method::POST,
+            uri: Uri::from_static("/v1/chat/completions?api_key=sk-secret"),
             model: Some("m".into()),
             upstream: Some("u".into()),
             key: Some("sk-u…00000000".into()),
@@ -267,6 +321,7 @@ mod tests {
         for line in current.lines().chain(rotated.lines()) {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(v["status"], 200);
+            assert_eq!(v["path"], "/v1/chat/completions", "the query never reaches the log");
         }
         assert!(current.lines().chain(rotated.lines()).any(|l| l.contains("\"req-19\"")));
     }

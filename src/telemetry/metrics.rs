@@ -4,6 +4,7 @@
 //! key fingerprints, status codes from a fixed list, outcome labels.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -106,8 +107,8 @@ fn status_label(slot: usize) -> String {
 /// Request counts of one (model, upstream), or of requests without a model.
 #[derive(Debug)]
 pub struct ModelMetrics {
-    /// Model as configured (`-` for requests without one).
-    pub model: String,
+    /// Model as configured (`-` for requests without one); shared with request-log lines.
+    pub model: Arc<str>,
     /// Upstream name (`-` when none).
     pub upstream: String,
     requests: [[AtomicU64; STATUS_SLOTS]; ROUTES.len()],
@@ -121,7 +122,7 @@ impl ModelMetrics {
     /// Zeroed counters for one (model, upstream).
     pub fn new(model: &str, upstream: &str) -> Self {
         Self {
-            model: model.to_string(),
+            model: Arc::from(model),
             upstream: upstream.to_string(),
             requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             prompt_tokens: AtomicU64::new(0),
