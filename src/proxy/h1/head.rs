@@ -10,8 +10,8 @@ use http::{Method, Response, StatusCode, Version};
 use super::H1Error;
 use super::framing::{Chunk, Framing};
 
-/// Most response headers accepted.
-const MAX_HEADERS: usize = 100;
+/// Most response headers accepted (hyper's client default is 100; LLM APIs send ~20).
+const MAX_HEADERS: usize = 64;
 /// Largest response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
 
@@ -70,11 +70,14 @@ pub struct ResponseHead {
 pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
     loop {
         // Offsets into the head, so the values can share its bytes afterwards.
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
         let (len, code, minor, count) = {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut headers);
-            let len = match parsed.parse(buf) {
+            // Left uninitialised: httparse writes only the headers it finds.
+            let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let parsing =
+                httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, &mut headers);
+            let len = match parsing {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                     return Err(H1Error::Protocol("response head too large"));
@@ -86,9 +89,10 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Resp
             let base = buf.as_ptr() as usize;
             let count = parsed.headers.len();
             for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-                let name = h.name.as_ptr() as usize - base;
-                let value = h.value.as_ptr() as usize - base;
-                *span = (name, name + h.name.len(), value, value + h.value.len());
+                // Offsets fit in u32: the head is at most MAX_HEAD bytes.
+                let name = (h.name.as_ptr() as usize - base) as u32;
+                let value = (h.value.as_ptr() as usize - base) as u32;
+                *span = (name, name + h.name.len() as u32, value, value + h.value.len() as u32);
             }
             (len, parsed.code.unwrap_or(0), parsed.version.unwrap_or(1), count)
         };
@@ -102,6 +106,7 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Resp
         }
         let mut headers = HeaderMap::with_capacity(count);
         for &(ns, ne, vs, ve) in &spans[..count] {
+            let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
             let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Protocol("invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
                 .map_err(|_| H1Error::Protocol("invalid header value"))?;
@@ -254,6 +259,12 @@ mod tests {
         ] {
             assert!(parse(wire, &Method::POST).is_err(), "{}", String::from_utf8_lossy(wire));
         }
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(matches!(parse(&many, &Method::POST), Err(H1Error::Protocol("too many response headers"))));
         let mut huge = b"HTTP/1.1 200 OK\r\n".to_vec();
         huge.resize(MAX_HEAD + 10, b'a');
         assert!(parse(&huge, &Method::POST).is_err());
