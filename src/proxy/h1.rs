@@ -20,8 +20,8 @@ mod head;
 mod tests;
 
 use std::io;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -147,6 +147,8 @@ pub struct Pool {
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
     opened: AtomicU64,
+    /// Whether the task that closes expired and dead idle connections runs.
+    sweeping: AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -167,6 +169,7 @@ impl Pool {
             max_idle,
             idle: Mutex::new(Vec::new()),
             opened: AtomicU64::new(0),
+            sweeping: AtomicBool::new(false),
         }
     }
 
@@ -186,7 +189,7 @@ impl Pool {
     /// A pooled connection the upstream closed while it sat idle is retried
     /// once on a fresh connection when nothing at all came back on it.
     pub async fn send(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
@@ -210,7 +213,7 @@ impl Pool {
             match exchange(&mut conn, &wire, rest, method).await {
                 Ok(head) => {
                     let keep_alive = head.keep_alive;
-                    let body = H1Body::new(conn, head.framing, keep_alive, std::sync::Arc::clone(self));
+                    let body = H1Body::new(conn, head.framing, keep_alive, Arc::clone(self));
                     return Ok(head.response.map(|()| body));
                 }
                 Err(Failed { error, answered }) if reused && !answered => {
@@ -252,7 +255,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose response ended cleanly.
-    fn put(&self, mut conn: Conn) {
+    fn put(self: &Arc<Self>, mut conn: Conn) {
         if !conn.buf.is_empty() {
             return; // bytes beyond the response: the upstream is confused
         }
@@ -272,6 +275,41 @@ impl Pool {
             expired
         };
         drop(expired); // closed outside the lock
+        if !self.sweeping.swap(true, Relaxed) {
+            self.start_sweeper();
+        }
+    }
+
+    /// Without traffic nothing would close idle connections: one task per pool
+    /// (started with its first idle connection, gone with the pool) closes the
+    /// expired ones and those the upstream closed, every half idle timeout.
+    fn start_sweeper(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let pool = Arc::downgrade(self);
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(50));
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep();
+            }
+        });
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        let closed: Vec<Idle> = {
+            let Ok(mut idle) = self.idle.lock() else { return };
+            let (keep, close) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|i| now.duration_since(i.since) < self.idle_timeout && i.conn.is_reusable());
+            *idle = keep;
+            close
+        };
+        drop(closed);
     }
 
     fn clear(&self) {

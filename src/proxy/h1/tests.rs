@@ -53,8 +53,12 @@ impl Scripted {
     }
 
     fn pool(&self) -> Arc<Pool> {
+        self.pool_idle_for(Duration::from_secs(60))
+    }
+
+    fn pool_idle_for(&self, idle_timeout: Duration) -> Arc<Pool> {
         let authority = self.addr.to_string().parse().unwrap();
-        Arc::new(Pool::new(authority, Duration::from_secs(2), Duration::from_secs(60), 8))
+        Arc::new(Pool::new(authority, Duration::from_secs(2), idle_timeout, 8))
     }
 
     fn requests(&self) -> Vec<String> {
@@ -208,6 +212,22 @@ async fn a_pooled_connection_the_upstream_closed_while_idle_is_skipped() {
     assert_eq!(send(&pool, b"{}").await.unwrap().1, Bytes::from_static(b"hello"));
     assert_eq!(pool.opened(), 2);
     assert_eq!(upstream.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_the_idle_timeout_without_traffic() {
+    let upstream = Scripted::start(vec![Act::Answer(OK_HELLO)]).await;
+    let pool = upstream.pool_idle_for(Duration::from_millis(100));
+    send(&pool, b"{}").await.unwrap();
+    assert_eq!(pool.idle(), 1);
+    // No further request: the sweeper alone must close it (bounded wait, 5 s).
+    for _ in 0..500 {
+        if pool.idle() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pool.idle(), 0, "the idle connection outlived its timeout");
 }
 
 #[tokio::test]
