@@ -23,7 +23,7 @@ use crate::error::error_json;
 use crate::proxy::RequestContext;
 use crate::proxy::keyring::KeyLease;
 use crate::telemetry::End;
-use crate::telemetry::usage::find_usage;
+use crate::telemetry::usage::find_usage_in;
 
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,11 +69,10 @@ impl Meter {
         if self.status != 200 || self.outcome != Outcome::Complete {
             return None;
         }
-        let mut tail = Vec::new();
-        for frame in self.tail.iter().flatten() {
-            tail.extend_from_slice(frame);
+        match &self.tail {
+            [earlier, Some(last)] => find_usage_in(earlier.as_deref().unwrap_or_default(), last),
+            _ => None,
         }
-        find_usage(&tail)
     }
 }
 

@@ -83,7 +83,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return id.clone();
         }
     }
-    HeaderValue::from_str(&crate::ids::uuid_v4()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    HeaderValue::from_bytes(&crate::ids::uuid_v4_bytes()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 #[cfg(test)]

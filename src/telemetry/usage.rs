@@ -2,6 +2,7 @@
 //! or of the last usage chunk of an SSE stream. Only the last frames of the body
 //! are looked at, never the whole body.
 
+use memchr::memmem;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -12,11 +13,38 @@ struct Usage {
     completion_tokens: u64,
 }
 
+const NEEDLE: &[u8] = b"\"usage\"";
+
 /// `(prompt_tokens, completion_tokens)` from the last `"usage":{...}` in `tail`.
 pub fn find_usage(tail: &[u8]) -> Option<(u64, u64)> {
-    const NEEDLE: &[u8] = b"\"usage\"";
-    let at = tail.windows(NEEDLE.len()).rposition(|w| w == NEEDLE)?;
-    let rest = &tail[at + NEEDLE.len()..];
+    let at = memmem::rfind(tail, NEEDLE)?;
+    parse_after(&tail[at + NEEDLE.len()..])
+}
+
+/// The same as [`find_usage`] over two frames, `earlier` then `last`, without
+/// joining them unless the match starts in `earlier`: the usual stream keeps
+/// its usage (or none at all) in its last frame, and copying kilobytes of
+/// frames only to search them was the most expensive step of a stream's end.
+pub fn find_usage_in(earlier: &[u8], last: &[u8]) -> Option<(u64, u64)> {
+    if let Some(at) = memmem::rfind(last, NEEDLE) {
+        return parse_after(&last[at + NEEDLE.len()..]);
+    }
+    // The last match starts in `earlier`: either across the boundary or wholly
+    // inside it. Only the bytes from the match on are joined.
+    let seam_start = earlier.len().saturating_sub(NEEDLE.len() - 1);
+    let mut seam = earlier[seam_start..].to_vec();
+    seam.extend_from_slice(&last[..last.len().min(NEEDLE.len() - 1)]);
+    let from = match memmem::rfind(&seam, NEEDLE) {
+        Some(at) => seam_start + at,
+        None => memmem::rfind(earlier, NEEDLE)?,
+    };
+    let mut joined = Vec::with_capacity(earlier.len() - from + last.len());
+    joined.extend_from_slice(&earlier[from..]);
+    joined.extend_from_slice(last);
+    find_usage(&joined)
+}
+
+fn parse_after(rest: &[u8]) -> Option<(u64, u64)> {
     let open = rest.iter().position(|b| !b.is_ascii_whitespace() && *b != b':')?;
     if rest[open] != b'{' {
         return None;
@@ -48,5 +76,24 @@ mod tests {
         assert_eq!(find_usage(b"data: [DONE]\n\n"), None);
         assert_eq!(find_usage(br#"{"usage":null}"#), None);
         assert_eq!(find_usage(br#"{"usage":{"prompt_tokens":5,"compl"#), None);
+    }
+
+    #[test]
+    fn over_two_frames_wherever_the_split_falls() {
+        let body: &[u8] = br#"data: {"usage":{"prompt_tokens":1,"completion_tokens":2}}
+
+data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}
+
+data: [DONE]
+
+"#;
+        // Every split point, including inside the needle and inside the object:
+        // the answer is always the last usage object of the whole.
+        for split in 0..=body.len() {
+            let (earlier, last) = body.split_at(split);
+            assert_eq!(find_usage_in(earlier, last), Some((5, 9)), "split at {split}");
+        }
+        assert_eq!(find_usage_in(b"", b""), None);
+        assert_eq!(find_usage_in(b"data: {\"choices\":[]}\n\n", b"data: [DONE]\n\n"), None);
     }
 }
