@@ -44,11 +44,17 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
     }
 }
 
+/// Status recorded for a request whose client left before its answer began
+/// (nginx's "client closed request"); never sent, since nobody is listening.
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// Answers one request; never fails. A proxied answer is recorded when its body
-/// ends (by the metered body); everything else is recorded here.
+/// ends (by the metered body); everything else is recorded here, including a
+/// request whose client left first (hyper then drops this future mid-way).
 pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<SluiceBody> {
-    let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request);
-    let (mut response, error) = match handle_inner(shared, request, &mut ctx).await {
+    let mut pending = Unanswered { ctx: RequestContext::new(Arc::clone(&shared.telemetry), &request), armed: true };
+    let ctx = &mut pending.ctx;
+    let (mut response, error) = match handle_inner(shared, request, ctx).await {
         Ok(response) => (response, None),
         Err(error) => {
             let status = error.status();
@@ -63,12 +69,34 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Slu
             (error.into_response(), Some(kind))
         }
     };
+    pending.armed = false;
+    let ctx = &pending.ctx;
     response.headers_mut().insert(REQUEST_ID, ctx.request_id.clone());
     if !matches!(response.body(), SluiceBody::Upstream { .. }) {
         let bytes_out = response.body().size_hint().exact().unwrap_or(0);
-        shared.telemetry.finish(&ctx, End { status: response.status().as_u16(), bytes_out, error, ..End::default() });
+        shared.telemetry.finish(ctx, End { status: response.status().as_u16(), bytes_out, error, ..End::default() });
     }
     response
+}
+
+/// A request on its way through [`handle`]. If hyper drops the handler before
+/// it returns (the client closed the connection or reset the stream), the
+/// request is still counted and logged, as `499` / `client_cancelled`.
+struct Unanswered {
+    ctx: RequestContext,
+    /// Cleared once the handler returned an answer.
+    armed: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let ctx = &self.ctx;
+        tracing::info!(request_id = ?ctx.request_id, method = %ctx.method, path = ctx.uri.path(), attempts = ctx.attempts, "client left before the answer");
+        ctx.telemetry.finish(ctx, End { status: CLIENT_CLOSED, error: Some("client_cancelled"), ..End::default() });
+    }
 }
 
 /// Routes by `(method, path)`; errors bubble up to [`handle`].

@@ -93,7 +93,7 @@ impl Route {
 }
 
 /// Status codes with their own series; others fold into `other`.
-const STATUSES: [u16; 17] = [200, 201, 204, 400, 401, 402, 403, 404, 405, 408, 413, 422, 429, 500, 502, 503, 504];
+const STATUSES: [u16; 18] = [200, 201, 204, 400, 401, 402, 403, 404, 405, 408, 413, 422, 429, 499, 500, 502, 503, 504];
 const STATUS_SLOTS: usize = STATUSES.len() + 1;
 
 fn status_slot(status: u16) -> usize {

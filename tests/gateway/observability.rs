@@ -224,7 +224,7 @@ async fn overhead_header_is_opt_in() {
 }
 
 #[tokio::test]
-async fn a_client_leaving_before_the_answer_leaves_no_request_in_flight() {
+async fn a_client_leaving_before_the_answer_is_counted_as_499_and_not_left_in_flight() {
     let h = Harness::start().await;
     let request = h
         .post("/v1/chat/completions")
@@ -244,4 +244,8 @@ async fn a_client_leaving_before_the_answer_leaves_no_request_in_flight() {
         assert!(tokio::time::Instant::now() < deadline, "the abandoned request is still counted in flight");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Counted, not lost: as 499 (client closed request), once.
+    let scrape = scrape(&h).await;
+    assert_eq!(sample(&scrape, "sluice_requests_total", &[("status", "499"), ("model", "plain")]), 1.0);
+    assert_eq!(sample(&scrape, "sluice_requests_total", &[("model", "plain")]), 1.0);
 }
