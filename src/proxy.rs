@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
@@ -57,8 +57,10 @@ pub struct RequestContext {
     pub arrived: SystemTime,
     /// Method.
     pub method: Method,
-    /// URI (only its path is ever logged).
-    pub uri: Uri,
+    /// The request path (never the query: it may carry `api_key`). Copied out
+    /// of the request: a `Uri` would share, and so keep alive for the whole
+    /// response, hyper's 8 KiB read buffer that the request head was parsed in.
+    pub path: Arc<str>,
     /// Route label for metrics.
     pub route: MetricRoute,
     /// Where the request is recorded.
@@ -112,7 +114,7 @@ impl RequestContext {
             started: Instant::now(),
             arrived: SystemTime::now(),
             method: request.method().clone(),
-            uri: request.uri().clone(),
+            path: Arc::from(request.uri().path()),
             route: MetricRoute::of(request.uri().path()),
             telemetry,
             client: None,

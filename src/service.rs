@@ -59,7 +59,7 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Slu
         Err(error) => {
             let status = error.status();
             // Only the path: a query may carry `api_key`.
-            let (method, path) = (&ctx.method, ctx.uri.path());
+            let (method, path) = (&ctx.method, &*ctx.path);
             if status.is_server_error() {
                 tracing::warn!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind = error.kind(), %error, "request failed");
             } else {
@@ -94,7 +94,7 @@ impl Drop for Unanswered {
             return;
         }
         let ctx = &self.ctx;
-        tracing::info!(request_id = ?ctx.request_id, method = %ctx.method, path = ctx.uri.path(), attempts = ctx.attempts, "client left before the answer");
+        tracing::info!(request_id = ?ctx.request_id, method = %ctx.method, path = &*ctx.path, attempts = ctx.attempts, "client left before the answer");
         ctx.telemetry.finish(ctx, End { status: CLIENT_CLOSED, error: Some("client_cancelled"), ..End::default() });
     }
 }

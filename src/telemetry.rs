@@ -84,7 +84,7 @@ impl Telemetry {
             request_id: ctx.request_id.clone(),
             client: ctx.client,
             method: ctx.method.clone(),
-            uri: ctx.uri.clone(),
+            path: Arc::clone(&ctx.path),
             model: ctx.model.as_ref().map(|m| Arc::clone(&m.model)),
             upstream: ctx.upstream.clone(),
             key: end.key.cloned(),

@@ -35,7 +35,7 @@ pub use body::H1Body;
 
 /// First read buffer of a connection; it doubles (up to [`MAX_READ`]) while
 /// reads fill it, so big answers take few syscalls and slow streams stay small.
-const MIN_READ: usize = 4 * 1024;
+const MIN_READ: usize = 2 * 1024;
 /// Largest read buffer reservation.
 const MAX_READ: usize = 64 * 1024;
 /// Request bodies up to this size are copied behind the head: one `write`.

@@ -80,7 +80,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(REQUEST_ID) {
         let bytes = id.as_bytes();
         if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
-            return id.clone();
+            // A copy, not a clone: the clone would share (and keep alive for the
+            // whole response) the read buffer the request head was parsed in.
+            return HeaderValue::from_bytes(bytes).unwrap_or_else(|_| id.clone());
         }
     }
     HeaderValue::from_bytes(&crate::ids::uuid_v4_bytes()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))

@@ -15,7 +15,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::ArrayQueue;
-use http::{HeaderValue, Method, Uri};
+use http::{HeaderValue, Method};
 
 use serde::Serialize;
 
@@ -39,8 +39,8 @@ pub struct Record {
     pub client: Option<usize>,
     /// HTTP method.
     pub method: Method,
-    /// The request URI; only its path is written (a query may carry `api_key`).
-    pub uri: Uri,
+    /// The request path; never the query (it may carry `api_key`).
+    pub path: Arc<str>,
     /// Model as routed.
     pub model: Option<Arc<str>>,
     /// Upstream name.
@@ -99,7 +99,7 @@ impl<'a> Line<'a> {
             request_id: String::from_utf8_lossy(r.request_id.as_bytes()),
             client: r.client,
             method: r.method.as_str(),
-            path: r.uri.path(),
+            path: &r.path,
             model: r.model.as_deref(),
             upstream: r.upstream.as_deref(),
             key: r.key.as_deref(),
@@ -281,7 +281,7 @@ mod tests {
             request_id: HeaderValue::from_str(&format!("req-{n}")).unwrap(),
             client: Some(0),
             method: Method::POST,
-            uri: Uri::from_static("/v1/chat/completions?api_key=sk-secret"),
+            path: Arc::from("/v1/chat/completions"),
             model: Some("m".into()),
             upstream: Some("u".into()),
             key: Some("sk-u…00000000".into()),
