@@ -200,13 +200,16 @@ where
                     let connection = protocols.http1.serve_connection(TokioIo::new(stream), service);
                     watcher.watch(connection).await.map_err(BoxError::from)
                 }
+                // Boxed: a task is sized for its largest state, and hyper's h2 and
+                // `auto` connections (1488 and 1520 bytes here) are more than twice an
+                // HTTP/1.1 one (640). Inline, every HTTP/1.1 task would be that large.
                 Ok(Ok(Sniffed::Http2)) => {
                     let connection = protocols.http2.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(connection).await.map_err(BoxError::from)
+                    Box::pin(watcher.watch(connection)).await.map_err(BoxError::from)
                 }
                 Ok(Ok(Sniffed::Unsure)) => {
                     let connection = protocols.auto.serve_connection(TokioIo::new(stream), service).into_owned();
-                    watcher.watch(connection).await
+                    Box::pin(watcher.watch(connection)).await
                 }
                 Ok(Ok(Sniffed::Closed)) | Err(_) => Ok(()),
                 Ok(Err(error)) => Err(error.into()),
