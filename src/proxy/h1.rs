@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, Response};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 pub use body::H1Body;
@@ -38,6 +38,10 @@ pub use body::H1Body;
 const MIN_READ: usize = 2 * 1024;
 /// Largest read buffer reservation.
 const MAX_READ: usize = 64 * 1024;
+/// How soon after sending a pooled connection must fail, answerless, to count
+/// as closed while idle (the upstream's FIN crossed our request): a few round
+/// trips. A failure later than this is the upstream failing the request.
+const STALE_RACE: Duration = Duration::from_secs(1);
 /// Request bodies up to this size are copied behind the head: one `write`.
 const INLINE_BODY: usize = 16 * 1024;
 
@@ -141,7 +145,8 @@ struct Idle {
 /// The lock is held for a push or a pop only, never across I/O.
 pub struct Pool {
     addr: String,
-    authority: Authority,
+    /// The `Host` header: `host[:port]` as in the URL, without user-info.
+    host: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -149,6 +154,8 @@ pub struct Pool {
     opened: AtomicU64,
     /// Whether the task that closes expired and dead idle connections runs.
     sweeping: AtomicBool,
+    /// [`STALE_RACE`], shorter in tests.
+    stale_race: Duration,
 }
 
 impl std::fmt::Debug for Pool {
@@ -161,16 +168,28 @@ impl Pool {
     /// A pool for `authority` (port 80 when it has none).
     pub fn new(authority: Authority, connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Self {
         let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+        let host = match authority.port() {
+            Some(port) => format!("{}:{}", authority.host(), port),
+            None => authority.host().to_string(),
+        };
         Self {
             addr,
-            authority,
+            host,
             connect_timeout,
             idle_timeout,
             max_idle,
             idle: Mutex::new(Vec::new()),
             opened: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
+            stale_race: STALE_RACE,
         }
+    }
+
+    /// The same pool with another stale-connection window (tests use a short one).
+    #[cfg(test)]
+    fn with_stale_race(mut self, window: Duration) -> Self {
+        self.stale_race = window;
+        self
     }
 
     /// Connections opened so far (for `/stats` and tests).
@@ -187,7 +206,10 @@ impl Pool {
     /// streams from the same connection, which returns to the pool at its end.
     ///
     /// A pooled connection the upstream closed while it sat idle is retried
-    /// once on a fresh connection when nothing at all came back on it.
+    /// once on a fresh connection, when nothing at all came back on it and the
+    /// failure came within [`STALE_RACE`] of sending: later than that the
+    /// upstream may have run the request (and crashed on it), and a re-send is
+    /// the retry loop's decision, counted and on another key, not this one's.
     pub async fn send(
         self: &Arc<Self>,
         method: &Method,
@@ -198,7 +220,7 @@ impl Pool {
     ) -> Result<Response<H1Body>, H1Error> {
         let inline = body.len() <= INLINE_BODY;
         let mut wire = Vec::with_capacity(512 + if inline { body.len() } else { 0 });
-        head::encode_request(&mut wire, method, path_and_query, self.authority.as_str(), headers, auth, body.len());
+        head::encode_request(&mut wire, method, path_and_query, &self.host, headers, auth, body.len());
         if inline {
             wire.extend_from_slice(body);
         }
@@ -210,13 +232,14 @@ impl Pool {
                 Some(conn) => conn,
                 None => self.connect().await?,
             };
+            let sent = Instant::now();
             match exchange(&mut conn, &wire, rest, method).await {
                 Ok(head) => {
                     let keep_alive = head.keep_alive;
                     let body = H1Body::new(conn, head.framing, keep_alive, Arc::clone(self));
                     return Ok(head.response.map(|()| body));
                 }
-                Err(Failed { error, answered }) if reused && !answered => {
+                Err(Failed { error, answered }) if reused && !answered && sent.elapsed() < self.stale_race => {
                     // Closed while idle (a race the readiness check cannot see):
                     // the idle ones behind it are likely stale too.
                     tracing::debug!(upstream = %self.addr, %error, "pooled connection was closed; retrying on a new one");
@@ -330,23 +353,85 @@ impl From<io::Error> for Failed {
     }
 }
 
+/// How writing a request ended.
+enum Sent {
+    /// Every byte went out.
+    All,
+    /// The upstream answered before it took the whole request (a 413 or 401 to
+    /// a large body): its answer is the response, and the connection is spent.
+    Early(head::ResponseHead),
+    /// Writing failed; an answer may still be waiting to be read.
+    Failed(io::Error),
+}
+
 /// Writes the request and reads until the response head is complete.
 async fn exchange(conn: &mut Conn, wire: &[u8], rest: &[u8], method: &Method) -> Result<head::ResponseHead, Failed> {
-    conn.io.write_all(wire).await?;
-    if !rest.is_empty() {
-        conn.io.write_all(rest).await?;
-    }
+    let write_error = match write_request(conn, [wire, rest], method).await? {
+        Sent::All => None,
+        Sent::Early(mut head) => {
+            head.keep_alive = false;
+            return Ok(head);
+        }
+        Sent::Failed(error) => Some(error),
+    };
+    // After a failed write (the upstream closed on a body it refused), the
+    // answer it sent first may still be readable; without one, the write
+    // error is what happened.
+    let failed = |error: H1Error, answered: bool| match &write_error {
+        Some(write) if !answered => {
+            Failed { error: H1Error::Io(io::Error::new(write.kind(), write.to_string())), answered }
+        }
+        _ => Failed { error, answered },
+    };
     loop {
         let answered = !conn.buf.is_empty();
         match head::parse_response(&mut conn.buf, method) {
-            Ok(Some(head)) => return Ok(head),
+            Ok(Some(mut head)) => {
+                head.keep_alive &= write_error.is_none();
+                return Ok(head);
+            }
             Ok(None) => {}
             Err(error) => return Err(Failed { error, answered: true }),
         }
         match conn.fill().await {
-            Ok(0) => return Err(Failed { error: H1Error::Closed, answered }),
+            Ok(0) => return Err(failed(H1Error::Closed, answered)),
             Ok(_) => {}
-            Err(error) => return Err(Failed { error: error.into(), answered }),
+            Err(error) => return Err(failed(error.into(), answered)),
         }
     }
+}
+
+/// Writes `parts` in order. While the upstream does not take more bytes, it
+/// reads whatever the upstream sends meanwhile: an upstream that answers a
+/// large body early and stops reading would otherwise leave the write
+/// blocked until the header timeout, and the client with a 504 instead of
+/// the upstream's own answer.
+async fn write_request(conn: &mut Conn, parts: [&[u8]; 2], method: &Method) -> Result<Sent, Failed> {
+    let mut written = [0usize; 2];
+    std::future::poll_fn(|cx| {
+        loop {
+            let Some(i) = (0..parts.len()).find(|&i| written[i] < parts[i].len()) else {
+                return Poll::Ready(Ok(Sent::All));
+            };
+            match std::pin::Pin::new(&mut conn.io).poll_write(cx, &parts[i][written[i]..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Sent::Failed(io::ErrorKind::WriteZero.into()))),
+                Poll::Ready(Ok(n)) => written[i] += n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Ok(Sent::Failed(error))),
+                Poll::Pending => loop {
+                    match head::parse_response(&mut conn.buf, method) {
+                        Ok(Some(head)) => return Poll::Ready(Ok(Sent::Early(head))),
+                        Ok(None) => {}
+                        Err(error) => return Poll::Ready(Err(Failed { error, answered: true })),
+                    }
+                    match std::task::ready!(conn.poll_fill(cx)) {
+                        // Closed: the read after the write error will tell.
+                        Ok(0) => return Poll::Ready(Ok(Sent::Failed(io::ErrorKind::BrokenPipe.into()))),
+                        Ok(_) => {}
+                        Err(error) => return Poll::Ready(Ok(Sent::Failed(error))),
+                    }
+                },
+            }
+        }
+    })
+    .await
 }

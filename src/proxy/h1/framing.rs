@@ -95,7 +95,8 @@ impl Framing {
                 }
                 Framing::Chunked(Chunk::Trailers(seen)) => {
                     let Some(line) = line(buf)? else { return Ok(Decoded::NeedMore) };
-                    if line.len() <= 2 {
+                    // Only a blank line ends the trailers ("x\n" is a broken one).
+                    if &line[..] == b"\r\n" || &line[..] == b"\n" {
                         *self = Framing::Done;
                         return Ok(Decoded::End);
                     }
@@ -241,6 +242,14 @@ mod tests {
             Framing::Chunked(Chunk::Size).decode(&mut BytesMut::from(&long[..])),
             Err(H1Error::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn only_a_blank_line_ends_the_trailers() {
+        // "x\n" is a (broken) trailer line, not the end: the body goes on until "\r\n".
+        let (body, rest) = feed(Framing::Chunked(Chunk::Size), b"2\r\nhi\r\n0\r\nx\n\r\nNEXT", 64).unwrap();
+        assert_eq!(body, b"hi");
+        assert_eq!(rest, b"NEXT");
     }
 
     #[test]

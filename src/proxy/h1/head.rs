@@ -10,19 +10,19 @@ use http::{Method, Response, StatusCode, Version};
 use super::H1Error;
 use super::framing::{Chunk, Framing};
 
-/// Most response headers accepted (hyper's client default is 100; LLM APIs send ~20).
-const MAX_HEADERS: usize = 64;
+/// Most response headers accepted (hyper's client default; LLM APIs send ~20).
+const MAX_HEADERS: usize = 100;
 /// Largest response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
 
-/// Writes `METHOD path HTTP/1.1`, `Host`, the headers, the credential and the
-/// body length. `headers` were already cleaned by
+/// Writes `METHOD path HTTP/1.1`, `Host` (`host[:port]`, never user-info), the
+/// headers, the credential and the body length. `headers` were already cleaned by
 /// [`crate::proxy::headers::to_upstream`]; framing headers are sluice's own.
 pub fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
     path_and_query: &str,
-    authority: &str,
+    host: &str,
     headers: &HeaderMap,
     auth: &HeaderValue,
     body_len: usize,
@@ -30,11 +30,14 @@ pub fn encode_request(
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path_and_query.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(authority.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // The client's Host was removed on the way in; one left here was set by the
+    // operator (`headers` of the upstream) and wins over the URL's.
+    if !headers.contains_key(header::HOST) {
+        line(out, b"host", host.as_bytes());
+    }
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::HOST {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
         line(out, name.as_str().as_bytes(), value.as_bytes());
@@ -114,6 +117,11 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Resp
         }
         let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
         let (framing, delimited) = framing(&headers, status, method)?;
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            // Transfer-Encoding overrides Content-Length, and a proxy must not
+            // pass the stale length on (RFC 9112 §6.3): the client would trust it.
+            headers.remove(header::CONTENT_LENGTH);
+        }
         let keep_alive = delimited && version == Version::HTTP_11 && !has_token(&headers, header::CONNECTION, "close");
         let mut response = Response::new(());
         *response.status_mut() = status;
@@ -186,7 +194,6 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
-        headers.insert(header::HOST, HeaderValue::from_static("client.example"));
         let mut out = Vec::new();
         let auth = HeaderValue::from_static("Bearer sk-up");
         encode_request(&mut out, &Method::POST, "/v1/chat?x=1", "127.0.0.1:9", &headers, &auth, 12);
@@ -198,6 +205,34 @@ mod tests {
         let mut out = Vec::new();
         encode_request(&mut out, &Method::GET, "/v1/models", "h", &HeaderMap::new(), &auth, 0);
         assert!(!String::from_utf8(out).unwrap().contains("content-length"));
+        // A Host still in the headers was set by the operator: it is the only one sent.
+        headers.insert(header::HOST, HeaderValue::from_static("api.vendor.example"));
+        let mut out = Vec::new();
+        encode_request(&mut out, &Method::POST, "/v1/chat", "127.0.0.1:9", &headers, &auth, 2);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("host: ").count(), 1, "{text}");
+        assert!(text.contains("host: api.vendor.example\r\n"), "{text}");
+    }
+
+    #[test]
+    fn as_many_headers_as_hyper_accepts() {
+        let mut wire = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..MAX_HEADERS - 1 {
+            wire.extend_from_slice(format!("x-h{i}: {i}\r\n").as_bytes());
+        }
+        wire.extend_from_slice(b"content-length: 0\r\n\r\n");
+        let head = parse_response(&mut BytesMut::from(&wire[..]), &Method::GET).unwrap().unwrap();
+        assert_eq!(head.response.headers().len(), 100);
+    }
+
+    #[test]
+    fn transfer_encoding_drops_a_stale_content_length() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"[..],
+        );
+        let head = parse_response(&mut buf, &Method::POST).unwrap().unwrap();
+        assert!(matches!(head.framing, Framing::Chunked(_)));
+        assert!(!head.response.headers().contains_key(header::CONTENT_LENGTH));
     }
 
     #[test]

@@ -25,6 +25,9 @@ enum Act {
     AnswerAndClose(&'static [u8]),
     /// Close the connection without answering.
     Close,
+    /// Work on the request this long, then close without answering (an
+    /// upstream that crashed on it).
+    CloseAfter(Duration),
 }
 
 /// A raw upstream that plays `script` in order, one entry per request
@@ -86,6 +89,10 @@ async fn serve_conn(mut stream: TcpStream, script: Arc<Vec<Act>>, seen: Arc<StdM
                 return;
             }
             Act::Close => return,
+            Act::CloseAfter(working) => {
+                tokio::time::sleep(working).await;
+                return;
+            }
         }
     }
 }
@@ -272,4 +279,71 @@ async fn a_large_body_arrives_whole_and_refused_connects_say_so() {
     let pool = Arc::new(Pool::new(authority, Duration::from_secs(2), Duration::from_secs(60), 8));
     let error = send(&pool, b"{}").await.unwrap_err();
     assert!(error.is_connect(), "{error}");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_failing_long_after_the_request_is_not_sent_again() {
+    let working = Duration::from_millis(300);
+    let upstream = Scripted::start(vec![Act::Answer(OK_HELLO), Act::CloseAfter(working)]).await;
+    let authority = upstream.addr.to_string().parse().unwrap();
+    let pool = Arc::new(
+        Pool::new(authority, Duration::from_secs(2), Duration::from_secs(60), 8)
+            .with_stale_race(Duration::from_millis(50)),
+    );
+    send(&pool, b"{}").await.unwrap();
+    // The upstream took the request and died on it: the failure is the
+    // caller's to retry (counted, on another key), not a hidden re-send.
+    assert!(send(&pool, b"{}").await.is_err());
+    assert_eq!(upstream.requests().len(), 2, "the request was sent again behind the retry loop's back");
+    assert_eq!(upstream.accepted(), 1);
+}
+
+/// An upstream that reads a request's head, answers at once, and then reads no
+/// more of the body: holding the connection open, or closing it.
+async fn early_answerer(hold: bool) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if stream.read_exact(&mut byte).await.is_err() {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large";
+        stream.write_all(answer).await.unwrap();
+        if hold {
+            let _ = released.await;
+        }
+    });
+    (addr, release)
+}
+
+#[tokio::test]
+async fn an_early_answer_to_a_large_body_is_the_response() {
+    // Far more than loopback's socket buffers take: the write cannot finish.
+    let body: &'static [u8] = Box::leak(vec![b'x'; 32 << 20].into_boxed_slice());
+    for hold in [true, false] {
+        let (addr, release) = early_answerer(hold).await;
+        let pool =
+            Arc::new(Pool::new(addr.to_string().parse().unwrap(), Duration::from_secs(2), Duration::from_secs(60), 8));
+        let sent = tokio::time::timeout(Duration::from_secs(10), send(&pool, body)).await;
+        let (status, answer) = sent.expect("the write blocked on an upstream that had answered").unwrap();
+        assert_eq!((status, &answer[..]), (StatusCode::PAYLOAD_TOO_LARGE, &b"too large"[..]), "hold: {hold}");
+        assert_eq!(pool.idle(), 0, "a connection with half a request on it is never reused");
+        drop(release);
+    }
+}
+
+#[test]
+fn the_host_header_never_carries_user_info() {
+    let pool =
+        |authority: &str| Pool::new(authority.parse().unwrap(), Duration::from_secs(1), Duration::from_secs(1), 1);
+    assert_eq!(pool("user:pw@10.0.0.5:8000").host, "10.0.0.5:8000");
+    assert_eq!(pool("api.example").host, "api.example");
+    assert_eq!(pool("api.example").addr, "api.example:80");
 }
