@@ -1,6 +1,7 @@
-//! Listening and serving: the accept loop (TCP_NODELAY on every socket), one
-//! hyper-util auto connection per socket (HTTP/1.1 and h2c prior knowledge on
-//! the same port), and a drain on shutdown bounded by the grace period.
+//! Listening and serving: the accept loop (TCP_NODELAY on every socket), a
+//! peek that tells HTTP/1.1 from h2c prior knowledge on the same port, one
+//! hyper connection per socket, and a drain on shutdown bounded by the grace
+//! period.
 
 use std::future::Future;
 use std::net::SocketAddr;
