@@ -81,6 +81,10 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Resp
             let parsing =
                 httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, &mut headers);
             let len = match parsing {
+                // The cap holds for a head that arrived whole in one read too.
+                Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+                    return Err(H1Error::Protocol("response head too large"));
+                }
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                     return Err(H1Error::Protocol("response head too large"));
@@ -116,6 +120,10 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Resp
             headers.append(name, value);
         }
         let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+        if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+            // HTTP/1.0 has no transfer codings; such a head is a smuggling risk (RFC 9112 §6.1).
+            return Err(H1Error::Protocol("transfer-encoding in an HTTP/1.0 response"));
+        }
         let (framing, delimited) = framing(&headers, status, method)?;
         if headers.contains_key(header::TRANSFER_ENCODING) {
             // Transfer-Encoding overrides Content-Length, and a proxy must not
@@ -291,6 +299,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 1e3\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
             b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert!(parse(wire, &Method::POST).is_err(), "{}", String::from_utf8_lossy(wire));
         }
@@ -303,5 +312,10 @@ mod tests {
         let mut huge = b"HTTP/1.1 200 OK\r\n".to_vec();
         huge.resize(MAX_HEAD + 10, b'a');
         assert!(parse(&huge, &Method::POST).is_err());
+        // Complete in one read, and still over the cap.
+        let mut whole = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        whole.resize(MAX_HEAD + 10, b'a');
+        whole.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+        assert!(matches!(parse(&whole, &Method::POST), Err(H1Error::Protocol("response head too large"))));
     }
 }
