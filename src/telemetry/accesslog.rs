@@ -74,7 +74,7 @@ pub struct Record {
 /// The JSON line of a [`Record`], field for field.
 #[derive(Serialize)]
 struct Line<'a> {
-    ts: String,
+    ts: &'a str,
     request_id: Cow<'a, str>,
     client: Option<usize>,
     method: &'a str,
@@ -95,9 +95,9 @@ struct Line<'a> {
 }
 
 impl<'a> Line<'a> {
-    fn of(r: &'a Record) -> Self {
+    fn of(r: &'a Record, ts: &'a str) -> Self {
         Line {
-            ts: rfc3339(r.arrived),
+            ts,
             request_id: String::from_utf8_lossy(r.request_id.as_bytes()),
             client: r.client,
             method: r.method.as_str(),
@@ -158,7 +158,15 @@ impl AccessLog {
         let file = open(&path)?;
         let written = file.metadata().map(|m| m.len()).unwrap_or(0);
         let shared = Arc::new(Shared::new());
-        let writer = Writer { path, max_size: max_size.max(1), keep, out: BufWriter::new(file), written };
+        let writer = Writer {
+            path,
+            max_size: max_size.max(1),
+            keep,
+            out: BufWriter::new(file),
+            written,
+            line: Vec::with_capacity(512),
+            clock: Timestamps::default(),
+        };
         let for_writer = Arc::clone(&shared);
         let handle =
             std::thread::Builder::new().name("sluice-request-log".into()).spawn(move || writer.run(&for_writer))?;
@@ -203,6 +211,9 @@ struct Writer {
     keep: usize,
     out: BufWriter<File>,
     written: u64,
+    /// One line's JSON, reused: no allocation per line.
+    line: Vec<u8>,
+    clock: Timestamps,
 }
 
 impl Writer {
@@ -225,9 +236,14 @@ impl Writer {
     }
 
     fn write(&mut self, record: &Record) {
-        let Ok(mut line) = serde_json::to_vec(&Line::of(record)) else { return };
+        let line = &mut self.line;
+        line.clear();
+        let ts = self.clock.format(record.arrived);
+        if serde_json::to_writer(&mut *line, &Line::of(record, ts)).is_err() {
+            return;
+        }
         line.push(b'\n');
-        if let Err(error) = self.out.write_all(&line) {
+        if let Err(error) = self.out.write_all(line) {
             tracing::error!(%error, path = %self.path.display(), "request log write failed");
             return;
         }
@@ -258,6 +274,30 @@ impl Writer {
                 tracing::error!(%error, path = %self.path.display(), "cannot reopen the request log after rotation")
             }
         }
+    }
+}
+
+/// RFC 3339 timestamps for a writer that formats many within one second:
+/// the text up to the seconds is made once a second, the milliseconds per line.
+#[derive(Default)]
+struct Timestamps {
+    second: Option<u64>,
+    text: String,
+}
+
+impl Timestamps {
+    fn format(&mut self, at: SystemTime) -> &str {
+        let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        if self.second != Some(since.as_secs()) {
+            self.second = Some(since.as_secs());
+            self.text = rfc3339(UNIX_EPOCH + Duration::from_secs(since.as_secs()));
+        }
+        // "...SS.mmmZ": rewrite the three millisecond digits in place.
+        let millis = since.subsec_millis();
+        let digits = [b'0' + (millis / 100) as u8, b'0' + (millis / 10 % 10) as u8, b'0' + (millis % 10) as u8];
+        let at = self.text.len() - 4;
+        self.text.replace_range(at..at + 3, std::str::from_utf8(&digits).unwrap_or("000"));
+        &self.text
     }
 }
 
@@ -336,6 +376,15 @@ mod tests {
         // A full queue drops and says so.
         while log.shared.queue.push(record(3)).is_ok() {}
         assert!(!log.log(record(4)));
+    }
+
+    #[test]
+    fn cached_timestamps_match_full_formatting_across_seconds() {
+        let mut clock = Timestamps::default();
+        for millis in [784_111_777_123u64, 784_111_777_999, 784_111_778_000, 784_111_778_007, 1_582_934_399_999, 0] {
+            let at = UNIX_EPOCH + Duration::from_millis(millis);
+            assert_eq!(clock.format(at), rfc3339(at), "{millis}");
+        }
     }
 
     #[test]
