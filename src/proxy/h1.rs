@@ -141,6 +141,17 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    fn expired(&self, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(self.since) >= timeout
+    }
+
+    /// Not expired, and not closed (or written to) by the upstream meanwhile.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        !self.expired(now, timeout) && self.conn.is_reusable()
+    }
+}
+
 /// Keep-alive connections to one `host:port`, most recently used first out.
 /// The lock is held for a push or a pop only, never across I/O.
 pub struct Pool {
@@ -254,7 +265,7 @@ impl Pool {
         let now = Instant::now();
         loop {
             let idle = self.idle.lock().ok()?.pop()?;
-            if now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_reusable() {
+            if idle.usable(now, self.idle_timeout) {
                 return Some(idle.conn);
             }
         }
@@ -290,7 +301,7 @@ impl Pool {
         let expired: Vec<Idle> = {
             let Ok(mut idle) = self.idle.lock() else { return };
             // Oldest first: the front holds the connections idle the longest.
-            let n = idle.iter().take_while(|i| now.duration_since(i.since) >= self.idle_timeout).count();
+            let n = idle.iter().take_while(|i| i.expired(now, self.idle_timeout)).count();
             let expired = idle.drain(..n).collect();
             if idle.len() < self.max_idle {
                 idle.push(Idle { conn, since: now });
@@ -326,9 +337,7 @@ impl Pool {
         let now = Instant::now();
         let closed: Vec<Idle> = {
             let Ok(mut idle) = self.idle.lock() else { return };
-            let (keep, close) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|i| now.duration_since(i.since) < self.idle_timeout && i.conn.is_reusable());
+            let (keep, close) = std::mem::take(&mut *idle).into_iter().partition(|i| i.usable(now, self.idle_timeout));
             *idle = keep;
             close
         };
@@ -366,22 +375,13 @@ enum Sent {
 
 /// Writes the request and reads until the response head is complete.
 async fn exchange(conn: &mut Conn, wire: &[u8], rest: &[u8], method: &Method) -> Result<head::ResponseHead, Failed> {
-    let write_error = match write_request(conn, [wire, rest], method).await? {
+    let mut write_error = match write_request(conn, [wire, rest], method).await? {
         Sent::All => None,
         Sent::Early(mut head) => {
             head.keep_alive = false;
             return Ok(head);
         }
         Sent::Failed(error) => Some(error),
-    };
-    // After a failed write (the upstream closed on a body it refused), the
-    // answer it sent first may still be readable; without one, the write
-    // error is what happened.
-    let failed = |error: H1Error, answered: bool| match &write_error {
-        Some(write) if !answered => {
-            Failed { error: H1Error::Io(io::Error::new(write.kind(), write.to_string())), answered }
-        }
-        _ => Failed { error, answered },
     };
     loop {
         let answered = !conn.buf.is_empty();
@@ -393,11 +393,19 @@ async fn exchange(conn: &mut Conn, wire: &[u8], rest: &[u8], method: &Method) ->
             Ok(None) => {}
             Err(error) => return Err(Failed { error, answered: true }),
         }
-        match conn.fill().await {
-            Ok(0) => return Err(failed(H1Error::Closed, answered)),
-            Ok(_) => {}
-            Err(error) => return Err(failed(error.into(), answered)),
-        }
+        let error = match conn.fill().await {
+            Ok(0) => H1Error::Closed,
+            Ok(_) => continue,
+            Err(error) => error.into(),
+        };
+        // After a failed write (the upstream closed on a body it refused), the
+        // answer it sent first was still worth reading; without one, the write
+        // error is what happened.
+        let error = match write_error.take() {
+            Some(write) if !answered => write.into(),
+            _ => error,
+        };
+        return Err(Failed { error, answered });
     }
 }
 
