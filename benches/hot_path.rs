@@ -20,7 +20,7 @@ use sluice::config::keys::Secret;
 use sluice::config::{Config, Strategy};
 use sluice::mock::MockServer;
 use sluice::proxy::headers;
-use sluice::proxy::keyring::{KeyRing, UpstreamKey};
+use sluice::upstream::keyring::{KeyRing, UpstreamKey};
 use sluice::proxy::sniff::sniff;
 use sluice::server;
 use sluice::state::Shared;

@@ -1,97 +1,36 @@
-//! `/health` and the admin API (`/admin/*`). The admin API is served only when
-//! `[admin] token` is set, and only to callers presenting that token.
+//! The operator's endpoints: `/health`, `/metrics`, `/stats` (see the
+//! submodules) and the admin API (`/admin/*`, `POST /v1/models/{name}/test`).
+//! The admin API is served only when `[admin] token` is set, and only to
+//! callers presenting that token. Its handlers are async and get the whole
+//! request, body included.
+
+pub mod health;
+pub mod metrics;
+pub mod probe;
+pub mod stats;
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
 
 use crate::access::auth::constant_time_eq;
-use crate::body::SluiceBody;
-use crate::clock::now_ms;
 use crate::error::{ProxyError, json_response};
-use crate::proxy::keyring::KeyState;
+use crate::proxy::body::SluiceBody;
 use crate::state::{Live, Shared};
 
-/// `GET /health`: status, version, uptime, and per upstream its key summary
-/// (with fingerprints and cooldowns) and breaker state. `degraded` when some
-/// upstream has no usable key or an open breaker; 503 `draining` during shutdown.
-pub fn health(shared: &Shared, live: &Live) -> http::Response<SluiceBody> {
-    let now = now_ms();
-    let mut degraded = false;
-    let upstreams: Vec<serde_json::Value> = live
-        .upstreams
-        .iter()
-        .map(|upstream| {
-            let (mut available, mut cooling, mut disabled) = (0, 0, 0);
-            let keys: Vec<serde_json::Value> = upstream
-                .keys
-                .keys()
-                .iter()
-                .map(|key| {
-                    let (state, cooling_for_ms) = match key.state(now) {
-                        KeyState::Healthy => {
-                            available += 1;
-                            ("healthy", None)
-                        }
-                        KeyState::Cooling { until_ms } => {
-                            cooling += 1;
-                            ("cooling", Some(until_ms - now))
-                        }
-                        KeyState::Disabled => {
-                            disabled += 1;
-                            ("disabled", None)
-                        }
-                    };
-                    let counters = &key.counters;
-                    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-                    serde_json::json!({
-                        "key": &*key.fingerprint,
-                        "state": state,
-                        "cooling_for_ms": cooling_for_ms,
-                        "requests": load(&counters.requests),
-                        "successes": load(&counters.successes),
-                        "in_flight": load(&counters.in_flight),
-                        "last_error": key.last_error().map(|f| f.label()),
-                    })
-                })
-                .collect();
-            let breaker = upstream.breaker.state();
-            degraded |= available == 0 || breaker != crate::proxy::breaker::BreakerState::Closed;
-            serde_json::json!({
-                "name": upstream.name.as_ref(),
-                "breaker": breaker.label(),
-                "keys_total": keys.len(),
-                "keys_available": available,
-                "keys_cooling": cooling,
-                "keys_disabled": disabled,
-                "keys": keys,
-            })
-        })
-        .collect();
-    let draining = shared.is_draining();
-    let status = match (draining, degraded) {
-        (true, _) => "draining",
-        (false, true) => "degraded",
-        (false, false) => "ok",
-    };
-    let body = serde_json::json!({
-        "status": status,
-        "version": crate::VERSION,
-        "uptime_seconds": shared.started.elapsed().as_secs(),
-        "upstreams": upstreams,
-    });
-    let code = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
-    json_response(code, body.to_string().into())
-}
+/// How long `POST /v1/models/{name}/test` waits for the model.
+pub const MODEL_TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Serves `/admin/*`. Without a configured token the admin API does not exist (404).
-pub fn handle(
+/// Serves `/admin/*` and `POST /v1/models/{name}/test`. Without a configured
+/// token the admin API does not exist (404).
+pub async fn handle(
     shared: &Shared,
     live: &Live,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-) -> Result<http::Response<SluiceBody>, ProxyError> {
-    check_admin(live, path, headers)?;
+    request: Request<Incoming>,
+) -> Result<Response<SluiceBody>, ProxyError> {
+    let path = request.uri().path();
+    check_admin(live, path, request.headers())?;
+    let method = request.method();
     match path {
         "/admin/reload" | "/admin/reload-keys" => {
             post_only(method)?;
@@ -105,7 +44,15 @@ pub fn handle(
             tracing::info!(reset, "failed keys reset by the admin API");
             Ok(json_response(StatusCode::OK, serde_json::json!({ "status": "ok", "reset": reset }).to_string().into()))
         }
-        _ => Err(ProxyError::NotFound(path.to_string())),
+        _ => match path.strip_prefix("/v1/models/").and_then(|rest| rest.strip_suffix("/test")) {
+            Some(model) => {
+                post_only(method)?;
+                let result = probe::probe(shared, model, MODEL_TEST_TIMEOUT).await;
+                let body = serde_json::to_vec(&result).map_err(|e| ProxyError::Internal(e.to_string()))?;
+                Ok(json_response(StatusCode::OK, body.into()))
+            }
+            None => Err(ProxyError::NotFound(path.to_string())),
+        },
     }
 }
 
@@ -126,25 +73,10 @@ pub fn check_admin(live: &Live, path: &str, headers: &HeaderMap) -> Result<(), P
     }
 }
 
-/// How long `POST /v1/models/{name}/test` waits for the model.
-pub const MODEL_TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// `POST /v1/models/{name}/test` (admin token): a one-token chat through the real path.
-pub async fn test_model(
-    shared: &Shared,
-    live: &Live,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-) -> Result<http::Response<SluiceBody>, ProxyError> {
-    check_admin(live, path, headers)?;
-    post_only(method)?;
-    let model = path.strip_prefix("/v1/models/").and_then(|rest| rest.strip_suffix("/test")).unwrap_or_default();
-    let result = crate::probe::probe(shared, model, MODEL_TEST_TIMEOUT).await;
-    let body = serde_json::to_vec(&result).map_err(|e| ProxyError::Internal(e.to_string()))?;
-    Ok(json_response(StatusCode::OK, body.into()))
-}
-
 fn post_only(method: &Method) -> Result<(), ProxyError> {
-    if method == Method::POST { Ok(()) } else { Err(ProxyError::MethodNotAllowed(method.clone())) }
+    if method == Method::POST {
+        Ok(())
+    } else {
+        Err(ProxyError::MethodNotAllowed { method: method.clone(), allow: "POST" })
+    }
 }

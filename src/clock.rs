@@ -1,19 +1,45 @@
 //! A process-wide monotonic clock in milliseconds, so deadlines fit in an
 //! `AtomicU64` (key cooldowns, breaker open times).
+//!
+//! It reads tokio's clock (`tokio::time::Instant`), so a test that pauses and
+//! advances time moves cooldowns, backoffs and breakers with it; outside a
+//! paused runtime it is the plain monotonic clock.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 
-/// Milliseconds since the first call in this process (never 0 after that first call,
-/// so 0 can mean "no deadline").
+/// The instant clock time 0 stands for. It lies up to an hour before the first
+/// call, so a paused test runtime created shortly before that call (its clock
+/// starts at the moment it was built) never reads a time before the epoch.
+fn epoch() -> Instant {
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        [3600, 60, 1].into_iter().find_map(|secs| now.checked_sub(Duration::from_secs(secs))).unwrap_or(now)
+    })
+}
+
+/// Milliseconds on the process clock (never 0, so 0 can mean "no deadline").
 pub fn now_ms() -> u64 {
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    epoch.elapsed().as_millis() as u64 + 1
+    let epoch = epoch();
+    tokio::time::Instant::now().into_std().saturating_duration_since(epoch).as_millis() as u64 + 1
 }
 
 /// `now_ms() + d`, saturating.
 pub fn after(d: Duration) -> u64 {
     now_ms().saturating_add(d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn follows_a_paused_tokio_clock() {
+        let before = now_ms();
+        tokio::time::advance(Duration::from_secs(90)).await;
+        assert_eq!(now_ms() - before, 90_000);
+        assert!(after(Duration::from_millis(5)) >= now_ms() + 5);
+    }
 }

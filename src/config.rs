@@ -3,6 +3,7 @@
 //! Every error names the file, the field and the reason.
 
 pub mod keys;
+pub mod tls;
 pub mod units;
 pub mod upstream;
 
@@ -106,6 +107,7 @@ struct RawServer {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawClient {
+    h1_client: Option<H1Client>,
     connect_timeout: Option<HumanDuration>,
     pool_idle_timeout: Option<HumanDuration>,
     pool_max_idle_per_host: Option<usize>,
@@ -173,6 +175,17 @@ pub enum Http2Mode {
     Never,
 }
 
+/// Which client carries HTTP/1.1 to cleartext upstreams.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum H1Client {
+    /// sluice's own client, run on the request's task (the fast path).
+    #[default]
+    Sluice,
+    /// hyper-util's pooled client, as for TLS upstreams.
+    Hyper,
+}
+
 /// Application log format.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -227,6 +240,8 @@ pub struct ServerConfig {
 /// `[client]`: the pooled upstream client.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
+    /// The client for HTTP/1.1 over `http://`.
+    pub h1_client: H1Client,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// How long an idle pooled connection is kept.
@@ -344,6 +359,7 @@ impl Validator<'_> {
             source: None,
             server,
             client: ClientConfig {
+                h1_client: client.h1_client.unwrap_or_default(),
                 connect_timeout: client.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
                 pool_idle_timeout: client.pool_idle_timeout.map_or(DEFAULT_POOL_IDLE_TIMEOUT, |d| d.0),
                 pool_max_idle_per_host: client.pool_max_idle_per_host.unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),

@@ -1,13 +1,29 @@
 //! The one error type of the request path and its OpenAI-shaped rendering.
 //!
 //! Every error sluice itself produces maps, without a catch-all arm, to an HTTP
-//! status, a closed `kind()` label for metrics and logs, and a retry decision.
-//! Upstream error *responses* are not errors here: they pass through untouched.
+//! status, a closed `kind()` label for metrics and logs, where it came from
+//! (`source()`: the client, the upstream, or sluice itself) and a retry
+//! decision. Upstream error *responses* are not errors here: they pass through
+//! untouched. The rendering works for any body type that can be made from
+//! `Bytes`, so this module knows no body type.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::SluiceBody;
+/// Error type of sluice's bodies: hyper wants something convertible into a boxed error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Who caused an error. Only `Upstream` errors may count against an upstream
+/// key or its breaker: nothing a client sends may change shared health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The request itself: bad input, no credential, a body too large, a client gone.
+    Client,
+    /// The upstream or its keys: unreachable, broken, slow, rate-limited, open breaker.
+    Upstream,
+    /// sluice itself.
+    Internal,
+}
 
 /// Everything that can stop a request inside sluice.
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +37,13 @@ pub enum ProxyError {
     /// `model` is present but not a string.
     #[error("`model` must be a string")]
     ModelNotString,
-    /// The client body could not be read (reset, malformed framing).
+    /// The client body could not be read (malformed framing).
     #[error("could not read request body: {0}")]
     BodyRead(String),
+    /// The client closed its connection (or reset its stream) before its
+    /// request was read whole; nobody is left to answer (logged as 499).
+    #[error("the client went away before its request was read")]
+    ClientGone,
     /// No client key was presented on a path that requires one.
     #[error("missing API key: send it as `Authorization: Bearer <key>`, `X-API-Key`, `api-key` or `?api_key=`")]
     MissingApiKey,
@@ -40,8 +60,13 @@ pub enum ProxyError {
     #[error("unknown path `{0}`")]
     NotFound(String),
     /// The path exists but not for this method.
-    #[error("method {0} is not allowed on this path")]
-    MethodNotAllowed(http::Method),
+    #[error("method {method} is not allowed on this path")]
+    MethodNotAllowed {
+        /// The method the client used.
+        method: http::Method,
+        /// The `Allow` header value: the methods the path takes.
+        allow: &'static str,
+    },
     /// The client took too long to send its body (a slow or stalled client).
     #[error("request body not received within {0} s")]
     BodyTimeout(u64),
@@ -121,9 +146,11 @@ impl ProxyError {
         match self {
             Self::BadJson(_) | Self::EmptyBody | Self::ModelNotString | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::NoModel => StatusCode::BAD_REQUEST,
+            // Never sent (the client is gone); nginx's "client closed request".
+            Self::ClientGone => StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect { .. } | Self::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
@@ -144,12 +171,13 @@ impl ProxyError {
             Self::EmptyBody => "empty_body",
             Self::ModelNotString => "invalid_model",
             Self::BodyRead(_) => "body_read_error",
+            Self::ClientGone => "client_cancelled",
             Self::MissingApiKey => "missing_api_key",
             Self::InvalidApiKey => "invalid_api_key",
             Self::UnknownModel(_) => "model_not_found",
             Self::NoModel => "model_required",
             Self::NotFound(_) => "not_found",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::BodyTooLarge(_) => "request_too_large",
             Self::BodyTimeout(_) => "request_timeout",
             Self::UpstreamConnect { .. } => "upstream_unreachable",
@@ -165,6 +193,35 @@ impl ProxyError {
         }
     }
 
+    /// Who caused it. Key health and breakers only ever count `Upstream` errors.
+    pub fn source(&self) -> ErrorSource {
+        match self {
+            Self::BadJson(_)
+            | Self::EmptyBody
+            | Self::ModelNotString
+            | Self::BodyRead(_)
+            | Self::ClientGone
+            | Self::MissingApiKey
+            | Self::InvalidApiKey
+            | Self::UnknownModel(_)
+            | Self::NoModel
+            | Self::NotFound(_)
+            | Self::MethodNotAllowed { .. }
+            | Self::BodyTooLarge(_)
+            | Self::BodyTimeout(_)
+            | Self::AdminUnauthorized
+            | Self::ReloadFailed(_) => ErrorSource::Client,
+            Self::UpstreamConnect { .. }
+            | Self::UpstreamProtocol { .. }
+            | Self::UpstreamTimeout { .. }
+            | Self::UpstreamLogin { .. }
+            | Self::NoAvailableKey { .. }
+            | Self::AllKeysRateLimited { .. }
+            | Self::UpstreamUnavailable { .. } => ErrorSource::Upstream,
+            Self::Internal(_) => ErrorSource::Internal,
+        }
+    }
+
     /// The OpenAI error `type` field.
     fn error_type(&self) -> &'static str {
         match self {
@@ -172,10 +229,11 @@ impl ProxyError {
             | Self::EmptyBody
             | Self::ModelNotString
             | Self::BodyRead(_)
+            | Self::ClientGone
             | Self::UnknownModel(_)
             | Self::NoModel
             | Self::NotFound(_)
-            | Self::MethodNotAllowed(_)
+            | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge(_)
             | Self::BodyTimeout(_)
             | Self::ReloadFailed(_) => "invalid_request_error",
@@ -198,10 +256,11 @@ impl ProxyError {
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::BodyRead(_)
+            | Self::ClientGone
             | Self::MissingApiKey
             | Self::InvalidApiKey
             | Self::NotFound(_)
-            | Self::MethodNotAllowed(_)
+            | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge(_)
             | Self::BodyTimeout(_)
             | Self::UpstreamConnect { .. }
@@ -217,7 +276,9 @@ impl ProxyError {
         }
     }
 
-    /// Whether another attempt (another key, later) may succeed where this one failed.
+    /// Whether another attempt (another key, later) may succeed where this one
+    /// failed. The retry loop asks this, and separately whether the request was
+    /// sent and is safe to repeat.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::UpstreamConnect { .. } | Self::UpstreamTimeout { .. } => true,
@@ -226,12 +287,13 @@ impl ProxyError {
             | Self::EmptyBody
             | Self::ModelNotString
             | Self::BodyRead(_)
+            | Self::ClientGone
             | Self::MissingApiKey
             | Self::InvalidApiKey
             | Self::UnknownModel(_)
             | Self::NoModel
             | Self::NotFound(_)
-            | Self::MethodNotAllowed(_)
+            | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge(_)
             | Self::BodyTimeout(_)
             | Self::UpstreamLogin { .. }
@@ -244,30 +306,67 @@ impl ProxyError {
         }
     }
 
-    /// The OpenAI-shaped JSON body for this error.
-    pub fn to_json(&self) -> Bytes {
-        error_json(&self.to_string(), self.error_type(), self.param(), self.kind())
+    /// The message a client sees. Upstream failures are named without their
+    /// cause: the cause may hold internal addresses, and it goes to the log.
+    pub fn client_message(&self) -> String {
+        match self {
+            Self::UpstreamConnect { upstream, .. } => format!("upstream `{upstream}` is unreachable"),
+            Self::UpstreamProtocol { upstream, .. } => {
+                format!("upstream `{upstream}` broke off the exchange or answered with invalid HTTP")
+            }
+            Self::UpstreamLogin { upstream, .. } => format!("login to upstream `{upstream}` failed"),
+            Self::Internal(_) => "internal error".to_string(),
+            Self::BadJson(_)
+            | Self::EmptyBody
+            | Self::ModelNotString
+            | Self::BodyRead(_)
+            | Self::ClientGone
+            | Self::MissingApiKey
+            | Self::InvalidApiKey
+            | Self::UnknownModel(_)
+            | Self::NoModel
+            | Self::NotFound(_)
+            | Self::MethodNotAllowed { .. }
+            | Self::BodyTooLarge(_)
+            | Self::BodyTimeout(_)
+            | Self::UpstreamTimeout { .. }
+            | Self::NoAvailableKey { .. }
+            | Self::AllKeysRateLimited { .. }
+            | Self::UpstreamUnavailable { .. }
+            | Self::AdminUnauthorized
+            | Self::ReloadFailed(_) => self.to_string(),
+        }
     }
 
-    /// Renders the error as a complete response.
-    pub fn into_response(self) -> Response<SluiceBody> {
+    /// The OpenAI-shaped JSON body for this error.
+    pub fn to_json(&self) -> Bytes {
+        error_json(&self.client_message(), self.error_type(), self.param(), self.kind())
+    }
+
+    /// Renders the error as a complete response, in any body made from bytes.
+    pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
         let mut response = json_response(self.status(), self.to_json());
-        if let Self::MethodNotAllowed(_) = self {
-            // RFC 9110 wants an Allow header on 405; our fixed routes are GET- or POST-only.
-            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+        let headers = response.headers_mut();
+        if let Self::MethodNotAllowed { allow, .. } = self {
+            // RFC 9110 wants an Allow header on 405, naming what the path takes.
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         if let Self::NoAvailableKey { retry_after: Some(secs), .. }
         | Self::AllKeysRateLimited { retry_after: Some(secs), .. }
         | Self::UpstreamUnavailable { retry_after: Some(secs), .. } = self
         {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if let Self::MissingApiKey | Self::InvalidApiKey | Self::AdminUnauthorized = self {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
 }
+
+/// Status recorded for a request whose client left before its answer
+/// (nginx's "client closed request"); never sent, since nobody is listening.
+pub const CLIENT_CLOSED: u16 = 499;
 
 /// Builds `{"error":{"message","type","param","code"}}`.
 pub fn error_json(message: &str, error_type: &str, param: Option<&str>, code: &str) -> Bytes {
@@ -278,8 +377,8 @@ pub fn error_json(message: &str, error_type: &str, param: Option<&str>, code: &s
 }
 
 /// A JSON response with the given status and body.
-pub fn json_response(status: StatusCode, body: Bytes) -> Response<SluiceBody> {
-    let mut response = Response::new(SluiceBody::full(body));
+pub fn json_response<B: From<Bytes>>(status: StatusCode, body: Bytes) -> Response<B> {
+    let mut response = Response::new(B::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
@@ -296,12 +395,13 @@ mod tests {
             (ProxyError::EmptyBody, 400),
             (ProxyError::ModelNotString, 400),
             (ProxyError::BodyRead("x".into()), 400),
+            (ProxyError::ClientGone, 499),
             (ProxyError::NoModel, 400),
             (ProxyError::MissingApiKey, 401),
             (ProxyError::InvalidApiKey, 401),
             (ProxyError::UnknownModel("m".into()), 404),
             (ProxyError::NotFound("/x".into()), 404),
-            (ProxyError::MethodNotAllowed(http::Method::PUT), 405),
+            (ProxyError::MethodNotAllowed { method: http::Method::PUT, allow: "GET, HEAD" }, 405),
             (ProxyError::BodyTooLarge(1), 413),
             (ProxyError::BodyTimeout(1), 408),
             (ProxyError::UpstreamConnect { upstream: up(), reason: up() }, 502),
@@ -347,6 +447,36 @@ mod tests {
                     | ProxyError::UpstreamTimeout { .. }
             );
             assert_eq!(error.is_retryable(), transient, "{error:?} ({status})");
+            if transient {
+                assert_eq!(error.source(), ErrorSource::Upstream);
+            }
         }
+    }
+
+    #[test]
+    fn client_caused_errors_are_the_clients() {
+        for (error, status) in all() {
+            let client = (400..500).contains(&status)
+                && !matches!(error, ProxyError::AllKeysRateLimited { .. } | ProxyError::AdminUnauthorized);
+            if client {
+                assert_eq!(error.source(), ErrorSource::Client, "{error:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn client_messages_never_carry_the_cause() {
+        let error =
+            ProxyError::UpstreamConnect { upstream: "u".into(), reason: "connect to 10.1.2.3:443 failed".into() };
+        let body = String::from_utf8(error.to_json().to_vec()).unwrap();
+        assert!(!body.contains("10.1.2.3"), "{body}");
+        assert!(error.to_string().contains("10.1.2.3"), "the log keeps the cause");
+    }
+
+    #[test]
+    fn allow_names_the_paths_methods() {
+        let response: Response<Bytes> =
+            ProxyError::MethodNotAllowed { method: http::Method::POST, allow: "GET, HEAD" }.into_response();
+        assert_eq!(response.headers()[header::ALLOW], "GET, HEAD");
     }
 }

@@ -6,6 +6,25 @@ use std::cell::Cell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// Header carrying the request id, taken from the client or generated.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request id for a request: the client's if it is a sane token (visible
+/// ASCII, at most 128 bytes), a fresh UUID otherwise.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(REQUEST_ID) {
+        let bytes = id.as_bytes();
+        if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
+            // A copy, not a clone: the clone would share (and keep alive for the
+            // whole response) the read buffer the request head was parsed in.
+            return HeaderValue::from_bytes(bytes).unwrap_or_else(|_| id.clone());
+        }
+    }
+    HeaderValue::from_bytes(&uuid_v4_bytes()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
 thread_local! {
     static STATE: Cell<u64> = Cell::new(seed());
 }
@@ -59,6 +78,17 @@ pub fn uuid_v4_bytes() -> [u8; 36] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_id_kept_or_generated() {
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        let generated = request_id(&h);
+        assert_eq!(generated.len(), 36);
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+    }
 
     #[test]
     fn uuid_shape() {

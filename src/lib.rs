@@ -1,26 +1,29 @@
 //! sluice: an OpenAI-compatible LLM API gateway.
 //!
-//! The request path, in the order a request meets it: [`server`] accepts,
-//! [`service`] routes by path, [`access`] checks the client, [`proxy`] reads,
-//! routes and forwards, and [`proxy::body`] streams the answer back.
+//! Modules depend one way, down this list: [`config`], [`clock`], [`ids`] and
+//! [`tasks`] at the bottom; [`error`]; [`telemetry`] (the per-request record,
+//! metrics, the request log); [`upstream`] (long-lived: keys, breakers, pooled
+//! clients); [`routes`] and [`access`]; [`state`] (the reloadable snapshot);
+//! [`proxy`] (the per-request stages); [`admin`] and [`service`] (the pipeline);
+//! [`server`] (listeners); [`shutdown`], [`notify`] and the [`mock`] upstream.
 
 pub mod access;
 pub mod admin;
-pub mod body;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod ids;
 pub mod mock;
 pub mod notify;
-pub mod probe;
 pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod state;
+pub mod tasks;
 pub mod telemetry;
+pub mod upstream;
 
 /// The crate version, reported by `/health` and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -188,10 +188,11 @@ async fn serve(config: Config) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("sluice {} listening on http://{addr}", sluice::VERSION);
     tracing::info!(%addr, version = sluice::VERSION, "listening");
-    tokio::spawn(shutdown::reload_on_sighup(std::sync::Arc::clone(&shared)));
+    shared.tasks.spawn(shutdown::reload_on_sighup(std::sync::Arc::clone(&shared)));
+    let stop_signal = shutdown::first_stop_signal();
     sluice::notify::ready(&format!("listening on {addr}"));
     let stop = async {
-        shutdown::first_stop_signal().await;
+        stop_signal.await;
         sluice::notify::stopping();
     };
     let drain = server::serve(listener, std::sync::Arc::clone(&shared), stop, grace).await;
@@ -212,7 +213,7 @@ async fn test(config: Config, models: Vec<String>, timeout: u64) -> Result<(), S
     let shared = Shared::new(config)?;
     let mut failed = 0;
     for model in &models {
-        let result = sluice::probe::probe(&shared, model, std::time::Duration::from_secs(timeout)).await;
+        let result = sluice::admin::probe::probe(&shared, model, std::time::Duration::from_secs(timeout)).await;
         let verdict = if result.ok { "ok  " } else { "FAIL" };
         println!(
             "{verdict} {:<32} {:>4} {:>9.1} ms  {}",
@@ -233,7 +234,7 @@ async fn chat(config: Config, model: String, message: String) -> Result<(), Stri
     let shared = Shared::new(config)?;
     let body =
         serde_json::json!({ "model": model, "stream": true, "messages": [{ "role": "user", "content": message }] });
-    let response = sluice::probe::send_chat(&shared, body).await.map_err(|e| e.to_string())?;
+    let response = sluice::admin::probe::send_chat(&shared, body).await.map_err(|e| e.to_string())?;
     let status = response.status();
     let mut body = response.into_body();
     if !status.is_success() {
@@ -244,7 +245,7 @@ async fn chat(config: Config, model: String, message: String) -> Result<(), Stri
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("the stream broke: {e}"))?;
         if let Some(data) = frame.data_ref() {
-            let _ = write!(out, "{}", sluice::probe::sse_text(&mut pending, data));
+            let _ = write!(out, "{}", sluice::admin::probe::sse_text(&mut pending, data));
             let _ = out.flush();
         }
     }

@@ -32,9 +32,8 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::body::BoxError;
-use crate::error::error_json;
-use crate::server::{ConnStats, H2Limits, serve_service};
+use crate::error::{BoxError, error_json};
+use crate::server::{ConnStats, Limits, serve_service};
 pub use faults::{Faults, KeyFault, RateFault};
 use sse::SseStream;
 use stats::MockStats;
@@ -50,7 +49,7 @@ pub struct MockState {
     stats: Arc<MockStats>,
     conns: Arc<ConnStats>,
     faults: ArcSwap<Faults>,
-    /// Request sequence, for ids and for spreading rate faults evenly.
+    /// Request sequence, for ids and for drawing rate faults.
     seq: AtomicU64,
     /// Logins served by `POST /auth/login`.
     logins: AtomicU64,
@@ -82,6 +81,7 @@ pub struct MockServer {
     pub addr: SocketAddr,
     /// Its state, for in-process tests.
     pub state: Arc<MockState>,
+    scheme: &'static str,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -94,6 +94,17 @@ impl MockServer {
 
     /// Serves on an already bound listener, in the background.
     pub fn serve(listener: TcpListener) -> Self {
+        Self::serve_with(listener, None)
+    }
+
+    /// Serves TLS on an already bound listener, in the background; the
+    /// acceptor's ALPN list says which protocols clients may pick.
+    pub fn serve_tls(listener: TcpListener, tls: tokio_rustls::TlsAcceptor) -> Self {
+        Self::serve_with(listener, Some(tls))
+    }
+
+    fn serve_with(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let conns = Arc::new(ConnStats::default());
         let state = Arc::new(MockState {
@@ -107,21 +118,23 @@ impl MockServer {
         let service = MockService(Arc::clone(&state));
         tokio::spawn(serve_service(
             listener,
-            service,
+            tls,
+            move |_| service.clone(),
             conns,
             async move {
                 let _ = stopped.await;
             },
             || {},
             Duration::from_secs(1),
-            H2Limits { max_streams: MOCK_H2_MAX_STREAMS, max_pending_resets: MOCK_H2_MAX_STREAMS as usize },
+            Limits { max_streams: MOCK_H2_MAX_STREAMS, max_pending_resets: MOCK_H2_MAX_STREAMS as usize },
         ));
-        Self { addr, state, stop: Some(stop) }
+        Self { addr, state, scheme, stop: Some(stop) }
     }
 
-    /// The base URL an upstream config points at (`http://ADDR/v1`).
+    /// The base URL an upstream config points at (`http://ADDR/v1`, or
+    /// `https://ADDR/v1` over TLS).
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}://{}/v1", self.scheme, self.addr)
     }
 
     /// Stops accepting; open connections are given a second to finish.
@@ -194,8 +207,12 @@ fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<MockBody> {
 }
 
 fn error(status: StatusCode, message: &str) -> Response<MockBody> {
+    error_coded(status, message, "mock_fault")
+}
+
+fn error_coded(status: StatusCode, message: &str, code: &str) -> Response<MockBody> {
     let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
-    json(status, error_json(message, kind, None, "mock_fault"))
+    json(status, error_json(message, kind, None, code))
 }
 
 /// The fields of a chat request the mock looks at.
@@ -247,9 +264,10 @@ async fn respond(state: &MockState, request: Request<Incoming>, key: &str, path:
         tokio::time::sleep(Duration::from_millis(plan.latency_ms)).await;
     }
     if let Some(fault) = faults.keys.get(key) {
-        let mut response = error(
+        let mut response = error_coded(
             StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             "mock: fault for this key",
+            fault.code.as_deref().unwrap_or("mock_fault"),
         );
         if let Some(retry_after) = fault.retry_after.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
             response.headers_mut().insert(RETRY_AFTER, retry_after);
@@ -257,7 +275,7 @@ async fn respond(state: &MockState, request: Request<Incoming>, key: &str, path:
         return response;
     }
     if let Some(rate) = &faults.error_rate
-        && Faults::rate_hits(rate.rate, n)
+        && Faults::rate_hits(rate, n)
     {
         return error(
             StatusCode::from_u16(rate.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

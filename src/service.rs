@@ -1,6 +1,10 @@
-//! The hyper service: `(method, path)` to a handler. [`handle`] is the only place
-//! that turns an error into a response, logs it and records it; [`handle_inner`]
-//! just uses `?`.
+//! The hyper service and the request pipeline. [`handle`] is the only place
+//! that turns an error into a response, logs it and records it; the stages
+//! below it just use `?`.
+//!
+//! A proxied request runs: authenticate -> read + plan -> send -> decorate.
+//! Every request, answered or abandoned, is recorded once by
+//! [`proxy::end::finish`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,23 +17,24 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::admin;
-use crate::body::SluiceBody;
-use crate::error::{ProxyError, json_response};
-use crate::proxy::headers::REQUEST_ID;
-use crate::proxy::{self, RequestContext};
+use crate::error::{CLIENT_CLOSED, ProxyError, json_response};
+use crate::ids::REQUEST_ID;
+use crate::proxy::body::SluiceBody;
+use crate::proxy::{self, end, retry};
 use crate::state::{Live, Shared};
-use crate::telemetry::{self, End};
+use crate::telemetry::{ConnInfo, End, RequestContext};
 
-/// The gateway as a hyper service; cheap to clone per connection.
+/// The gateway as a hyper service for one connection; cheap to clone.
 #[derive(Clone)]
 pub struct Gateway {
     shared: Arc<Shared>,
+    conn: ConnInfo,
 }
 
 impl Gateway {
-    /// A service over the shared state.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    /// The service for a connection with these facts.
+    pub fn new(shared: Arc<Shared>, conn: ConnInfo) -> Self {
+        Self { shared, conn }
     }
 }
 
@@ -39,44 +44,56 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let shared = Arc::clone(&self.shared);
-        Box::pin(async move { Ok(handle(&shared, request).await) })
+        let (shared, conn) = (Arc::clone(&self.shared), self.conn);
+        Box::pin(async move { Ok(handle(&shared, request, conn).await) })
     }
 }
 
-/// Status recorded for a request whose client left before its answer began
-/// (nginx's "client closed request"); never sent, since nobody is listening.
-pub const CLIENT_CLOSED: u16 = 499;
-
-/// Answers one request; never fails. A proxied answer is recorded when its body
-/// ends (by the metered body); everything else is recorded here, including a
-/// request whose client left first (hyper then drops this future mid-way).
-pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<SluiceBody> {
-    let mut pending = Unanswered { ctx: RequestContext::new(Arc::clone(&shared.telemetry), &request), armed: true };
+/// Answers one request; never fails. A proxied answer is recorded when its
+/// body ends (by the metered body); everything else is recorded here,
+/// including a request whose client left first (hyper then drops this future
+/// mid-way).
+pub async fn handle(shared: &Shared, request: Request<Incoming>, conn: ConnInfo) -> Response<SluiceBody> {
+    let ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, conn);
+    let mut pending = Unanswered { ctx, armed: true };
     let ctx = &mut pending.ctx;
     let (mut response, error) = match handle_inner(shared, request, ctx).await {
         Ok(response) => (response, None),
         Err(error) => {
-            let status = error.status();
-            // Only the path: a query may carry `api_key`.
-            let (method, path) = (&ctx.method, &*ctx.path);
-            if status.is_server_error() {
-                tracing::warn!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind = error.kind(), %error, "request failed");
-            } else {
-                tracing::info!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind = error.kind(), %error, "request refused");
-            }
+            log_refusal(ctx, &error);
             let kind = error.kind();
             (error.into_response(), Some(kind))
         }
     };
     pending.armed = false;
     let ctx = &pending.ctx;
-    response.headers_mut().insert(REQUEST_ID, ctx.request_id.clone());
+    decorate(&mut response, ctx);
     if !matches!(response.body(), SluiceBody::Upstream { .. }) {
         let bytes_out = response.body().size_hint().exact().unwrap_or(0);
-        shared.telemetry.finish(ctx, End { status: response.status().as_u16(), bytes_out, error, ..End::default() });
+        end::finish(ctx, End { status: response.status().as_u16(), bytes_out, error, ..End::default() });
     }
     response
+}
+
+/// The decorate stage: what every answer carries.
+fn decorate(response: &mut Response<SluiceBody>, ctx: &RequestContext) {
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID, ctx.request_id.clone());
+    if ctx.attempts > 1 {
+        let (name, value) = retry::no_more_retries();
+        headers.insert(name, value);
+    }
+}
+
+fn log_refusal(ctx: &RequestContext, error: &ProxyError) {
+    let status = error.status();
+    // Only the path: a query may carry `api_key`.
+    let (method, path, attempts) = (&ctx.method, &*ctx.path, ctx.attempts);
+    if status.is_server_error() {
+        tracing::warn!(request_id = ?ctx.request_id, %method, path, attempts, status = status.as_u16(), kind = error.kind(), %error, "request failed");
+    } else {
+        tracing::info!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind = error.kind(), %error, "request refused");
+    }
 }
 
 /// A request on its way through [`handle`]. If hyper drops the handler before
@@ -95,7 +112,7 @@ impl Drop for Unanswered {
         }
         let ctx = &self.ctx;
         tracing::info!(request_id = ?ctx.request_id, method = %ctx.method, path = &*ctx.path, attempts = ctx.attempts, "client left before the answer");
-        ctx.telemetry.finish(ctx, End { status: CLIENT_CLOSED, error: Some("client_cancelled"), ..End::default() });
+        end::finish(ctx, End { status: CLIENT_CLOSED, error: Some("client_cancelled"), ..End::default() });
     }
 }
 
@@ -111,14 +128,14 @@ async fn handle_inner(
     let path = request.uri().path();
     match path {
         "/" | "/health" | "/v1/health" => {
-            only(&request, &Method::GET)?;
+            only_get(&request)?;
             authenticate(&live, &request, ctx)?;
-            Ok(admin::health(shared, &live))
+            Ok(admin::health::health(shared, &live))
         }
         "/metrics" if live.config.metrics_enabled => {
             authenticate(&live, &request, ctx)?;
-            only(&request, &Method::GET)?;
-            let mut response = Response::new(SluiceBody::full(telemetry::render_metrics(shared, &live)));
+            only_get(&request)?;
+            let mut response = Response::new(SluiceBody::full(admin::metrics::render_metrics(shared, &live)));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -126,36 +143,47 @@ async fn handle_inner(
         }
         "/stats" => {
             authenticate(&live, &request, ctx)?;
-            only(&request, &Method::GET)?;
-            Ok(json_response(StatusCode::OK, telemetry::render_stats(shared, &live).to_string().into()))
+            only_get(&request)?;
+            Ok(json_response(StatusCode::OK, admin::stats::render_stats(shared, &live).to_string().into()))
         }
         "/v1/models" => {
             authenticate(&live, &request, ctx)?;
-            only(&request, &Method::GET)?;
+            only_get(&request)?;
             Ok(json_response(StatusCode::OK, live.routes.models_json.clone()))
         }
-        _ if path.starts_with("/admin/") => admin::handle(shared, &live, request.method(), path, request.headers()),
-        _ if path.starts_with("/v1/models/") && path.ends_with("/test") => {
-            admin::test_model(shared, &live, request.method(), path, request.headers()).await
+        _ if path.starts_with("/admin/") || (path.starts_with("/v1/models/") && path.ends_with("/test")) => {
+            admin::handle(shared, &live, request).await
         }
-        _ if path.starts_with("/v1/") => {
-            authenticate(&live, &request, ctx)?;
-            if proxy::is_model_endpoint(path) {
-                only(&request, &Method::POST)?;
-            }
-            proxy::forward(&live, request, ctx).await
-        }
+        _ if path.starts_with("/v1/") => forward(&live, request, ctx).await,
         _ => Err(ProxyError::NotFound(path.to_string())),
     }
 }
 
-fn only(request: &Request<Incoming>, method: &Method) -> Result<(), ProxyError> {
-    let allowed = request.method() == method || (method == Method::GET && request.method() == Method::HEAD);
-    if allowed { Ok(()) } else { Err(ProxyError::MethodNotAllowed(request.method().clone())) }
+/// The proxied pipeline: authenticate -> read + plan -> send.
+async fn forward(
+    live: &Live,
+    request: Request<Incoming>,
+    ctx: &mut RequestContext,
+) -> Result<Response<SluiceBody>, ProxyError> {
+    authenticate(live, &request, ctx)?;
+    if proxy::is_model_endpoint(request.uri().path()) && request.method() != Method::POST {
+        return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
+    }
+    let prepared = proxy::prepare(live, request, ctx).await?;
+    retry::send(prepared, ctx).await
 }
 
+/// GET-only paths (HEAD too, as HTTP wants).
+fn only_get(request: &Request<Incoming>) -> Result<(), ProxyError> {
+    match *request.method() {
+        Method::GET | Method::HEAD => Ok(()),
+        _ => Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "GET, HEAD" }),
+    }
+}
+
+/// The authenticate stage.
 fn authenticate(live: &Live, request: &Request<Incoming>, ctx: &mut RequestContext) -> Result<(), ProxyError> {
     let client = live.client_keys.authenticate(request.uri().path(), request.headers(), request.uri().query())?;
-    ctx.client = client.map(|c| c.0);
+    ctx.client = client.and_then(|id| live.client_keys.label(id)).cloned();
     Ok(())
 }

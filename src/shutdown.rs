@@ -1,9 +1,13 @@
 //! Process signals: SIGTERM/SIGINT start a drain (a second one exits at once);
-//! SIGHUP reloads the config and keys files.
+//! SIGHUP reloads the config and keys files. Both handlers are installed when
+//! their function is called, not when its future is first polled: a signal
+//! sent the moment systemd hears READY must find its handler (SIGHUP's default
+//! action would end the process).
 
+use std::future::Future;
 use std::sync::Arc;
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::state::Shared;
 
@@ -12,8 +16,13 @@ pub const EXIT_FORCED: i32 = 130;
 
 /// Resolves on the first SIGTERM or SIGINT. From then on, another SIGTERM or
 /// SIGINT ends the process at once, whatever is still draining.
-pub async fn first_stop_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+pub fn first_stop_signal() -> impl Future<Output = ()> {
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move { stop_on(handlers).await }
+}
+
+async fn stop_on(handlers: (std::io::Result<Signal>, std::io::Result<Signal>)) {
+    let (Ok(mut term), Ok(mut int)) = handlers else {
         tracing::error!("cannot install signal handlers; only a kill will stop this process");
         return std::future::pending().await;
     };
@@ -32,14 +41,23 @@ pub async fn first_stop_signal() {
     });
 }
 
-/// Reloads on every SIGHUP until the process ends. A refused reload keeps the
+/// Reloads on every SIGHUP until shutdown begins. A refused reload keeps the
 /// running config; `Shared::reload` logs why.
-pub async fn reload_on_sighup(shared: Arc<Shared>) {
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+pub fn reload_on_sighup(shared: Arc<Shared>) -> impl Future<Output = ()> {
+    let handler = signal(SignalKind::hangup());
+    async move { reload_on(handler, shared).await }
+}
+
+async fn reload_on(handler: std::io::Result<Signal>, shared: Arc<Shared>) {
+    let Ok(mut hangup) = handler else {
         tracing::error!("cannot install the SIGHUP handler; reload with POST /admin/reload");
         return;
     };
-    while hangup.recv().await.is_some() {
+    loop {
+        tokio::select! {
+            received = hangup.recv() => if received.is_none() { return },
+            () = shared.tasks.stopped() => return,
+        }
         tracing::info!("SIGHUP: reloading");
         crate::notify::reloading();
         let status = match shared.reload() {

@@ -1,23 +1,27 @@
 //! The reloadable snapshot ([`Live`]) and the process-wide state around it
-//! ([`Shared`]). A request loads the snapshot once and keeps it to its end; a
-//! reload builds a new one fallibly and swaps it in with one store, so a bad
-//! file leaves the running snapshot untouched.
+//! ([`Shared`]). A request loads the snapshot once and keeps it until its
+//! response body ends (the metered body holds its upstream); a reload builds a
+//! new one fallibly and swaps it in with one store, so a bad file leaves the
+//! running snapshot untouched. The snapshot is made of `Arc` parts, so one
+//! part (the client table) can be replaced without rebuilding the others.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use tokio::time::Instant;
 
 use crate::access::auth::ClientKeys;
 use crate::config::Config;
 use crate::config::keys::Secret;
-use crate::proxy::keyring::UpstreamKey;
-use crate::proxy::upstream::{Carry, ClientRegistry, Upstream};
 use crate::routes::Routes;
+use crate::tasks::Tasks;
 use crate::telemetry::Telemetry;
 use crate::telemetry::accesslog::AccessLog;
+use crate::upstream::keyring::UpstreamKey;
+use crate::upstream::registry::ClientRegistry;
+use crate::upstream::{Carry, Upstream};
 
 /// Everything a request needs that a reload may change.
 #[derive(Debug)]
@@ -25,11 +29,11 @@ pub struct Live {
     /// The validated config this snapshot was built from.
     pub config: Arc<Config>,
     /// Upstreams in config order; routes point into this list.
-    pub upstreams: Vec<Arc<Upstream>>,
+    pub upstreams: Arc<[Arc<Upstream>]>,
     /// Model routes.
-    pub routes: Routes,
+    pub routes: Arc<Routes>,
     /// Accepted client keys.
-    pub client_keys: ClientKeys,
+    pub client_keys: Arc<ClientKeys>,
 }
 
 struct Previous<'a>(Option<&'a Live>);
@@ -53,10 +57,10 @@ impl Live {
             .upstreams
             .iter()
             .map(|u| Upstream::new(u, clients, &carry).map(Arc::new).map_err(|e| format!("upstream `{}`: {e}", u.name)))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Arc<[_]>, _>>()?;
         Ok(Self {
-            routes: Routes::new(&config, previous.map(|p| &p.routes)),
-            client_keys: ClientKeys::new(&config.auth),
+            routes: Arc::new(Routes::new(&config, previous.map(|p| p.routes.as_ref()))),
+            client_keys: Arc::new(ClientKeys::new(&config.auth)),
             upstreams,
             config: Arc::new(config),
         })
@@ -95,6 +99,8 @@ pub struct Shared {
     pub reloads: [AtomicU64; 2],
     /// Metrics and the request log.
     pub telemetry: Arc<Telemetry>,
+    /// Background tasks, stopped and awaited on shutdown.
+    pub tasks: Tasks,
     /// Serializes reloads (SIGHUP and admin calls may race); never taken by requests.
     reload_lock: std::sync::Mutex<()>,
 }
@@ -102,7 +108,8 @@ pub struct Shared {
 impl Shared {
     /// Builds the shared state from a validated config.
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let clients = ClientRegistry::new(config.client.clone());
+        let tasks = Tasks::default();
+        let clients = ClientRegistry::new(config.client.clone(), tasks.clone());
         let log = match &config.log.requests {
             Some(path) => Some(
                 AccessLog::start(path.clone(), config.log.requests_max_size, config.log.requests_keep)
@@ -118,6 +125,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             telemetry: Arc::new(Telemetry::new(log)),
+            tasks,
             reload_lock: std::sync::Mutex::new(()),
         }))
     }

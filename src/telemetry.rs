@@ -1,9 +1,10 @@
-//! Observability: application logs (tracing), metrics, the request log, and
-//! `/metrics` and `/stats`. A request's facts are gathered along its path in its
-//! [`RequestContext`](crate::proxy::RequestContext) and recorded exactly once,
-//! when its response ends, by [`Telemetry::finish`].
+//! Observability: application logs (tracing), metrics and the request log. A
+//! request's facts are gathered along its path in its [`RequestContext`] and
+//! recorded exactly once, when its response ends, by [`Telemetry::finish`].
+//! `/metrics` and `/stats` render these in [`crate::admin`].
 
 pub mod accesslog;
+pub mod context;
 pub mod metrics;
 pub mod usage;
 
@@ -13,14 +14,10 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::clock::now_ms;
 use crate::config::LogFormat;
-use crate::proxy::RequestContext;
-use crate::proxy::breaker::BreakerState;
-use crate::proxy::keyring::KeyState;
-use crate::state::{Live, Shared};
 use accesslog::{AccessLog, Record};
-use metrics::{Metrics, header, line};
+pub use context::{ConnInfo, InFlight, RequestContext};
+use metrics::Metrics;
 
 /// Installs the global subscriber. A second call (tests, `demo`) is a no-op.
 pub fn init(level: &str, format: LogFormat) {
@@ -67,7 +64,7 @@ impl Telemetry {
 
     /// Records one finished request: counters, histograms, tokens, and a
     /// request-log line (dropped and counted if the writer is behind). The
-    /// in-flight gauge is the context's [`InFlight`](crate::proxy::InFlight) token.
+    /// in-flight gauge is the context's [`InFlight`] token.
     pub fn finish(&self, ctx: &RequestContext, end: End<'_>) {
         let metrics = &self.metrics;
         let model = ctx.model.as_deref().unwrap_or(&metrics.unrouted);
@@ -82,7 +79,7 @@ impl Telemetry {
         let record = Record {
             arrived: ctx.arrived,
             request_id: ctx.request_id.clone(),
-            client: ctx.client,
+            client: ctx.client.clone(),
             method: ctx.method.clone(),
             path: Arc::clone(&ctx.path),
             model: ctx.model.as_ref().map(|m| Arc::clone(&m.model)),
@@ -110,129 +107,4 @@ impl Telemetry {
             log.flush();
         }
     }
-}
-
-/// `GET /metrics`: the Prometheus text exposition.
-pub fn render_metrics(shared: &Shared, live: &Live) -> String {
-    let mut out = String::with_capacity(8192);
-    let metrics = &shared.telemetry.metrics;
-    metrics.render(live.routes.metrics(), &mut out);
-    let now = now_ms();
-    header(&mut out, metrics::UPSTREAM_ATTEMPTS, "counter", "Upstream attempts by key and outcome.");
-    for upstream in &live.upstreams {
-        for key in upstream.keys.keys() {
-            let c = &key.counters;
-            for (outcome, counter) in [
-                ("success", &c.successes),
-                ("rate_limited", &c.rate_limited),
-                ("rejected", &c.rejected),
-                ("server_error", &c.server_errors),
-                ("connect_error", &c.connect_errors),
-                ("timeout", &c.timeouts),
-            ] {
-                let labels = [("upstream", upstream.name.as_ref()), ("key", &*key.fingerprint), ("outcome", outcome)];
-                line(&mut out, metrics::UPSTREAM_ATTEMPTS, &labels, counter.load(Relaxed));
-            }
-        }
-    }
-    header(&mut out, metrics::KEY_STATE, "gauge", "Key health: 1 for the state the key is in.");
-    for upstream in &live.upstreams {
-        for key in upstream.keys.keys() {
-            let current = match key.state(now) {
-                KeyState::Healthy => "healthy",
-                KeyState::Cooling { .. } => "cooling",
-                KeyState::Disabled => "disabled",
-            };
-            for state in ["healthy", "cooling", "disabled"] {
-                let labels = [("upstream", upstream.name.as_ref()), ("key", &*key.fingerprint), ("state", state)];
-                line(&mut out, metrics::KEY_STATE, &labels, u8::from(state == current));
-            }
-        }
-    }
-    header(&mut out, metrics::BREAKER_STATE, "gauge", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
-    for upstream in &live.upstreams {
-        let value = match upstream.breaker.state() {
-            BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
-        };
-        line(&mut out, metrics::BREAKER_STATE, &[("upstream", upstream.name.as_ref())], value);
-    }
-    header(&mut out, metrics::RELOADS, "counter", "Config reloads by result.");
-    line(&mut out, metrics::RELOADS, &[("result", "ok")], shared.reloads[0].load(Relaxed));
-    line(&mut out, metrics::RELOADS, &[("result", "error")], shared.reloads[1].load(Relaxed));
-    out
-}
-
-/// `GET /stats`: totals, success rate, uptime, per upstream and per key counters.
-pub fn render_stats(shared: &Shared, live: &Live) -> serde_json::Value {
-    let metrics = &shared.telemetry.metrics;
-    let (mut total, mut successes) = (0u64, 0u64);
-    let routes = [
-        metrics::Route::ChatCompletions,
-        metrics::Route::Completions,
-        metrics::Route::Embeddings,
-        metrics::Route::Models,
-        metrics::Route::OtherV1,
-    ];
-    for model in std::iter::once(&metrics.unrouted).chain(live.routes.metrics()) {
-        for route in routes {
-            let (all, ok) = model.totals(route);
-            total += all;
-            successes += ok;
-        }
-    }
-    let upstreams: Vec<serde_json::Value> = live
-        .upstreams
-        .iter()
-        .map(|u| {
-            let keys: Vec<serde_json::Value> = u
-                .keys
-                .keys()
-                .iter()
-                .map(|k| {
-                    let c = &k.counters;
-                    serde_json::json!({
-                        "key": &*k.fingerprint,
-                        "requests": c.requests.load(Relaxed),
-                        "successes": c.successes.load(Relaxed),
-                        "rate_limited": c.rate_limited.load(Relaxed),
-                        "rejected": c.rejected.load(Relaxed),
-                        "server_errors": c.server_errors.load(Relaxed),
-                        "connect_errors": c.connect_errors.load(Relaxed),
-                        "timeouts": c.timeouts.load(Relaxed),
-                        "in_flight": c.in_flight.load(Relaxed),
-                    })
-                })
-                .collect();
-            let sum = |f: fn(&crate::proxy::keyring::KeyCounters) -> u64| {
-                u.keys.keys().iter().map(|k| f(&k.counters)).sum::<u64>()
-            };
-            serde_json::json!({
-                "name": u.name.as_ref(),
-                "attempts": sum(|c| c.requests.load(Relaxed)),
-                "successes": sum(|c| c.successes.load(Relaxed)),
-                "breaker": u.breaker.state().label(),
-                // sluice's own HTTP/1.1 pool (null for TLS and h2c upstreams).
-                "connections": u.h1.as_ref().map(|pool| serde_json::json!({
-                    "opened": pool.opened(),
-                    "idle": pool.idle(),
-                })),
-                "keys": keys,
-            })
-        })
-        .collect();
-    let failures = total - successes;
-    serde_json::json!({
-        "uptime_seconds": shared.started.elapsed().as_secs(),
-        "requests": total,
-        "successes": successes,
-        "failures": failures,
-        "success_rate": if total == 0 { 1.0 } else { successes as f64 / total as f64 },
-        "in_flight": metrics.in_flight.load(Relaxed),
-        "streams_open": metrics.streams_open.load(Relaxed),
-        "retries": metrics.retries.load(Relaxed),
-        "failovers": metrics.failovers.load(Relaxed),
-        "upstreams": upstreams,
-    })
 }

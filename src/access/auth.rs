@@ -4,10 +4,16 @@
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
 
+use http::HeaderName;
+
 use crate::config::AuthConfig;
 use crate::config::keys::Secret;
 use crate::error::ProxyError;
-use crate::proxy::headers::{API_KEY, X_API_KEY};
+
+/// Client credential header besides `Authorization` (Anthropic-style).
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// Azure-style client credential header.
+pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
 /// Which configured client key a request presented (its index in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +24,8 @@ pub struct ClientId(pub usize);
 pub struct ClientKeys {
     require: bool,
     keys: Vec<Secret<Box<[u8]>>>,
+    /// How the request log names each key (`config:N`), made once.
+    labels: Vec<std::sync::Arc<str>>,
     exempt: Vec<Box<str>>,
 }
 
@@ -27,8 +35,14 @@ impl ClientKeys {
         Self {
             require: config.require_api_key,
             keys: config.keys.iter().map(|k| Secret::new(k.expose().as_bytes().into())).collect(),
+            labels: (0..config.keys.len()).map(|i| std::sync::Arc::from(format!("config:{i}"))).collect(),
             exempt: config.exempt.iter().map(|p| p.as_str().into()).collect(),
         }
+    }
+
+    /// The name the request log gives a key.
+    pub fn label(&self, id: ClientId) -> Option<&std::sync::Arc<str>> {
+        self.labels.get(id.0)
     }
 
     /// Whether `path` is served without a key.

@@ -58,6 +58,7 @@ pub(super) struct RawUpstream {
     headers: BTreeMap<String, String>,
     #[serde(default)]
     http2: Http2Mode,
+    ca_file: Option<PathBuf>,
     #[serde(default)]
     strategy: Strategy,
     max_attempts: Option<u32>,
@@ -158,6 +159,9 @@ pub struct UpstreamConfig {
     pub headers: Vec<(HeaderName, String)>,
     /// HTTP/2 mode.
     pub http2: Http2Mode,
+    /// Extra trusted CA certificates (PEM) for this upstream's TLS, beside the
+    /// public web roots: for private gateways and test upstreams.
+    pub ca_file: Option<PathBuf>,
     /// Key choice.
     pub strategy: Strategy,
     /// Retry budget.
@@ -205,6 +209,13 @@ impl Validator<'_> {
                 "prior-knowledge is for http:// (h2c); over https use `auto`, which negotiates h2 by ALPN",
             ));
         }
+        let ca_file = raw.ca_file.as_ref().map(|file| self.base_dir.join(file));
+        if let Some(path) = &ca_file {
+            if base_url.scheme_str() != Some("https") {
+                return Err(self.invalid(at("ca_file"), "only https:// upstreams use a CA file"));
+            }
+            crate::config::tls::read_certificates(path).map_err(|e| self.invalid(at("ca_file"), e))?;
+        }
         let auth = match raw.kind {
             Kind::Openai => self.openai_auth(&at, &raw)?,
             Kind::Token => self.token_auth(&at, &raw)?,
@@ -242,6 +253,7 @@ impl Validator<'_> {
             auth,
             headers,
             http2: raw.http2,
+            ca_file,
             strategy: raw.strategy,
             retry,
             cooldown: duration(raw.cooldown, DEFAULT_COOLDOWN),

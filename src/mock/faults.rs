@@ -15,9 +15,15 @@ pub struct KeyFault {
     /// `Retry-After` header value, if any.
     #[serde(default)]
     pub retry_after: Option<String>,
+    /// The OpenAI error `code` of the answer (e.g. `invalid_api_key`, which
+    /// tells the gateway the key itself is bad); `mock_fault` when unset.
+    #[serde(default)]
+    pub code: Option<String>,
 }
 
-/// Errors at a fixed rate, spread evenly (deterministic: every `1/rate`-th request).
+/// Errors at a rate, at random but reproducibly: whether request number `n`
+/// fails is a pure function of `seed` and `n`, so runs repeat exactly, while
+/// failures still bunch up as real ones do (two can follow each other).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateFault {
@@ -25,6 +31,9 @@ pub struct RateFault {
     pub status: u16,
     /// Fraction of requests, 0.0 to 1.0.
     pub rate: f64,
+    /// Seed of the pattern.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// Faults and shapes applied to every request (`POST /_control` replaces them).
@@ -82,9 +91,13 @@ impl Faults {
     }
 
     /// Whether request number `n` (0-based) falls in the error rate.
-    pub fn rate_hits(rate: f64, n: u64) -> bool {
-        let rate = rate.clamp(0.0, 1.0);
-        ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor()
+    pub fn rate_hits(fault: &RateFault, n: u64) -> bool {
+        // splitmix64 of (seed, n): a uniform draw in [0, 1).
+        let mut z = fault.seed.wrapping_add(n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 11) as f64 / (1u64 << 53) as f64) < fault.rate.clamp(0.0, 1.0)
     }
 }
 
@@ -93,11 +106,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rate_is_exact_over_a_window() {
-        let hits = (0..100).filter(|n| Faults::rate_hits(0.3, *n)).count();
-        assert_eq!(hits, 30);
-        assert_eq!((0..10).filter(|n| Faults::rate_hits(0.0, *n)).count(), 0);
-        assert_eq!((0..10).filter(|n| Faults::rate_hits(1.0, *n)).count(), 10);
+    fn rate_is_random_reproducible_and_bunches() {
+        let fault = |rate, seed| RateFault { status: 500, rate, seed };
+        let hits: Vec<bool> = (0..10_000).map(|n| Faults::rate_hits(&fault(0.3, 7), n)).collect();
+        let share = hits.iter().filter(|h| **h).count() as f64 / 10_000.0;
+        assert!((0.28..0.32).contains(&share), "{share}");
+        assert!(hits.windows(2).any(|w| w[0] && w[1]), "two failures in a row happen");
+        let again: Vec<bool> = (0..10_000).map(|n| Faults::rate_hits(&fault(0.3, 7), n)).collect();
+        assert_eq!(hits, again, "the same seed gives the same pattern");
+        let other: Vec<bool> = (0..10_000).map(|n| Faults::rate_hits(&fault(0.3, 8), n)).collect();
+        assert_ne!(hits, other);
+        assert!((0..100).all(|n| !Faults::rate_hits(&fault(0.0, 1), n)));
+        assert!((0..100).all(|n| Faults::rate_hits(&fault(1.0, 1), n)));
     }
 
     #[test]

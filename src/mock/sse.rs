@@ -14,7 +14,7 @@ use http_body::{Body, Frame};
 use tokio::time::Sleep;
 
 use super::stats::MockStats;
-use crate::body::BoxError;
+use crate::error::BoxError;
 
 /// One streaming chat answer.
 pub struct SseStream {

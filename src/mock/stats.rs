@@ -93,6 +93,11 @@ impl StatsSnapshot {
         self.by_key.get(key).copied().unwrap_or(0)
     }
 
+    /// Hits on one path (0 if never seen).
+    pub fn path(&self, path: &str) -> u64 {
+        self.by_path.get(path).copied().unwrap_or(0)
+    }
+
     /// Answers with one status (0 if never sent).
     pub fn status(&self, status: u16) -> u64 {
         self.by_status.get(&status.to_string()).copied().unwrap_or(0)

@@ -1,7 +1,8 @@
-//! [`MeteredBody`]: the upstream response body passed to the client frame by
-//! frame, counting bytes and noting how it ended. It never buffers or re-parses:
-//! each upstream frame is handed on as it arrives (sluice's HTTP/1.1 client
-//! makes one frame of the chunks that arrived in one read; nothing waits).
+//! The body sluice answers clients with ([`SluiceBody`]) and [`MeteredBody`]:
+//! the upstream response body passed to the client frame by frame, counting
+//! bytes and noting how it ended. It never buffers or re-parses: each upstream
+//! frame is handed on as it arrives (sluice's HTTP/1.1 client joins the chunks
+//! that arrived in one read into one frame; nothing waits for more).
 //!
 //! If the upstream breaks mid-stream, an SSE response gets one final error event
 //! and then an error, so hyper ends the client's response abnormally (no chunked
@@ -10,20 +11,78 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
-use crate::body::{BoxError, UpstreamBody};
-use crate::error::error_json;
-use crate::proxy::RequestContext;
-use crate::proxy::keyring::KeyLease;
-use crate::telemetry::End;
+use crate::error::{BoxError, error_json};
+use crate::proxy::end;
 use crate::telemetry::usage::find_usage_in;
+use crate::telemetry::{End, RequestContext};
+use crate::upstream::body::UpstreamBody;
+use crate::upstream::keyring::KeyLease;
+
+/// A response body sent to a client. Every variant is `Unpin`.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved into hyper once per response; boxing the metered body would cost an allocation per request"
+)]
+pub enum SluiceBody {
+    /// A complete body made by sluice (errors, health, model lists).
+    Full {
+        /// The bytes not yet sent.
+        bytes: Option<Bytes>,
+    },
+    /// The upstream's own body, passed through frame by frame.
+    Upstream {
+        /// The metered upstream body.
+        inner: MeteredBody,
+    },
+}
+
+impl From<Bytes> for SluiceBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::Full { bytes: (!bytes.is_empty()).then_some(bytes) }
+    }
+}
+
+impl SluiceBody {
+    /// A body of exactly these bytes.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self::from(bytes.into())
+    }
+}
+
+impl Body for SluiceBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Upstream { inner } => Pin::new(inner).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full { bytes } => bytes.is_none(),
+            Self::Upstream { inner } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Upstream { inner } => inner.size_hint(),
+        }
+    }
+}
 
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +98,11 @@ pub enum Outcome {
 /// Per-request bookkeeping that is recorded once, when the body ends or is dropped.
 pub struct Meter {
     ctx: RequestContext,
-    /// The key in use; dropping it ends its in-flight count.
-    lease: KeyLease,
+    /// The key that answered, for the request log.
+    key: Option<Arc<str>>,
+    /// The key in use; dropping it ends its in-flight count. `None` when the
+    /// answer was read whole before it was passed on (a failed attempt's).
+    lease: Option<KeyLease>,
     status: u16,
     sse: bool,
     bytes: u64,
@@ -50,12 +112,13 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// Starts metering an answer; counts an SSE stream as open.
-    pub fn new(ctx: RequestContext, lease: KeyLease, status: u16, sse: bool) -> Self {
+    /// Starts metering an answer that came on `key` (leased while it streams);
+    /// counts an SSE stream as open.
+    pub fn new(ctx: RequestContext, key: Option<Arc<str>>, lease: Option<KeyLease>, status: u16, sse: bool) -> Self {
         if sse {
             ctx.telemetry.metrics.streams_open.fetch_add(1, Relaxed);
         }
-        Self { ctx, lease, status, sse, bytes: 0, outcome: Outcome::Open, tail: [None, None] }
+        Self { ctx, key, lease, status, sse, bytes: 0, outcome: Outcome::Open, tail: [None, None] }
     }
 
     fn saw(&mut self, data: &Bytes) {
@@ -87,10 +150,12 @@ impl Drop for Meter {
             Outcome::Complete => None,
             Outcome::UpstreamError => Some("upstream_stream_error"),
         };
-        let key = &self.lease.key().fingerprint;
-        tracing::debug!(request_id = ?self.ctx.request_id, key = %key, status = self.status, bytes = self.bytes, outcome = error.unwrap_or("complete"), "response finished");
-        let end = End { status: self.status, bytes_out: self.bytes, key: Some(key), tokens: self.usage(), error };
-        telemetry.finish(&self.ctx, end);
+        let key = self.key.as_ref();
+        tracing::debug!(request_id = ?self.ctx.request_id, key = key.map_or("-", |k| &**k), status = self.status, bytes = self.bytes, outcome = error.unwrap_or("complete"), "response finished");
+        let end = End { status: self.status, bytes_out: self.bytes, key, tokens: self.usage(), error };
+        end::finish(&self.ctx, end);
+        // The key's in-flight count ends with the answer.
+        drop(self.lease.take());
     }
 }
 
@@ -152,7 +217,7 @@ impl MeteredBody {
             tail: *b"\n\n",
             state: State::Streaming,
             timing,
-            timer: Box::pin(tokio::time::sleep_until(deadline.into())),
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
             quiet_since: now,
             fresh: false,
             meter,
@@ -202,7 +267,7 @@ impl Body for MeteredBody {
                         if deadline <= Instant::now() {
                             break;
                         }
-                        this.timer.as_mut().reset(deadline.into());
+                        this.timer.as_mut().reset(deadline);
                     }
                 } else {
                     ready!(this.timer.as_mut().poll(cx));

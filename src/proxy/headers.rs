@@ -4,12 +4,8 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Header carrying the request id, taken from the client or generated.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// Client credential headers besides `Authorization`.
-pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-/// Azure-style client credential header.
-pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+use crate::access::auth::{API_KEY, X_API_KEY};
+use crate::ids::REQUEST_ID;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones proxies still see).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -66,28 +62,6 @@ pub fn to_client(headers: &mut HeaderMap, request_id: &HeaderValue) {
     headers.insert(REQUEST_ID, request_id.clone());
 }
 
-/// Removes `api_key=...` from a query string, keeping the other parameters in order.
-/// Returns `None` when nothing is left.
-pub fn query_without_api_key(query: &str) -> Option<String> {
-    let kept: Vec<&str> =
-        query.split('&').filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("api_key")).collect();
-    (!kept.is_empty()).then(|| kept.join("&"))
-}
-
-/// The request id for this request: the client's if it is a sane token
-/// (visible ASCII, at most 128 bytes), a fresh UUID otherwise.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(REQUEST_ID) {
-        let bytes = id.as_bytes();
-        if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
-            // A copy, not a clone: the clone would share (and keep alive for the
-            // whole response) the read buffer the request head was parsed in.
-            return HeaderValue::from_bytes(bytes).unwrap_or_else(|_| id.clone());
-        }
-    }
-    HeaderValue::from_bytes(&crate::ids::uuid_v4_bytes()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,23 +94,5 @@ mod tests {
         assert!(!h.contains_key(X_API_KEY) && !h.contains_key(API_KEY) && !h.contains_key(header::HOST));
         assert!(!h.contains_key(header::CONTENT_LENGTH));
         assert_eq!(h[REQUEST_ID], "req-1");
-    }
-
-    #[test]
-    fn api_key_query_removed() {
-        assert_eq!(query_without_api_key("api_key=sk-1"), None);
-        assert_eq!(query_without_api_key("a=1&api_key=sk&b=2").as_deref(), Some("a=1&b=2"));
-        assert_eq!(query_without_api_key("api_keyx=1").as_deref(), Some("api_keyx=1"));
-    }
-
-    #[test]
-    fn request_id_kept_or_generated() {
-        let mut h = HeaderMap::new();
-        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
-        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
-        let generated = request_id(&h);
-        assert_eq!(generated.len(), 36);
-        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
     }
 }

@@ -1,59 +1,74 @@
-//! The one retry loop. Each attempt picks a key (fresh keys first, then tried
-//! ones after a jittered backoff), sends, and lets the answer decide: a usable
-//! answer goes to the client at once and is never retried; 429 cools the key;
-//! 401/402/403 disable it (a login upstream refreshes its token once instead);
-//! 5xx, connect errors and timeouts count against the key and the upstream.
-//! The breaker sees one outcome per request, not per attempt.
+//! The one retry loop. Nothing below it re-sends anything; it decides every
+//! re-send from the failure's own classification and the request's
+//! [`Replay`] rule, and counts each one by its cause.
+//!
+//! Each attempt picks a key (fresh keys first, then tried ones after a
+//! jittered backoff), sends, and lets the outcome decide:
+//! - a usable answer goes to the client at once and is never retried;
+//! - 429 cools the key (for `Retry-After`) and moves on;
+//! - 401/402/403 move on only when the answer says the key itself is bad
+//!   (the key is disabled); any other such answer is about the request and
+//!   goes back to the client, counting against nothing, while the key is
+//!   checked in the background (see [`Upstream::verify_key`]);
+//! - 5xx, connect errors, resets and timeouts count against the key and are
+//!   retried when the request may be sent again;
+//! - a failure of the client's own upload ends the request with the client's
+//!   error (413, 400, 499) and touches no key and no breaker.
+//!
+//! A failed attempt's answer is read (small and fast) or dropped before the
+//! loop waits, so its connection and key lease are free during the backoff.
+//! The breaker sees one outcome per request, and only upstream failures.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, Uri, Version};
+use http::header::RETRY_AFTER;
+use http::{HeaderValue, Response};
+use http_body_util::{BodyExt, Limited};
+use tokio::time::Instant;
 
-use crate::body::{ForwardBody, SluiceBody, UpstreamBody};
 use crate::clock::{self, now_ms};
-use crate::error::ProxyError;
-use crate::proxy::body::{Meter, MeteredBody, Timing};
-use crate::proxy::breaker::Admission;
-use crate::proxy::keyring::{Failure, KeyLease};
-use crate::proxy::upstream::{Auth, Upstream};
-use crate::proxy::{RequestContext, headers, retry_after};
-use crate::telemetry::metrics::ModelMetrics;
+use crate::error::{ErrorSource, ProxyError};
+use crate::proxy::body::SluiceBody;
+use crate::proxy::{Prepared, headers, respond};
+use crate::telemetry::RequestContext;
+use crate::telemetry::metrics::RetryReason;
+use crate::upstream::body::{ForwardBody, UpstreamBody};
+use crate::upstream::breaker::Admission;
+use crate::upstream::keyring::{Failure, KeyLease, blames_the_key};
+use crate::upstream::{Auth, Upstream, retry_after};
 
-/// Where a request goes and what is sent.
-pub struct Plan {
-    /// The upstream that serves it.
-    pub upstream: Arc<Upstream>,
-    /// The body to send (replayable when `Full`).
-    pub body: ForwardBody,
-    /// Whether sluice rewrote the body.
-    pub body_rewritten: bool,
-    /// `"stream": true` in the request.
-    pub stream: bool,
-    /// The routed model's counters (`None` for pass-through requests).
-    pub model: Option<Arc<ModelMetrics>>,
-}
+/// Largest failed-attempt answer kept whole (error bodies are small JSON).
+const MAX_KEPT_ANSWER: usize = 64 << 10;
+/// Longest wait for a failed attempt's answer to arrive whole.
+const KEPT_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// The last failed attempt, kept to answer with when the budget runs out.
 #[expect(clippy::large_enum_variant, reason = "one on the stack per request, never in a collection")]
 enum Last {
-    /// The upstream's own answer (429, 401/402/403, 5xx) with the key it came on.
-    Answer(Response<UpstreamBody>, KeyLease, Failure),
+    /// The upstream's own answer (429, 401/402/403, 5xx), read whole, and the
+    /// fingerprint of the key it came on.
+    Answer(Response<UpstreamBody>, Failure, Arc<str>),
     /// No answer: connect error, reset, timeout.
     Error(ProxyError),
 }
 
-/// Sends `plan` with retries and failover; the first usable answer is returned.
-pub async fn send(
-    plan: Plan,
-    method: Method,
-    uri: Uri,
-    mut headers: HeaderMap,
-    ctx: &mut RequestContext,
-) -> Result<Response<SluiceBody>, ProxyError> {
+/// What one attempt's outcome means for the loop.
+#[expect(clippy::large_enum_variant, reason = "one per attempt, moved at once; boxing would allocate per request")]
+enum Verdict {
+    /// Hand this answer to the client.
+    Answer(Response<UpstreamBody>, KeyLease),
+    /// Try again (if the budget allows), for this reason.
+    Retry(RetryReason),
+    /// Stop: answer with the last failure.
+    Stop,
+}
+
+/// Sends a prepared request with retries and failover; the first usable
+/// answer is returned.
+pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Response<SluiceBody>, ProxyError> {
+    let Prepared { plan, method, uri, mut headers } = prepared;
     let upstream = plan.upstream;
     ctx.upstream = Some(Arc::clone(&upstream.name));
     let telemetry = Arc::clone(&ctx.telemetry);
@@ -73,9 +88,12 @@ pub async fn send(
     upstream.add_extra_headers(&mut headers);
 
     // A streamed body cannot be replayed: one attempt only.
-    let (replay, mut once) = match plan.body {
-        ForwardBody::Full { bytes } => (Some(bytes.unwrap_or_default()), None),
-        stream @ ForwardBody::Stream { .. } => (None, Some(stream)),
+    let (replay, mut once, watch) = match plan.body {
+        ForwardBody::Full { bytes } => (Some(bytes.unwrap_or_default()), None, None),
+        ForwardBody::Stream { inner, watch, max_body } => {
+            let check = (watch.clone(), max_body);
+            (None, Some(ForwardBody::Stream { inner, watch, max_body }), Some(check))
+        }
     };
     let policy = upstream.retry;
     let max_attempts = if replay.is_some() { policy.max_attempts } else { 1 };
@@ -84,6 +102,7 @@ pub async fn send(
     let mut reuses = 0u32;
     let mut token_refreshed = false;
     let mut skip_backoff = false;
+    let mut reason: Option<RetryReason> = None;
 
     for attempt in 0..max_attempts {
         let now = now_ms();
@@ -110,12 +129,12 @@ pub async fn send(
             ctx.upstream_wait += pause;
         }
         ctx.attempts += 1;
-        if attempt > 0 {
-            metrics.retries.fetch_add(1, Relaxed);
+        if let (true, Some(why)) = (attempt > 0, reason) {
+            metrics.retried(why);
             if previous_key != Some(lease.index()) {
-                metrics.failovers.fetch_add(1, Relaxed);
+                metrics.failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            tracing::debug!(request_id = ?ctx.request_id, upstream = %upstream.name, attempt, key = %lease.key().fingerprint, "retrying");
+            tracing::debug!(request_id = ?ctx.request_id, upstream = %upstream.name, attempt, reason = why.label(), key = %lease.key().fingerprint, "retrying");
         }
 
         let (auth, token_generation) = match &upstream.auth {
@@ -128,69 +147,107 @@ pub async fn send(
             (None, None) => break,
         };
         let wait = header_wait(&upstream, plan.stream, ctx.started);
-        let key = lease.key();
         let sent = Instant::now();
         let result = tokio::time::timeout(wait, upstream.send(&method, &target, &headers, auth, body)).await;
         let waited = sent.elapsed();
         ctx.upstream_wait += waited;
-        let response = match result {
+        let verdict = match result {
             Err(_) => {
-                key.fail(Failure::Timeout);
-                last = Some(Last::Error(ProxyError::UpstreamTimeout {
-                    upstream: upstream.name.to_string(),
-                    after_ms: wait.as_millis() as u64,
-                }));
-                continue;
+                lease.key().fail(Failure::Timeout);
+                let after_ms = wait.as_millis() as u64;
+                last = Some(Last::Error(ProxyError::UpstreamTimeout { upstream: upstream.name.to_string(), after_ms }));
+                // A request that timed out was sent: the upstream may be working on it.
+                retry_if(plan.replay.allows(true), RetryReason::Timeout)
             }
-            Ok(Err(error)) => {
-                key.fail(Failure::Connect);
-                last = Some(Last::Error(error));
-                continue;
-            }
-            Ok(Ok(response)) => response,
-        };
-        let failure = match response.status().as_u16() {
-            429 => {
-                let asked = response
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| retry_after::parse(v, SystemTime::now()));
-                let cooldown = asked.unwrap_or(upstream.cooldown).min(upstream.max_cooldown);
-                key.cool_until(clock::after(cooldown));
-                tracing::info!(request_id = ?ctx.request_id, upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
-                Failure::RateLimited
-            }
-            401 if matches!(upstream.auth, Auth::Login(_)) => {
-                if let (Auth::Login(source), false) = (&upstream.auth, token_refreshed) {
-                    token_refreshed = true;
-                    skip_backoff = true;
-                    source.refresh(&upstream.client, upstream.timeouts.header, token_generation).await?;
+            Ok(Err(failed)) => {
+                if let Some(client_error) = watch.as_ref().and_then(|(watch, max)| watch.failure(*max)) {
+                    // The client's upload broke: its own error, nobody else's.
+                    return Err(client_error);
                 }
-                key.fail(Failure::Rejected);
-                Failure::Rejected
+                if failed.error.source() != ErrorSource::Upstream {
+                    return Err(failed.error);
+                }
+                lease.key().fail(Failure::Connect);
+                let why = match (&failed.error, failed.stale) {
+                    (ProxyError::UpstreamConnect { .. }, _) => RetryReason::Connect,
+                    (_, true) => RetryReason::StaleConnection,
+                    _ => RetryReason::Protocol,
+                };
+                tracing::debug!(request_id = ?ctx.request_id, upstream = %upstream.name, error = %failed.error, written = failed.written, stale = failed.stale, "attempt failed");
+                let again = failed.error.is_retryable() && plan.replay.allows(failed.written);
+                last = Some(Last::Error(failed.error));
+                retry_if(again, why)
             }
-            401..=403 => {
-                key.disable();
-                tracing::warn!(request_id = ?ctx.request_id, upstream = %upstream.name, key = %key.fingerprint, status = response.status().as_u16(), "key refused by the upstream; disabled until reset or reload");
-                Failure::Rejected
+            Ok(Ok(response)) => {
+                let status = response.status().as_u16();
+                match status {
+                    429 => {
+                        let asked = response
+                            .headers()
+                            .get(RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| retry_after::parse(v, SystemTime::now()));
+                        let cooldown = asked.unwrap_or(upstream.cooldown).min(upstream.max_cooldown);
+                        let key = lease.key();
+                        key.cool_until(clock::after(cooldown));
+                        tracing::info!(request_id = ?ctx.request_id, upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
+                        last = Some(keep(response, lease, Failure::RateLimited, &upstream).await);
+                        retry_if(plan.replay.allows(true), RetryReason::RateLimited)
+                    }
+                    401..=403 => match &upstream.auth {
+                        Auth::Login(source) if status == 401 && !token_refreshed => {
+                            token_refreshed = true;
+                            skip_backoff = true;
+                            source.refresh(&upstream.client, upstream.timeouts.header, token_generation).await?;
+                            last = Some(keep(response, lease, Failure::Rejected, &upstream).await);
+                            retry_if(plan.replay.allows(true), RetryReason::TokenRefresh)
+                        }
+                        Auth::Login(_) => {
+                            last = Some(keep(response, lease, Failure::Rejected, &upstream).await);
+                            Verdict::Stop
+                        }
+                        Auth::Keys => {
+                            let key = Arc::clone(&upstream.keys.keys()[lease.index()]);
+                            let kept = keep(response, lease, Failure::Rejected, &upstream).await;
+                            let bad_key =
+                                matches!(&kept, Last::Answer(answer, ..) if blames_the_key(kept_bytes(answer.body())));
+                            last = Some(kept);
+                            if bad_key {
+                                key.disable();
+                                tracing::warn!(request_id = ?ctx.request_id, upstream = %upstream.name, key = %key.fingerprint, status, "the upstream says the key is bad; disabled until reset or reload");
+                                retry_if(plan.replay.allows(true), RetryReason::KeyRejected)
+                            } else {
+                                // About this request, as far as anyone can tell: the
+                                // client gets the answer; the key is checked apart.
+                                upstream.verify_key(key, status);
+                                Verdict::Stop
+                            }
+                        }
+                    },
+                    500..=599 => {
+                        lease.key().fail(Failure::ServerError);
+                        last = Some(keep(response, lease, Failure::ServerError, &upstream).await);
+                        retry_if(plan.replay.allows(true), RetryReason::ServerError)
+                    }
+                    _ => Verdict::Answer(response, lease),
+                }
             }
-            500..=599 => {
-                key.fail(Failure::ServerError);
-                Failure::ServerError
-            }
-            _ => {
-                key.succeed();
+        };
+        match verdict {
+            Verdict::Answer(response, lease) => {
+                lease.key().succeed();
                 ctx.ttfb = Some(waited);
                 metrics.ttfb.observe(waited);
                 upstream.breaker.record_success();
                 if let Some(probe) = probe {
                     probe.resolve();
                 }
-                return Ok(respond(response, lease, &upstream, plan.stream, ctx));
+                let key = Some(Arc::clone(&lease.key().fingerprint));
+                return Ok(respond::respond(response, key, Some(lease), &upstream, plan.stream, ctx));
             }
-        };
-        last = Some(Last::Answer(response, lease, failure));
+            Verdict::Retry(why) => reason = Some(why),
+            Verdict::Stop => break,
+        }
     }
     // With no attempt made (no usable key), the breaker learned nothing: an
     // unresolved probe guard re-opens it so the next request probes instead.
@@ -202,19 +259,54 @@ pub async fn send(
     result
 }
 
-/// The attempt budget is spent or no key is left: answer with what we have.
+/// The bytes of an answer [`keep`] read whole.
+fn kept_bytes(body: &UpstreamBody) -> &[u8] {
+    match body {
+        UpstreamBody::Buffered { bytes: Some(bytes) } => bytes,
+        UpstreamBody::Buffered { bytes: None } | UpstreamBody::Hyper { .. } | UpstreamBody::H1 { .. } => b"",
+    }
+}
+
+fn retry_if(again: bool, why: RetryReason) -> Verdict {
+    if again { Verdict::Retry(why) } else { Verdict::Stop }
+}
+
+/// Reads a failed attempt's answer whole when it is small and quick, so its
+/// connection goes back to the pool and its key lease ends before the loop
+/// waits; otherwise drops it (closing the connection) and keeps a gateway
+/// error in its place.
+async fn keep(response: Response<UpstreamBody>, lease: KeyLease, failure: Failure, upstream: &Upstream) -> Last {
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let read = tokio::time::timeout(KEPT_ANSWER_WAIT, Limited::new(body, MAX_KEPT_ANSWER).collect()).await;
+    let key = Arc::clone(&lease.key().fingerprint);
+    drop(lease);
+    match read {
+        Ok(Ok(collected)) => {
+            let body = UpstreamBody::Buffered { bytes: Some(collected.to_bytes()) };
+            Last::Answer(Response::from_parts(parts, body), failure, key)
+        }
+        Ok(Err(_)) | Err(_) => Last::Error(ProxyError::UpstreamProtocol {
+            upstream: upstream.name.to_string(),
+            reason: format!("the upstream answered {status} with a body too large or too slow to keep"),
+        }),
+    }
+}
+
+/// The answer when no attempt succeeded.
 fn give_up(
-    upstream: &Arc<Upstream>,
+    upstream: &Upstream,
     last: Option<Last>,
     stream: bool,
     ctx: &RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
     let now = now_ms();
-    let retry_after = upstream.keys.earliest_ready(now).map(|at| (at - now).div_ceil(1000).max(1));
     let name = upstream.name.to_string();
+    let retry_after = upstream.keys.earliest_ready(now).map(|at| at.saturating_sub(now).div_ceil(1000).max(1));
     match &last {
-        Some(Last::Answer(_, _, Failure::ServerError)) | Some(Last::Error(_)) => upstream.breaker.record_failure(now),
-        // The upstream answered: it is alive, whatever it thinks of our keys.
+        // The breaker counts failures of the upstream itself, not of our keys;
+        // an upstream that answered (a 429, a refusal) is up.
+        Some(Last::Error(_) | Last::Answer(_, Failure::ServerError, _)) => upstream.breaker.record_failure(now),
         Some(Last::Answer(..)) => upstream.breaker.record_success(),
         None => {}
     }
@@ -222,14 +314,15 @@ fn give_up(
     match last {
         None => Err(ProxyError::NoAvailableKey { upstream: name, retry_after }),
         Some(Last::Error(error)) => Err(error),
-        Some(Last::Answer(_, _, Failure::RateLimited)) if !usable => {
+        Some(Last::Answer(_, Failure::RateLimited, _)) if !usable => {
             Err(ProxyError::AllKeysRateLimited { upstream: name, retry_after })
         }
-        Some(Last::Answer(_, _, Failure::Rejected)) if !usable && matches!(upstream.auth, Auth::Keys) => {
+        Some(Last::Answer(_, Failure::Rejected, _)) if !usable && matches!(upstream.auth, Auth::Keys) => {
             Err(ProxyError::NoAvailableKey { upstream: name, retry_after })
         }
-        // Budget spent with keys left, or a 5xx: the upstream's own answer, untouched.
-        Some(Last::Answer(response, lease, _)) => Ok(respond(response, lease, upstream, stream, ctx)),
+        // Budget spent with keys left, a 5xx, or a refusal about the request:
+        // the upstream's own answer, untouched.
+        Some(Last::Answer(response, _, key)) => Ok(respond::respond(response, Some(key), None, upstream, stream, ctx)),
     }
 }
 
@@ -253,40 +346,11 @@ pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
     Duration::from_millis(crate::ids::next_u64() % (millis + 1))
 }
 
-/// Wraps an upstream answer for the client: hop-by-hop headers stripped, the
-/// request id added, the body metered and passed through frame by frame.
-fn respond(
-    response: Response<UpstreamBody>,
-    lease: KeyLease,
-    upstream: &Upstream,
-    stream: bool,
-    ctx: &RequestContext,
-) -> Response<SluiceBody> {
-    let (mut parts, incoming) = response.into_parts();
-    headers::to_client(&mut parts.headers, &ctx.request_id);
-    // The client connection has its own version; hyper picks the wire format.
-    parts.version = Version::HTTP_11;
-    let sse = parts.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if sse {
-        // A stream may end with sluice's own error event: no fixed length can hold.
-        parts.headers.remove(CONTENT_LENGTH);
-    }
-    let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
-    ctx.telemetry.metrics.overhead.observe(overhead);
-    if ctx.overhead_header {
-        parts.headers.insert(OVERHEAD_HEADER, HeaderValue::from(overhead.as_micros() as u64));
-    }
-    let timing = if sse || stream {
-        Timing::Idle(upstream.timeouts.idle)
-    } else {
-        Timing::Deadline(ctx.started + upstream.timeouts.total)
-    };
-    let meter = Meter::new(ctx.clone(), lease, parts.status.as_u16(), sse);
-    Response::from_parts(parts, SluiceBody::Upstream { inner: MeteredBody::new(incoming, sse, timing, meter) })
+/// `x-should-retry: false`, added to an answer when sluice already retried:
+/// the OpenAI SDKs honour it, so one SDK call is not multiplied again.
+pub fn no_more_retries() -> (http::HeaderName, HeaderValue) {
+    (http::HeaderName::from_static("x-should-retry"), HeaderValue::from_static("false"))
 }
-
-/// Microseconds sluice spent on a request, upstream waits excluded (opt-in).
-pub const OVERHEAD_HEADER: HeaderName = HeaderName::from_static("x-sluice-overhead-us");
 
 #[cfg(test)]
 mod tests {

@@ -37,8 +37,8 @@ pub struct Record {
     pub arrived: SystemTime,
     /// `x-request-id`.
     pub request_id: HeaderValue,
-    /// Index of the client key in the config, if one was presented.
-    pub client: Option<usize>,
+    /// The authenticated client (a key id), if one was presented.
+    pub client: Option<Arc<str>>,
     /// HTTP method.
     pub method: Method,
     /// The request path; never the query (it may carry `api_key`).
@@ -76,7 +76,7 @@ pub struct Record {
 struct Line<'a> {
     ts: &'a str,
     request_id: Cow<'a, str>,
-    client: Option<usize>,
+    client: Option<&'a str>,
     method: &'a str,
     path: &'a str,
     model: Option<&'a str>,
@@ -99,7 +99,7 @@ impl<'a> Line<'a> {
         Line {
             ts,
             request_id: String::from_utf8_lossy(r.request_id.as_bytes()),
-            client: r.client,
+            client: r.client.as_deref(),
             method: r.method.as_str(),
             path: &r.path,
             model: r.model.as_deref(),
@@ -337,7 +337,7 @@ mod tests {
         Record {
             arrived: SystemTime::now(),
             request_id: HeaderValue::from_str(&format!("req-{n}")).unwrap(),
-            client: Some(0),
+            client: Some(Arc::from("config:0")),
             method: Method::POST,
             path: Arc::from("/v1/chat/completions"),
             model: Some("m".into()),

@@ -22,7 +22,7 @@ pub const IN_FLIGHT: &str = "sluice_in_flight";
 pub const STREAMS_OPEN: &str = "sluice_streams_open";
 /// Upstream attempts by key and outcome.
 pub const UPSTREAM_ATTEMPTS: &str = "sluice_upstream_attempts_total";
-/// Attempts after the first of a request.
+/// Attempts after the first of a request, by the failure that caused them.
 pub const RETRIES: &str = "sluice_retries_total";
 /// Retries that moved to another key.
 pub const FAILOVERS: &str = "sluice_failovers_total";
@@ -38,6 +38,56 @@ pub const RELOADS: &str = "sluice_reloads_total";
 pub const BUILD_INFO: &str = "sluice_build_info";
 /// Request-log lines dropped because the writer fell behind.
 pub const LOG_DROPPED: &str = "sluice_request_log_dropped_total";
+
+/// Why the retry loop made another attempt: a closed set, the `reason`
+/// label of [`RETRIES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// No connection could be made (nothing was sent).
+    Connect,
+    /// A pooled connection failed before any answer (closed while idle).
+    StaleConnection,
+    /// The exchange broke off before response headers.
+    Protocol,
+    /// No response headers within the header timeout.
+    Timeout,
+    /// A 5xx answer.
+    ServerError,
+    /// A 429 answer: the key cools down.
+    RateLimited,
+    /// A 401/402/403 whose body says the key itself is bad: the key is disabled.
+    KeyRejected,
+    /// A login upstream's token was refused and refreshed.
+    TokenRefresh,
+}
+
+impl RetryReason {
+    /// Every reason, in label order.
+    pub const ALL: [Self; 8] = [
+        Self::Connect,
+        Self::StaleConnection,
+        Self::Protocol,
+        Self::Timeout,
+        Self::ServerError,
+        Self::RateLimited,
+        Self::KeyRejected,
+        Self::TokenRefresh,
+    ];
+
+    /// Stable label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect_error",
+            Self::StaleConnection => "stale_connection",
+            Self::Protocol => "protocol_error",
+            Self::Timeout => "timeout",
+            Self::ServerError => "server_error",
+            Self::RateLimited => "rate_limited",
+            Self::KeyRejected => "key_rejected",
+            Self::TokenRefresh => "token_refresh",
+        }
+    }
+}
 
 /// The routes requests are counted under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,11 +191,6 @@ impl ModelMetrics {
         self.completion_tokens.fetch_add(completion, Relaxed);
     }
 
-    /// Requests counted for this route and status.
-    pub fn requests(&self, route: Route, status: u16) -> u64 {
-        self.requests[route as usize][status_slot(status)].load(Relaxed)
-    }
-
     /// `(all, successful)` requests of a route; statuses below 400 are successes
     /// (the `other` slot counts as failed).
     pub fn totals(&self, route: Route) -> (u64, u64) {
@@ -196,11 +241,6 @@ impl Histogram {
         self.sum_nanos.fetch_add(value.as_nanos() as u64, Relaxed);
     }
 
-    /// Observations recorded.
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
@@ -230,8 +270,8 @@ pub struct Metrics {
     pub in_flight: AtomicI64,
     /// SSE streams open.
     pub streams_open: AtomicI64,
-    /// Attempts after the first.
-    pub retries: AtomicU64,
+    /// Attempts after the first, by [`RetryReason`] (indexed by its position).
+    pub retries: [AtomicU64; RetryReason::ALL.len()],
     /// Retries on another key.
     pub failovers: AtomicU64,
     /// Request-log lines dropped.
@@ -247,7 +287,7 @@ impl Default for Metrics {
             overhead: Histogram::default(),
             in_flight: AtomicI64::new(0),
             streams_open: AtomicI64::new(0),
-            retries: AtomicU64::new(0),
+            retries: Default::default(),
             failovers: AtomicU64::new(0),
             log_dropped: AtomicU64::new(0),
         }
@@ -281,6 +321,16 @@ pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 impl Metrics {
+    /// Counts one retry caused by `reason`.
+    pub fn retried(&self, reason: RetryReason) {
+        self.retries[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Retries of every reason together.
+    pub fn retries_total(&self) -> u64 {
+        self.retries.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
     /// Renders the process-wide part, and the request counters of `models`.
     pub fn render<'a>(&self, models: impl Iterator<Item = &'a ModelMetrics> + Clone, out: &mut String) {
         header(out, REQUESTS_TOTAL, "counter", "Requests by route, model, upstream and status.");
@@ -295,8 +345,10 @@ impl Metrics {
         line(out, IN_FLIGHT, &[], self.in_flight.load(Relaxed));
         header(out, STREAMS_OPEN, "gauge", "SSE streams open.");
         line(out, STREAMS_OPEN, &[], self.streams_open.load(Relaxed));
-        header(out, RETRIES, "counter", "Upstream attempts after the first of a request.");
-        line(out, RETRIES, &[], self.retries.load(Relaxed));
+        header(out, RETRIES, "counter", "Upstream attempts after the first of a request, by cause.");
+        for (reason, counter) in RetryReason::ALL.iter().zip(&self.retries) {
+            line(out, RETRIES, &[("reason", reason.label())], counter.load(Relaxed));
+        }
         header(out, FAILOVERS, "counter", "Retries that moved to another key.");
         line(out, FAILOVERS, &[], self.failovers.load(Relaxed));
         header(out, TOKENS, "counter", "Tokens reported in upstream usage.");

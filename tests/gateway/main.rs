@@ -3,18 +3,23 @@
 
 // Test code: a failed unwrap is a failed test, which is what it should be.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// The test crate is its own root: its helpers are `pub` for the test modules only.
+#![allow(unreachable_pub)]
 
 mod support;
 
 mod binary;
+mod breaker;
 mod cli;
 mod errors;
-mod failover;
 mod http2;
+mod keys;
 mod mock;
 mod observability;
 mod ops;
 mod reload;
+mod retries;
 mod routing;
 mod streaming;
+mod timeouts;
 mod token;

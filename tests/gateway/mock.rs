@@ -20,7 +20,7 @@ async fn control_endpoint_sets_faults_and_stats_count_them() {
     let mock = MockServer::start(([127, 0, 0, 1], 0).into()).await.unwrap();
     let client = h1_client();
     let base = format!("http://{}", mock.addr);
-    let faults = r#"{"keys":{"sk-limited":{"status":429,"retry_after":"2"},"sk-revoked":{"status":401}},"error_rate":{"status":500,"rate":0.5}}"#;
+    let faults = r#"{"keys":{"sk-limited":{"status":429,"retry_after":"2"},"sk-revoked":{"status":401}},"error_rate":{"status":500,"rate":0.5,"seed":3}}"#;
     assert_eq!(send(&client, request("POST", format!("{base}/_control"), None, faults)).await.status, StatusCode::OK);
 
     let chat = r#"{"model":"m","messages":[]}"#;
@@ -38,15 +38,20 @@ async fn control_endpoint_sets_faults_and_stats_count_them() {
                 .as_u16(),
         );
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 500).count(), 2, "{statuses:?}");
+    // Requests 2..=5 of the mock (after the two key faults) draw from seed 3.
+    let fault = sluice::mock::RateFault { status: 500, rate: 0.5, seed: 3 };
+    let expected: Vec<u16> =
+        (2..6).map(|n| if sluice::mock::Faults::rate_hits(&fault, n) { 500 } else { 200 }).collect();
+    assert_eq!(statuses, expected);
+    let failed = expected.iter().filter(|s| **s == 500).count();
 
     let stats = send(&client, request("GET", format!("{base}/_stats"), None, "")).await.json();
     assert_eq!(stats["requests"], 6);
     assert_eq!(stats["by_key"]["sk-limited"], 1);
     assert_eq!(stats["by_key"]["sk-ok"], 4);
     assert_eq!(stats["by_status"]["429"], 1);
-    assert_eq!(stats["by_status"]["500"], 2);
-    assert_eq!(stats["by_status"]["200"], 2);
+    assert_eq!(stats["by_status"]["500"].as_u64().unwrap_or(0), failed as u64);
+    assert_eq!(stats["by_status"]["200"].as_u64().unwrap_or(0), 4 - failed as u64);
 
     assert_eq!(send(&client, request("POST", format!("{base}/_reset"), None, "")).await.status, StatusCode::OK);
     assert_eq!(mock.state.stats().requests, 0);

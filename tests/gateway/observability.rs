@@ -109,9 +109,10 @@ async fn metrics_count_known_traffic() {
 #[tokio::test]
 async fn retries_and_failovers_are_counted() {
     let h = Harness::start().await;
-    let faults = [("sk-up-1".to_string(), sluice::mock::KeyFault { status: 429, retry_after: Some("60".into()) })]
-        .into_iter()
-        .collect();
+    let faults =
+        [("sk-up-1".to_string(), sluice::mock::KeyFault { status: 429, retry_after: Some("60".into()), code: None })]
+            .into_iter()
+            .collect();
     h.mock.state.set_faults(sluice::mock::Faults { keys: faults, ..Default::default() });
     assert_eq!(h.chats(3, r#"{"model":"plain"}"#).await, [200; 3]);
     let m = scrape(&h).await;

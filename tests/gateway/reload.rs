@@ -70,8 +70,12 @@ async fn admin_reload_swaps_keys_and_keeps_state_of_kept_keys() {
 async fn reload_brings_back_a_disabled_key_only_if_it_changed() {
     let dir = tempfile::tempdir().unwrap();
     let h = harness_from_files(dir.path(), "sk-a\nsk-b\n").await;
-    let faults =
-        [("sk-a".to_string(), sluice::mock::KeyFault { status: 403, retry_after: None })].into_iter().collect();
+    let faults = [(
+        "sk-a".to_string(),
+        sluice::mock::KeyFault { status: 403, retry_after: None, code: Some("invalid_api_key".into()) },
+    )]
+    .into_iter()
+    .collect();
     h.mock.state.set_faults(sluice::mock::Faults { keys: faults, ..Default::default() });
     h.chats(3, r#"{"model":"plain"}"#).await;
     assert_eq!(h.key_state("sk-a").await, "disabled");

@@ -8,7 +8,8 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use crate::support::{CLIENT_KEY, Harness, eventually, raw_exchange};
+use crate::per_transport;
+use crate::support::{CLIENT_KEY, Harness, Opts, Transport, eventually, raw_exchange};
 
 const STREAM_BODY: &str = r#"{"model":"plain","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
 
@@ -43,14 +44,24 @@ async fn read_frames(body: hyper::body::Incoming) -> (Vec<Bytes>, Bytes, bool) {
     }
 }
 
-#[tokio::test]
-async fn stream_bytes_identical_to_direct_and_events_never_held_back() {
-    let h = Harness::start().await;
+async fn harness(t: Transport) -> Harness {
+    Harness::start_with(Opts { transport: t, ..Opts::default() }).await
+}
+
+per_transport!(
+    stream_bytes_identical_to_direct_and_events_never_held_back,
+    client_leaving_cancels_the_upstream_stream,
+    upstream_break_ends_with_error_event_and_abnormal_end_http1,
+    upstream_break_resets_the_http2_stream,
+);
+
+async fn stream_bytes_identical_to_direct_and_events_never_held_back(t: Transport) {
+    let h = harness(t).await;
     let headers = [("x-mock-chunks", "6"), ("x-mock-gap-ms", "15")];
-    // Straight to the mock.
-    h.mock.state.reset();
+    // Straight to a cleartext mock: the bytes any upstream sends for this.
+    let plain = Harness::start().await;
     let direct =
-        h.h1.request(stream_request(format!("{}/chat/completions", h.mock.base_url()), &headers)).await.unwrap();
+        h.h1.request(stream_request(format!("{}/chat/completions", plain.mock.base_url()), &headers)).await.unwrap();
     let (_, direct_bytes, direct_err) = read_frames(direct.into_body()).await;
     assert!(!direct_err);
     // Through sluice, over both client protocols.
@@ -70,9 +81,8 @@ async fn stream_bytes_identical_to_direct_and_events_never_held_back() {
     }
 }
 
-#[tokio::test]
-async fn client_leaving_cancels_the_upstream_stream() {
-    let h = Harness::start().await;
+async fn client_leaving_cancels_the_upstream_stream(t: Transport) {
+    let h = harness(t).await;
     for client in [&h.h1, &h.h2] {
         h.mock.state.reset();
         let response = client
@@ -91,9 +101,8 @@ async fn client_leaving_cancels_the_upstream_stream() {
     }
 }
 
-#[tokio::test]
-async fn upstream_break_ends_with_error_event_and_abnormal_end_http1() {
-    let h = Harness::start().await;
+async fn upstream_break_ends_with_error_event_and_abnormal_end_http1(t: Transport) {
+    let h = harness(t).await;
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-type: application/json\r\nx-mock-drop-after: 2\r\nx-mock-gap-ms: 20\r\ncontent-length: {}\r\n\r\n{STREAM_BODY}",
         STREAM_BODY.len()
@@ -109,9 +118,8 @@ async fn upstream_break_ends_with_error_event_and_abnormal_end_http1() {
     assert_eq!(h.stats().streams_dropped, 1);
 }
 
-#[tokio::test]
-async fn upstream_break_resets_the_http2_stream() {
-    let h = Harness::start().await;
+async fn upstream_break_resets_the_http2_stream(t: Transport) {
+    let h = harness(t).await;
     let response = h
         .h2
         .request(stream_request(h.url("/v1/chat/completions"), &[("x-mock-drop-after", "3"), ("x-mock-gap-ms", "20")]))

@@ -1,4 +1,8 @@
-//! Test harness: a mock, a gateway in front of it, and clients for both protocols.
+//! Test harness: a mock, a gateway in front of it over any upstream
+//! transport, and clients for both client protocols.
+
+pub mod pki;
+pub mod scripted;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,8 +25,63 @@ pub const CLIENT_KEY: &str = "sk-client-test";
 /// The upstream keys, in config order.
 pub const UP_KEYS: [&str; 3] = ["sk-up-1", "sk-up-2", "sk-up-3"];
 
+/// How sluice talks to the mock: every upstream path users have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Cleartext HTTP/1.1 over sluice's own client (the default).
+    H1Sluice,
+    /// Cleartext HTTP/1.1 over hyper-util's client (`[client] h1_client = "hyper"`).
+    H1Hyper,
+    /// Cleartext HTTP/2 with prior knowledge (`http2 = "prior-knowledge"`).
+    H2c,
+    /// TLS, HTTP/2 chosen by ALPN (how the big providers are reached).
+    TlsH2,
+    /// TLS to an upstream that offers only HTTP/1.1 in ALPN.
+    TlsH1,
+}
+
+impl Transport {
+    /// Whether requests reach the mock over HTTP/2.
+    pub fn is_h2(self) -> bool {
+        matches!(self, Self::H2c | Self::TlsH2)
+    }
+}
+
+/// One test per upstream transport for `async fn NAME(t: Transport)` defined
+/// beside it: `per_transport!(NAME, ...)` makes a module `NAME` with the tests
+/// `h1_sluice`, `h1_hyper`, `h2c`, `tls_h2`, `tls_h1`. Prefix `multi_thread:`
+/// to run them on the multi-thread runtime.
+#[macro_export]
+macro_rules! per_transport {
+    (multi_thread: $($name:ident),+ $(,)?) => {
+        $crate::per_transport!(@with (flavor = "multi_thread", worker_threads = 2) $($name),+);
+    };
+    ($($name:ident),+ $(,)?) => {
+        $crate::per_transport!(@with () $($name),+);
+    };
+    (@with $flavor:tt $($name:ident),+) => {
+        $(
+            mod $name {
+                use $crate::support::Transport;
+                #[tokio::test $flavor]
+                async fn h1_sluice() { super::$name(Transport::H1Sluice).await }
+                #[tokio::test $flavor]
+                async fn h1_hyper() { super::$name(Transport::H1Hyper).await }
+                #[tokio::test $flavor]
+                async fn h2c() { super::$name(Transport::H2c).await }
+                #[tokio::test $flavor]
+                async fn tls_h2() { super::$name(Transport::TlsH2).await }
+                #[tokio::test $flavor]
+                async fn tls_h1() { super::$name(Transport::TlsH1).await }
+            }
+        )+
+    };
+}
+
 /// Knobs for a harness.
 pub struct Opts {
+    /// How sluice reaches the mock.
+    pub transport: Transport,
     /// Add a `*` route.
     pub wildcard: bool,
     /// Extra lines in the `[[upstreams]]` table.
@@ -42,6 +101,7 @@ pub struct Opts {
 impl Default for Opts {
     fn default() -> Self {
         Self {
+            transport: Transport::H1Sluice,
             wildcard: true,
             upstream_extra: "",
             base_url: None,
@@ -64,6 +124,12 @@ pub fn config_text(base_url: &str, opts: &Opts) -> String {
 /// The config text with other upstream credential lines.
 pub fn config_text_with_auth(base_url: &str, opts: &Opts, upstream_auth: &str) -> String {
     let wildcard = if opts.wildcard { "[[models]]\nname = \"*\"\nupstream = \"mock\"\n" } else { "" };
+    let (client, transport) = match opts.transport {
+        Transport::H1Sluice => ("", String::new()),
+        Transport::H1Hyper => ("h1_client = \"hyper\"", String::new()),
+        Transport::H2c => ("", "http2 = \"prior-knowledge\"".to_string()),
+        Transport::TlsH2 | Transport::TlsH1 => ("", format!("ca_file = {:?}", pki::ca_file())),
+    };
     format!(
         r#"
 [server]
@@ -71,6 +137,9 @@ listen = "127.0.0.1:0"
 shutdown_grace = "5s"
 max_body = "{max_body}"
 {server_extra}
+
+[client]
+{client}
 
 [auth]
 keys = ["{CLIENT_KEY}"]
@@ -83,6 +152,7 @@ name = "mock"
 base_url = "{base_url}"
 {upstream_auth}
 header_timeout = "2s"
+{transport}
 {extra}
 
 [[models]]
@@ -103,6 +173,8 @@ default_model = "gpt-4o-mini"
 {tables}
 "#,
         server_extra = opts.server_extra,
+        client = client,
+        transport = transport,
         tables = opts.tables,
         max_body = opts.max_body,
         extra = opts.upstream_extra,
@@ -153,7 +225,7 @@ impl Harness {
     }
 
     pub async fn start_with(opts: Opts) -> Self {
-        let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let mock = start_mock(opts.transport).await;
         let base_url = opts.base_url.clone().unwrap_or_else(|| mock.base_url());
         let text = match opts.upstream_auth {
             Some(auth) => config_text_with_auth(&base_url, &opts, &auth(mock.addr)),
@@ -202,6 +274,18 @@ impl Harness {
     }
 }
 
+/// A mock reachable over `transport`: TLS offering `h2` (and HTTP/1.1) or
+/// only HTTP/1.1 in ALPN, or cleartext.
+pub async fn start_mock(transport: Transport) -> MockServer {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+    let alpn: &[&[u8]] = match transport {
+        Transport::TlsH2 => &[b"h2", b"http/1.1"],
+        Transport::TlsH1 => &[b"http/1.1"],
+        Transport::H1Sluice | Transport::H1Hyper | Transport::H2c => return MockServer::serve(listener),
+    };
+    MockServer::serve_tls(listener, tokio_rustls::TlsAcceptor::from(pki::server_config(alpn)))
+}
+
 pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, request: Request<Full<Bytes>>) -> Reply {
     let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
         .await
@@ -224,6 +308,15 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
     out
+}
+
+/// Moves tokio's clock (which sluice's cooldowns, backoffs and breakers read)
+/// forward by `by` at once, without waiting. Only while no I/O is awaited:
+/// a paused clock would fire I/O timeouts the moment the runtime idles.
+pub async fn advance_clock(by: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(by).await;
+    tokio::time::resume();
 }
 
 /// Waits for `condition` to hold, polling every 5 ms, for at most 5 s.

@@ -34,7 +34,7 @@ async fn one_login_serves_fifty_concurrent_requests() {
 #[tokio::test]
 async fn a_401_refreshes_the_token_once_and_the_request_succeeds() {
     let h = Harness::start_with(Opts { upstream_auth: Some(login_auth), ..Opts::default() }).await;
-    let faults = [("tok-1".to_string(), KeyFault { status: 401, retry_after: None })].into_iter().collect();
+    let faults = [("tok-1".to_string(), KeyFault { status: 401, retry_after: None, code: None })].into_iter().collect();
     h.mock.state.set_faults(Faults { keys: faults, ..Faults::default() });
     let reply = h.chat(r#"{"model":"plain"}"#).await;
     assert_eq!(reply.status, StatusCode::OK);

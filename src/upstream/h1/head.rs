@@ -13,12 +13,12 @@ use super::framing::{Chunk, Framing};
 /// Most response headers accepted (hyper's client default; LLM APIs send ~20).
 const MAX_HEADERS: usize = 100;
 /// Largest response head accepted.
-pub const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// Writes `METHOD path HTTP/1.1`, `Host` (`host[:port]`, never user-info), the
 /// headers, the credential and the body length. `headers` were already cleaned by
 /// [`crate::proxy::headers::to_upstream`]; framing headers are sluice's own.
-pub fn encode_request(
+pub(crate) fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
     path_and_query: &str,
@@ -59,18 +59,18 @@ fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// A parsed response head and how its body is framed.
 #[derive(Debug)]
-pub struct ResponseHead {
+pub(crate) struct ResponseHead {
     /// Status, version and headers (the body is attached by the caller).
-    pub response: Response<()>,
+    pub(crate) response: Response<()>,
     /// How the body ends.
-    pub framing: Framing,
+    pub(crate) framing: Framing,
     /// Whether the connection may carry another request afterwards.
-    pub keep_alive: bool,
+    pub(crate) keep_alive: bool,
 }
 
 /// Parses a response head from the front of `buf`, consuming it; `Ok(None)`
 /// when more bytes are needed. Informational (1xx) heads are skipped.
-pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
+pub(crate) fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
     loop {
         // Offsets into the head, so the values can share its bytes afterwards.
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];

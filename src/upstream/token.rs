@@ -13,11 +13,11 @@ use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Limited};
 
-use crate::body::ForwardBody;
 use crate::clock::now_ms;
 use crate::config::LoginConfig;
 use crate::error::ProxyError;
-use crate::proxy::upstream::HttpClient;
+use crate::upstream::body::ForwardBody;
+use crate::upstream::registry::HttpClient;
 
 /// Largest login answer read.
 const MAX_LOGIN_ANSWER: usize = 64 << 10;

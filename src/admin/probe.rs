@@ -4,17 +4,19 @@
 //! exactly as a client's would.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::BodyExt;
+use tokio::time::Instant;
 
-use crate::body::SluiceBody;
 use crate::error::ProxyError;
-use crate::proxy::{self, RequestContext, retry};
+use crate::proxy::body::SluiceBody;
+use crate::proxy::{Prepared, end, plan, retry};
 use crate::state::Shared;
+use crate::telemetry::{ConnInfo, End, RequestContext};
 
 /// The path probes are sent to.
 const CHAT_PATH: &str = "/v1/chat/completions";
@@ -38,23 +40,22 @@ pub struct ProbeResult {
 pub async fn send_chat(shared: &Shared, body: serde_json::Value) -> Result<Response<SluiceBody>, ProxyError> {
     let live = shared.live.load_full();
     let request = Request::post(CHAT_PATH).body(()).map_err(|e| ProxyError::Internal(e.to_string()))?;
-    let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request);
+    let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, ConnInfo::internal());
     let bytes = Bytes::from(body.to_string());
     ctx.bytes_in = bytes.len() as u64;
-    let result = match proxy::plan_json(&live, CHAT_PATH, bytes) {
+    let result = match plan::plan_json(&live, &Method::POST, CHAT_PATH, bytes) {
         Ok(plan) => {
             ctx.stream = plan.stream;
             ctx.model = plan.model.clone();
             let mut headers = HeaderMap::new();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            retry::send(plan, Method::POST, Uri::from_static(CHAT_PATH), headers, &mut ctx).await
+            let prepared = Prepared { plan, method: Method::POST, uri: Uri::from_static(CHAT_PATH), headers };
+            retry::send(prepared, &mut ctx).await
         }
         Err(error) => Err(error),
     };
     if let Err(error) = &result {
-        let end =
-            crate::telemetry::End { status: error.status().as_u16(), error: Some(error.kind()), ..Default::default() };
-        shared.telemetry.finish(&ctx, end);
+        end::finish(&ctx, End { status: error.status().as_u16(), error: Some(error.kind()), ..End::default() });
     }
     result
 }

@@ -50,6 +50,35 @@ impl Failure {
     }
 }
 
+/// Error codes by which providers say that the *key* is bad (revoked, wrong,
+/// account closed), as opposed to the request: OpenAI (`invalid_api_key`,
+/// `account_deactivated`), OpenAI-compatible vendors and Azure
+/// (`invalid_authentication`, `invalid_api_key`, `401`), Anthropic
+/// (`authentication_error`, as its error `type`).
+pub const KEY_ERROR_CODES: [&str; 4] =
+    ["invalid_api_key", "account_deactivated", "invalid_authentication", "authentication_error"];
+
+/// Whether a 401/402/403 answer says the key itself is bad: its
+/// `error.code` (or `error.type`) is one of [`KEY_ERROR_CODES`]. Anything else
+/// (no JSON, another code) is taken as a refusal of the request, which must
+/// not disable a key that every other client shares.
+pub fn blames_the_key(answer: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow)]
+        error: Option<Detail<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail<'a> {
+        #[serde(borrow, default)]
+        code: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default, rename = "type")]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    let Ok(Answer { error: Some(detail) }) = serde_json::from_slice::<Answer<'_>>(answer) else { return false };
+    [detail.code, detail.kind].into_iter().flatten().any(|code| KEY_ERROR_CODES.contains(&code.as_ref()))
+}
+
 /// A key's health at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
@@ -99,6 +128,10 @@ pub struct UpstreamKey {
     /// Clock ms until which the key cools; 0 = not cooling.
     cooling_until: AtomicU64,
     last_error: AtomicU8,
+    /// A background check of the key is running.
+    checking: AtomicBool,
+    /// Clock ms of the last check's start; 0 = never checked.
+    checked_at: AtomicU64,
 }
 
 impl UpstreamKey {
@@ -114,6 +147,8 @@ impl UpstreamKey {
             disabled: AtomicBool::new(false),
             cooling_until: AtomicU64::new(0),
             last_error: AtomicU8::new(0),
+            checking: AtomicBool::new(false),
+            checked_at: AtomicU64::new(0),
         })
     }
 
@@ -166,6 +201,25 @@ impl UpstreamKey {
         };
         counter.fetch_add(1, Relaxed);
         self.last_error.store(failure as u8, Relaxed);
+    }
+
+    /// Claims the right to check the key at clock time `now`: false while a
+    /// check runs or if the last one began less than `gap` ago.
+    pub fn begin_check(&self, now: u64, gap: std::time::Duration) -> bool {
+        let last = self.checked_at.load(Relaxed);
+        if last != 0 && now.saturating_sub(last) < gap.as_millis() as u64 {
+            return false;
+        }
+        if self.checking.swap(true, Relaxed) {
+            return false;
+        }
+        self.checked_at.store(now, Relaxed);
+        true
+    }
+
+    /// Ends a check begun with [`Self::begin_check`].
+    pub fn end_check(&self) {
+        self.checking.store(false, Relaxed);
     }
 
     /// Counts a usable response.
@@ -326,15 +380,17 @@ mod tests {
     #[test]
     fn disabled_until_reset_and_earliest_ready() {
         let ring = ring(3);
+        // `reset` reads the process clock: cooldowns are set relative to it.
+        let now = now_ms();
         ring.keys()[0].disable();
-        ring.keys()[1].cool_until(700);
-        ring.keys()[2].cool_until(400);
-        assert_eq!(pick(&ring, 10), None);
-        assert!(!ring.any_usable(10));
-        assert_eq!(ring.earliest_ready(10), Some(400));
-        assert_eq!(ring.keys()[0].state(10_000), KeyState::Disabled, "disabled never expires");
+        ring.keys()[1].cool_until(now + 70_000);
+        ring.keys()[2].cool_until(now + 40_000);
+        assert_eq!(pick(&ring, now), None);
+        assert!(!ring.any_usable(now));
+        assert_eq!(ring.earliest_ready(now), Some(now + 40_000));
+        assert_eq!(ring.keys()[0].state(now + 10_000_000), KeyState::Disabled, "disabled never expires");
         assert_eq!(ring.reset(), 3);
-        assert!(ring.keys().iter().all(|k| k.is_usable(10)));
+        assert!(ring.keys().iter().all(|k| k.is_usable(now)));
     }
 
     #[test]
@@ -346,6 +402,32 @@ mod tests {
         let idle = ring.pick(Strategy::LeastInFlight, 1, |_| true).unwrap();
         assert_eq!(idle.index(), 2);
         drop((busy0, busy1, idle));
+    }
+
+    #[test]
+    fn one_key_check_at_a_time_and_not_too_often() {
+        let key = UpstreamKey::new(Secret::new("sk".into())).unwrap();
+        let gap = std::time::Duration::from_secs(10);
+        assert!(key.begin_check(1_000, gap));
+        assert!(!key.begin_check(50_000, gap), "one at a time");
+        key.end_check();
+        assert!(!key.begin_check(5_000, gap), "too soon after the last");
+        assert!(key.begin_check(11_000, gap));
+    }
+
+    #[test]
+    fn only_key_error_codes_blame_the_key() {
+        let openai = br#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+        assert!(blames_the_key(openai));
+        assert!(blames_the_key(
+            br#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#
+        ));
+        assert!(!blames_the_key(
+            br#"{"error":{"message":"You are not allowed to use model x","code":"model_not_allowed"}}"#
+        ));
+        assert!(!blames_the_key(br#"{"error":{"message":"org mismatch","type":"invalid_request_error","code":null}}"#));
+        assert!(!blames_the_key(b"Forbidden"));
+        assert!(!blames_the_key(b""));
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //! Scope: `http://` upstreams whose `http2` is not `prior-knowledge`, and
 //! request bodies sluice has read whole (everything it sniffs). TLS, HTTP/2 and
 //! streamed uploads go through hyper-util's client.
+//!
+//! It never sends a request twice. A failure reports whether any byte of the
+//! request was written and whether the connection came from the pool; the
+//! retry loop decides whether a re-send is safe.
 
 pub mod body;
 mod framing;
@@ -20,17 +24,20 @@ mod head;
 mod tests;
 
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use crossbeam_queue::ArrayQueue;
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, Response};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
+use crate::tasks::Tasks;
 pub use body::H1Body;
 
 /// First read buffer of a connection; it doubles (up to [`MAX_READ`]) while
@@ -38,10 +45,6 @@ pub use body::H1Body;
 const MIN_READ: usize = 2 * 1024;
 /// Largest read buffer reservation.
 const MAX_READ: usize = 64 * 1024;
-/// How soon after sending a pooled connection must fail, answerless, to count
-/// as closed while idle (the upstream's FIN crossed our request): a few round
-/// trips. A failure later than this is the upstream failing the request.
-const STALE_RACE: Duration = Duration::from_secs(1);
 /// Request bodies up to this size are copied behind the head: one `write`.
 const INLINE_BODY: usize = 16 * 1024;
 
@@ -80,6 +83,19 @@ impl H1Error {
     pub fn is_connect(&self) -> bool {
         matches!(self, H1Error::Connect { .. } | H1Error::ConnectTimeout { .. })
     }
+}
+
+/// A failed exchange and what the retry loop needs to judge a re-send.
+#[derive(Debug)]
+pub struct H1Failure {
+    /// What went wrong.
+    pub error: H1Error,
+    /// Whether any byte of the request was written to the connection.
+    pub written: bool,
+    /// Whether the connection came from the pool (it may have gone stale there).
+    pub reused: bool,
+    /// Whether any byte of an answer came back.
+    pub answered: bool,
 }
 
 /// An open connection and the bytes read from it but not yet consumed.
@@ -152,21 +168,22 @@ impl Idle {
     }
 }
 
-/// Keep-alive connections to one `host:port`, most recently used first out.
-/// The lock is held for a push or a pop only, never across I/O.
+/// Keep-alive connections to one `host:port`, in a bounded lock-free queue:
+/// a checkout and a return are one CAS each, and the readiness check of an
+/// idle connection (a syscall at most) runs outside any lock, by whoever holds
+/// that connection.
 pub struct Pool {
     addr: String,
     /// The `Host` header: `host[:port]` as in the URL, without user-info.
     host: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    max_idle: usize,
-    idle: Mutex<Vec<Idle>>,
+    idle: ArrayQueue<Idle>,
     opened: AtomicU64,
     /// Whether the task that closes expired and dead idle connections runs.
     sweeping: AtomicBool,
-    /// [`STALE_RACE`], shorter in tests.
-    stale_race: Duration,
+    /// Where that task runs.
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Pool {
@@ -176,8 +193,14 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool for `authority` (port 80 when it has none).
-    pub fn new(authority: Authority, connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Self {
+    /// A pool for `authority` (port 80 when it has none); its sweeper runs under `tasks`.
+    pub fn new(
+        authority: Authority,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+        tasks: Tasks,
+    ) -> Self {
         let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
         let host = match authority.port() {
             Some(port) => format!("{}:{}", authority.host(), port),
@@ -188,19 +211,11 @@ impl Pool {
             host,
             connect_timeout,
             idle_timeout,
-            max_idle,
-            idle: Mutex::new(Vec::new()),
+            idle: ArrayQueue::new(max_idle.max(1)),
             opened: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
-            stale_race: STALE_RACE,
+            tasks,
         }
-    }
-
-    /// The same pool with another stale-connection window (tests use a short one).
-    #[cfg(test)]
-    fn with_stale_race(mut self, window: Duration) -> Self {
-        self.stale_race = window;
-        self
     }
 
     /// Connections opened so far (for `/stats` and tests).
@@ -210,17 +225,13 @@ impl Pool {
 
     /// Connections idle in the pool now.
     pub fn idle(&self) -> usize {
-        self.idle.lock().map_or(0, |idle| idle.len())
+        self.idle.len()
     }
 
     /// Sends one request and returns once the response head is in; the body
     /// streams from the same connection, which returns to the pool at its end.
-    ///
-    /// A pooled connection the upstream closed while it sat idle is retried
-    /// once on a fresh connection, when nothing at all came back on it and the
-    /// failure came within [`STALE_RACE`] of sending: later than that the
-    /// upstream may have run the request (and crashed on it), and a re-send is
-    /// the retry loop's decision, counted and on another key, not this one's.
+    /// One attempt, never more: a pooled connection the upstream closed while
+    /// idle fails the request with `reused` set, for the retry loop to judge.
     pub async fn send(
         self: &Arc<Self>,
         method: &Method,
@@ -228,7 +239,7 @@ impl Pool {
         headers: &HeaderMap,
         auth: &HeaderValue,
         body: &Bytes,
-    ) -> Result<Response<H1Body>, H1Error> {
+    ) -> Result<Response<H1Body>, H1Failure> {
         let inline = body.len() <= INLINE_BODY;
         let mut wire = Vec::with_capacity(512 + if inline { body.len() } else { 0 });
         head::encode_request(&mut wire, method, path_and_query, &self.host, headers, auth, body.len());
@@ -236,39 +247,44 @@ impl Pool {
             wire.extend_from_slice(body);
         }
         let rest: &[u8] = if inline { b"" } else { body };
-        let mut pooled = self.checkout();
-        loop {
-            let reused = pooled.is_some();
-            let mut conn = match pooled.take() {
-                Some(conn) => conn,
-                None => self.connect().await?,
-            };
-            let sent = Instant::now();
-            match exchange(&mut conn, &wire, rest, method).await {
-                Ok(head) => {
-                    let keep_alive = head.keep_alive;
-                    let body = H1Body::new(conn, head.framing, keep_alive, Arc::clone(self));
-                    return Ok(head.response.map(|()| body));
-                }
-                Err(Failed { error, answered }) if reused && !answered && sent.elapsed() < self.stale_race => {
+        let (mut conn, reused) = match self.checkout() {
+            Some(conn) => (conn, true),
+            None => {
+                let conn = self.connect().await.map_err(|error| H1Failure {
+                    error,
+                    written: false,
+                    reused: false,
+                    answered: false,
+                })?;
+                (conn, false)
+            }
+        };
+        match exchange(&mut conn, &wire, rest, method).await {
+            Ok(head) => {
+                let keep_alive = head.keep_alive;
+                let body = H1Body::new(conn, head.framing, keep_alive, Arc::clone(self));
+                Ok(head.response.map(|()| body))
+            }
+            Err(Failed { error, written, answered }) => {
+                if reused && !answered {
                     // Closed while idle (a race the readiness check cannot see):
                     // the idle ones behind it are likely stale too.
-                    tracing::debug!(upstream = %self.addr, %error, "pooled connection was closed; retrying on a new one");
+                    tracing::debug!(upstream = %self.addr, %error, "pooled connection failed before any answer");
                     self.clear();
                 }
-                Err(Failed { error, .. }) => return Err(error),
+                Err(H1Failure { error, written, reused, answered })
             }
         }
     }
 
     fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
-        loop {
-            let idle = self.idle.lock().ok()?.pop()?;
+        while let Some(idle) = self.idle.pop() {
             if idle.usable(now, self.idle_timeout) {
                 return Some(idle.conn);
             }
         }
+        None
     }
 
     async fn connect(&self) -> Result<Conn, H1Error> {
@@ -288,7 +304,8 @@ impl Pool {
         Ok(Conn { io, buf: BytesMut::new(), next_read: MIN_READ })
     }
 
-    /// Takes back a connection whose response ended cleanly.
+    /// Takes back a connection whose response ended cleanly. A full pool
+    /// closes it instead.
     fn put(self: &Arc<Self>, mut conn: Conn) {
         if !conn.buf.is_empty() {
             return; // bytes beyond the response: the upstream is confused
@@ -297,69 +314,65 @@ impl Pool {
             conn.buf = BytesMut::new();
         }
         conn.next_read = MIN_READ;
-        let now = Instant::now();
-        let expired: Vec<Idle> = {
-            let Ok(mut idle) = self.idle.lock() else { return };
-            // Oldest first: the front holds the connections idle the longest.
-            let n = idle.iter().take_while(|i| i.expired(now, self.idle_timeout)).count();
-            let expired = idle.drain(..n).collect();
-            if idle.len() < self.max_idle {
-                idle.push(Idle { conn, since: now });
-            }
-            expired
-        };
-        drop(expired); // closed outside the lock
+        if self.idle.push(Idle { conn, since: Instant::now() }).is_err() {
+            return;
+        }
         if !self.sweeping.swap(true, Relaxed) {
             self.start_sweeper();
         }
     }
 
     /// Without traffic nothing would close idle connections: one task per pool
-    /// (started with its first idle connection, gone with the pool) closes the
-    /// expired ones and those the upstream closed, every half idle timeout.
+    /// (started with its first idle connection, gone with the pool or at
+    /// shutdown) closes the expired ones and those the upstream closed, every
+    /// half idle timeout.
     fn start_sweeper(self: &Arc<Self>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let pool = Arc::downgrade(self);
         let every = (self.idle_timeout / 2).max(Duration::from_millis(50));
-        runtime.spawn(async move {
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = tasks.stopped() => return,
+                }
                 let Some(pool) = pool.upgrade() else { return };
                 pool.sweep();
             }
         });
     }
 
+    /// Takes every idle connection out, checks each (outside any lock), and
+    /// puts back those still usable; the expired and dead ones close.
     fn sweep(&self) {
         let now = Instant::now();
-        let closed: Vec<Idle> = {
-            let Ok(mut idle) = self.idle.lock() else { return };
-            let (keep, close) = std::mem::take(&mut *idle).into_iter().partition(|i| i.usable(now, self.idle_timeout));
-            *idle = keep;
-            close
-        };
-        drop(closed);
+        let mut keep = Vec::with_capacity(self.idle.len());
+        while let Some(idle) = self.idle.pop() {
+            if idle.usable(now, self.idle_timeout) {
+                keep.push(idle);
+            }
+        }
+        // Oldest first back in, so they are checked out (and re-timed) first.
+        keep.sort_by_key(|idle| idle.since);
+        for idle in keep {
+            let _ = self.idle.push(idle);
+        }
     }
 
     fn clear(&self) {
-        let stale = self.idle.lock().map(|mut idle| std::mem::take(&mut *idle)).unwrap_or_default();
-        drop(stale);
+        while self.idle.pop().is_some() {}
     }
 }
 
-/// A failed exchange, and whether any byte of an answer had come back.
+/// A failed exchange: whether any byte of the request went out, and whether
+/// any byte of an answer had come back.
 struct Failed {
     error: H1Error,
+    written: bool,
     answered: bool,
-}
-
-impl From<io::Error> for Failed {
-    fn from(error: io::Error) -> Self {
-        Failed { error: error.into(), answered: false }
-    }
 }
 
 /// How writing a request ended.
@@ -375,13 +388,17 @@ enum Sent {
 
 /// Writes the request and reads until the response head is complete.
 async fn exchange(conn: &mut Conn, wire: &[u8], rest: &[u8], method: &Method) -> Result<head::ResponseHead, Failed> {
-    let mut write_error = match write_request(conn, [wire, rest], method).await? {
-        Sent::All => None,
-        Sent::Early(mut head) => {
+    let mut written = 0usize;
+    let sent = write_request(conn, [wire, rest], method, &mut written).await;
+    let written = written > 0;
+    let mut write_error = match sent {
+        Ok(Sent::All) => None,
+        Ok(Sent::Early(mut head)) => {
             head.keep_alive = false;
             return Ok(head);
         }
-        Sent::Failed(error) => Some(error),
+        Ok(Sent::Failed(error)) => Some(error),
+        Err(error) => return Err(Failed { error, written, answered: true }),
     };
     loop {
         let answered = !conn.buf.is_empty();
@@ -391,7 +408,7 @@ async fn exchange(conn: &mut Conn, wire: &[u8], rest: &[u8], method: &Method) ->
                 return Ok(head);
             }
             Ok(None) => {}
-            Err(error) => return Err(Failed { error, answered: true }),
+            Err(error) => return Err(Failed { error, written, answered: true }),
         }
         let error = match conn.fill().await {
             Ok(0) => H1Error::Closed,
@@ -405,31 +422,40 @@ async fn exchange(conn: &mut Conn, wire: &[u8], rest: &[u8], method: &Method) ->
             Some(write) if !answered => write.into(),
             _ => error,
         };
-        return Err(Failed { error, answered });
+        return Err(Failed { error, written, answered });
     }
 }
 
-/// Writes `parts` in order. While the upstream does not take more bytes, it
-/// reads whatever the upstream sends meanwhile: an upstream that answers a
-/// large body early and stops reading would otherwise leave the write
-/// blocked until the header timeout, and the client with a 504 instead of
-/// the upstream's own answer.
-async fn write_request(conn: &mut Conn, parts: [&[u8]; 2], method: &Method) -> Result<Sent, Failed> {
-    let mut written = [0usize; 2];
+/// Writes `parts` in order, counting the bytes written in `written`. While
+/// the upstream does not take more bytes, it reads whatever the upstream sends
+/// meanwhile: an upstream that answers a large body early and stops reading
+/// would otherwise leave the write blocked until the header timeout, and the
+/// client with a 504 instead of the upstream's own answer. An `Err` is a
+/// malformed early answer.
+async fn write_request(
+    conn: &mut Conn,
+    parts: [&[u8]; 2],
+    method: &Method,
+    written: &mut usize,
+) -> Result<Sent, H1Error> {
+    let mut done = [0usize; 2];
     std::future::poll_fn(|cx| {
         loop {
-            let Some(i) = (0..parts.len()).find(|&i| written[i] < parts[i].len()) else {
+            let Some(i) = (0..parts.len()).find(|&i| done[i] < parts[i].len()) else {
                 return Poll::Ready(Ok(Sent::All));
             };
-            match std::pin::Pin::new(&mut conn.io).poll_write(cx, &parts[i][written[i]..]) {
+            match std::pin::Pin::new(&mut conn.io).poll_write(cx, &parts[i][done[i]..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Sent::Failed(io::ErrorKind::WriteZero.into()))),
-                Poll::Ready(Ok(n)) => written[i] += n,
+                Poll::Ready(Ok(n)) => {
+                    done[i] += n;
+                    *written += n;
+                }
                 Poll::Ready(Err(error)) => return Poll::Ready(Ok(Sent::Failed(error))),
                 Poll::Pending => loop {
                     match head::parse_response(&mut conn.buf, method) {
                         Ok(Some(head)) => return Poll::Ready(Ok(Sent::Early(head))),
                         Ok(None) => {}
-                        Err(error) => return Poll::Ready(Err(Failed { error, answered: true })),
+                        Err(error) => return Poll::Ready(Err(error)),
                     }
                     match std::task::ready!(conn.poll_fill(cx)) {
                         // Closed: the read after the write error will tell.

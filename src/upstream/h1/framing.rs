@@ -15,7 +15,7 @@ const MAX_TRAILERS: usize = 16 * 1024;
 
 /// How the body of one response is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// `Content-Length`: this many bytes are still to come.
     Length(u64),
     /// `Transfer-Encoding: chunked`, at this point of the chunk grammar.
@@ -28,7 +28,7 @@ pub enum Framing {
 
 /// Where a chunked body is in its grammar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Chunk {
+pub(crate) enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// Inside a chunk with this many data bytes left.
@@ -41,7 +41,7 @@ pub enum Chunk {
 
 /// What one step of decoding found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     /// Body bytes to hand on.
     Data(Bytes),
     /// The buffer holds no complete next piece: read more.
@@ -52,7 +52,7 @@ pub enum Decoded {
 
 impl Framing {
     /// Decodes the next piece of body from the front of `buf`, consuming it.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
         loop {
             match *self {
                 Framing::Done => return Ok(Decoded::End),
@@ -111,12 +111,12 @@ impl Framing {
     }
 
     /// Whether the body is complete (nothing more will be read for it).
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         matches!(self, Framing::Done | Framing::Length(0))
     }
 
     /// Whether the body's end leaves the connection reusable.
-    pub fn reusable(&self) -> bool {
+    pub(crate) fn reusable(&self) -> bool {
         !matches!(self, Framing::UntilClose)
     }
 }

@@ -1,104 +1,61 @@
-//! Upstreams at run time: where a request goes (URI building), how it is
-//! authenticated, and the pooled client that carries it. Clients come from a
-//! registry outside the reloadable snapshot, so a reload never drops a warm
-//! connection: upstreams with the same connect settings share one pool.
+//! Upstreams at run time: the long-lived machinery a request is sent through.
+//! An [`Upstream`] knows where requests go (URI building), how they are
+//! authenticated (its key ring or login token), how hard to try (retry policy,
+//! breaker, timeouts) and which pooled client carries them. Per-request stages
+//! live in [`crate::proxy`]; this layer never decides to re-send anything.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+pub mod body;
+pub mod breaker;
+pub mod h1;
+pub mod keyring;
+pub mod registry;
+pub mod retry_after;
+pub mod token;
+
+use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{ForwardBody, UpstreamBody};
+use crate::clock::now_ms;
 use crate::config::keys::Secret;
-use crate::config::{ClientConfig, Http2Mode, RetryPolicy, Strategy, Timeouts, UpstreamAuth, UpstreamConfig};
+use crate::config::{H1Client, Http2Mode, RetryPolicy, Strategy, Timeouts, UpstreamAuth, UpstreamConfig};
 use crate::error::ProxyError;
-use crate::proxy::breaker::Breaker;
-use crate::proxy::client_error;
-use crate::proxy::h1;
-use crate::proxy::headers::query_without_api_key;
-use crate::proxy::keyring::{KeyRing, UpstreamKey};
-use crate::proxy::token::TokenSource;
+use crate::tasks::Tasks;
+use body::{ForwardBody, UpstreamBody};
+use breaker::Breaker;
+use keyring::{KeyRing, UpstreamKey};
+use registry::{ClientRegistry, HttpClient};
+use token::TokenSource;
 
-/// The pooled client type used for every upstream.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
+/// Least time between two checks of one key (see [`Upstream::verify_key`]).
+pub const KEY_CHECK_GAP: Duration = Duration::from_secs(10);
+/// Longest wait for a key check's answer.
+const KEY_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Pooled clients by (HTTP/2 mode, connect timeout), and sluice's own
-/// HTTP/1.1 pools by (host:port, connect timeout). The locks are taken only
-/// while a snapshot is built, never per request.
-pub struct ClientRegistry {
-    config: ClientConfig,
-    clients: Mutex<HashMap<(Http2Mode, Duration), HttpClient>>,
-    h1_pools: Mutex<HashMap<(Authority, Duration), Arc<h1::Pool>>>,
+/// A failed attempt, with what the retry loop needs to judge a re-send.
+#[derive(Debug)]
+pub struct AttemptError {
+    /// What went wrong.
+    pub error: ProxyError,
+    /// Whether any byte of the request may have reached the upstream. When
+    /// false, the upstream cannot have acted on it: a re-send is always safe.
+    pub written: bool,
+    /// A reused pooled connection failed before any byte of an answer came
+    /// back: most likely the upstream closed it while it sat idle.
+    pub stale: bool,
 }
 
-impl ClientRegistry {
-    /// An empty registry; clients are built on first use.
-    pub fn new(config: ClientConfig) -> Self {
-        Self { config, clients: Mutex::new(HashMap::new()), h1_pools: Mutex::new(HashMap::new()) }
-    }
-
-    /// The shared HTTP/1.1 pool for this `host:port`.
-    pub fn h1_pool(&self, authority: &Authority, connect_timeout: Duration) -> Result<Arc<h1::Pool>, String> {
-        let mut pools = self.h1_pools.lock().map_err(|_| "client registry poisoned".to_string())?;
-        let pool = pools.entry((authority.clone(), connect_timeout)).or_insert_with(|| {
-            Arc::new(h1::Pool::new(
-                authority.clone(),
-                connect_timeout,
-                self.config.pool_idle_timeout,
-                self.config.pool_max_idle_per_host,
-            ))
-        });
-        Ok(Arc::clone(pool))
-    }
-
-    /// The shared client for these settings.
-    pub fn get(&self, mode: Http2Mode, connect_timeout: Duration) -> Result<HttpClient, String> {
-        let mut clients = self.clients.lock().map_err(|_| "client registry poisoned".to_string())?;
-        if let Some(client) = clients.get(&(mode, connect_timeout)) {
-            return Ok(client.clone());
-        }
-        let client = build_client(&self.config, mode, connect_timeout)?;
-        clients.insert((mode, connect_timeout), client.clone());
-        Ok(client)
-    }
-}
-
-fn build_client(config: &ClientConfig, mode: Http2Mode, connect_timeout: Duration) -> Result<HttpClient, String> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    // ring only: with aws-lc-rs also in the tree the implicit default would panic.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(provider)
-        .map_err(|e| format!("TLS setup failed: {e}"))?
-        .https_or_http();
-    let connector = match mode {
-        Http2Mode::Auto => builder.enable_http1().enable_http2().wrap_connector(http),
-        Http2Mode::PriorKnowledge => builder.enable_http2().wrap_connector(http),
-        Http2Mode::Never => builder.enable_http1().wrap_connector(http),
-    };
-    let mut client = Client::builder(TokioExecutor::new());
-    client
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .http2_only(mode == Http2Mode::PriorKnowledge)
-        .http2_adaptive_window(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_keep_alive_while_idle(false);
-    Ok(client.build(connector))
+/// The query string sent upstream: the client's, minus `api_key=` (a client
+/// credential), parameters kept in order; `None` when nothing is left.
+pub fn query_without_api_key(query: &str) -> Option<String> {
+    let kept: Vec<&str> =
+        query.split('&').filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("api_key")).collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 /// How requests to an upstream are authenticated.
@@ -147,6 +104,8 @@ pub struct Upstream {
     pub breaker: Arc<Breaker>,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Where key checks run.
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -205,11 +164,12 @@ impl Upstream {
                 template: template.clone(),
             })
             .collect();
-        let h1 = (scheme == Scheme::HTTP && config.http2 != Http2Mode::PriorKnowledge)
+        let own_h1 = clients.config().h1_client == H1Client::Sluice;
+        let h1 = (own_h1 && scheme == Scheme::HTTP && config.http2 != Http2Mode::PriorKnowledge)
             .then(|| clients.h1_pool(&authority, config.timeouts.connect))
             .transpose()?;
         Ok(Self {
-            client: clients.get(config.http2, config.timeouts.connect)?,
+            client: clients.get(config.http2, config.timeouts.connect, config.ca_file.as_ref())?,
             h1,
             name,
             scheme,
@@ -224,6 +184,7 @@ impl Upstream {
             max_cooldown: config.max_cooldown,
             breaker,
             timeouts: config.timeouts,
+            tasks: clients.tasks().clone(),
         })
     }
 
@@ -254,6 +215,9 @@ impl Upstream {
 
     /// Sends one attempt: a body sluice holds whole goes over its own HTTP/1.1
     /// client when the upstream has one; anything else over hyper-util's.
+    /// Nothing here re-sends: a failure says whether the request was written
+    /// and whether a stale pooled connection was the cause, and the retry loop
+    /// decides.
     pub async fn send(
         &self,
         method: &Method,
@@ -261,20 +225,21 @@ impl Upstream {
         headers: &HeaderMap,
         auth: HeaderValue,
         body: ForwardBody,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, AttemptError> {
         if let (Some(pool), ForwardBody::Full { bytes }) = (&self.h1, &body) {
             let path = target.path_and_query().map_or("/", PathAndQuery::as_str);
             let empty = Bytes::new();
             return match pool.send(method, path, headers, &auth, bytes.as_ref().unwrap_or(&empty)).await {
                 Ok(response) => Ok(response.map(|inner| UpstreamBody::H1 { inner })),
-                Err(error) => {
+                Err(failed) => {
                     let upstream = self.name.to_string();
-                    let reason = error.to_string();
-                    Err(if error.is_connect() {
+                    let reason = failed.error.to_string();
+                    let error = if failed.error.is_connect() {
                         ProxyError::UpstreamConnect { upstream, reason }
                     } else {
                         ProxyError::UpstreamProtocol { upstream, reason }
-                    })
+                    };
+                    Err(AttemptError { error, written: failed.written, stale: failed.reused && !failed.answered })
                 }
             };
         }
@@ -285,8 +250,70 @@ impl Upstream {
         request.headers_mut().insert(AUTHORIZATION, auth);
         match self.client.request(request).await {
             Ok(response) => Ok(response.map(|inner| UpstreamBody::Hyper { inner })),
-            Err(error) => Err(client_error(self, &error)),
+            Err(error) => Err(self.client_error(&error)),
         }
+    }
+
+    /// Maps a hyper-util failure, with its cause chain (which never holds
+    /// headers or keys) for the log. A connect error, a request hyper handed
+    /// back unsent (its pooled connection closed first) and an HTTP/2 stream
+    /// the peer refused (`REFUSED_STREAM`: guaranteed unprocessed) were not
+    /// written; anything else may have been.
+    fn client_error(&self, error: &hyper_util::client::legacy::Error) -> AttemptError {
+        let mut reason = error.to_string();
+        let mut unsent = error.is_connect();
+        let mut cause = error.source();
+        while let Some(inner) = cause {
+            reason.push_str(": ");
+            reason.push_str(&inner.to_string());
+            unsent |= inner.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled);
+            unsent |= inner.downcast_ref::<h2::Error>().and_then(h2::Error::reason) == Some(h2::Reason::REFUSED_STREAM);
+            cause = inner.source();
+        }
+        let upstream = self.name.to_string();
+        let error = if error.is_connect() {
+            ProxyError::UpstreamConnect { upstream, reason }
+        } else {
+            ProxyError::UpstreamProtocol { upstream, reason }
+        };
+        AttemptError { error, written: !unsent, stale: false }
+    }
+
+    /// Checks a key that answered a request with 401/402/403 without saying
+    /// the key was bad: sluice asks `GET {base_url}/models` with it, a request
+    /// no client shapes, and disables the key only if that fails the same way.
+    /// So a refusal a client provoked (a model the key may not use, a header
+    /// it sent) never takes a shared key out of service. At most one check
+    /// per key runs at a time, and at most one per [`KEY_CHECK_GAP`].
+    pub fn verify_key(self: &Arc<Self>, key: Arc<UpstreamKey>, status: u16) {
+        if !key.begin_check(now_ms(), KEY_CHECK_GAP) {
+            return;
+        }
+        let upstream = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let answer = upstream.check_key(&key).await;
+            key.end_check();
+            match answer {
+                Some(401..=403) => {
+                    key.disable();
+                    tracing::warn!(upstream = %upstream.name, key = %key.fingerprint, status, "a refused request led to a key check that failed too; key disabled until reset or reload");
+                }
+                Some(checked) => {
+                    tracing::info!(upstream = %upstream.name, key = %key.fingerprint, status, checked, "a request was refused, but the key checks out; it stays in service");
+                }
+                None => tracing::debug!(upstream = %upstream.name, key = %key.fingerprint, "key check got no answer"),
+            }
+        });
+    }
+
+    /// The status `GET {base_url}/models` answers with this key, if any.
+    async fn check_key(&self, key: &UpstreamKey) -> Option<u16> {
+        let target = self.uri_for("/v1/models", None).ok()?;
+        let mut headers = HeaderMap::new();
+        self.add_extra_headers(&mut headers);
+        let send = self.send(&Method::GET, &target, &headers, key.auth_header(), ForwardBody::full(Bytes::new()));
+        let response = tokio::time::timeout(self.timeouts.header.min(KEY_CHECK_TIMEOUT), send).await.ok()?.ok()?;
+        Some(response.status().as_u16())
     }
 
     /// Adds the configured extra headers, filling `{uuid}` afresh.
@@ -324,7 +351,7 @@ mod tests {
             "[auth]\nrequire_api_key = false\n[[upstreams]]\nname = \"u\"\nbase_url = \"{base}\"\nkeys = [\"sk-1\"]\n{extra}\n"
         );
         let config = Config::from_toml(&text, std::path::Path::new("t.toml"), &|_| None).unwrap();
-        let registry = ClientRegistry::new(config.client.clone());
+        let registry = ClientRegistry::new(config.client.clone(), crate::tasks::Tasks::default());
         Upstream::new(&config.upstreams[0], &registry, &Nothing).unwrap()
     }
 
@@ -342,6 +369,13 @@ mod tests {
             u.uri_for("/v1/embeddings", Some("api_key=1")).unwrap().to_string(),
             "http://127.0.0.1:9000/embeddings"
         );
+    }
+
+    #[test]
+    fn api_key_query_removed() {
+        assert_eq!(query_without_api_key("api_key=sk-1"), None);
+        assert_eq!(query_without_api_key("a=1&api_key=sk&b=2").as_deref(), Some("a=1&b=2"));
+        assert_eq!(query_without_api_key("api_keyx=1").as_deref(), Some("api_keyx=1"));
     }
 
     #[test]

@@ -1,0 +1,62 @@
+//! `GET /metrics`: the Prometheus text exposition, rendered from the atomics
+//! the request path keeps (nothing is computed per request).
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::clock::now_ms;
+use crate::state::{Live, Shared};
+use crate::telemetry::metrics::{self, header, line};
+use crate::upstream::breaker::BreakerState;
+use crate::upstream::keyring::KeyState;
+
+/// `GET /metrics`: the Prometheus text exposition.
+pub fn render_metrics(shared: &Shared, live: &Live) -> String {
+    let mut out = String::with_capacity(8192);
+    let metrics = &shared.telemetry.metrics;
+    metrics.render(live.routes.metrics(), &mut out);
+    let now = now_ms();
+    header(&mut out, metrics::UPSTREAM_ATTEMPTS, "counter", "Upstream attempts by key and outcome.");
+    for upstream in live.upstreams.iter() {
+        for key in upstream.keys.keys() {
+            let c = &key.counters;
+            for (outcome, counter) in [
+                ("success", &c.successes),
+                ("rate_limited", &c.rate_limited),
+                ("rejected", &c.rejected),
+                ("server_error", &c.server_errors),
+                ("connect_error", &c.connect_errors),
+                ("timeout", &c.timeouts),
+            ] {
+                let labels = [("upstream", upstream.name.as_ref()), ("key", &*key.fingerprint), ("outcome", outcome)];
+                line(&mut out, metrics::UPSTREAM_ATTEMPTS, &labels, counter.load(Relaxed));
+            }
+        }
+    }
+    header(&mut out, metrics::KEY_STATE, "gauge", "Key health: 1 for the state the key is in.");
+    for upstream in live.upstreams.iter() {
+        for key in upstream.keys.keys() {
+            let current = match key.state(now) {
+                KeyState::Healthy => "healthy",
+                KeyState::Cooling { .. } => "cooling",
+                KeyState::Disabled => "disabled",
+            };
+            for state in ["healthy", "cooling", "disabled"] {
+                let labels = [("upstream", upstream.name.as_ref()), ("key", &*key.fingerprint), ("state", state)];
+                line(&mut out, metrics::KEY_STATE, &labels, u8::from(state == current));
+            }
+        }
+    }
+    header(&mut out, metrics::BREAKER_STATE, "gauge", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
+    for upstream in live.upstreams.iter() {
+        let value = match upstream.breaker.state() {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        line(&mut out, metrics::BREAKER_STATE, &[("upstream", upstream.name.as_ref())], value);
+    }
+    header(&mut out, metrics::RELOADS, "counter", "Config reloads by result.");
+    line(&mut out, metrics::RELOADS, &[("result", "ok")], shared.reloads[0].load(Relaxed));
+    line(&mut out, metrics::RELOADS, &[("result", "error")], shared.reloads[1].load(Relaxed));
+    out
+}

@@ -1,0 +1,80 @@
+//! `GET /stats`: totals, success rate, uptime, per upstream and per key
+//! counters, as JSON.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::state::{Live, Shared};
+use crate::telemetry::metrics;
+
+/// `GET /stats`: totals, success rate, uptime, per upstream and per key counters.
+pub fn render_stats(shared: &Shared, live: &Live) -> serde_json::Value {
+    let metrics = &shared.telemetry.metrics;
+    let (mut total, mut successes) = (0u64, 0u64);
+    let routes = [
+        metrics::Route::ChatCompletions,
+        metrics::Route::Completions,
+        metrics::Route::Embeddings,
+        metrics::Route::Models,
+        metrics::Route::OtherV1,
+    ];
+    for model in std::iter::once(&metrics.unrouted).chain(live.routes.metrics()) {
+        for route in routes {
+            let (all, ok) = model.totals(route);
+            total += all;
+            successes += ok;
+        }
+    }
+    let upstreams: Vec<serde_json::Value> = live
+        .upstreams
+        .iter()
+        .map(|u| {
+            let keys: Vec<serde_json::Value> = u
+                .keys
+                .keys()
+                .iter()
+                .map(|k| {
+                    let c = &k.counters;
+                    serde_json::json!({
+                        "key": &*k.fingerprint,
+                        "requests": c.requests.load(Relaxed),
+                        "successes": c.successes.load(Relaxed),
+                        "rate_limited": c.rate_limited.load(Relaxed),
+                        "rejected": c.rejected.load(Relaxed),
+                        "server_errors": c.server_errors.load(Relaxed),
+                        "connect_errors": c.connect_errors.load(Relaxed),
+                        "timeouts": c.timeouts.load(Relaxed),
+                        "in_flight": c.in_flight.load(Relaxed),
+                    })
+                })
+                .collect();
+            let sum = |f: fn(&crate::upstream::keyring::KeyCounters) -> u64| {
+                u.keys.keys().iter().map(|k| f(&k.counters)).sum::<u64>()
+            };
+            serde_json::json!({
+                "name": u.name.as_ref(),
+                "attempts": sum(|c| c.requests.load(Relaxed)),
+                "successes": sum(|c| c.successes.load(Relaxed)),
+                "breaker": u.breaker.state().label(),
+                // sluice's own HTTP/1.1 pool (null for TLS and h2c upstreams).
+                "connections": u.h1.as_ref().map(|pool| serde_json::json!({
+                    "opened": pool.opened(),
+                    "idle": pool.idle(),
+                })),
+                "keys": keys,
+            })
+        })
+        .collect();
+    let failures = total - successes;
+    serde_json::json!({
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "requests": total,
+        "successes": successes,
+        "failures": failures,
+        "success_rate": if total == 0 { 1.0 } else { successes as f64 / total as f64 },
+        "in_flight": metrics.in_flight.load(Relaxed),
+        "streams_open": metrics.streams_open.load(Relaxed),
+        "retries": metrics.retries_total(),
+        "failovers": metrics.failovers.load(Relaxed),
+        "upstreams": upstreams,
+    })
+}

@@ -1,0 +1,51 @@
+//! The respond stage: an upstream answer wrapped for the client. Hop-by-hop
+//! headers are stripped, the request id added, and the body metered and
+//! passed through frame by frame.
+
+use std::sync::Arc;
+
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderName, HeaderValue, Response, Version};
+
+use crate::proxy::body::{Meter, MeteredBody, SluiceBody, Timing};
+use crate::proxy::headers;
+use crate::telemetry::RequestContext;
+use crate::upstream::Upstream;
+use crate::upstream::body::UpstreamBody;
+use crate::upstream::keyring::KeyLease;
+
+/// Microseconds sluice spent on a request, upstream waits excluded (opt-in).
+pub const OVERHEAD_HEADER: HeaderName = HeaderName::from_static("x-sluice-overhead-us");
+
+/// Wraps an upstream answer that came on `key` for the client; `lease` keeps
+/// the key counted in flight until the body ends.
+pub fn respond(
+    response: Response<UpstreamBody>,
+    key: Option<Arc<str>>,
+    lease: Option<KeyLease>,
+    upstream: &Upstream,
+    stream: bool,
+    ctx: &RequestContext,
+) -> Response<SluiceBody> {
+    let (mut parts, incoming) = response.into_parts();
+    headers::to_client(&mut parts.headers, &ctx.request_id);
+    // The client connection has its own version; hyper picks the wire format.
+    parts.version = Version::HTTP_11;
+    let sse = parts.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if sse {
+        // A stream may end with sluice's own error event: no fixed length can hold.
+        parts.headers.remove(CONTENT_LENGTH);
+    }
+    let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
+    ctx.telemetry.metrics.overhead.observe(overhead);
+    if ctx.overhead_header {
+        parts.headers.insert(OVERHEAD_HEADER, HeaderValue::from(overhead.as_micros() as u64));
+    }
+    let timing = if sse || stream {
+        Timing::Idle(upstream.timeouts.idle)
+    } else {
+        Timing::Deadline(ctx.started + upstream.timeouts.total)
+    };
+    let meter = Meter::new(ctx.clone(), key, lease, parts.status.as_u16(), sse);
+    Response::from_parts(parts, SluiceBody::Upstream { inner: MeteredBody::new(incoming, sse, timing, meter) })
+}

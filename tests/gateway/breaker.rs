@@ -1,0 +1,73 @@
+//! The circuit breaker over every transport: it opens on repeated upstream
+//! failures, fails fast while open, and one probe (on tokio's clock) closes it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use sluice::mock::{Faults, RateFault};
+
+use crate::per_transport;
+use crate::support::{Harness, Opts, Transport, advance_clock};
+
+const CHAT: &str = r#"{"model":"plain","messages":[]}"#;
+
+per_transport!(breaker_opens_fails_fast_and_a_probe_closes_it);
+
+async fn breaker_opens_fails_fast_and_a_probe_closes_it(t: Transport) {
+    let extra = "max_attempts = 1\nbreaker_failures = 2\nbreaker_cooldown = \"5s\"";
+    let h = Harness::start_with(Opts { transport: t, upstream_extra: extra, ..Opts::default() }).await;
+    let always = RateFault { status: 500, rate: 1.0, seed: 0 };
+    h.mock.state.set_faults(Faults { error_rate: Some(always), ..Faults::default() });
+    assert_eq!(h.chats(2, CHAT).await, [500, 500]);
+    assert_eq!(h.health().await["upstreams"][0]["breaker"], "open");
+
+    for _ in 0..3 {
+        let reply = h.chat(CHAT).await;
+        assert_eq!(
+            (reply.status, reply.error_code().as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+        );
+        assert!(reply.headers.contains_key("retry-after"));
+    }
+    assert_eq!(h.stats().requests, 2, "an open breaker sends nothing upstream");
+
+    // The upstream recovers. Short of the cooldown the breaker stays open;
+    // after it, one probe goes through and closes it.
+    h.mock.state.set_faults(Faults::default());
+    advance_clock(Duration::from_secs(4)).await;
+    assert_eq!(h.chat(CHAT).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    advance_clock(Duration::from_secs(2)).await;
+    assert_eq!(h.chat(CHAT).await.status, StatusCode::OK);
+    assert_eq!(h.stats().requests, 3);
+    assert_eq!(h.health().await["upstreams"][0]["breaker"], "closed");
+    assert_eq!(h.chats(3, CHAT).await, [200, 200, 200]);
+}
+
+#[tokio::test]
+async fn breaker_stops_traffic_to_a_dead_port() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&connections);
+    tokio::spawn(async move {
+        // Accept and drop: a reset on every attempt.
+        while let Ok((stream, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let extra = "max_attempts = 2\nretry_base = \"1ms\"\nbreaker_failures = 2\nbreaker_cooldown = \"60s\"";
+    let h = Harness::start_with(Opts {
+        base_url: Some(format!("http://{addr}/v1")),
+        upstream_extra: extra,
+        ..Opts::default()
+    })
+    .await;
+    assert_eq!(h.chats(2, CHAT).await, [502, 502]);
+    let after_two = connections.load(Ordering::SeqCst);
+    assert_eq!(after_two, 4, "two requests, two attempts each");
+    assert_eq!(h.chats(5, CHAT).await, [503; 5]);
+    assert_eq!(connections.load(Ordering::SeqCst), after_two, "no traffic while open");
+}
