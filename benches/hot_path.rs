@@ -20,11 +20,11 @@ use sluice::config::keys::Secret;
 use sluice::config::{Config, Strategy};
 use sluice::mock::MockServer;
 use sluice::proxy::headers;
-use sluice::upstream::keyring::{KeyRing, UpstreamKey};
 use sluice::proxy::sniff::sniff;
 use sluice::server;
 use sluice::state::Shared;
-use sluice::telemetry::metrics::{Histogram, ModelMetrics, Route};
+use sluice::telemetry::metrics::{Endpoint, Histogram, ModelMetrics};
+use sluice::upstream::keyring::{KeyRing, UpstreamKey};
 
 fn ring(n: usize) -> Arc<KeyRing> {
     let keys =
@@ -110,7 +110,7 @@ fn metrics_record(c: &mut Criterion) {
     let histogram = Histogram::default();
     c.bench_function("metrics_record", |b| {
         b.iter(|| {
-            model.count(Route::ChatCompletions, black_box(200));
+            model.count(Endpoint::ChatCompletions, black_box(200));
             histogram.observe(black_box(Duration::from_micros(850)));
         })
     });

@@ -189,6 +189,7 @@ async fn serve(config: Config) -> Result<(), String> {
     println!("sluice {} listening on http://{addr}", sluice::VERSION);
     tracing::info!(%addr, version = sluice::VERSION, "listening");
     shared.tasks.spawn(shutdown::reload_on_sighup(std::sync::Arc::clone(&shared)));
+    shared.tasks.spawn(shutdown::reopen_log_on_sigusr1(std::sync::Arc::clone(&shared)));
     let stop_signal = shutdown::first_stop_signal();
     sluice::notify::ready(&format!("listening on {addr}"));
     let stop = async {

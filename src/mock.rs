@@ -33,7 +33,8 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 
 use crate::error::{BoxError, error_json};
-use crate::server::{ConnStats, Limits, serve_service};
+use crate::server::{Limits, serve_service};
+use crate::telemetry::metrics::ConnStats;
 pub use faults::{Faults, KeyFault, RateFault};
 use sse::SseStream;
 use stats::MockStats;
@@ -259,9 +260,9 @@ async fn answer(state: &MockState, request: Request<Incoming>) -> Response<MockB
 
 async fn respond(state: &MockState, request: Request<Incoming>, key: &str, path: &str, n: u64) -> Response<MockBody> {
     let faults = state.faults.load_full();
-    let plan = faults.plan(request.headers());
-    if plan.latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(plan.latency_ms)).await;
+    let shape = faults.shape(request.headers());
+    if shape.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(shape.latency_ms)).await;
     }
     if let Some(fault) = faults.keys.get(key) {
         let mut response = error_coded(
@@ -282,10 +283,10 @@ async fn respond(state: &MockState, request: Request<Incoming>, key: &str, path:
             "mock: fault at a rate",
         );
     }
-    if let Some(status) = plan.status.and_then(|s| StatusCode::from_u16(s).ok()) {
+    if let Some(status) = shape.status.and_then(|s| StatusCode::from_u16(s).ok()) {
         return error(status, "mock: status asked by x-mock-status");
     }
-    if plan.echo {
+    if shape.echo {
         return echo(request).await;
     }
     let method = request.method().clone();
@@ -305,11 +306,11 @@ async fn respond(state: &MockState, request: Request<Incoming>, key: &str, path:
                     Arc::clone(&state.stats),
                     n,
                     chat.model,
-                    plan.chunks,
+                    shape.chunks,
                     include_usage,
                     prompt_tokens,
-                    Duration::from_millis(plan.gap_ms),
-                    plan.drop_after,
+                    Duration::from_millis(shape.gap_ms),
+                    shape.drop_after,
                 );
                 let mut response = Response::new(MockBody::Sse(stream));
                 response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -63,7 +63,7 @@ pub async fn prepare(
             ctx.bytes_in = bytes.len() as u64;
             plan::plan_opaque(live, &parts.method, ForwardBody::full(bytes))?
         }
-        read::Read::Streamed(body) => plan::plan_opaque(live, &parts.method, body)?,
+        read::Read::Upload(body) => plan::plan_opaque(live, &parts.method, body)?,
     };
     Ok(Prepared { plan, method: parts.method, uri: parts.uri, headers: parts.headers })
 }

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::rt::{Read, Write};
@@ -22,6 +22,7 @@ use crate::error::BoxError;
 use crate::service::Gateway;
 use crate::state::Shared;
 use crate::telemetry::ConnInfo;
+use crate::telemetry::metrics::ConnStats;
 
 /// Time a client gets to send a request's headers on HTTP/1.1, and its first
 /// bytes on any new connection.
@@ -38,15 +39,6 @@ pub enum Drain {
     TimedOut(usize),
 }
 
-/// Connection counters of one listener.
-#[derive(Debug, Default)]
-pub struct ConnStats {
-    /// Connections open now.
-    pub open: AtomicUsize,
-    /// Connections accepted since start.
-    pub accepted: AtomicUsize,
-}
-
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains.
 /// `/health` reports `draining` from the moment accepting stops.
 pub async fn serve(
@@ -55,7 +47,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> Drain {
-    let stats = Arc::new(ConnStats::default());
+    let stats = Arc::clone(&shared.telemetry.connections);
     let gateway = {
         let shared = Arc::clone(&shared);
         move |conn: ConnInfo| Gateway::new(Arc::clone(&shared), conn)
@@ -159,6 +151,7 @@ struct Listening<F> {
     protocols: Protocols,
     make_service: F,
     tls: Option<TlsAcceptor>,
+    stats: Arc<ConnStats>,
 }
 
 /// The accept loop for any hyper service (the gateway and the mock share it).
@@ -189,7 +182,8 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let listening = Arc::new(Listening { protocols: Protocols::new(limits), make_service, tls });
+    let listening =
+        Arc::new(Listening { protocols: Protocols::new(limits), make_service, tls, stats: Arc::clone(&stats) });
     let graceful = GracefulShutdown::new();
     // Tells connections still sniffing their protocol or shaking hands (not
     // yet watched by `graceful`) that the drain began.
@@ -329,6 +323,7 @@ where
         Protocol::Unsure => {
             // `auto` decides by itself; the service is told HTTP/1.1 (the
             // common case of a split first packet).
+            listening.stats.split_preface.fetch_add(1, Ordering::Relaxed);
             let connection = protocols.auto.serve_connection(io, service(false)).into_owned();
             Box::pin(watcher.watch(connection)).await
         }

@@ -1,5 +1,6 @@
 //! Process signals: SIGTERM/SIGINT start a drain (a second one exits at once);
-//! SIGHUP reloads the config and keys files. Both handlers are installed when
+//! SIGHUP reloads the config and keys files; SIGUSR1 reopens the request log
+//! (after logrotate moved it). Both handlers are installed when
 //! their function is called, not when its future is first polled: a signal
 //! sent the moment systemd hears READY must find its handler (SIGHUP's default
 //! action would end the process).
@@ -67,5 +68,24 @@ async fn reload_on(handler: std::io::Result<Signal>, shared: Arc<Shared>) {
             Err(reason) => format!("reload refused, running config kept: {reason}"),
         };
         crate::notify::ready(&status);
+    }
+}
+
+/// Reopens the request log on every SIGUSR1 until shutdown begins.
+pub fn reopen_log_on_sigusr1(shared: Arc<Shared>) -> impl Future<Output = ()> {
+    let handler = signal(SignalKind::user_defined1());
+    async move {
+        let Ok(mut usr1) = handler else {
+            tracing::error!("cannot install the SIGUSR1 handler; the request log follows a moved file within a second");
+            return;
+        };
+        loop {
+            tokio::select! {
+                received = usr1.recv() => if received.is_none() { return },
+                () = shared.tasks.stopped() => return,
+            }
+            tracing::info!("SIGUSR1: reopening the request log");
+            shared.telemetry.reopen_log();
+        }
     }
 }

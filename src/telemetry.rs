@@ -53,13 +53,15 @@ pub struct End<'a> {
 pub struct Telemetry {
     /// The metrics.
     pub metrics: Metrics,
+    /// The gateway listener's connection counters.
+    pub connections: Arc<metrics::ConnStats>,
     log: Option<AccessLog>,
 }
 
 impl Telemetry {
     /// Telemetry with the request log at `requests` (if set).
     pub fn new(log: Option<AccessLog>) -> Self {
-        Self { metrics: Metrics::default(), log }
+        Self { metrics: Metrics::default(), connections: Arc::default(), log }
     }
 
     /// Records one finished request: counters, histograms, tokens, and a
@@ -68,7 +70,7 @@ impl Telemetry {
     pub fn finish(&self, ctx: &RequestContext, end: End<'_>) {
         let metrics = &self.metrics;
         let model = ctx.model.as_deref().unwrap_or(&metrics.unrouted);
-        model.count(ctx.route, end.status);
+        model.count(ctx.endpoint, end.status);
         if let Some((prompt, completion)) = end.tokens {
             model.add_tokens(prompt, completion);
         }
@@ -98,6 +100,13 @@ impl Telemetry {
         };
         if !log.log(record) {
             metrics.log_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Reopens the request log by its path (after an outside rotation).
+    pub fn reopen_log(&self) {
+        if let Some(log) = &self.log {
+            log.reopen();
         }
     }
 

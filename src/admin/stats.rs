@@ -11,11 +11,11 @@ pub fn render_stats(shared: &Shared, live: &Live) -> serde_json::Value {
     let metrics = &shared.telemetry.metrics;
     let (mut total, mut successes) = (0u64, 0u64);
     let routes = [
-        metrics::Route::ChatCompletions,
-        metrics::Route::Completions,
-        metrics::Route::Embeddings,
-        metrics::Route::Models,
-        metrics::Route::OtherV1,
+        metrics::Endpoint::ChatCompletions,
+        metrics::Endpoint::Completions,
+        metrics::Endpoint::Embeddings,
+        metrics::Endpoint::Models,
+        metrics::Endpoint::OtherV1,
     ];
     for model in std::iter::once(&metrics.unrouted).chain(live.routes.metrics()) {
         for route in routes {

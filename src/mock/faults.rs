@@ -56,7 +56,7 @@ pub struct Faults {
 
 /// The shape of one answer, after the request's own `x-mock-*` headers.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
+pub struct Shape {
     /// Delay before answering.
     pub latency_ms: u64,
     /// Forced status (from `x-mock-status`).
@@ -76,11 +76,11 @@ pub const DEFAULT_CHUNKS: u32 = 5;
 
 impl Faults {
     /// Applies the request's headers on top of the standing faults.
-    pub fn plan(&self, headers: &HeaderMap) -> Plan {
+    pub fn shape(&self, headers: &HeaderMap) -> Shape {
         fn num<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> Option<T> {
             headers.get(name)?.to_str().ok()?.trim().parse().ok()
         }
-        Plan {
+        Shape {
             latency_ms: num(headers, "x-mock-latency-ms").unwrap_or(self.latency_ms),
             status: num(headers, "x-mock-status"),
             chunks: num(headers, "x-mock-chunks").or(self.chunks).unwrap_or(DEFAULT_CHUNKS),
@@ -126,7 +126,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-mock-chunks", "7".parse().unwrap());
         headers.insert("x-mock-echo", "1".parse().unwrap());
-        let plan = faults.plan(&headers);
-        assert_eq!((plan.latency_ms, plan.chunks, plan.echo), (5, 7, true));
+        let shape = faults.shape(&headers);
+        assert_eq!((shape.latency_ms, shape.chunks, shape.echo), (5, 7, true));
     }
 }

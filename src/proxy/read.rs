@@ -25,7 +25,7 @@ pub enum Read {
     /// The whole body (empty when the request has none): replayable.
     Whole(Bytes),
     /// An upload, streamed to the upstream as it arrives: sent at most once.
-    Streamed(ForwardBody),
+    Upload(ForwardBody),
 }
 
 /// Reads the request body, or prepares it to stream.
@@ -37,7 +37,7 @@ pub async fn read(parts: &Parts, body: Incoming, max_body: u64) -> Result<Read, 
         return Ok(Read::Whole(Bytes::new()));
     }
     if parts.method == Method::POST && !carries_json(parts) {
-        return Ok(Read::Streamed(ForwardBody::stream(body, max_body, UploadWatch::default())));
+        return Ok(Read::Upload(ForwardBody::upload(body, max_body, UploadWatch::default())));
     }
     read_whole(body, max_body).await.map(Read::Whole)
 }

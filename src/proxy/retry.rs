@@ -90,9 +90,9 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
     // A streamed body cannot be replayed: one attempt only.
     let (replay, mut once, watch) = match plan.body {
         ForwardBody::Full { bytes } => (Some(bytes.unwrap_or_default()), None, None),
-        ForwardBody::Stream { inner, watch, max_body } => {
+        ForwardBody::Upload { inner, watch, max_body } => {
             let check = (watch.clone(), max_body);
-            (None, Some(ForwardBody::Stream { inner, watch, max_body }), Some(check))
+            (None, Some(ForwardBody::Upload { inner, watch, max_body }), Some(check))
         }
     };
     let policy = upstream.retry;

@@ -5,10 +5,15 @@
 //! [`DRAIN_INTERVAL`], or at once when the queue passes half full (one wake-up
 //! per drain at most). When the queue is full, lines are dropped and counted.
 //! Files rotate by size: `requests.jsonl` -> `requests.jsonl.1` -> ... `.keep`.
+//! An outside rotation (logrotate moving the file away) is noticed within a
+//! second by the file's inode, or at once on [`AccessLog::reopen`] (SIGUSR1).
+//! A file that cannot be reopened is retried once a second, never renamed
+//! again meanwhile.
 
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -120,7 +125,7 @@ impl<'a> Line<'a> {
 }
 
 /// What the request path and the writer share.
-struct Shared {
+struct Handoff {
     queue: ArrayQueue<Record>,
     /// Flushes asked for and flushes done, for [`AccessLog::flush`].
     flush_asked: AtomicU64,
@@ -129,9 +134,11 @@ struct Shared {
     /// Set by the request path when it woke the writer early; cleared by the
     /// writer once it drained, so a busy period costs one wake-up per drain.
     woken: AtomicBool,
+    /// Set by [`AccessLog::reopen`]; the writer reopens the file and clears it.
+    reopen: AtomicBool,
 }
 
-impl Shared {
+impl Handoff {
     fn new() -> Self {
         Self {
             queue: ArrayQueue::new(QUEUE_CAPACITY),
@@ -139,13 +146,14 @@ impl Shared {
             flush_done: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             woken: AtomicBool::new(false),
+            reopen: AtomicBool::new(false),
         }
     }
 }
 
 /// Handle to the writer thread; dropping it lets the writer drain and stop.
 pub struct AccessLog {
-    shared: Arc<Shared>,
+    shared: Arc<Handoff>,
     writer: Thread,
 }
 
@@ -155,18 +163,8 @@ impl AccessLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let file = open(&path)?;
-        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let shared = Arc::new(Shared::new());
-        let writer = Writer {
-            path,
-            max_size: max_size.max(1),
-            keep,
-            out: BufWriter::new(file),
-            written,
-            line: Vec::with_capacity(512),
-            clock: Timestamps::default(),
-        };
+        let writer = Writer::new(path, max_size, keep, open)?;
+        let shared = Arc::new(Handoff::new());
         let for_writer = Arc::clone(&shared);
         let handle =
             std::thread::Builder::new().name("sluice-request-log".into()).spawn(move || writer.run(&for_writer))?;
@@ -181,6 +179,13 @@ impl AccessLog {
             self.writer.unpark();
         }
         queued
+    }
+
+    /// Asks the writer to reopen the file by its path (after an outside
+    /// rotation; SIGUSR1 calls this).
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::SeqCst);
+        self.writer.unpark();
     }
 
     /// Waits (up to 5 s) until every line queued so far is on disk (shutdown, tests).
@@ -205,24 +210,64 @@ fn open(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
+/// How often the writer checks that its file is still the one at its path.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How the writer opens its file (a seam for tests of failing opens).
+type Opener = fn(&Path) -> std::io::Result<File>;
+
 struct Writer {
     path: PathBuf,
+    opener: Opener,
     max_size: u64,
     keep: usize,
     out: BufWriter<File>,
     written: u64,
+    /// The inode of the open file, to notice an outside rotation.
+    inode: u64,
+    /// When the path was last checked (or a failed reopen retried).
+    checked: Instant,
+    /// A reopen failed; it is retried every [`CHECK_EVERY`], and no rotation
+    /// starts meanwhile.
+    reopen_due: bool,
     /// One line's JSON, reused: no allocation per line.
     line: Vec<u8>,
     clock: Timestamps,
 }
 
 impl Writer {
-    fn run(mut self, shared: &Shared) {
+    fn new(path: PathBuf, max_size: u64, keep: usize, opener: Opener) -> std::io::Result<Self> {
+        let file = opener(&path)?;
+        let meta = file.metadata()?;
+        Ok(Self {
+            path,
+            opener,
+            max_size: max_size.max(1),
+            keep,
+            out: BufWriter::new(file),
+            written: meta.len(),
+            inode: meta.ino(),
+            checked: Instant::now(),
+            reopen_due: false,
+            line: Vec::with_capacity(512),
+            clock: Timestamps::default(),
+        })
+    }
+
+    fn run(mut self, shared: &Handoff) {
         loop {
             // Read the flush ticket first: every line queued before it is drained below.
             let asked = shared.flush_asked.load(Ordering::SeqCst);
             let closed = shared.closed.load(Ordering::SeqCst);
             shared.woken.store(false, Ordering::Release);
+            if shared.reopen.swap(false, Ordering::SeqCst) {
+                self.reopen();
+            } else if self.checked.elapsed() >= CHECK_EVERY {
+                self.checked = Instant::now();
+                if self.reopen_due || self.moved() {
+                    self.reopen();
+                }
+            }
             while let Some(record) = shared.queue.pop() {
                 self.write(&record);
             }
@@ -248,32 +293,66 @@ impl Writer {
             return;
         }
         self.written += line.len() as u64;
-        if self.written >= self.max_size {
+        if self.written >= self.max_size && !self.reopen_due {
             self.rotate();
         }
+    }
+
+    /// Whether the file at the path is not the one open (moved away or gone).
+    fn moved(&self) -> bool {
+        std::fs::metadata(&self.path).map_or(true, |meta| meta.ino() != self.inode)
+    }
+
+    /// Opens the file at the path again; on failure, lines keep going to the
+    /// file still open and the reopen is retried later.
+    fn reopen(&mut self) {
+        let _ = self.out.flush();
+        let opened = (self.opener)(&self.path).and_then(|file| Ok((file.metadata()?, file)));
+        match opened {
+            Ok((meta, file)) => {
+                if self.reopen_due {
+                    tracing::info!(path = %self.path.display(), "request log reopened");
+                }
+                self.out = BufWriter::new(file);
+                self.written = meta.len();
+                self.inode = meta.ino();
+                self.reopen_due = false;
+            }
+            Err(error) => {
+                if !self.reopen_due {
+                    tracing::error!(%error, path = %self.path.display(), "cannot open the request log; retrying every second");
+                }
+                self.reopen_due = true;
+            }
+        }
+        self.checked = Instant::now();
     }
 
     fn rotate(&mut self) {
         let _ = self.out.flush();
         let numbered = |n: usize| PathBuf::from(format!("{}.{n}", self.path.display()));
-        if self.keep == 0 {
-            let _ = std::fs::remove_file(&self.path);
+        let moved = if self.keep == 0 {
+            std::fs::remove_file(&self.path)
         } else {
             let _ = std::fs::remove_file(numbered(self.keep));
             for n in (1..self.keep).rev() {
-                let _ = std::fs::rename(numbered(n), numbered(n + 1));
+                match std::fs::rename(numbered(n), numbered(n + 1)) {
+                    Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(%error, from = %numbered(n).display(), "request log rotation: rename failed");
+                    }
+                    _ => {}
+                }
             }
-            let _ = std::fs::rename(&self.path, numbered(1));
+            std::fs::rename(&self.path, numbered(1))
+        };
+        if let Err(error) = moved {
+            // The live file stays where it is: keep writing to it, and try
+            // again only after another `max_size`, not on every line.
+            tracing::error!(%error, path = %self.path.display(), "request log rotation failed; the file keeps growing");
+            self.written = 0;
+            return;
         }
-        match open(&self.path) {
-            Ok(file) => {
-                self.out = BufWriter::new(file);
-                self.written = 0;
-            }
-            Err(error) => {
-                tracing::error!(%error, path = %self.path.display(), "cannot reopen the request log after rotation")
-            }
-        }
+        self.reopen();
     }
 }
 
@@ -359,7 +438,7 @@ mod tests {
     #[test]
     fn a_half_full_queue_wakes_the_writer_once_per_drain() {
         // No writer thread: this thread stands in for it and drains by hand.
-        let log = AccessLog { shared: Arc::new(Shared::new()), writer: std::thread::current() };
+        let log = AccessLog { shared: Arc::new(Handoff::new()), writer: std::thread::current() };
         let woken = || log.shared.woken.load(Ordering::Acquire);
         for n in 1..QUEUE_CAPACITY / 2 {
             assert!(log.log(record(n as u16)));
@@ -413,5 +492,71 @@ mod tests {
             assert_eq!(v["path"], "/v1/chat/completions", "the query never reaches the log");
         }
         assert!(current.lines().chain(rotated.lines()).any(|l| l.contains("\"req-19\"")));
+    }
+
+    /// Lines in `path` (0 if it does not exist).
+    fn lines(path: &Path) -> usize {
+        std::fs::read_to_string(path).map_or(0, |text| text.lines().count())
+    }
+
+    #[test]
+    fn an_outside_rotation_is_followed_on_reopen_and_by_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.jsonl");
+        let log = AccessLog::start(path.clone(), 1 << 20, 2).unwrap();
+        assert!(log.log(record(1)));
+        log.flush();
+        // logrotate's default: move the file away, then signal.
+        std::fs::rename(&path, dir.path().join("requests.jsonl-old")).unwrap();
+        log.reopen();
+        assert!(log.log(record(2)));
+        log.flush();
+        assert_eq!((lines(&path), lines(&dir.path().join("requests.jsonl-old"))), (1, 1));
+        // No signal this time: the writer notices the new inode by itself
+        // (it checks once a second; bounded wait of 5 s).
+        std::fs::rename(&path, dir.path().join("requests.jsonl-older")).unwrap();
+        for n in 0..500 {
+            assert!(log.log(record(n)));
+            log.flush();
+            if lines(&path) > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(lines(&path) > 0, "the moved file was never noticed");
+    }
+
+    /// Opens like the writer does, except while [`REFUSE`] is set.
+    static REFUSE: AtomicBool = AtomicBool::new(false);
+    fn refusing_open(path: &Path) -> std::io::Result<File> {
+        if REFUSE.load(Ordering::SeqCst) { Err(std::io::Error::other("refused for the test")) } else { open(path) }
+    }
+
+    #[test]
+    fn a_log_that_cannot_be_reopened_is_retried_not_renamed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.jsonl");
+        let numbered = |n: usize| dir.path().join(format!("requests.jsonl.{n}"));
+        // Each line is ~350 bytes: the third line passes 1000 and rotates.
+        let mut writer = Writer::new(path.clone(), 1000, 3, refusing_open).unwrap();
+        REFUSE.store(true, Ordering::SeqCst);
+        for n in 0..3 {
+            writer.write(&record(n));
+        }
+        assert!(numbered(1).exists() && !path.exists(), "rotated, and the new file could not be opened");
+        // Every later line goes to the file still open; no further rename
+        // shifts (and so deletes) the rotated files.
+        for n in 3..30 {
+            writer.write(&record(n));
+        }
+        let _ = writer.out.flush();
+        assert!(!numbered(2).exists(), "a rename chain ran again while the reopen was failing");
+        assert_eq!(lines(&numbered(1)), 30, "no line was lost");
+        // The reopen is retried (once a second in `run`), and works again.
+        REFUSE.store(false, Ordering::SeqCst);
+        writer.reopen();
+        writer.write(&record(30));
+        let _ = writer.out.flush();
+        assert_eq!(lines(&path), 1);
     }
 }

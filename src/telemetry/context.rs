@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::ids;
 use crate::telemetry::Telemetry;
-use crate::telemetry::metrics::{ModelMetrics, Route};
+use crate::telemetry::metrics::{Endpoint, ModelMetrics};
 
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +47,8 @@ pub struct RequestContext {
     /// of the request: a `Uri` would share, and so keep alive for the whole
     /// response, hyper's 8 KiB read buffer that the request head was parsed in.
     pub path: Arc<str>,
-    /// Route label for metrics.
-    pub route: Route,
+    /// The endpoint class, for metrics.
+    pub endpoint: Endpoint,
     /// The connection the request came on.
     pub conn: ConnInfo,
     /// Where the request is recorded.
@@ -103,7 +103,7 @@ impl RequestContext {
             arrived: SystemTime::now(),
             method: request.method().clone(),
             path: Arc::from(request.uri().path()),
-            route: Route::of(request.uri().path()),
+            endpoint: Endpoint::of(request.uri().path()),
             conn,
             telemetry,
             client: None,

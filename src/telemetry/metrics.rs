@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 /// Requests by route, model, upstream and status.
@@ -38,6 +38,18 @@ pub const RELOADS: &str = "sluice_reloads_total";
 pub const BUILD_INFO: &str = "sluice_build_info";
 /// Request-log lines dropped because the writer fell behind.
 pub const LOG_DROPPED: &str = "sluice_request_log_dropped_total";
+
+/// Connection counters of one listener (the gateway's, or the mock's).
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Connections open now.
+    pub open: AtomicUsize,
+    /// Connections accepted since start.
+    pub accepted: AtomicUsize,
+    /// Connections whose first packet was only part of the HTTP/2 preface
+    /// (served by the protocol-detecting connection).
+    pub split_preface: AtomicUsize,
+}
 
 /// Why the retry loop made another attempt: a closed set, the `reason`
 /// label of [`RETRIES`].
@@ -89,9 +101,9 @@ impl RetryReason {
     }
 }
 
-/// The routes requests are counted under.
+/// The endpoint classes requests are counted under (the `route` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub enum Endpoint {
     /// `/v1/chat/completions`.
     ChatCompletions,
     /// `/v1/completions`.
@@ -110,18 +122,18 @@ pub enum Route {
     Unknown,
 }
 
-const ROUTES: [(Route, &str); 8] = [
-    (Route::ChatCompletions, "chat_completions"),
-    (Route::Completions, "completions"),
-    (Route::Embeddings, "embeddings"),
-    (Route::Models, "models"),
-    (Route::OtherV1, "other_v1"),
-    (Route::Meta, "meta"),
-    (Route::Admin, "admin"),
-    (Route::Unknown, "unknown"),
+const ENDPOINTS: [(Endpoint, &str); 8] = [
+    (Endpoint::ChatCompletions, "chat_completions"),
+    (Endpoint::Completions, "completions"),
+    (Endpoint::Embeddings, "embeddings"),
+    (Endpoint::Models, "models"),
+    (Endpoint::OtherV1, "other_v1"),
+    (Endpoint::Meta, "meta"),
+    (Endpoint::Admin, "admin"),
+    (Endpoint::Unknown, "unknown"),
 ];
 
-impl Route {
+impl Endpoint {
     /// The route of a request path.
     pub fn of(path: &str) -> Self {
         match path {
@@ -138,7 +150,7 @@ impl Route {
 
     /// Stable label.
     pub fn label(self) -> &'static str {
-        ROUTES[self as usize].1
+        ENDPOINTS[self as usize].1
     }
 }
 
@@ -161,7 +173,7 @@ pub struct ModelMetrics {
     pub model: Arc<str>,
     /// Upstream name (`-` when none).
     pub upstream: String,
-    requests: [[AtomicU64; STATUS_SLOTS]; ROUTES.len()],
+    requests: [[AtomicU64; STATUS_SLOTS]; ENDPOINTS.len()],
     /// Prompt tokens reported by the upstream.
     pub prompt_tokens: AtomicU64,
     /// Completion tokens reported by the upstream.
@@ -181,8 +193,8 @@ impl ModelMetrics {
     }
 
     /// Counts one finished request.
-    pub fn count(&self, route: Route, status: u16) {
-        self.requests[route as usize][status_slot(status)].fetch_add(1, Relaxed);
+    pub fn count(&self, endpoint: Endpoint, status: u16) {
+        self.requests[endpoint as usize][status_slot(status)].fetch_add(1, Relaxed);
     }
 
     /// Adds reported token usage.
@@ -193,8 +205,8 @@ impl ModelMetrics {
 
     /// `(all, successful)` requests of a route; statuses below 400 are successes
     /// (the `other` slot counts as failed).
-    pub fn totals(&self, route: Route) -> (u64, u64) {
-        self.requests[route as usize].iter().enumerate().fold((0, 0), |(all, ok), (slot, n)| {
+    pub fn totals(&self, endpoint: Endpoint) -> (u64, u64) {
+        self.requests[endpoint as usize].iter().enumerate().fold((0, 0), |(all, ok), (slot, n)| {
             let n = n.load(Relaxed);
             let success = STATUSES.get(slot).is_some_and(|s| *s < 400);
             (all + n, ok + if success { n } else { 0 })
@@ -203,7 +215,7 @@ impl ModelMetrics {
 
     fn render(&self, out: &mut String) {
         let (model, upstream) = (escape(&self.model), escape(&self.upstream));
-        for (route, label) in ROUTES {
+        for (route, label) in ENDPOINTS {
             for slot in 0..STATUS_SLOTS {
                 let n = self.requests[route as usize][slot].load(Relaxed);
                 if n > 0 {
@@ -374,10 +386,10 @@ mod tests {
 
     #[test]
     fn routes_and_statuses_are_closed_sets() {
-        assert_eq!(Route::of("/v1/chat/completions").label(), "chat_completions");
-        assert_eq!(Route::of("/v1/files/x").label(), "other_v1");
-        assert_eq!(Route::of("/admin/reload").label(), "admin");
-        assert_eq!(Route::of("/wp-login.php").label(), "unknown");
+        assert_eq!(Endpoint::of("/v1/chat/completions").label(), "chat_completions");
+        assert_eq!(Endpoint::of("/v1/files/x").label(), "other_v1");
+        assert_eq!(Endpoint::of("/admin/reload").label(), "admin");
+        assert_eq!(Endpoint::of("/wp-login.php").label(), "unknown");
         assert_eq!(status_label(status_slot(429)), "429");
         assert_eq!(status_label(status_slot(418)), "other");
     }

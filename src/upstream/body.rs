@@ -28,7 +28,7 @@ pub enum ForwardBody {
     /// An upload sluice does not look at, streamed under the cap. It cannot
     /// be replayed, and if it fails, the [`UploadWatch`] says whether the
     /// client's side broke (its fault) or the upstream's.
-    Stream {
+    Upload {
         /// The client's body, cut off at `max_body`.
         inner: Limited<Incoming>,
         /// Where a failure of the client's side is noted.
@@ -45,8 +45,8 @@ impl ForwardBody {
     }
 
     /// The client's body, streamed under `max_body`, watched by `watch`.
-    pub fn stream(body: Incoming, max_body: u64, watch: UploadWatch) -> Self {
-        Self::Stream { inner: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)), watch, max_body }
+    pub fn upload(body: Incoming, max_body: u64, watch: UploadWatch) -> Self {
+        Self::Upload { inner: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)), watch, max_body }
     }
 }
 
@@ -57,7 +57,7 @@ impl Body for ForwardBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Stream { inner, watch, max_body } => {
+            Self::Upload { inner, watch, max_body } => {
                 let polled = Pin::new(inner).poll_frame(cx);
                 if let Poll::Ready(Some(Err(error))) = &polled {
                     watch.note(&client_body_error(error.as_ref(), *max_body));
@@ -70,14 +70,14 @@ impl Body for ForwardBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full { bytes } => bytes.is_none(),
-            Self::Stream { inner, .. } => inner.is_end_stream(),
+            Self::Upload { inner, .. } => inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Self::Stream { inner, .. } => inner.size_hint(),
+            Self::Upload { inner, .. } => inner.size_hint(),
         }
     }
 }

@@ -6,8 +6,9 @@
 //! and a `HeaderMap` clone on top of the syscalls. This client writes the
 //! request head and body with one `write` from the task that serves the client,
 //! reads the response head into the connection's buffer, and hands body frames
-//! on as slices of that buffer: no task, no channel, no copy. A finished
-//! connection goes back to a small LIFO pool.
+//! on as slices of that buffer (a lone chunk without a copy; chunks that
+//! arrived in one read joined into one frame): no task, no channel. A finished
+//! connection goes back to a small lock-free pool.
 //!
 //! Scope: `http://` upstreams whose `http2` is not `prior-knowledge`, and
 //! request bodies sluice has read whole (everything it sniffs). TLS, HTTP/2 and

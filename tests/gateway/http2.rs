@@ -46,7 +46,7 @@ async fn clients_may_speak_h2c_and_http1_on_the_same_port() {
 
 /// The server tells HTTP/1.1 from h2c by peeking at the first bytes. A client
 /// whose first packet is only a prefix of the HTTP/2 preface ("P" could start
-/// `POST` or `PRI`) must still be served, whichever way it was judged.
+/// `POST` or `PRI`) is handed to the protocol-detecting connection, and served.
 #[tokio::test]
 async fn a_request_whose_first_packet_is_ambiguous_is_served() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,7 +61,12 @@ async fn a_request_whose_first_packet_is_ambiguous_is_served() {
     stream.set_nodelay(true).unwrap();
     stream.write_all(b"P").await.unwrap();
     stream.flush().await.unwrap();
-    tokio::task::yield_now().await;
+    // The rest goes only once the server has judged the lone "P" ambiguous.
+    let split = &h.gateway.shared.telemetry.connections.split_preface;
+    crate::support::eventually("the split preface was sniffed", || {
+        split.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
     stream.write_all(rest.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer)).await.unwrap().unwrap();

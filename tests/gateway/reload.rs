@@ -127,7 +127,7 @@ async fn admin_api_needs_the_token_and_is_absent_without_one() {
 }
 
 /// The real binary, 20 clients in a loop, SIGHUP with a changed keys file mid-run.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reload_under_load_drops_nothing() {
     let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -199,7 +199,8 @@ async fn sighup_reload_under_load_drops_nothing() {
             .map(|k| k["key"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Traffic flows before the reload.
+    crate::support::eventually("traffic before the reload", || mock.state.stats().requests >= 50).await;
     std::fs::write(dir.path().join("keys.txt"), "sk-old-2\nsk-new\n").unwrap();
     crate::binary::signal(&child, "-HUP");
     let new_fingerprint = sluice::config::keys::fingerprint("sk-new");
@@ -209,12 +210,22 @@ async fn sighup_reload_under_load_drops_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     reloaded.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Traffic flows after it, on the new key.
+    let after = Arc::clone(&new_after);
+    crate::support::eventually("traffic on the new key", || after.load(Ordering::SeqCst) >= 20).await;
 
-    // A broken keys file: SIGHUP changes nothing.
+    // A broken keys file: SIGHUP changes nothing, and says so in the metrics.
     std::fs::write(dir.path().join("keys.txt"), "").unwrap();
     crate::binary::signal(&child, "-HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let scrape = crate::support::scrape_at(addr).await;
+        if crate::support::sample(&scrape, "sluice_reloads_total", &[("result", "error")]) == 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the broken reload was never counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, Ordering::SeqCst);
     while let Some(result) = workers.join_next().await {
         result.unwrap();

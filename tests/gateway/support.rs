@@ -365,3 +365,33 @@ impl Harness {
         statuses
     }
 }
+
+/// `GET /metrics` of the gateway at `addr`, parsed by a real Prometheus parser.
+pub async fn scrape_at(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let request = Request::get(format!("http://{addr}/metrics"))
+        .header("x-api-key", CLIENT_KEY)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = send(&h1_client(), request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("unparsable exposition ({e}):\n{text}"))
+}
+
+/// The value of the one sample of `name` whose labels include all of `labels`.
+pub fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(_) | prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+        .collect();
+    matching.iter().sum()
+}

@@ -11,7 +11,7 @@ fn login_auth(mock: std::net::SocketAddr) -> String {
     format!("kind = \"token\"\nauth_url = \"http://{mock}/auth/login\"\nusername = \"bot\"\npassword = \"hunter2\"")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_login_serves_fifty_concurrent_requests() {
     let h = Harness::start_with(Opts { upstream_auth: Some(login_auth), ..Opts::default() }).await;
     // Slow answers (the login too) so all 50 requests wait on the same login.
