@@ -3,28 +3,24 @@
 //! Every error names the file, the field and the reason.
 
 pub mod keys;
+pub mod server;
 pub mod tls;
 pub mod units;
 pub mod upstream;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use keys::{Secret, env_lookup, expand_env};
+use server::RawServer;
+pub use server::{DEFAULT_LISTEN, ServerConfig, TlsConfig};
 use units::{ByteSize, HumanDuration};
 use upstream::RawUpstream;
 pub use upstream::{LoginConfig, RetryPolicy, Strategy, Timeouts, UpstreamAuth, UpstreamConfig};
 
-/// Default listen address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-/// Default grace period for draining on shutdown (seconds).
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Default cap on a request body (bytes): 8 MiB.
-pub const DEFAULT_MAX_BODY: u64 = 8 << 20;
 /// Default upstream TCP connect timeout (seconds).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time an idle pooled upstream connection is kept (seconds).
@@ -92,16 +88,6 @@ struct RawConfig {
     models: Vec<RawModel>,
     #[serde(default)]
     routing: RawRouting,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    workers: Option<usize>,
-    overhead_header: Option<bool>,
-    listen: Option<String>,
-    shutdown_grace: Option<HumanDuration>,
-    max_body: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,21 +208,6 @@ pub struct Config {
     pub default_model: Option<String>,
 }
 
-/// `[server]`.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Listen address.
-    pub listen: SocketAddr,
-    /// How long shutdown waits for in-flight requests and streams.
-    pub shutdown_grace: Duration,
-    /// Largest request body accepted, in bytes.
-    pub max_body: u64,
-    /// Add `x-sluice-overhead-us` to proxied answers.
-    pub overhead_header: bool,
-    /// Runtime worker threads; 0 = one per core.
-    pub workers: usize,
-}
-
 /// `[client]`: the pooled upstream client.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -307,10 +278,21 @@ impl Config {
     pub fn from_toml(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
         let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { file: file.clone(), reason: e.to_string().trim_end().to_string() })?;
+            .map_err(|e| ConfigError::Parse { file: file.clone(), reason: parse_reason(text, &e) })?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
         Validator { file, base_dir, env }.validate(raw)
     }
+}
+
+/// Where and why the TOML is malformed: line, column and the parser's reason,
+/// never the offending text (it may hold a key).
+fn parse_reason(text: &str, error: &toml::de::Error) -> String {
+    let reason = error.message().trim_end();
+    let Some(span) = error.span() else { return reason.to_string() };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {reason}")
 }
 
 struct Validator<'a> {
@@ -377,28 +359,6 @@ impl Validator<'_> {
             upstreams,
             models,
             default_model,
-        })
-    }
-
-    fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
-        // SLUICE_LISTEN beats the file, so one config serves several ports.
-        let (listen_text, field) = match (self.env)("SLUICE_LISTEN") {
-            Some(env) => (env, "SLUICE_LISTEN (environment)"),
-            None => (raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string()), "server.listen"),
-        };
-        let listen = listen_text
-            .parse()
-            .map_err(|e| self.invalid(field, format!("`{listen_text}` is not an address like 127.0.0.1:8080: {e}")))?;
-        let max_body = raw.max_body.map_or(DEFAULT_MAX_BODY, |b| b.0);
-        if max_body == 0 {
-            return Err(self.invalid("server.max_body", "must be greater than zero"));
-        }
-        Ok(ServerConfig {
-            workers: raw.workers.unwrap_or(0),
-            overhead_header: raw.overhead_header.unwrap_or(false),
-            listen,
-            shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
-            max_body,
         })
     }
 

@@ -37,6 +37,17 @@ pub enum ProxyError {
     /// `model` is present but not a string.
     #[error("`model` must be a string")]
     ModelNotString,
+    /// A member sluice routes by (`model`, `stream`) appears twice: sluice and
+    /// the upstream could read different ones.
+    #[error("`{0}` appears more than once in the body")]
+    DuplicateMember(&'static str),
+    /// A model endpoint was sent an upload instead of a JSON body.
+    #[error("`{0}` takes a JSON body, not `{1}`")]
+    UnsupportedMediaType(&'static str, String),
+    /// The path has `.`/`..` segments or an encoded `/` or `\`, which an
+    /// upstream could resolve outside its base URL.
+    #[error("the path is not allowed: dot-segments and encoded slashes are refused")]
+    BadPath,
     /// The client body could not be read (malformed framing).
     #[error("could not read request body: {0}")]
     BodyRead(String),
@@ -145,6 +156,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadJson(_) | Self::EmptyBody | Self::ModelNotString | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::DuplicateMember(_) | Self::BadPath => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType(..) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NoModel => StatusCode::BAD_REQUEST,
             // Never sent (the client is gone); nginx's "client closed request".
             Self::ClientGone => StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
@@ -170,6 +183,9 @@ impl ProxyError {
             Self::BadJson(_) => "invalid_json",
             Self::EmptyBody => "empty_body",
             Self::ModelNotString => "invalid_model",
+            Self::DuplicateMember(_) => "duplicate_member",
+            Self::UnsupportedMediaType(..) => "unsupported_media_type",
+            Self::BadPath => "invalid_path",
             Self::BodyRead(_) => "body_read_error",
             Self::ClientGone => "client_cancelled",
             Self::MissingApiKey => "missing_api_key",
@@ -199,6 +215,9 @@ impl ProxyError {
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::ModelNotString
+            | Self::DuplicateMember(_)
+            | Self::UnsupportedMediaType(..)
+            | Self::BadPath
             | Self::BodyRead(_)
             | Self::ClientGone
             | Self::MissingApiKey
@@ -228,6 +247,9 @@ impl ProxyError {
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::ModelNotString
+            | Self::DuplicateMember(_)
+            | Self::UnsupportedMediaType(..)
+            | Self::BadPath
             | Self::BodyRead(_)
             | Self::ClientGone
             | Self::UnknownModel(_)
@@ -253,8 +275,11 @@ impl ProxyError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::ModelNotString | Self::UnknownModel(_) | Self::NoModel => Some("model"),
+            Self::DuplicateMember(member) => Some(member),
             Self::BadJson(_)
             | Self::EmptyBody
+            | Self::UnsupportedMediaType(..)
+            | Self::BadPath
             | Self::BodyRead(_)
             | Self::ClientGone
             | Self::MissingApiKey
@@ -286,6 +311,9 @@ impl ProxyError {
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::ModelNotString
+            | Self::DuplicateMember(_)
+            | Self::UnsupportedMediaType(..)
+            | Self::BadPath
             | Self::BodyRead(_)
             | Self::ClientGone
             | Self::MissingApiKey
@@ -319,6 +347,9 @@ impl ProxyError {
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::ModelNotString
+            | Self::DuplicateMember(_)
+            | Self::UnsupportedMediaType(..)
+            | Self::BadPath
             | Self::BodyRead(_)
             | Self::ClientGone
             | Self::MissingApiKey
@@ -368,6 +399,23 @@ impl ProxyError {
 /// (nginx's "client closed request"); never sent, since nobody is listening.
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// Text safe for a log line: control characters (newlines, ESC) are shown
+/// escaped, so a client value can never forge or recolour a line.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Builds `{"error":{"message","type","param","code"}}`.
 pub fn error_json(message: &str, error_type: &str, param: Option<&str>, code: &str) -> Bytes {
     let value = serde_json::json!({
@@ -394,6 +442,9 @@ mod tests {
             (ProxyError::BadJson("x".into()), 400),
             (ProxyError::EmptyBody, 400),
             (ProxyError::ModelNotString, 400),
+            (ProxyError::DuplicateMember("model"), 400),
+            (ProxyError::UnsupportedMediaType("/v1/chat/completions", "multipart/form-data".into()), 415),
+            (ProxyError::BadPath, 400),
             (ProxyError::BodyRead("x".into()), 400),
             (ProxyError::ClientGone, 499),
             (ProxyError::NoModel, 400),
@@ -471,6 +522,13 @@ mod tests {
         let body = String::from_utf8(error.to_json().to_vec()).unwrap();
         assert!(!body.contains("10.1.2.3"), "{body}");
         assert!(error.to_string().contains("10.1.2.3"), "the log keeps the cause");
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(printable("gpt-4o"), "gpt-4o");
+        assert_eq!(printable("a\nINFO forged\u{1b}[31m"), "a\\nINFO forged\\u{1b}[31m");
+        assert!(!printable("x\r\ny").contains('\n'));
     }
 
     #[test]

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
 
 use sluice::config::{Config, LogFormat};
 use sluice::mock::MockServer;
@@ -181,12 +180,13 @@ fn models(path: &Path) -> ExitCode {
 
 async fn serve(config: Config) -> Result<(), String> {
     telemetry::init(&config.log.level, config.log.format);
-    let listen = config.server.listen;
+    let (listen, backlog) = (config.server.listen, config.server.backlog);
     let grace = config.server.shutdown_grace;
     let shared = Shared::new(config)?;
-    let listener = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener = server::bind(listen, backlog).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("sluice {} listening on http://{addr}", sluice::VERSION);
+    let scheme = if shared.certs.is_some() { "https" } else { "http" };
+    println!("sluice {} listening on {scheme}://{addr}", sluice::VERSION);
     tracing::info!(%addr, version = sluice::VERSION, "listening");
     shared.tasks.spawn(shutdown::reload_on_sighup(std::sync::Arc::clone(&shared)));
     shared.tasks.spawn(shutdown::reopen_log_on_sigusr1(std::sync::Arc::clone(&shared)));
@@ -304,8 +304,7 @@ default_model = "gpt-4o-mini"
     telemetry::init(&config.log.level, config.log.format);
     let grace = config.server.shutdown_grace;
     let shared = Shared::new(config)?;
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = server::bind(listen, sluice::config::server::DEFAULT_BACKLOG)
         .map_err(|e| format!("cannot listen on {listen}: {e} (try --listen 127.0.0.1:0)"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!(

@@ -120,14 +120,18 @@ impl MockServer {
         tokio::spawn(serve_service(
             listener,
             tls,
-            move |_| service.clone(),
+            move |_, _| service.clone(),
             conns,
             async move {
                 let _ = stopped.await;
             },
             || {},
             Duration::from_secs(1),
-            Limits { max_streams: MOCK_H2_MAX_STREAMS, max_pending_resets: MOCK_H2_MAX_STREAMS as usize },
+            Limits {
+                max_streams: MOCK_H2_MAX_STREAMS,
+                max_pending_resets: MOCK_H2_MAX_STREAMS as usize,
+                ..Limits::default()
+            },
         ));
         Self { addr, state, scheme, stop: Some(stop) }
     }

@@ -24,7 +24,7 @@ use crate::upstream::body::ForwardBody;
 use plan::Plan;
 
 /// Paths whose body must be a JSON object that names (or defaults) a model.
-const MODEL_ENDPOINTS: [&str; 4] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"];
+pub const MODEL_ENDPOINTS: [&str; 4] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"];
 
 /// Whether `path` is one of the endpoints that always carry a model.
 pub fn is_model_endpoint(path: &str) -> bool {

@@ -1,7 +1,9 @@
-//! Listening and serving: the accept loop (TCP_NODELAY on every socket), TLS
-//! when configured (ALPN picks the protocol), otherwise a peek that tells
-//! HTTP/1.1 from h2c prior knowledge on the same port, one hyper connection
-//! per socket, and a drain on shutdown bounded by the grace period.
+//! Listening and serving: the socket (with its backlog), the accept loop
+//! (TCP_NODELAY on every socket, at most `max_connections` at once, backing
+//! off when accept fails), one task per connection (see [`connection`]), and
+//! a drain on shutdown bounded by the grace period.
+
+pub mod connection;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,26 +11,22 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hyper::rt::{Read, Write};
-use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
+use crate::config::ServerConfig;
+use crate::config::server::{
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADER_BYTES, DEFAULT_SEND_TIMEOUT,
+    default_max_connections,
+};
 use crate::error::BoxError;
 use crate::service::Gateway;
 use crate::state::Shared;
-use crate::telemetry::ConnInfo;
 use crate::telemetry::metrics::ConnStats;
-
-/// Time a client gets to send a request's headers on HTTP/1.1, and its first
-/// bytes on any new connection.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time a client gets to finish a TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::telemetry::{ConnInfo, ConnWatch};
+use connection::{Listening, Protocols};
 
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +35,70 @@ pub enum Drain {
     Clean,
     /// The grace period ran out with this many connections still open.
     TimedOut(usize),
+}
+
+/// What a listener allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// HTTP/2 streams a connection may have open at once.
+    pub max_streams: u32,
+    /// HTTP/2 streams reset before being accepted, past which the connection
+    /// is closed (h2's defence against rapid-reset floods).
+    pub max_pending_resets: usize,
+    /// Connections held at once; past it, new ones wait in the backlog.
+    pub max_connections: usize,
+    /// Largest request head, in bytes.
+    pub max_header_bytes: u64,
+    /// A connection with nothing in flight this long is closed.
+    pub idle_timeout: Duration,
+    /// An answer its client has not read for this long closes the connection.
+    pub send_timeout: Duration,
+    /// Longest TLS handshake, or wait for a new connection's first bytes.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// hyper's and h2's stream defaults (200 streams, 20 pending resets) and
+    /// `[server]`'s defaults for the rest.
+    fn default() -> Self {
+        Self {
+            max_streams: 200,
+            max_pending_resets: 20,
+            max_connections: default_max_connections(),
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits `[server]` sets.
+    pub fn of(server: &ServerConfig) -> Self {
+        Self {
+            max_connections: server.max_connections,
+            max_header_bytes: server.max_header_bytes,
+            idle_timeout: server.idle_timeout,
+            send_timeout: server.send_timeout,
+            handshake_timeout: server.handshake_timeout,
+            ..Self::default()
+        }
+    }
+}
+
+/// The kernel's cap on a listen backlog.
+fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok()?.trim().parse().ok()
+}
+
+/// Binds `addr` with a listen backlog of `backlog` connections, capped by
+/// the kernel's `net.core.somaxconn` (which would cap it silently anyway).
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(somaxconn().map_or(backlog, |cap| backlog.min(cap)))
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains.
@@ -48,117 +110,33 @@ pub async fn serve(
     grace: Duration,
 ) -> Drain {
     let stats = Arc::clone(&shared.telemetry.connections);
+    let live = shared.live.load_full();
+    let limits = Limits::of(&live.config.server);
+    let tls = match shared.certs.as_ref().map(|certs| certs.acceptor()) {
+        Some(Ok(acceptor)) => Some(acceptor),
+        Some(Err(error)) => {
+            tracing::error!(%error, "cannot set up TLS on the listener; serving nothing");
+            return Drain::Clean;
+        }
+        None => None,
+    };
     let gateway = {
         let shared = Arc::clone(&shared);
-        move |conn: ConnInfo| Gateway::new(Arc::clone(&shared), conn)
+        move |conn: ConnInfo, watch: Arc<ConnWatch>| Gateway::new(Arc::clone(&shared), conn, watch)
     };
     let draining = Arc::clone(&shared);
     let on_stop = move || draining.draining.store(true, Ordering::Relaxed);
-    let limits = Limits::default();
-    let drain = serve_service(listener, None, gateway, stats, shutdown, on_stop, grace, limits).await;
-    // Background work (key checks, sweepers, reload handler) stops with the listener.
+    let drain = serve_service(listener, tls, gateway, stats, shutdown, on_stop, grace, limits).await;
+    // Background work (key checks, sweepers, signal handlers) stops with the listener.
     shared.tasks.shutdown(grace).await;
     drain
 }
 
-/// HTTP/2 limits per client connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Concurrent streams a connection may open.
-    pub max_streams: u32,
-    /// Streams reset before being accepted, past which the connection is closed
-    /// (h2's defence against rapid-reset floods).
-    pub max_pending_resets: usize,
-}
-
-impl Default for Limits {
-    /// hyper's and h2's defaults: 200 streams, 20 pending resets.
-    fn default() -> Self {
-        Self { max_streams: 200, max_pending_resets: 20 }
-    }
-}
-
-/// The HTTP/2 connection preface a client sends first (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Which protocol a new connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Protocol {
-    /// Anything but the HTTP/2 preface, or TLS without `h2` in ALPN.
-    Http1,
-    /// The whole HTTP/2 preface (h2c with prior knowledge), or ALPN `h2`.
-    Http2,
-    /// A strict prefix of the preface so far: the client sent it in pieces.
-    Unsure,
-    /// The client closed without a byte, or the drain began first.
-    Closed,
-}
-
-/// Looks at a connection's first bytes without consuming them.
-///
-/// hyper-util's `auto` connection does the same by reading them and then
-/// wraps the socket in a rewinding adapter for its whole life; its future is
-/// also sized for both protocols at once. Peeking lets each connection run
-/// hyper's HTTP/1.1 or HTTP/2 connection directly on the socket: a smaller
-/// task per connection and one layer less on every read and write. The rare
-/// client that splits the preface goes to `auto`, which handles it.
-async fn sniff_protocol(stream: &TcpStream) -> std::io::Result<Protocol> {
-    let mut first = [0u8; H2_PREFACE.len()];
-    let n = stream.peek(&mut first).await?;
-    Ok(classify(&first[..n]))
-}
-
-fn classify(first: &[u8]) -> Protocol {
-    if first.is_empty() {
-        Protocol::Closed
-    } else if !H2_PREFACE.starts_with(first) {
-        Protocol::Http1
-    } else if first.len() == H2_PREFACE.len() {
-        Protocol::Http2
-    } else {
-        Protocol::Unsure
-    }
-}
-
-/// The connection builders, configured once per listener.
-struct Protocols {
-    http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
-    auto: auto::Builder<TokioExecutor>,
-}
-
-impl Protocols {
-    fn new(h2: Limits) -> Self {
-        let mut http1 = http1::Builder::new();
-        http1.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(h2.max_streams)
-            .max_pending_accept_reset_streams(h2.max_pending_resets);
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-        auto.http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(h2.max_streams)
-            .max_pending_accept_reset_streams(h2.max_pending_resets);
-        Self { http1, http2, auto }
-    }
-}
-
-/// What every connection task of one listener shares.
-struct Listening<F> {
-    protocols: Protocols,
-    make_service: F,
-    tls: Option<TlsAcceptor>,
-    stats: Arc<ConnStats>,
-}
-
 /// The accept loop for any hyper service (the gateway and the mock share it).
-/// `make_service` builds the service of each connection from its facts. With
-/// `tls`, every connection is a TLS one. After `shutdown` resolves: stop
-/// accepting, call `on_stop`, ask every connection to finish gracefully, and
-/// wait up to `grace` for them.
+/// `make_service` builds the service of each connection from its facts and
+/// its watch. With `tls`, every connection is a TLS one. After `shutdown`
+/// resolves: stop accepting, call `on_stop`, ask every connection to finish
+/// gracefully, and wait up to `grace` for them.
 #[expect(clippy::too_many_arguments, reason = "one accept loop for the gateway and the mock, set up by its caller")]
 pub async fn serve_service<S, B, F>(
     listener: TcpListener,
@@ -171,7 +149,7 @@ pub async fn serve_service<S, B, F>(
     limits: Limits,
 ) -> Drain
 where
-    F: Fn(ConnInfo) -> S + Send + Sync + 'static,
+    F: Fn(ConnInfo, Arc<ConnWatch>) -> S + Send + Sync + 'static,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Clone
         + Send
@@ -182,22 +160,41 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let listening =
-        Arc::new(Listening { protocols: Protocols::new(limits), make_service, tls, stats: Arc::clone(&stats) });
-    let graceful = GracefulShutdown::new();
-    // Tells connections still sniffing their protocol or shaking hands (not
-    // yet watched by `graceful`) that the drain began.
+    let listening = Arc::new(Listening {
+        protocols: Protocols::new(&limits),
+        make_service,
+        tls,
+        stats: Arc::clone(&stats),
+        limits,
+    });
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    // Tells every connection that the drain began.
     let (stopping, stop_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
 
     loop {
+        // At the limit, stop accepting: new connections wait in the kernel's
+        // backlog instead of costing a file descriptor and memory here.
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    accepted
+                }
                 Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors and the like: back off, longer each time.
+                    tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
@@ -206,27 +203,28 @@ where
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
         }
-        let stats = Arc::clone(&stats);
         stats.open.fetch_add(1, Ordering::Relaxed);
         stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let (listening, watcher, stop) = (Arc::clone(&listening), graceful.watcher(), stop_rx.clone());
-        tokio::spawn(async move {
-            if let Err(error) = serve_connection(&listening, stream, peer, watcher, stop).await {
+        let (listening, stop) = (Arc::clone(&listening), stop_rx.clone());
+        connections.spawn(async move {
+            if let Err(error) = connection::serve(&listening, stream, peer, stop).await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
             }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
+            listening.stats.open.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
         });
     }
 
     let _ = stopping.send(true);
     drop(listener);
     on_stop();
+    connections.close();
     tracing::info!(
         connections = stats.open.load(Ordering::Relaxed),
         grace_ms = grace.as_millis() as u64,
         "stopped accepting; draining"
     );
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    match tokio::time::timeout(grace, connections.wait()).await {
         Ok(()) => {
             tracing::info!("drained cleanly");
             Drain::Clean
@@ -239,97 +237,10 @@ where
     }
 }
 
-/// Serves one accepted socket: TLS handshake or protocol sniff first (both
-/// bounded in time and cut short by the drain), then hyper's connection.
-async fn serve_connection<S, B, F>(
-    listening: &Listening<F>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    watcher: Watcher,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), BoxError>
-where
-    F: Fn(ConnInfo) -> S,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let Some(acceptor) = &listening.tls else {
-        let sniffed = tokio::select! {
-            sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff_protocol(&stream)) => sniffed,
-            _ = stop.wait_for(|stopping| *stopping) => Ok(Ok(Protocol::Closed)),
-        };
-        let protocol = match sniffed {
-            Ok(protocol) => protocol?,
-            Err(_) => Protocol::Closed,
-        };
-        return run(listening, TokioIo::new(stream), protocol, peer, false, watcher).await;
-    };
-    let handshake = tokio::select! {
-        shaken = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => shaken,
-        _ = stop.wait_for(|stopping| *stopping) => return Ok(()),
-    };
-    let Ok(stream) = handshake else {
-        return Err("TLS handshake timed out".into());
-    };
-    let stream = stream?;
-    let protocol = if stream.get_ref().1.alpn_protocol() == Some(b"h2") { Protocol::Http2 } else { Protocol::Http1 };
-    run(listening, TokioIo::new(stream), protocol, peer, true, watcher).await
-}
-
-/// Runs hyper's connection for `protocol` on `io` until it ends or the drain
-/// finishes it.
-async fn run<S, B, F, I>(
-    listening: &Listening<F>,
-    io: I,
-    protocol: Protocol,
-    peer: SocketAddr,
-    tls: bool,
-    watcher: Watcher,
-) -> Result<(), BoxError>
-where
-    F: Fn(ConnInfo) -> S,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    I: Read + Write + Unpin + Send + 'static,
-{
-    let service = |http2| (listening.make_service)(ConnInfo { peer, tls, http2 });
-    let protocols = &listening.protocols;
-    match protocol {
-        Protocol::Http1 => {
-            let connection = protocols.http1.serve_connection(io, service(false));
-            watcher.watch(connection).await.map_err(BoxError::from)
-        }
-        // Boxed: a task is sized for its largest state, and hyper's h2 and
-        // `auto` connections (1488 and 1520 bytes here) are more than twice an
-        // HTTP/1.1 one (640). Inline, every HTTP/1.1 task would be that large.
-        Protocol::Http2 => {
-            let connection = protocols.http2.serve_connection(io, service(true));
-            Box::pin(watcher.watch(connection)).await.map_err(BoxError::from)
-        }
-        Protocol::Unsure => {
-            // `auto` decides by itself; the service is told HTTP/1.1 (the
-            // common case of a split first packet).
-            listening.stats.split_preface.fetch_add(1, Ordering::Relaxed);
-            let connection = protocols.auto.serve_connection(io, service(false)).into_owned();
-            Box::pin(watcher.watch(connection)).await
-        }
-        Protocol::Closed => Ok(()),
-    }
-}
+/// First pause after a failed accept.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause after failed accepts in a row.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A gateway started in the background, for tests, the demo and benches.
 pub struct Running {
@@ -354,7 +265,7 @@ impl Running {
 /// Binds `shared`'s listen address and serves in a background task.
 pub async fn spawn(shared: Arc<Shared>) -> std::io::Result<Running> {
     let config = shared.live.load().config.clone();
-    let listener = TcpListener::bind(config.server.listen).await?;
+    let listener = bind(config.server.listen, config.server.backlog)?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let grace = config.server.shutdown_grace;
@@ -371,14 +282,14 @@ pub async fn spawn(shared: Arc<Shared>) -> std::io::Result<Running> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::connection::{Protocol, classify};
 
     #[test]
     fn first_bytes_pick_the_protocol() {
         assert_eq!(classify(b"POST /v1/chat/completions HTTP/1.1\r\n"), Protocol::Http1);
         assert_eq!(classify(b"PUT"), Protocol::Http1);
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Protocol::Http1);
-        assert_eq!(classify(H2_PREFACE), Protocol::Http2);
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Protocol::Http2);
         assert_eq!(classify(b"PRI * HTTP/2"), Protocol::Unsure);
         assert_eq!(classify(b"P"), Protocol::Unsure);
         assert_eq!(classify(b""), Protocol::Closed);

@@ -17,24 +17,25 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::admin;
-use crate::error::{CLIENT_CLOSED, ProxyError, json_response};
+use crate::error::{CLIENT_CLOSED, ProxyError, json_response, printable};
 use crate::ids::REQUEST_ID;
 use crate::proxy::body::SluiceBody;
 use crate::proxy::{self, end, retry};
 use crate::state::{Live, Shared};
-use crate::telemetry::{ConnInfo, End, RequestContext};
+use crate::telemetry::{ConnInfo, ConnWatch, End, RequestContext};
 
 /// The gateway as a hyper service for one connection; cheap to clone.
 #[derive(Clone)]
 pub struct Gateway {
     shared: Arc<Shared>,
     conn: ConnInfo,
+    watch: Arc<ConnWatch>,
 }
 
 impl Gateway {
-    /// The service for a connection with these facts.
-    pub fn new(shared: Arc<Shared>, conn: ConnInfo) -> Self {
-        Self { shared, conn }
+    /// The service for a connection with these facts, watched by `watch`.
+    pub fn new(shared: Arc<Shared>, conn: ConnInfo, watch: Arc<ConnWatch>) -> Self {
+        Self { shared, conn, watch }
     }
 }
 
@@ -44,8 +45,8 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let (shared, conn) = (Arc::clone(&self.shared), self.conn);
-        Box::pin(async move { Ok(handle(&shared, request, conn).await) })
+        let (shared, conn, watch) = (Arc::clone(&self.shared), self.conn, Arc::clone(&self.watch));
+        Box::pin(async move { Ok(handle(&shared, request, conn, Some(watch)).await) })
     }
 }
 
@@ -53,8 +54,13 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
 /// body ends (by the metered body); everything else is recorded here,
 /// including a request whose client left first (hyper then drops this future
 /// mid-way).
-pub async fn handle(shared: &Shared, request: Request<Incoming>, conn: ConnInfo) -> Response<SluiceBody> {
-    let ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, conn);
+pub async fn handle(
+    shared: &Shared,
+    request: Request<Incoming>,
+    conn: ConnInfo,
+    watch: Option<Arc<ConnWatch>>,
+) -> Response<SluiceBody> {
+    let ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, conn, watch);
     let mut pending = Unanswered { ctx, armed: true };
     let ctx = &mut pending.ctx;
     let (mut response, error) = match handle_inner(shared, request, ctx).await {
@@ -86,13 +92,15 @@ fn decorate(response: &mut Response<SluiceBody>, ctx: &RequestContext) {
 }
 
 fn log_refusal(ctx: &RequestContext, error: &ProxyError) {
-    let status = error.status();
+    let (status, kind) = (error.status(), error.kind());
     // Only the path: a query may carry `api_key`.
     let (method, path, attempts) = (&ctx.method, &*ctx.path, ctx.attempts);
+    // The message may quote the client (a model name): never raw control characters.
+    let error = printable(&error.to_string()).into_owned();
     if status.is_server_error() {
-        tracing::warn!(request_id = ?ctx.request_id, %method, path, attempts, status = status.as_u16(), kind = error.kind(), %error, "request failed");
+        tracing::warn!(request_id = ?ctx.request_id, %method, path, attempts, status = status.as_u16(), kind, %error, "request failed");
     } else {
-        tracing::info!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind = error.kind(), %error, "request refused");
+        tracing::info!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind, %error, "request refused");
     }
 }
 
@@ -126,6 +134,7 @@ async fn handle_inner(
     let live = shared.live.load_full();
     ctx.overhead_header = live.config.server.overhead_header;
     let path = request.uri().path();
+    check_path(path)?;
     match path {
         "/" | "/health" | "/v1/health" => {
             only_get(&request)?;
@@ -173,6 +182,21 @@ async fn forward(
     retry::send(prepared, ctx).await
 }
 
+/// Refuses paths an upstream (or a proxy in front of it) could resolve
+/// outside the base URL sluice puts them under: `.` and `..` segments, plain
+/// or percent-encoded, and encoded `/` or `\` inside a segment.
+fn check_path(path: &str) -> Result<(), ProxyError> {
+    let lowered = path.to_ascii_lowercase();
+    if lowered.contains("%2f") || lowered.contains("%5c") || path.contains('\\') {
+        return Err(ProxyError::BadPath);
+    }
+    let dots = |segment: &str| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    };
+    if path.split('/').any(dots) { Err(ProxyError::BadPath) } else { Ok(()) }
+}
+
 /// GET-only paths (HEAD too, as HTTP wants).
 fn only_get(request: &Request<Incoming>) -> Result<(), ProxyError> {
     match *request.method() {
@@ -186,4 +210,28 @@ fn authenticate(live: &Live, request: &Request<Incoming>, ctx: &mut RequestConte
     let client = live.client_keys.authenticate(request.uri().path(), request.headers(), request.uri().query())?;
     ctx.client = client.and_then(|id| live.client_keys.label(id)).cloned();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_could_climb_out_of_the_base_url_are_refused() {
+        for bad in [
+            "/v1/../../internal/admin",
+            "/v1/./chat/completions",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E./admin",
+            "/v1/files/a%2fb",
+            "/v1/files/a%5Cb",
+            "/v1/files/a\\b",
+            "/v1/chat/completions/..",
+        ] {
+            assert!(matches!(check_path(bad), Err(ProxyError::BadPath)), "{bad}");
+        }
+        for good in ["/v1/chat/completions", "/v1/files/file-abc.jsonl", "/v1/files/..a", "/", "/v1/threads/t/runs"] {
+            assert!(check_path(good).is_ok(), "{good}");
+        }
+    }
 }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::access::auth::ClientKeys;
 use crate::config::Config;
 use crate::config::keys::Secret;
+use crate::config::tls::CertStore;
 use crate::routes::Routes;
 use crate::tasks::Tasks;
 use crate::telemetry::Telemetry;
@@ -101,6 +102,8 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
     /// Background tasks, stopped and awaited on shutdown.
     pub tasks: Tasks,
+    /// The listener's TLS certificate, when it terminates TLS; reloaded with the config.
+    pub certs: Option<Arc<CertStore>>,
     /// Serializes reloads (SIGHUP and admin calls may race); never taken by requests.
     reload_lock: std::sync::Mutex<()>,
 }
@@ -117,6 +120,7 @@ impl Shared {
             ),
             None => None,
         };
+        let certs = config.server.tls.as_ref().map(CertStore::load).transpose()?.map(Arc::new);
         let live = Live::prepare(config, &clients, None)?;
         Ok(Arc::new(Self {
             live: ArcSwap::from_pointee(live),
@@ -126,6 +130,7 @@ impl Shared {
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             telemetry: Arc::new(Telemetry::new(log)),
             tasks,
+            certs,
             reload_lock: std::sync::Mutex::new(()),
         }))
     }
@@ -158,6 +163,13 @@ impl Shared {
             tracing::warn!(old = %current.config.server.listen, new = %config.server.listen, "server.listen changed: takes effect on restart only");
         }
         let next = Live::prepare(config, &self.clients, Some(&current))?;
+        // The certificate and key are read again (renewed files, same paths);
+        // other listener TLS changes need a restart.
+        match (&self.certs, &next.config.server.tls) {
+            (Some(certs), Some(tls)) if certs.files() == tls => certs.reload()?,
+            (None, None) => {}
+            _ => tracing::warn!("server.tls changed: takes effect on restart only"),
+        }
         let old: Vec<&Arc<UpstreamKey>> = current.upstreams.iter().flat_map(|u| u.keys.keys()).collect();
         let new: Vec<&Arc<UpstreamKey>> = next.upstreams.iter().flat_map(|u| u.keys.keys()).collect();
         let summary = ReloadSummary {

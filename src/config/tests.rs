@@ -146,3 +146,24 @@ fn prior_knowledge_over_tls_refused() {
     let err = refusal(&GOOD.replace("[[models]]", "http2 = \"prior-knowledge\"\n\n[[models]]"));
     assert!(err.contains("upstreams[0].http2"), "{err}");
 }
+
+#[test]
+fn a_syntax_error_names_line_and_column_never_the_text() {
+    let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x\"\nkeys = [\"sk-live-SECRET\" \"oops\"]\n";
+    let message = refusal(text);
+    assert!(message.contains("line 4"), "{message}");
+    assert!(!message.contains("SECRET") && !message.contains("oops"), "the file's text leaked: {message}");
+}
+
+#[test]
+fn tls_pairs_are_checked_when_the_config_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let text = format!(
+        "[server]\ntls = {{ cert = {cert:?}, key = {key:?} }}\n[auth]\nrequire_api_key = false\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://x\"\nkeys = [\"k\"]\n"
+    );
+    let message = refusal(&text);
+    assert!(message.contains("server.tls") && message.contains("c.pem"), "{message}");
+}

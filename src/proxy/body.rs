@@ -109,6 +109,9 @@ pub struct Meter {
     outcome: Outcome,
     /// The last two data frames (shared, not copied): where `usage` is found.
     tail: [Option<Bytes>; 2],
+    /// A frame went to hyper and hyper has not asked for the next one yet:
+    /// the client has not taken it (see `ConnWatch`).
+    unread: bool,
 }
 
 impl Meter {
@@ -118,7 +121,24 @@ impl Meter {
         if sse {
             ctx.telemetry.metrics.streams_open.fetch_add(1, Relaxed);
         }
-        Self { ctx, key, lease, status, sse, bytes: 0, outcome: Outcome::Open, tail: [None, None] }
+        Self { ctx, key, lease, status, sse, bytes: 0, outcome: Outcome::Open, tail: [None, None], unread: false }
+    }
+
+    /// A frame goes to hyper, to be written to the client.
+    fn handed(&mut self) {
+        if let Some(watch) = &self.ctx.watch {
+            watch.handed();
+            self.unread = true;
+        }
+    }
+
+    /// hyper asks for more: the client took what it was handed.
+    fn client_took(&mut self) {
+        if std::mem::take(&mut self.unread)
+            && let Some(watch) = &self.ctx.watch
+        {
+            watch.taken();
+        }
     }
 
     fn saw(&mut self, data: &Bytes) {
@@ -141,6 +161,7 @@ impl Meter {
 
 impl Drop for Meter {
     fn drop(&mut self) {
+        self.client_took();
         let telemetry = &self.ctx.telemetry;
         if self.sse {
             telemetry.metrics.streams_open.fetch_sub(1, Relaxed);
@@ -245,6 +266,7 @@ impl Body for MeteredBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        this.meter.client_took();
         match this.state {
             State::Done => return Poll::Ready(None),
             State::Failing(error, flush) => {
@@ -295,6 +317,8 @@ impl Body for MeteredBody {
                 if this.inner.is_end_stream() {
                     this.meter.outcome = Outcome::Complete;
                     *this.state = State::Done;
+                } else {
+                    this.meter.handed();
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }

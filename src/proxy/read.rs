@@ -30,6 +30,7 @@ pub enum Read {
 
 /// Reads the request body, or prepares it to stream.
 pub async fn read(parts: &Parts, body: Incoming, max_body: u64) -> Result<Read, ProxyError> {
+    check_media_type(parts)?;
     if declared_length(parts).is_some_and(|len| len > max_body) {
         return Err(ProxyError::BodyTooLarge(max_body));
     }
@@ -37,14 +38,15 @@ pub async fn read(parts: &Parts, body: Incoming, max_body: u64) -> Result<Read, 
         return Ok(Read::Whole(Bytes::new()));
     }
     if parts.method == Method::POST && !carries_json(parts) {
+        // Only off the model endpoints (`check_media_type`).
         return Ok(Read::Upload(ForwardBody::upload(body, max_body, UploadWatch::default())));
     }
     read_whole(body, max_body).await.map(Read::Whole)
 }
 
 /// A POST whose body sluice reads: declared JSON, no content type at all, or
-/// anything but an upload on a model endpoint (curl's `-d` says form-urlencoded
-/// while sending JSON; such bodies must still be routed, not passed blindly).
+/// anything on a model endpoint (curl's `-d` says form-urlencoded while
+/// sending JSON; such bodies must still be routed, not passed blindly).
 pub fn carries_json(parts: &Parts) -> bool {
     if parts.method != Method::POST {
         return false;
@@ -53,10 +55,27 @@ pub fn carries_json(parts: &Parts) -> bool {
         return true;
     };
     let essence = content_type.split(';').next().unwrap_or("").trim();
-    let upload = essence.starts_with("multipart/") || essence.eq_ignore_ascii_case("application/octet-stream");
     essence.eq_ignore_ascii_case("application/json")
         || essence.ends_with("+json")
-        || (is_model_endpoint(parts.uri.path()) && !upload)
+        || is_model_endpoint(parts.uri.path())
+}
+
+/// Model endpoints always route by the body's `model`: an upload content type
+/// there (which would otherwise stream past routing, the model allow-list,
+/// renames and defaults) is refused.
+pub fn check_media_type(parts: &Parts) -> Result<(), ProxyError> {
+    let path = parts.uri.path();
+    let Some(endpoint) = crate::proxy::MODEL_ENDPOINTS.iter().find(|e| **e == path) else { return Ok(()) };
+    let mut content_types = parts.headers.get_all(CONTENT_TYPE).iter();
+    let content_type = content_types.next().and_then(|v| v.to_str().ok()).unwrap_or("");
+    if content_types.next().is_some() {
+        // A singleton field sent twice: sluice and the upstream could read different ones.
+        return Err(ProxyError::UnsupportedMediaType(endpoint, "more than one Content-Type".to_string()));
+    }
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let upload = essence.to_ascii_lowercase().starts_with("multipart/")
+        || essence.eq_ignore_ascii_case("application/octet-stream");
+    if upload { Err(ProxyError::UnsupportedMediaType(endpoint, essence.to_string())) } else { Ok(()) }
 }
 
 fn declared_length(parts: &Parts) -> Option<u64> {

@@ -40,14 +40,20 @@ pub fn sniff<'a>(body: &'a [u8], param_names: &[Box<str>]) -> Result<Sniffed<'a>
     Ok(sniffed)
 }
 
-/// Marker message so the type error for `model` maps to its own status text.
+/// Marker messages so these errors map to their own answers.
 const MODEL_NOT_STRING: &str = "model must be a string";
+const DUPLICATE_MODEL: &str = "duplicate member model";
+const DUPLICATE_STREAM: &str = "duplicate member stream";
 
 fn classify(error: serde_json::Error) -> ProxyError {
-    if error.is_data() && error.to_string().starts_with(MODEL_NOT_STRING) {
-        ProxyError::ModelNotString
-    } else {
-        ProxyError::BadJson(error.to_string())
+    let message = error.to_string();
+    match message {
+        _ if !error.is_data() => ProxyError::BadJson(message),
+        _ if message.starts_with(MODEL_NOT_STRING) => ProxyError::ModelNotString,
+        // Routing by one `model` while the upstream may read the other.
+        _ if message.starts_with(DUPLICATE_MODEL) => ProxyError::DuplicateMember("model"),
+        _ if message.starts_with(DUPLICATE_STREAM) => ProxyError::DuplicateMember("stream"),
+        _ => ProxyError::BadJson(message),
     }
 }
 
@@ -73,9 +79,14 @@ impl<'de> Visitor<'de> for SniffSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = Sniffed::default();
+        let (mut seen_model, mut seen_stream) = (false, false);
         while let Some(KeyName(key)) = map.next_key()? {
             out.members += 1;
             match key.as_ref() {
+                "model" if std::mem::replace(&mut seen_model, true) => return Err(de::Error::custom(DUPLICATE_MODEL)),
+                "stream" if std::mem::replace(&mut seen_stream, true) => {
+                    return Err(de::Error::custom(DUPLICATE_STREAM));
+                }
                 "model" => {
                     let raw: Option<&'de RawValue> = map.next_value()?;
                     match raw {
@@ -201,6 +212,14 @@ mod tests {
         assert!(matches!(sniff(br#"{"model":"a"} trailing"#, &[]), Err(ProxyError::BadJson(_))));
         assert!(matches!(sniff(br#"{"stream":"yes"}"#, &[]), Err(ProxyError::BadJson(_))));
         assert!(matches!(sniff(b"", &[]), Err(ProxyError::BadJson(_))));
+    }
+
+    #[test]
+    fn a_member_sluice_routes_by_may_appear_once() {
+        assert!(matches!(sniff(br#"{"model":"a","x":1,"model":"b"}"#, &[]), Err(ProxyError::DuplicateMember("model"))));
+        assert!(matches!(sniff(br#"{"stream":false,"stream":true}"#, &[]), Err(ProxyError::DuplicateMember("stream"))));
+        assert!(matches!(sniff(br#"{"model":null,"model":"b"}"#, &[]), Err(ProxyError::DuplicateMember("model"))));
+        assert!(sniff(br#"{"model":"a","messages":[{"model":"inner"}]}"#, &[]).is_ok(), "only top-level members count");
     }
 
     #[test]

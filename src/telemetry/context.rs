@@ -5,11 +5,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Method, Request};
 use tokio::time::Instant;
 
+use crate::clock::now_ms;
 use crate::ids;
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::{Endpoint, ModelMetrics};
@@ -32,6 +34,65 @@ impl ConnInfo {
     }
 }
 
+/// What one client connection is doing, so the listener can end it when it
+/// sits idle (no request in flight) or when its client stops reading an
+/// answer (a frame handed to hyper and not taken back for the next one).
+/// Updated with a few relaxed atomics per request and per frame.
+#[derive(Debug)]
+pub struct ConnWatch {
+    in_flight: AtomicUsize,
+    /// Answers whose last frame the client has not taken yet.
+    unread: AtomicUsize,
+    /// Clock ms of the last request's end, or of the client's last progress.
+    last_active: AtomicU64,
+}
+
+impl Default for ConnWatch {
+    fn default() -> Self {
+        Self { in_flight: AtomicUsize::new(0), unread: AtomicUsize::new(0), last_active: AtomicU64::new(now_ms()) }
+    }
+}
+
+impl ConnWatch {
+    /// A request began on the connection.
+    fn begin_request(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+    }
+
+    /// A request ended (answer done or abandoned).
+    fn end_request(&self) {
+        self.last_active.store(now_ms(), Relaxed);
+        self.in_flight.fetch_sub(1, Relaxed);
+    }
+
+    /// An answer handed a frame on to be written to the client.
+    pub fn handed(&self) {
+        if self.unread.fetch_add(1, Relaxed) == 0 {
+            self.last_active.store(now_ms(), Relaxed);
+        }
+    }
+
+    /// The client took the frame (hyper asked for the next one), or the
+    /// answer ended.
+    pub fn taken(&self) {
+        self.last_active.store(now_ms(), Relaxed);
+        self.unread.fetch_sub(1, Relaxed);
+    }
+
+    /// How long the connection has had nothing in flight (`None` while busy).
+    pub fn idle_for(&self, now: u64) -> Option<Duration> {
+        (self.in_flight.load(Relaxed) == 0)
+            .then(|| Duration::from_millis(now.saturating_sub(self.last_active.load(Relaxed))))
+    }
+
+    /// How long an answer has waited for the client with no progress at all
+    /// on the connection (`None` when nothing waits).
+    pub fn stalled_for(&self, now: u64) -> Option<Duration> {
+        (self.unread.load(Relaxed) > 0)
+            .then(|| Duration::from_millis(now.saturating_sub(self.last_active.load(Relaxed))))
+    }
+}
+
 /// The facts of one request.
 #[derive(Clone)]
 pub struct RequestContext {
@@ -51,6 +112,8 @@ pub struct RequestContext {
     pub endpoint: Endpoint,
     /// The connection the request came on.
     pub conn: ConnInfo,
+    /// The connection's watch (`None` for internal requests).
+    pub watch: Option<Arc<ConnWatch>>,
     /// Where the request is recorded.
     pub telemetry: Arc<Telemetry>,
     /// The authenticated client, as the request log names it (a key id).
@@ -77,27 +140,40 @@ pub struct RequestContext {
     pub in_flight: Arc<InFlight>,
 }
 
-/// One request in the in-flight gauge; dropping it takes the request out.
-pub struct InFlight(Arc<Telemetry>);
+/// One request in the in-flight gauge (and its connection's count);
+/// dropping it takes the request out.
+pub struct InFlight(Arc<Telemetry>, Option<Arc<ConnWatch>>);
 
 impl InFlight {
-    fn new(telemetry: Arc<Telemetry>) -> Arc<Self> {
+    fn new(telemetry: Arc<Telemetry>, watch: Option<Arc<ConnWatch>>) -> Arc<Self> {
         telemetry.metrics.in_flight.fetch_add(1, Relaxed);
-        Arc::new(Self(telemetry))
+        if let Some(watch) = &watch {
+            watch.begin_request();
+        }
+        Arc::new(Self(telemetry, watch))
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.metrics.in_flight.fetch_sub(1, Relaxed);
+        if let Some(watch) = &self.1 {
+            watch.end_request();
+        }
     }
 }
 
 impl RequestContext {
-    /// The context of a request that just arrived on `conn`.
-    pub fn new<B>(telemetry: Arc<Telemetry>, request: &Request<B>, conn: ConnInfo) -> Self {
+    /// The context of a request that just arrived on `conn`, watched by `watch`.
+    pub fn new<B>(
+        telemetry: Arc<Telemetry>,
+        request: &Request<B>,
+        conn: ConnInfo,
+        watch: Option<Arc<ConnWatch>>,
+    ) -> Self {
         Self {
-            in_flight: InFlight::new(Arc::clone(&telemetry)),
+            in_flight: InFlight::new(Arc::clone(&telemetry), watch.clone()),
+            watch,
             request_id: ids::request_id(request.headers()),
             started: Instant::now(),
             arrived: SystemTime::now(),

@@ -11,6 +11,7 @@ mod support;
 mod binary;
 mod breaker;
 mod cli;
+mod edge;
 mod errors;
 mod http2;
 mod keys;

@@ -33,7 +33,7 @@ fn systemd_unit_verifies() {
         assert!(unit.contains(directive), "unit lacks {directive:?}");
     }
     let stop: u64 = unit.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).unwrap().parse().unwrap();
-    assert!(stop > sluice::config::DEFAULT_SHUTDOWN_GRACE.as_secs(), "TimeoutStopSec must outlast the drain");
+    assert!(stop > sluice::config::server::DEFAULT_SHUTDOWN_GRACE.as_secs(), "TimeoutStopSec must outlast the drain");
 
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
         eprintln!("SKIPPED: systemd-analyze is not installed; the unit was not verified");
