@@ -120,7 +120,7 @@ impl MockServer {
         tokio::spawn(serve_service(
             listener,
             tls,
-            move |_, _| service.clone(),
+            move |_| service.clone(),
             conns,
             async move {
                 let _ = stopped.await;

@@ -51,8 +51,15 @@ pub async fn prepare(
 ) -> Result<Prepared, ProxyError> {
     let (parts, body) = request.into_parts();
     let max_body = live.config.server.max_body;
-    let plan = match read::read(&parts, body, max_body).await? {
-        read::Read::Whole(bytes) if read::carries_json(&parts) => {
+    let read = match read::plan(&parts, body, max_body)? {
+        read::Plan::Done(read) => read,
+        read::Plan::ReadWhole(body, json) => {
+            let bytes = read::read_whole(body, max_body).await?;
+            if json { read::Read::Json(bytes) } else { read::Read::Whole(bytes) }
+        }
+    };
+    let plan = match read {
+        read::Read::Json(bytes) => {
             ctx.bytes_in = bytes.len() as u64;
             let plan = plan::plan_json(live, &parts.method, parts.uri.path(), bytes)?;
             ctx.stream = plan.stream;

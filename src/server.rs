@@ -24,8 +24,8 @@ use crate::config::server::{
 use crate::error::BoxError;
 use crate::service::Gateway;
 use crate::state::Shared;
+use crate::telemetry::ConnWatch;
 use crate::telemetry::metrics::ConnStats;
-use crate::telemetry::{ConnInfo, ConnWatch};
 use connection::{Listening, Protocols};
 
 /// How a drain ended.
@@ -122,7 +122,7 @@ pub async fn serve(
     };
     let gateway = {
         let shared = Arc::clone(&shared);
-        move |conn: ConnInfo, watch: Arc<ConnWatch>| Gateway::new(Arc::clone(&shared), conn, watch)
+        move |watch: Arc<ConnWatch>| Gateway::new(Arc::clone(&shared), watch)
     };
     let draining = Arc::clone(&shared);
     let on_stop = move || draining.draining.store(true, Ordering::Relaxed);
@@ -133,8 +133,8 @@ pub async fn serve(
 }
 
 /// The accept loop for any hyper service (the gateway and the mock share it).
-/// `make_service` builds the service of each connection from its facts and
-/// its watch. With `tls`, every connection is a TLS one. After `shutdown`
+/// `make_service` builds the service of each connection from its watch (which
+/// holds its facts). With `tls`, every connection is a TLS one. After `shutdown`
 /// resolves: stop accepting, call `on_stop`, ask every connection to finish
 /// gracefully, and wait up to `grace` for them.
 #[expect(clippy::too_many_arguments, reason = "one accept loop for the gateway and the mock, set up by its caller")]
@@ -149,7 +149,7 @@ pub async fn serve_service<S, B, F>(
     limits: Limits,
 ) -> Drain
 where
-    F: Fn(ConnInfo, Arc<ConnWatch>) -> S + Send + Sync + 'static,
+    F: Fn(Arc<ConnWatch>) -> S + Send + Sync + 'static,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Clone
         + Send

@@ -22,20 +22,19 @@ use crate::ids::REQUEST_ID;
 use crate::proxy::body::SluiceBody;
 use crate::proxy::{self, end, retry};
 use crate::state::{Live, Shared};
-use crate::telemetry::{ConnInfo, ConnWatch, End, RequestContext};
+use crate::telemetry::{ConnWatch, End, RequestContext};
 
 /// The gateway as a hyper service for one connection; cheap to clone.
 #[derive(Clone)]
 pub struct Gateway {
     shared: Arc<Shared>,
-    conn: ConnInfo,
     watch: Arc<ConnWatch>,
 }
 
 impl Gateway {
-    /// The service for a connection with these facts, watched by `watch`.
-    pub fn new(shared: Arc<Shared>, conn: ConnInfo, watch: Arc<ConnWatch>) -> Self {
-        Self { shared, conn, watch }
+    /// The service for the connection `watch` watches (and knows the facts of).
+    pub fn new(shared: Arc<Shared>, watch: Arc<ConnWatch>) -> Self {
+        Self { shared, watch }
     }
 }
 
@@ -45,8 +44,8 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let (shared, conn, watch) = (Arc::clone(&self.shared), self.conn, Arc::clone(&self.watch));
-        Box::pin(async move { Ok(handle(&shared, request, conn, Some(watch)).await) })
+        let (shared, watch) = (Arc::clone(&self.shared), Arc::clone(&self.watch));
+        Box::pin(async move { Ok(handle(&shared, request, Some(watch)).await) })
     }
 }
 
@@ -57,10 +56,9 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
 pub async fn handle(
     shared: &Shared,
     request: Request<Incoming>,
-    conn: ConnInfo,
     watch: Option<Arc<ConnWatch>>,
 ) -> Response<SluiceBody> {
-    let ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, conn, watch);
+    let ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, watch);
     let mut pending = Unanswered { ctx, armed: true };
     let ctx = &mut pending.ctx;
     let (mut response, error) = match handle_inner(shared, request, ctx).await {
@@ -186,15 +184,33 @@ async fn forward(
 /// outside the base URL sluice puts them under: `.` and `..` segments, plain
 /// or percent-encoded, and encoded `/` or `\` inside a segment.
 fn check_path(path: &str) -> Result<(), ProxyError> {
-    let lowered = path.to_ascii_lowercase();
-    if lowered.contains("%2f") || lowered.contains("%5c") || path.contains('\\') {
+    let bytes = path.as_bytes();
+    let encoded = |i: usize, hi: u8, lo: u8| bytes[i + 1] == hi && bytes[i + 2].eq_ignore_ascii_case(&lo);
+    // Most paths hold neither `%` nor `.`: one scan each, no allocation.
+    if memchr::memchr(b'\\', bytes).is_some()
+        || memchr::memchr_iter(b'%', bytes)
+            .any(|i| i + 2 < bytes.len() && (encoded(i, b'2', b'f') || encoded(i, b'5', b'c')))
+    {
         return Err(ProxyError::BadPath);
     }
-    let dots = |segment: &str| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
+    if memchr::memchr(b'.', bytes).is_none() && memchr::memchr(b'%', bytes).is_none() {
+        return Ok(());
+    }
+    let dot_segment = |segment: &str| {
+        // `.` or `..`, each dot plain or as `%2e`.
+        let mut rest = segment.as_bytes();
+        let mut dots = 0;
+        while !rest.is_empty() {
+            match rest {
+                [b'.', tail @ ..] => rest = tail,
+                [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => rest = tail,
+                _ => return false,
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
     };
-    if path.split('/').any(dots) { Err(ProxyError::BadPath) } else { Ok(()) }
+    if path.split('/').any(dot_segment) { Err(ProxyError::BadPath) } else { Ok(()) }
 }
 
 /// GET-only paths (HEAD too, as HTTP wants).

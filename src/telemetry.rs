@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 use accesslog::{AccessLog, Record};
-pub use context::{ConnInfo, ConnWatch, InFlight, RequestContext};
+pub use context::{ConnInfo, ConnState, ConnWatch, InFlight, RequestContext};
 use metrics::Metrics;
 
 /// Installs the global subscriber. A second call (tests, `demo`) is a no-op.

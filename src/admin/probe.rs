@@ -16,7 +16,7 @@ use crate::error::ProxyError;
 use crate::proxy::body::SluiceBody;
 use crate::proxy::{Prepared, end, plan, retry};
 use crate::state::Shared;
-use crate::telemetry::{ConnInfo, End, RequestContext};
+use crate::telemetry::{End, RequestContext};
 
 /// The path probes are sent to.
 const CHAT_PATH: &str = "/v1/chat/completions";
@@ -40,7 +40,7 @@ pub struct ProbeResult {
 pub async fn send_chat(shared: &Shared, body: serde_json::Value) -> Result<Response<SluiceBody>, ProxyError> {
     let live = shared.live.load_full();
     let request = Request::post(CHAT_PATH).body(()).map_err(|e| ProxyError::Internal(e.to_string()))?;
-    let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, ConnInfo::internal(), None);
+    let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, None);
     let bytes = Bytes::from(body.to_string());
     ctx.bytes_in = bytes.len() as u64;
     let result = match plan::plan_json(&live, &Method::POST, CHAT_PATH, bytes) {

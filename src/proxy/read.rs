@@ -1,7 +1,8 @@
 //! The body stage: a body sluice must look at (JSON, or any body of a method
 //! that may be repeated) is read once, whole, under `max_body`; an upload is
 //! streamed through under the same cap. Past the cap: 413, before a byte is
-//! read when the length is declared.
+//! read when the length is declared. The request's `Content-Type` is looked
+//! at once, here.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::error::ProxyError;
-use crate::proxy::is_model_endpoint;
+use crate::proxy::MODEL_ENDPOINTS;
 use crate::upstream::body::{ForwardBody, UploadWatch, client_body_error};
 
 /// Longest time a client may take to send a body sluice reads whole. Past it: 408.
@@ -22,60 +23,75 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the body stage produced.
 pub enum Read {
-    /// The whole body (empty when the request has none): replayable.
+    /// A JSON body to route by its `model`.
+    Json(Bytes),
+    /// Any other body sluice holds whole (empty when the request has none): replayable.
     Whole(Bytes),
     /// An upload, streamed to the upstream as it arrives: sent at most once.
     Upload(ForwardBody),
 }
 
-/// Reads the request body, or prepares it to stream.
-pub async fn read(parts: &Parts, body: Incoming, max_body: u64) -> Result<Read, ProxyError> {
-    check_media_type(parts)?;
+/// How a request's body is to be handled, judged from its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A POST whose body sluice reads and routes.
+    Json,
+    /// A POST of another type (multipart, octet-stream, ...): streamed.
+    Upload,
+    /// Any other method: its body (usually none) is read whole.
+    Other,
+}
+
+/// What to do with a request's body: decided from its headers alone, so the
+/// only await of the body stage is the read itself.
+pub enum Plan {
+    /// Nothing to read: the body is known.
+    Done(Read),
+    /// Read the body whole, then it is JSON (`true`) or not.
+    ReadWhole(Incoming, bool),
+}
+
+/// Decides how to take the request body, or refuses the request.
+pub fn plan(parts: &Parts, body: Incoming, max_body: u64) -> Result<Plan, ProxyError> {
+    let kind = kind(parts)?;
     if declared_length(parts).is_some_and(|len| len > max_body) {
         return Err(ProxyError::BodyTooLarge(max_body));
     }
     if body.is_end_stream() {
-        return Ok(Read::Whole(Bytes::new()));
+        let empty = Bytes::new();
+        return Ok(Plan::Done(if kind == Kind::Json { Read::Json(empty) } else { Read::Whole(empty) }));
     }
-    if parts.method == Method::POST && !carries_json(parts) {
-        // Only off the model endpoints (`check_media_type`).
-        return Ok(Read::Upload(ForwardBody::upload(body, max_body, UploadWatch::default())));
-    }
-    read_whole(body, max_body).await.map(Read::Whole)
+    Ok(match kind {
+        Kind::Upload => Plan::Done(Read::Upload(ForwardBody::upload(body, max_body, UploadWatch::default()))),
+        Kind::Json => Plan::ReadWhole(body, true),
+        Kind::Other => Plan::ReadWhole(body, false),
+    })
 }
 
-/// A POST whose body sluice reads: declared JSON, no content type at all, or
-/// anything on a model endpoint (curl's `-d` says form-urlencoded while
-/// sending JSON; such bodies must still be routed, not passed blindly).
-pub fn carries_json(parts: &Parts) -> bool {
+/// A POST is JSON when it says so, says nothing, or goes to a model endpoint
+/// (curl's `-d` says form-urlencoded while sending JSON; such bodies must
+/// still be routed, not passed blindly). Model endpoints always route by the
+/// body's `model`: an upload type there (which would otherwise stream past
+/// routing, the model allow-list, renames and defaults), or two
+/// `Content-Type` headers (sluice and the upstream could read different
+/// ones), is refused.
+fn kind(parts: &Parts) -> Result<Kind, ProxyError> {
     if parts.method != Method::POST {
-        return false;
+        return Ok(Kind::Other);
     }
-    let Some(content_type) = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
-        return true;
-    };
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    essence.eq_ignore_ascii_case("application/json")
-        || essence.ends_with("+json")
-        || is_model_endpoint(parts.uri.path())
-}
-
-/// Model endpoints always route by the body's `model`: an upload content type
-/// there (which would otherwise stream past routing, the model allow-list,
-/// renames and defaults) is refused.
-pub fn check_media_type(parts: &Parts) -> Result<(), ProxyError> {
     let path = parts.uri.path();
-    let Some(endpoint) = crate::proxy::MODEL_ENDPOINTS.iter().find(|e| **e == path) else { return Ok(()) };
-    let mut content_types = parts.headers.get_all(CONTENT_TYPE).iter();
-    let content_type = content_types.next().and_then(|v| v.to_str().ok()).unwrap_or("");
-    if content_types.next().is_some() {
-        // A singleton field sent twice: sluice and the upstream could read different ones.
+    let endpoint = MODEL_ENDPOINTS.iter().find(|e| **e == path);
+    let mut values = parts.headers.get_all(CONTENT_TYPE).iter();
+    let Some(first) = values.next() else { return Ok(Kind::Json) };
+    let essence = first.to_str().unwrap_or("").split(';').next().unwrap_or("").trim();
+    let json = essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json");
+    let Some(endpoint) = endpoint else { return Ok(if json { Kind::Json } else { Kind::Upload }) };
+    if values.next().is_some() {
         return Err(ProxyError::UnsupportedMediaType(endpoint, "more than one Content-Type".to_string()));
     }
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    let upload = essence.to_ascii_lowercase().starts_with("multipart/")
+    let upload = essence.get(..10).is_some_and(|prefix| prefix.eq_ignore_ascii_case("multipart/"))
         || essence.eq_ignore_ascii_case("application/octet-stream");
-    if upload { Err(ProxyError::UnsupportedMediaType(endpoint, essence.to_string())) } else { Ok(()) }
+    if upload { Err(ProxyError::UnsupportedMediaType(endpoint, essence.to_string())) } else { Ok(Kind::Json) }
 }
 
 fn declared_length(parts: &Parts) -> Option<u64> {
@@ -83,11 +99,43 @@ fn declared_length(parts: &Parts) -> Option<u64> {
 }
 
 /// Reads the whole body under the cap and the read timeout.
-async fn read_whole(body: Incoming, max_body: u64) -> Result<Bytes, ProxyError> {
+pub async fn read_whole(body: Incoming, max_body: u64) -> Result<Bytes, ProxyError> {
     let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
     match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
         Err(_) => Err(ProxyError::BodyTimeout(BODY_READ_TIMEOUT.as_secs())),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) => Err(client_body_error(error.as_ref(), max_body)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: Method, path: &str, content_types: &[&str]) -> Parts {
+        let mut request = http::Request::builder().method(method).uri(path);
+        for content_type in content_types {
+            request = request.header(CONTENT_TYPE, *content_type);
+        }
+        request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_body_kind_comes_from_method_path_and_content_type() {
+        let chat = "/v1/chat/completions";
+        assert_eq!(kind(&parts(Method::POST, chat, &[])).unwrap(), Kind::Json);
+        assert_eq!(kind(&parts(Method::POST, chat, &["application/x-www-form-urlencoded"])).unwrap(), Kind::Json);
+        assert_eq!(
+            kind(&parts(Method::POST, "/v1/files", &["multipart/form-data; boundary=x"])).unwrap(),
+            Kind::Upload
+        );
+        assert_eq!(kind(&parts(Method::POST, "/v1/threads/t/runs", &["application/json"])).unwrap(), Kind::Json);
+        assert_eq!(kind(&parts(Method::POST, "/v1/x", &["application/vnd.api+json"])).unwrap(), Kind::Json);
+        assert_eq!(kind(&parts(Method::GET, "/v1/files", &[])).unwrap(), Kind::Other);
+        for refused in
+            [&["MULTIPART/form-data"][..], &["application/octet-stream"], &["application/json", "text/plain"]]
+        {
+            assert!(matches!(kind(&parts(Method::POST, chat, refused)), Err(ProxyError::UnsupportedMediaType(..))));
+        }
     }
 }

@@ -139,7 +139,10 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
 
         let (auth, token_generation) = match &upstream.auth {
             Auth::Keys => (lease.key().auth_header(), 0),
-            Auth::Login(source) => source.header(&upstream.client, upstream.timeouts.header).await?,
+            Auth::Login(source) => match source.cached() {
+                Some(cached) => cached,
+                None => Box::pin(source.header(&upstream.client, upstream.timeouts.header)).await?,
+            },
         };
         let body = match (&replay, once.take()) {
             (Some(bytes), _) => ForwardBody::full(Bytes::clone(bytes)),
@@ -191,24 +194,25 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
                         let key = lease.key();
                         key.cool_until(clock::after(cooldown));
                         tracing::info!(request_id = ?ctx.request_id, upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
-                        last = Some(keep(response, lease, Failure::RateLimited, &upstream).await);
+                        last = Some(Box::pin(keep(response, lease, Failure::RateLimited, &upstream)).await);
                         retry_if(plan.replay.allows(true), RetryReason::RateLimited)
                     }
                     401..=403 => match &upstream.auth {
                         Auth::Login(source) if status == 401 && !token_refreshed => {
                             token_refreshed = true;
                             skip_backoff = true;
-                            source.refresh(&upstream.client, upstream.timeouts.header, token_generation).await?;
-                            last = Some(keep(response, lease, Failure::Rejected, &upstream).await);
+                            Box::pin(source.refresh(&upstream.client, upstream.timeouts.header, token_generation))
+                                .await?;
+                            last = Some(Box::pin(keep(response, lease, Failure::Rejected, &upstream)).await);
                             retry_if(plan.replay.allows(true), RetryReason::TokenRefresh)
                         }
                         Auth::Login(_) => {
-                            last = Some(keep(response, lease, Failure::Rejected, &upstream).await);
+                            last = Some(Box::pin(keep(response, lease, Failure::Rejected, &upstream)).await);
                             Verdict::Stop
                         }
                         Auth::Keys => {
                             let key = Arc::clone(&upstream.keys.keys()[lease.index()]);
-                            let kept = keep(response, lease, Failure::Rejected, &upstream).await;
+                            let kept = Box::pin(keep(response, lease, Failure::Rejected, &upstream)).await;
                             let bad_key =
                                 matches!(&kept, Last::Answer(answer, ..) if blames_the_key(kept_bytes(answer.body())));
                             last = Some(kept);
@@ -226,7 +230,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
                     },
                     500..=599 => {
                         lease.key().fail(Failure::ServerError);
-                        last = Some(keep(response, lease, Failure::ServerError, &upstream).await);
+                        last = Some(Box::pin(keep(response, lease, Failure::ServerError, &upstream)).await);
                         retry_if(plan.replay.allows(true), RetryReason::ServerError)
                     }
                     _ => Verdict::Answer(response, lease),
@@ -274,7 +278,9 @@ fn retry_if(again: bool, why: RetryReason) -> Verdict {
 /// Reads a failed attempt's answer whole when it is small and quick, so its
 /// connection goes back to the pool and its key lease ends before the loop
 /// waits; otherwise drops it (closing the connection) and keeps a gateway
-/// error in its place.
+/// error in its place. Awaited boxed (as is a token refresh): both are rare,
+/// and inline their state would enlarge, and so make dearer to move, the
+/// loop's future on every request.
 async fn keep(response: Response<UpstreamBody>, lease: KeyLease, failure: Failure, upstream: &Upstream) -> Last {
     let (parts, body) = response.into_parts();
     let status = parts.status;

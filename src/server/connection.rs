@@ -15,9 +15,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::clock::now_ms;
 use crate::error::BoxError;
 use crate::server::Limits;
 use crate::telemetry::metrics::ConnStats;
@@ -124,7 +124,7 @@ pub(crate) async fn serve<S, B, F>(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), BoxError>
 where
-    F: Fn(ConnInfo, Arc<ConnWatch>) -> S,
+    F: Fn(Arc<ConnWatch>) -> S,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Clone
         + Send
@@ -145,6 +145,31 @@ where
         };
         return drive(listening, TokioIo::new(stream), protocol?, peer, false, stop).await;
     };
+    // Boxed: a task is sized for its largest state, and a TLS connection
+    // (rustls state inline) would make every plain connection's task that large.
+    Box::pin(serve_tls(listening, acceptor, stream, peer, stop)).await
+}
+
+/// The TLS half of [`serve`]: handshake, then ALPN picks the protocol.
+async fn serve_tls<S, B, F>(
+    listening: &Listening<F>,
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), BoxError>
+where
+    F: Fn(Arc<ConnWatch>) -> S,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let handshake = tokio::select! {
         shaken = tokio::time::timeout(listening.limits.handshake_timeout, acceptor.accept(stream)) => shaken,
         _ = stop.wait_for(|stopping| *stopping) => return Ok(()),
@@ -167,7 +192,7 @@ async fn drive<S, B, F, I>(
     stop: watch::Receiver<bool>,
 ) -> Result<(), BoxError>
 where
-    F: Fn(ConnInfo, Arc<ConnWatch>) -> S,
+    F: Fn(Arc<ConnWatch>) -> S,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Clone
         + Send
@@ -179,9 +204,8 @@ where
     B::Error: Into<BoxError>,
     I: Read + Write + Unpin + Send + 'static,
 {
-    let watch = Arc::new(ConnWatch::default());
-    let conn = ConnInfo { peer, tls, http2: protocol == Protocol::Http2 };
-    let service = (listening.make_service)(conn, Arc::clone(&watch));
+    let watch = Arc::new(ConnWatch::new(ConnInfo { peer, tls, http2: protocol == Protocol::Http2 }));
+    let service = (listening.make_service)(Arc::clone(&watch));
     let limits = &listening.limits;
     match protocol {
         Protocol::Http1 => {
@@ -202,7 +226,8 @@ where
 /// Drives a connection to its end, and ends it early: gracefully when the
 /// drain begins or it has been idle for `idle_timeout`; at once when an
 /// answer has waited `send_timeout` for a client that reads nothing (which
-/// drops the answer, and with it the upstream request and its key).
+/// drops the answer, and with it the upstream request and its key). The
+/// timer samples the watch's counters; the request path reads no clock.
 async fn guard<C>(
     connection: C,
     watch: &ConnWatch,
@@ -216,39 +241,55 @@ where
     let mut connection = std::pin::pin!(connection);
     let every =
         (limits.idle_timeout.min(limits.send_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Armed once a graceful close of a connection with nothing in flight
-    // began (idle past `idle_timeout`, or draining): a peer that never
-    // answers HTTP/2's closing ping must not keep it open past this.
+    // One timer per connection: the next check, or once a graceful close of
+    // a connection with nothing in flight began (idle past `idle_timeout`,
+    // or draining), the moment it is dropped if the peer has not finished
+    // (an HTTP/2 peer that never answers the closing ping).
     let wait = IDLE_CLOSE_WAIT.min(limits.handshake_timeout);
-    let close = tokio::time::sleep(wait);
-    let mut close = std::pin::pin!(close);
-    let mut closing = false;
-    let mut draining = false;
+    let timer = tokio::time::sleep(every);
+    let mut timer = std::pin::pin!(timer);
+    let (mut closing, mut draining) = (false, false);
+    // The drain signal, made once and polled in place (the channel only ever
+    // turns true once). A drain that began before this point is seen here.
+    if *stop.borrow_and_update() {
+        draining = true;
+        connection.as_mut().graceful_shutdown();
+    }
+    let stopped = stop.changed();
+    let mut stopped = std::pin::pin!(stopped);
+    // The last sample that changed, and when it was taken.
+    let (mut seen, mut since) = (watch.sample(), Instant::now());
     loop {
         tokio::select! {
+            biased;
             result = connection.as_mut() => return result.map_err(Into::into),
-            () = close.as_mut(), if closing => return Ok(()),
-            _ = stop.wait_for(|stopping| *stopping), if !draining => {
+            _ = stopped.as_mut(), if !draining => {
                 draining = true;
                 if !closing {
                     connection.as_mut().graceful_shutdown();
-                    if watch.idle_for(now_ms()).is_some() {
+                    if watch.sample().in_flight == 0 {
                         closing = true;
-                        close.as_mut().reset(tokio::time::Instant::now() + wait);
+                        timer.as_mut().reset(Instant::now() + wait);
                     }
                 }
             }
-            _ = tick.tick() => {
-                let now = now_ms();
-                if watch.stalled_for(now).is_some_and(|stalled| stalled >= limits.send_timeout) {
-                    return Err(format!("the client read nothing for {} ms (send_timeout); closed", limits.send_timeout.as_millis()).into());
+            () = timer.as_mut() => {
+                if closing {
+                    return Ok(());
                 }
-                let idle = watch.idle_for(now);
-                if !closing && (idle.is_some_and(|idle| idle >= limits.idle_timeout) || (draining && idle.is_some())) {
+                let now = Instant::now();
+                timer.as_mut().reset(now + every);
+                let state = watch.sample();
+                if state != seen {
+                    (seen, since) = (state, now);
+                }
+                let quiet = now.duration_since(since);
+                if state.unread > 0 && quiet >= limits.send_timeout {
+                    return Err(format!("the client read nothing for {} ms (send_timeout); closed", quiet.as_millis()).into());
+                }
+                if state.in_flight == 0 && (draining || quiet >= limits.idle_timeout) {
                     closing = true;
-                    close.as_mut().reset(tokio::time::Instant::now() + wait);
+                    timer.as_mut().reset(now + wait);
                     if !draining {
                         connection.as_mut().graceful_shutdown();
                     }

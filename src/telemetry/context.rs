@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderValue, Method, Request};
 use tokio::time::Instant;
 
-use crate::clock::now_ms;
 use crate::ids;
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::{Endpoint, ModelMetrics};
@@ -27,33 +26,41 @@ pub struct ConnInfo {
     pub http2: bool,
 }
 
-impl ConnInfo {
-    /// A connection from nowhere: internal requests (probes, `sluice chat`).
-    pub fn internal() -> Self {
-        Self { peer: SocketAddr::from(([127, 0, 0, 1], 0)), tls: false, http2: false }
-    }
-}
+impl ConnInfo {}
 
 /// What one client connection is doing, so the listener can end it when it
 /// sits idle (no request in flight) or when its client stops reading an
 /// answer (a frame handed to hyper and not taken back for the next one).
-/// Updated with a few relaxed atomics per request and per frame.
+/// Plain counters, a relaxed atomic add per request and per frame and no
+/// clock read: the connection's timer samples them and measures the time.
 #[derive(Debug)]
 pub struct ConnWatch {
+    /// The connection's facts.
+    pub conn: ConnInfo,
     in_flight: AtomicUsize,
     /// Answers whose last frame the client has not taken yet.
     unread: AtomicUsize,
-    /// Clock ms of the last request's end, or of the client's last progress.
-    last_active: AtomicU64,
+    /// Bumped by every request's end and every frame the client takes.
+    progress: AtomicU64,
 }
 
-impl Default for ConnWatch {
-    fn default() -> Self {
-        Self { in_flight: AtomicUsize::new(0), unread: AtomicUsize::new(0), last_active: AtomicU64::new(now_ms()) }
-    }
+/// A sample of a [`ConnWatch`], for the connection's timer to compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnState {
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Answers waiting for the client to take a frame.
+    pub unread: usize,
+    /// The progress counter.
+    pub progress: u64,
 }
 
 impl ConnWatch {
+    /// The watch of a new connection.
+    pub fn new(conn: ConnInfo) -> Self {
+        Self { conn, in_flight: AtomicUsize::new(0), unread: AtomicUsize::new(0), progress: AtomicU64::new(0) }
+    }
+
     /// A request began on the connection.
     fn begin_request(&self) {
         self.in_flight.fetch_add(1, Relaxed);
@@ -61,35 +68,29 @@ impl ConnWatch {
 
     /// A request ended (answer done or abandoned).
     fn end_request(&self) {
-        self.last_active.store(now_ms(), Relaxed);
+        self.progress.fetch_add(1, Relaxed);
         self.in_flight.fetch_sub(1, Relaxed);
     }
 
     /// An answer handed a frame on to be written to the client.
     pub fn handed(&self) {
-        if self.unread.fetch_add(1, Relaxed) == 0 {
-            self.last_active.store(now_ms(), Relaxed);
-        }
+        self.unread.fetch_add(1, Relaxed);
     }
 
     /// The client took the frame (hyper asked for the next one), or the
     /// answer ended.
     pub fn taken(&self) {
-        self.last_active.store(now_ms(), Relaxed);
+        self.progress.fetch_add(1, Relaxed);
         self.unread.fetch_sub(1, Relaxed);
     }
 
-    /// How long the connection has had nothing in flight (`None` while busy).
-    pub fn idle_for(&self, now: u64) -> Option<Duration> {
-        (self.in_flight.load(Relaxed) == 0)
-            .then(|| Duration::from_millis(now.saturating_sub(self.last_active.load(Relaxed))))
-    }
-
-    /// How long an answer has waited for the client with no progress at all
-    /// on the connection (`None` when nothing waits).
-    pub fn stalled_for(&self, now: u64) -> Option<Duration> {
-        (self.unread.load(Relaxed) > 0)
-            .then(|| Duration::from_millis(now.saturating_sub(self.last_active.load(Relaxed))))
+    /// The counters now.
+    pub fn sample(&self) -> ConnState {
+        ConnState {
+            in_flight: self.in_flight.load(Relaxed),
+            unread: self.unread.load(Relaxed),
+            progress: self.progress.load(Relaxed),
+        }
     }
 }
 
@@ -110,9 +111,8 @@ pub struct RequestContext {
     pub path: Arc<str>,
     /// The endpoint class, for metrics.
     pub endpoint: Endpoint,
-    /// The connection the request came on.
-    pub conn: ConnInfo,
-    /// The connection's watch (`None` for internal requests).
+    /// The connection the request came on, with its facts (`None` for
+    /// internal requests: probes, `sluice chat`).
     pub watch: Option<Arc<ConnWatch>>,
     /// Where the request is recorded.
     pub telemetry: Arc<Telemetry>,
@@ -164,13 +164,9 @@ impl Drop for InFlight {
 }
 
 impl RequestContext {
-    /// The context of a request that just arrived on `conn`, watched by `watch`.
-    pub fn new<B>(
-        telemetry: Arc<Telemetry>,
-        request: &Request<B>,
-        conn: ConnInfo,
-        watch: Option<Arc<ConnWatch>>,
-    ) -> Self {
+    /// The context of a request that just arrived on the connection `watch`
+    /// watches (`None` for internal requests).
+    pub fn new<B>(telemetry: Arc<Telemetry>, request: &Request<B>, watch: Option<Arc<ConnWatch>>) -> Self {
         Self {
             in_flight: InFlight::new(Arc::clone(&telemetry), watch.clone()),
             watch,
@@ -180,7 +176,6 @@ impl RequestContext {
             method: request.method().clone(),
             path: Arc::from(request.uri().path()),
             endpoint: Endpoint::of(request.uri().path()),
-            conn,
             telemetry,
             client: None,
             model: None,

@@ -66,14 +66,19 @@ impl TokenSource {
             && self.login.token_ttl == other.token_ttl
     }
 
+    /// The cached token header and its generation, if one is valid now.
+    pub fn cached(&self) -> Option<(HeaderValue, u64)> {
+        let token = self.current.load();
+        let token = token.as_ref()?;
+        (now_ms() < token.refresh_at).then(|| (token.header.clone(), token.generation))
+    }
+
     /// A valid token header and its generation, logging in if there is none or it is due.
     pub async fn header(&self, client: &HttpClient, timeout: Duration) -> Result<(HeaderValue, u64), ProxyError> {
-        if let Some(token) = self.current.load().as_ref()
-            && now_ms() < token.refresh_at
-        {
-            return Ok((token.header.clone(), token.generation));
+        match self.cached() {
+            Some(cached) => Ok(cached),
+            None => self.login_once(client, timeout, None).await,
         }
-        self.login_once(client, timeout, None).await
     }
 
     /// After a 401 with token `stale`: log in again unless another request already did.
