@@ -47,6 +47,8 @@ pub struct Limits {
     pub max_pending_resets: usize,
     /// Connections held at once; past it, new ones wait in the backlog.
     pub max_connections: usize,
+    /// Connections one IP address may hold; past it, its new ones are closed.
+    pub max_connections_per_ip: usize,
     /// Largest request head, in bytes.
     pub max_header_bytes: u64,
     /// A connection with nothing in flight this long is closed.
@@ -65,6 +67,7 @@ impl Default for Limits {
             max_streams: 200,
             max_pending_resets: 20,
             max_connections: default_max_connections(),
+            max_connections_per_ip: usize::MAX,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             send_timeout: DEFAULT_SEND_TIMEOUT,
@@ -78,6 +81,7 @@ impl Limits {
     pub fn of(server: &ServerConfig) -> Self {
         Self {
             max_connections: server.max_connections,
+            max_connections_per_ip: server.max_connections_per_ip,
             max_header_bytes: server.max_header_bytes,
             idle_timeout: server.idle_timeout,
             send_timeout: server.send_timeout,
@@ -168,6 +172,7 @@ where
         limits,
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = Arc::new(PerIp::default());
     let connections = TaskTracker::new();
     // Tells every connection that the drain began.
     let (stopping, stop_rx) = watch::channel(false);
@@ -200,6 +205,11 @@ where
             },
             () = &mut shutdown => break,
         };
+        let Some(held) = per_ip.admit(peer.ip(), limits.max_connections_per_ip) else {
+            stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "connection closed: its address holds max_connections_per_ip");
+            continue;
+        };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
         }
@@ -211,7 +221,7 @@ where
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
             }
             listening.stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop((held, permit));
         });
     }
 
@@ -233,6 +243,42 @@ where
             let left = stats.open.load(Ordering::Relaxed);
             tracing::warn!(connections = left, "grace period over; closing what is still open");
             Drain::TimedOut(left)
+        }
+    }
+}
+
+/// Connections held per client address, counted at accept and at close
+/// (never per request), under a lock held for a map update.
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection counted against its address; dropping it releases it.
+struct Held(Arc<PerIp>, std::net::IpAddr);
+
+impl PerIp {
+    /// Counts a connection from `ip`, unless `ip` already holds `limit`.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr, limit: usize) -> Option<Held> {
+        if limit == usize::MAX {
+            return Some(Held(Arc::clone(self), ip));
+        }
+        let mut held = self.0.lock().ok()?;
+        let count = held.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Held(Arc::clone(self), ip))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Ok(mut held) = self.0.0.lock() else { return };
+        if let std::collections::hash_map::Entry::Occupied(mut entry) = held.entry(self.1) {
+            *entry.get_mut() = entry.get().saturating_sub(1);
+            if *entry.get() == 0 {
+                entry.remove();
+            }
         }
     }
 }

@@ -46,6 +46,7 @@ pub(super) struct RawServer {
     max_body: Option<ByteSize>,
     backlog: Option<u32>,
     max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     max_header_bytes: Option<ByteSize>,
     idle_timeout: Option<HumanDuration>,
     send_timeout: Option<HumanDuration>,
@@ -78,6 +79,9 @@ pub struct ServerConfig {
     pub backlog: u32,
     /// Client connections held at once; past it, new ones wait in the backlog.
     pub max_connections: usize,
+    /// Client connections one IP address may hold at once; past it, its new
+    /// connections are closed at once (so one client cannot take them all).
+    pub max_connections_per_ip: usize,
     /// Largest request head (all headers) accepted, in bytes.
     pub max_header_bytes: u64,
     /// Longest time a connection may stay open with no request in flight.
@@ -116,6 +120,12 @@ pub fn default_max_connections() -> usize {
     usize::try_from((limit.saturating_sub(FDS_KEPT_BACK) / 2).max(16)).unwrap_or(usize::MAX)
 }
 
+/// The default `max_connections_per_ip`: a quarter of `max_connections`, at
+/// least 16 (so clients behind one NAT still fit, and no single one holds all).
+pub fn default_max_connections_per_ip(max_connections: usize) -> usize {
+    (max_connections / 4).max(16)
+}
+
 impl Validator<'_> {
     pub(super) fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
         // SLUICE_LISTEN beats the file, so one config serves several ports.
@@ -139,6 +149,11 @@ impl Validator<'_> {
         if max_connections == 0 {
             return Err(self.invalid("server.max_connections", "must be at least 1"));
         }
+        let max_connections_per_ip =
+            raw.max_connections_per_ip.unwrap_or_else(|| default_max_connections_per_ip(max_connections));
+        if max_connections_per_ip == 0 {
+            return Err(self.invalid("server.max_connections_per_ip", "must be at least 1"));
+        }
         let backlog = raw.backlog.unwrap_or(DEFAULT_BACKLOG);
         if backlog == 0 {
             return Err(self.invalid("server.backlog", "must be at least 1"));
@@ -152,6 +167,7 @@ impl Validator<'_> {
             max_body,
             backlog,
             max_connections,
+            max_connections_per_ip,
             max_header_bytes,
             idle_timeout: raw.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             send_timeout: raw.send_timeout.map_or(DEFAULT_SEND_TIMEOUT, |d| d.0),

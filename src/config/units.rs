@@ -141,4 +141,29 @@ mod tests {
         assert!(parse_size("8 parsecs").is_err());
         assert!(parse_size("").is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn durations_scale_by_their_unit(n in 0u64..1_000_000, unit in prop::sample::select(vec![("ms", 1u64), ("s", 1_000), ("m", 60_000), ("h", 3_600_000)]), space in any::<bool>()) {
+                let text = format!("{n}{}{}", if space { " " } else { "" }, unit.0);
+                prop_assert_eq!(parse_duration(&text), Ok(Duration::from_millis(n * unit.1)));
+            }
+
+            #[test]
+            fn sizes_scale_by_their_unit(n in 0u64..1_000_000, unit in prop::sample::select(vec![("B", 1u64), ("KB", 1_000), ("KiB", 1024), ("MB", 1_000_000), ("MiB", 1 << 20), ("GiB", 1 << 30)])) {
+                prop_assert_eq!(parse_size(&format!("{n}{}", unit.0)), Ok(n * unit.1));
+            }
+
+            #[test]
+            fn any_text_is_a_value_or_a_reason_never_a_panic(text in "\\PC{0,24}") {
+                let _ = parse_duration(&text);
+                let _ = parse_size(&text);
+            }
+        }
+    }
 }

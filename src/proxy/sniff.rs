@@ -239,4 +239,84 @@ mod tests {
         let out = splice(body, &s, None, &[br#""model":"m""#, br#""t":1"#]);
         assert_eq!(&out[..], br#"{"model":"m","t":1}"#);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        use super::super::{sniff, splice};
+
+        /// Any JSON value, a few levels deep.
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                "[ -~\u{00e9}\u{4e2d}\n\"\\\\]{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                    prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A request-like JSON object: maybe a `model` string, maybe `stream`,
+        /// and any other members.
+        fn request() -> impl Strategy<Value = Map<String, Value>> {
+            (
+                prop::option::of("[ -~\u{00e9}]{0,16}"),
+                prop::option::of(any::<bool>()),
+                prop::collection::btree_map("[a-z_]{1,10}", value(), 0..6),
+            )
+                .prop_map(|(model, stream, rest)| {
+                    let mut map: Map<String, Value> =
+                        rest.into_iter().filter(|(k, _)| k != "model" && k != "stream").collect();
+                    if let Some(model) = model {
+                        map.insert("model".into(), Value::from(model));
+                    }
+                    if let Some(stream) = stream {
+                        map.insert("stream".into(), Value::from(stream));
+                    }
+                    map
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn the_sniff_finds_what_a_full_parse_finds(map in request(), pretty in any::<bool>()) {
+                let body = if pretty { serde_json::to_vec_pretty(&map) } else { serde_json::to_vec(&map) }.unwrap();
+                let sniffed = sniff(&body, &[]).unwrap();
+                prop_assert_eq!(sniffed.model.as_deref(), map.get("model").and_then(Value::as_str));
+                prop_assert_eq!(sniffed.stream, map.get("stream").and_then(Value::as_bool).unwrap_or(false));
+                prop_assert_eq!(sniffed.members, map.len());
+            }
+
+            #[test]
+            fn a_splice_changes_only_what_it_was_asked_to(map in request(), rename in "[a-z0-9-]{1,12}", insert in any::<bool>()) {
+                let body = serde_json::to_vec(&map).unwrap();
+                let sniffed = sniff(&body, &[]).unwrap();
+                let new_model = Value::from(rename.as_str()).to_string();
+                let inserted = br#""sluice_default":42"#;
+                let inserts: &[&[u8]] = if insert { &[inserted] } else { &[] };
+                let out = splice(&body, &sniffed, Some(&new_model), inserts);
+                let mut expected = map.clone();
+                if expected.contains_key("model") {
+                    expected.insert("model".into(), Value::from(rename.as_str()));
+                }
+                if insert {
+                    expected.insert("sluice_default".into(), Value::from(42));
+                }
+                let parsed: Map<String, Value> = serde_json::from_slice(&out).expect("the splice is valid JSON");
+                prop_assert_eq!(parsed, expected);
+            }
+
+            #[test]
+            fn any_bytes_are_sniffed_or_refused_never_a_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
+                let _ = sniff(&body, &[]);
+            }
+        }
+    }
 }

@@ -46,9 +46,11 @@ pub struct ConnStats {
     pub open: AtomicUsize,
     /// Connections accepted since start.
     pub accepted: AtomicUsize,
-    /// Connections whose first packet was only part of the HTTP/2 preface
-    /// (served by the protocol-detecting connection).
+    /// Connections whose first packet was only part of the HTTP/2 preface.
     pub split_preface: AtomicUsize,
+    /// Connections closed at accept because their address held
+    /// `max_connections_per_ip`.
+    pub refused_per_ip: AtomicUsize,
 }
 
 /// Why the retry loop made another attempt: a closed set, the `reason`

@@ -63,4 +63,28 @@ mod tests {
     fn huge_values_saturate() {
         assert_eq!(parse("99999999999999999999999", at(0)), Some(Duration::from_secs(u64::MAX)));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn seconds_are_seconds(secs in 0u64..10_000_000) {
+                prop_assert_eq!(parse(&secs.to_string(), at(0)), Some(Duration::from_secs(secs)));
+            }
+
+            #[test]
+            fn an_http_date_is_the_time_until_it(now in 0u64..4_000_000_000, ahead in 0u64..1_000_000) {
+                let date = httpdate::fmt_http_date(at(now + ahead));
+                prop_assert_eq!(parse(&date, at(now)), Some(Duration::from_secs(ahead)));
+            }
+
+            #[test]
+            fn any_text_is_a_delay_or_nothing_never_a_panic(text in "\\PC{0,40}") {
+                let _ = parse(&text, at(0));
+            }
+        }
+    }
 }

@@ -324,3 +324,22 @@ async fn a_reload_refused_for_a_syntax_error_never_echoes_the_file() {
     let body = String::from_utf8_lossy(&reply.body);
     assert!(body.contains("line ") && !body.contains("LEAKME"), "{body}");
 }
+
+#[tokio::test]
+async fn one_address_holds_at_most_max_connections_per_ip() {
+    let h = Harness::start_with(Opts { server_extra: "max_connections_per_ip = 2", ..Opts::default() }).await;
+    let held = [TcpStream::connect(h.gateway.addr).await.unwrap(), TcpStream::connect(h.gateway.addr).await.unwrap()];
+    let mut third = TcpStream::connect(h.gateway.addr).await.unwrap();
+    assert!(closed_by_peer(&mut third).await, "a third connection from the same address was kept");
+    let connections = &h.gateway.shared.telemetry.connections;
+    assert_eq!(connections.refused_per_ip.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // Another address is served.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 2], 0))).unwrap();
+    let mut other = socket.connect(h.gateway.addr).await.unwrap();
+    other.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), other.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    drop(held);
+}

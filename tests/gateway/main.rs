@@ -8,6 +8,7 @@
 
 mod support;
 
+mod attacks;
 mod binary;
 mod breaker;
 mod cli;

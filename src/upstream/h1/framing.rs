@@ -1,8 +1,8 @@
 //! HTTP/1.1 response body framing (RFC 9112 §6.3, §7.1): a pure decoder over
-//! the connection's read buffer. It never copies: each data frame is a slice
-//! split off the buffer, so a chunk the upstream wrote reaches the client as
-//! the same bytes, and `n` chunks that arrive in one read become `n` frames
-//! without another read.
+//! the connection's read buffer. It never copies: each decoded piece is a
+//! slice split off the buffer, and `n` chunks that arrive in one read decode
+//! as `n` pieces without another read ([`super::H1Body`] then hands pieces
+//! that arrived together on as one frame).
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -259,5 +259,83 @@ mod tests {
         assert_eq!(framing.decode(&mut buf).unwrap(), Decoded::Data(Bytes::from_static(b"abc")));
         assert_eq!(framing.decode(&mut buf).unwrap(), Decoded::NeedMore);
         assert!(!framing.reusable() && !framing.is_done());
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A chunked encoding of `pieces` (with extensions and trailers at times).
+        fn chunked(pieces: &[Vec<u8>], extension: bool, trailer: bool) -> Vec<u8> {
+            let mut wire = Vec::new();
+            for piece in pieces.iter().filter(|p| !p.is_empty()) {
+                wire.extend_from_slice(format!("{:x}", piece.len()).as_bytes());
+                if extension {
+                    wire.extend_from_slice(b";name=value");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(piece);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailer {
+                wire.extend_from_slice(b"x-t: 1\r\n");
+            }
+            wire.extend_from_slice(b"\r\n");
+            wire
+        }
+
+        /// Feeds `wire` in the given cut sizes; the body, or the first error.
+        fn feed_cuts(mut framing: Framing, wire: &[u8], cuts: &[usize]) -> Result<Vec<u8>, H1Error> {
+            let mut buf = BytesMut::new();
+            let (mut body, mut fed, mut cut) = (Vec::new(), 0, 0);
+            loop {
+                match framing.decode(&mut buf)? {
+                    Decoded::Data(data) => body.extend_from_slice(&data),
+                    Decoded::End => return Ok(body),
+                    Decoded::NeedMore if fed == wire.len() => return Err(H1Error::Closed),
+                    Decoded::NeedMore => {
+                        let step = cuts.get(cut).copied().unwrap_or(7).max(1);
+                        cut += 1;
+                        let end = (fed + step).min(wire.len());
+                        buf.extend_from_slice(&wire[fed..end]);
+                        fed = end;
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn chunked_bodies_decode_whole_however_they_are_cut(
+                pieces in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8),
+                cuts in prop::collection::vec(1usize..40, 0..64),
+                extension in any::<bool>(),
+                trailer in any::<bool>(),
+            ) {
+                let wire = chunked(&pieces, extension, trailer);
+                let body = feed_cuts(Framing::Chunked(Chunk::Size), &wire, &cuts).unwrap();
+                prop_assert_eq!(body, pieces.concat());
+            }
+
+            #[test]
+            fn length_bodies_stop_at_their_length(body in prop::collection::vec(any::<u8>(), 0..256), extra in prop::collection::vec(any::<u8>(), 0..16), cuts in prop::collection::vec(1usize..40, 0..64)) {
+                let mut wire = body.clone();
+                wire.extend_from_slice(&extra);
+                let decoded = feed_cuts(Framing::Length(body.len() as u64), &wire, &cuts).unwrap();
+                prop_assert_eq!(decoded, body);
+            }
+
+            #[test]
+            fn garbage_never_panics_and_never_yields_more_than_it_was_given(
+                wire in prop::collection::vec(any::<u8>(), 0..512),
+                cuts in prop::collection::vec(1usize..40, 0..64),
+            ) {
+                if let Ok(body) = feed_cuts(Framing::Chunked(Chunk::Size), &wire, &cuts) {
+                    prop_assert!(body.len() <= wire.len());
+                }
+            }
+        }
     }
 }
