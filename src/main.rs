@@ -190,7 +190,7 @@ async fn serve(config: Config) -> Result<(), String> {
     tracing::info!(%addr, version = sluice::VERSION, "listening");
     shared.tasks.spawn(shutdown::reload_on_sighup(std::sync::Arc::clone(&shared)));
     shared.tasks.spawn(shutdown::reopen_log_on_sigusr1(std::sync::Arc::clone(&shared)));
-    let stop_signal = shutdown::first_stop_signal();
+    let stop_signal = shutdown::first_stop_signal(shared.tasks.clone());
     sluice::notify::ready(&format!("listening on {addr}"));
     let stop = async {
         stop_signal.await;
@@ -258,7 +258,7 @@ async fn mock(listen: SocketAddr) -> Result<(), String> {
     telemetry::init("warn", LogFormat::Text);
     let mock = MockServer::start(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     println!("sluice mock upstream listening on http://{} (base URL {})", mock.addr, mock.base_url());
-    shutdown::first_stop_signal().await;
+    shutdown::first_stop_signal(sluice::tasks::Tasks::default()).await;
     Ok(())
 }
 
@@ -328,6 +328,7 @@ Mock counters: curl -s http://{mock}/_stats    Stop: Ctrl-C"#,
         version = sluice::VERSION,
         mock = mock.addr,
     );
-    server::serve(listener, shared, shutdown::first_stop_signal(), grace).await;
+    let stop = shutdown::first_stop_signal(shared.tasks.clone());
+    server::serve(listener, shared, stop, grace).await;
     Ok(())
 }

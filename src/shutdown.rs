@@ -11,18 +11,20 @@ use std::sync::Arc;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::state::Shared;
+use crate::tasks::Tasks;
 
 /// Exit code used when a second signal cuts the drain short.
 pub const EXIT_FORCED: i32 = 130;
 
 /// Resolves on the first SIGTERM or SIGINT. From then on, another SIGTERM or
-/// SIGINT ends the process at once, whatever is still draining.
-pub fn first_stop_signal() -> impl Future<Output = ()> {
+/// SIGINT ends the process at once, whatever is still draining (a task
+/// tracked by `tasks`, which ends with them).
+pub fn first_stop_signal(tasks: Tasks) -> impl Future<Output = ()> {
     let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
-    async move { stop_on(handlers).await }
+    async move { stop_on(handlers, tasks).await }
 }
 
-async fn stop_on(handlers: (std::io::Result<Signal>, std::io::Result<Signal>)) {
+async fn stop_on(handlers: (std::io::Result<Signal>, std::io::Result<Signal>), tasks: Tasks) {
     let (Ok(mut term), Ok(mut int)) = handlers else {
         tracing::error!("cannot install signal handlers; only a kill will stop this process");
         return std::future::pending().await;
@@ -32,10 +34,12 @@ async fn stop_on(handlers: (std::io::Result<Signal>, std::io::Result<Signal>)) {
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(signal = name, "shutdown requested; send it again to exit at once");
-    tokio::spawn(async move {
+    let watching = tasks.clone();
+    tasks.spawn(async move {
         tokio::select! {
             _ = term.recv() => {},
             _ = int.recv() => {},
+            () = watching.stopped() => return,
         }
         tracing::warn!("second signal: exiting without waiting for the drain");
         std::process::exit(EXIT_FORCED);
