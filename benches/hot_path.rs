@@ -16,11 +16,14 @@ use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use sluice::access::limits::{KeyCounters, KeyLimits, MAX_WINDOW_LIMIT};
+use sluice::access::table::ClientTable;
 use sluice::config::keys::Secret;
 use sluice::config::{Config, Strategy};
 use sluice::mock::MockServer;
 use sluice::proxy::headers;
 use sluice::proxy::sniff::sniff;
+use sluice::routes::Routes;
 use sluice::server;
 use sluice::state::Shared;
 use sluice::telemetry::metrics::{Endpoint, Histogram, ModelMetrics};
@@ -57,6 +60,57 @@ fn keyring(c: &mut Criterion) {
             });
             started.elapsed() / 2
         })
+    });
+    group.finish();
+}
+
+/// The client limiter: one request charged to a key's minute and hour
+/// windows, alone and with two threads charging the same key (the worst
+/// case: every request of both cores on one key).
+fn limiter(c: &mut Criterion) {
+    let mut group = c.benchmark_group("client_limits");
+    let limits = KeyLimits { rpm: Some(MAX_WINDOW_LIMIT), rph: Some(MAX_WINDOW_LIMIT), tokens_per_day: None };
+    // 100 ms apart: windows roll over as they do live and every request is
+    // admitted (the path a governed key takes on every request).
+    let now = |i: u64| 10_000_000 + i * 100;
+    group.bench_function("rpm_rph_1_thread", |b| {
+        b.iter_custom(|iters| {
+            let counters = KeyCounters::default();
+            let started = Instant::now();
+            for i in 0..iters {
+                let _ = black_box(counters.admit(&limits, now(i), 0));
+            }
+            started.elapsed()
+        })
+    });
+    group.bench_function("rpm_rph_2_threads_one_key", |b| {
+        b.iter_custom(|iters| {
+            let counters = KeyCounters::default();
+            let started = Instant::now();
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    let counters = &counters;
+                    scope.spawn(move || {
+                        for i in 0..iters {
+                            let _ = black_box(counters.admit(&limits, now(i), 0));
+                        }
+                    });
+                }
+            });
+            started.elapsed() / 2
+        })
+    });
+    let headers = {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer sk-sluice-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56"));
+        h
+    };
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nkeys = [\"sk-sluice-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56\"]\n[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:9\"\nkeys = [\"k\"]\n[[models]]\nname = \"*\"\nupstream = \"u\"\n";
+    let config = Config::from_toml(text, Path::new("bench.toml"), &|_| None).expect("config");
+    let routes = Routes::new(&config, None);
+    let table = ClientTable::build(&config, &routes, None, None);
+    group.bench_function("authenticate_sha256_lookup", |b| {
+        b.iter(|| black_box(table.authenticate("/v1/chat/completions", black_box(&headers), None).is_ok()))
     });
     group.finish();
 }
@@ -146,5 +200,5 @@ fn end_to_end(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, keyring, request_sniff, header_rewrite, metrics_record, end_to_end);
+criterion_group!(benches, keyring, limiter, request_sniff, header_rewrite, metrics_record, end_to_end);
 criterion_main!(benches);

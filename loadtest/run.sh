@@ -77,6 +77,15 @@ wait_port() {
 wait_port "$MOCK_PORT"; wait_port "$SLUICE_PORT"; [ -z "$have_nginx" ] || wait_port "$NGINX_PORT"
 
 KEY="authorization: Bearer sk-load-client"
+# A store key with limits that never refuse at these rates, usage accounted:
+# what a governed client costs next to a static one.
+GOVERNED_KEY="$("$bin" keys create --store "sqlite://$tmp/keys.db" --name load --rpm 1000000 --rph 1000000 --json \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
+GOVERNED="authorization: Bearer $GOVERNED_KEY"
+for _ in $(seq 1 50); do  # the server picks up the CLI's key within 2 s
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$SLUICE_PORT/v1/models" -H "$GOVERNED")" = 200 ] && break
+  sleep 0.1
+done
 CHAT='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 STREAM='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
 url() { case "$1" in direct) echo "http://127.0.0.1:$MOCK_PORT/v1/chat/completions";; nginx) echo "http://127.0.0.1:$NGINX_PORT/v1/chat/completions";; sluice) echo "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions";; esac; }
@@ -132,6 +141,10 @@ idle_rss="$(( $(rss_kib "$sluice_pid") ))"
 
 echo "== 1. throughput: $CONNS connections, ${DURATION}s, non-streaming"
 for t in $targets; do run_oha "throughput c$CONNS" "$t" -z "${DURATION}s" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT"; done
+
+echo "== 1b. governed: the same load with a store key (rpm/rph limits, usage written every second)"
+run_oha "governed c$CONNS" sluice -z "${DURATION}s" -c "$CONNS" -m POST -H "$GOVERNED" -H 'content-type: application/json' -d "$CHAT"
+run_oha "throughput c$CONNS (again)" sluice -z "${DURATION}s" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT"
 
 echo "== 2. latency at a fixed $RATE req/s (latency-corrected)"
 for t in $targets; do run_oha "fixed ${RATE}/s" "$t" -z "${DURATION}s" -q "$RATE" -c 16 --latency-correction -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT"; done

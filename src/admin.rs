@@ -1,5 +1,7 @@
 //! The operator's endpoints: `/health`, `/metrics`, `/stats` (see the
-//! submodules) and the admin API (`/admin/*`, `POST /v1/models/{name}/test`).
+//! submodules) and the admin API (`/admin/*`, `POST /v1/models/{name}/test`,
+//! and the key store's users, keys and usage in [`tenants`], also under the
+//! seed service's `/api/v1/admin/*`).
 //! The admin API is served only when `[admin] token` is set, and only to
 //! callers presenting that token. Its handlers are async and get the whole
 //! request, body included.
@@ -8,6 +10,7 @@ pub mod health;
 pub mod metrics;
 pub mod probe;
 pub mod stats;
+pub mod tenants;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -43,6 +46,10 @@ pub async fn handle(
             let reset = shared.reset_failed_keys();
             tracing::info!(reset, "failed keys reset by the admin API");
             Ok(json_response(StatusCode::OK, serde_json::json!({ "status": "ok", "reset": reset }).to_string().into()))
+        }
+        _ if let Some((which, tail)) = tenants::collection(path) => {
+            let tail = tail.to_string();
+            tenants::handle(shared, request, which, &tail).await
         }
         _ => match path.strip_prefix("/v1/models/").and_then(|rest| rest.strip_suffix("/test")) {
             Some(model) => {

@@ -2,6 +2,7 @@
 //! error) turned by [`Config::from_toml`] into a validated [`Config`].
 //! Every error names the file, the field and the reason.
 
+pub mod access;
 pub mod keys;
 pub mod server;
 pub mod tls;
@@ -14,6 +15,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use access::{AuthConfig, ClientConfig as ClientKeyConfig, LimitsConfig, StoreConfig, StoreUrl};
+use access::{RawAuth, RawClientKey, RawLimits, RawStore};
 use keys::{Secret, env_lookup, expand_env};
 use server::RawServer;
 pub use server::{DEFAULT_LISTEN, ServerConfig, TlsConfig};
@@ -31,8 +34,6 @@ pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 256;
 pub const DEFAULT_REQUEST_LOG_MAX_SIZE: u64 = 100 << 20;
 /// Default number of rotated request-log files kept.
 pub const DEFAULT_REQUEST_LOG_KEEP: usize = 5;
-/// Paths that never need a client key, unless the config says otherwise.
-pub const DEFAULT_EXEMPT: [&str; 3] = ["/", "/health", "/v1/health"];
 /// Most distinct parameter names all `[[models]].defaults` may name together.
 pub const MAX_DEFAULT_PARAMS: usize = 64;
 
@@ -77,6 +78,12 @@ struct RawConfig {
     #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
+    clients: Vec<RawClientKey>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
     log: RawLog,
     #[serde(default)]
     admin: RawAdmin,
@@ -101,15 +108,6 @@ struct RawClient {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAuth {
-    require_api_key: Option<bool>,
-    #[serde(default)]
-    keys: Vec<String>,
-    exempt: Option<Vec<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawAdmin {
     token: Option<String>,
 }
@@ -128,6 +126,7 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     enabled: Option<bool>,
+    per_user: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,12 +193,20 @@ pub struct Config {
     pub client: ClientConfig,
     /// Client authentication.
     pub auth: AuthConfig,
+    /// Config keys with a name and a policy.
+    pub clients: Vec<ClientKeyConfig>,
+    /// Client limits.
+    pub limits: LimitsConfig,
+    /// The key store, if any.
+    pub store: Option<StoreConfig>,
     /// Application logging.
     pub log: LogConfig,
     /// Bearer token for `/admin/*`; `None` means the admin API is not served.
     pub admin_token: Option<Secret<String>>,
     /// Whether `GET /metrics` is served.
     pub metrics_enabled: bool,
+    /// Whether `/metrics` shows usage per user (off by default: one series per user).
+    pub metrics_per_user: bool,
     /// Upstreams, in file order.
     pub upstreams: Vec<UpstreamConfig>,
     /// Model routes, in file order.
@@ -219,17 +226,6 @@ pub struct ClientConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
-}
-
-/// `[auth]`.
-#[derive(Debug, Clone)]
-pub struct AuthConfig {
-    /// Whether non-exempt paths need a client key.
-    pub require_api_key: bool,
-    /// Accepted client keys.
-    pub keys: Vec<Secret<String>>,
-    /// Paths served without a key.
-    pub exempt: Vec<String>,
 }
 
 /// `[log]`.
@@ -308,7 +304,10 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let server = self.server(raw.server)?;
-        let auth = self.auth(raw.auth)?;
+        let clients = self.clients(raw.clients)?;
+        let limits = self.limits(raw.limits)?;
+        let store = self.store(raw.store)?;
+        let auth = self.auth(raw.auth, &clients, store.is_some())?;
         let admin_token = self.admin(raw.admin)?;
         let default_connect = raw.client.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
         let upstreams = raw
@@ -347,8 +346,12 @@ impl Validator<'_> {
                 pool_max_idle_per_host: client.pool_max_idle_per_host.unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
             },
             auth,
+            clients,
+            limits,
+            store,
             admin_token,
             metrics_enabled: raw.metrics.enabled.unwrap_or(true),
+            metrics_per_user: raw.metrics.per_user.unwrap_or(false),
             log: LogConfig {
                 level: raw.log.level.unwrap_or_else(|| "info".to_string()),
                 format: raw.log.format.unwrap_or_default(),
@@ -369,36 +372,6 @@ impl Validator<'_> {
             return Err(self.invalid("admin.token", "must be at least 8 characters"));
         }
         Ok(Some(Secret::new(token.trim().to_string())))
-    }
-
-    fn auth(&self, raw: RawAuth) -> Result<AuthConfig, ConfigError> {
-        let keys = self.expand_keys("auth.keys", raw.keys)?;
-        let require_api_key = raw.require_api_key.unwrap_or(true);
-        if require_api_key && keys.is_empty() {
-            return Err(self.invalid(
-                "auth.keys",
-                "require_api_key is true but no client keys are configured (add keys or set require_api_key = false)",
-            ));
-        }
-        let exempt = raw.exempt.unwrap_or_else(|| DEFAULT_EXEMPT.iter().map(|s| s.to_string()).collect());
-        if let Some((i, bad)) = exempt.iter().enumerate().find(|(_, p)| !p.starts_with('/')) {
-            return Err(self.invalid(format!("auth.exempt[{i}]"), format!("`{bad}` must start with `/`")));
-        }
-        Ok(AuthConfig { require_api_key, keys: keys.into_iter().map(Secret::new).collect(), exempt })
-    }
-
-    fn expand_keys(&self, field: &str, raw: Vec<String>) -> Result<Vec<String>, ConfigError> {
-        raw.into_iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let key = expand_env(&key, self.env).map_err(|e| self.invalid(format!("{field}[{i}]"), e))?;
-                let key = key.trim().to_string();
-                if key.is_empty() {
-                    return Err(self.invalid(format!("{field}[{i}]"), "key is empty"));
-                }
-                Ok(key)
-            })
-            .collect()
     }
 
     fn models(&self, raw: Vec<RawModel>, upstreams: &HashSet<&str>) -> Result<Vec<ModelConfig>, ConfigError> {

@@ -61,6 +61,49 @@ pub enum ProxyError {
     /// A client key was presented but is not known.
     #[error("invalid API key")]
     InvalidApiKey,
+    /// The client key is known but past its `expires_at`.
+    #[error("this API key has expired")]
+    KeyExpired,
+    /// The client key may not use the requested model.
+    #[error("this API key may not use the model `{0}`")]
+    ModelNotAllowed(String),
+    /// The client's own request limit is reached (not an upstream's).
+    #[error("rate limit reached for this {scope}: {limit} requests per {per}; retry in {retry_after} s")]
+    ClientRateLimited {
+        /// What is limited: `API key` or `client address`.
+        scope: &'static str,
+        /// Which window: `minute` or `hour`.
+        per: &'static str,
+        /// The limit.
+        limit: u32,
+        /// Seconds until a request fits again.
+        retry_after: u64,
+    },
+    /// The client key's token budget for the day is spent.
+    #[error("this API key has used its {budget} tokens for today (UTC); retry in {retry_after} s")]
+    QuotaExceeded {
+        /// Tokens per day.
+        budget: u64,
+        /// Seconds until the next UTC day.
+        retry_after: u64,
+    },
+    /// An admin request field is missing or wrong.
+    #[error("`{field}`: {reason}")]
+    BadField {
+        /// The field, as the request names it.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An admin request names a user or key that does not exist.
+    #[error("{0} does not exist")]
+    NoSuchItem(String),
+    /// An admin request would duplicate a unique name.
+    #[error("{0}")]
+    Conflict(String),
+    /// The key store failed or is not configured.
+    #[error("key store: {0}")]
+    Store(String),
     /// The requested model is not routed by this gateway.
     #[error("the model `{0}` does not exist or is not served by this gateway")]
     UnknownModel(String),
@@ -161,7 +204,13 @@ impl ProxyError {
             Self::NoModel => StatusCode::BAD_REQUEST,
             // Never sent (the client is gone); nginx's "client closed request".
             Self::ClientGone => StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
-            Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::ClientRateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BadField { .. } => StatusCode::BAD_REQUEST,
+            Self::NoSuchItem(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -190,6 +239,14 @@ impl ProxyError {
             Self::ClientGone => "client_cancelled",
             Self::MissingApiKey => "missing_api_key",
             Self::InvalidApiKey => "invalid_api_key",
+            Self::KeyExpired => "key_expired",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::ClientRateLimited { .. } => "rate_limit_exceeded",
+            Self::QuotaExceeded { .. } => "insufficient_quota",
+            Self::BadField { .. } => "invalid_field",
+            Self::NoSuchItem(_) => "not_found",
+            Self::Conflict(_) => "conflict",
+            Self::Store(_) => "store_unavailable",
             Self::UnknownModel(_) => "model_not_found",
             Self::NoModel => "model_required",
             Self::NotFound(_) => "not_found",
@@ -222,6 +279,13 @@ impl ProxyError {
             | Self::ClientGone
             | Self::MissingApiKey
             | Self::InvalidApiKey
+            | Self::KeyExpired
+            | Self::ModelNotAllowed(_)
+            | Self::ClientRateLimited { .. }
+            | Self::QuotaExceeded { .. }
+            | Self::BadField { .. }
+            | Self::NoSuchItem(_)
+            | Self::Conflict(_)
             | Self::UnknownModel(_)
             | Self::NoModel
             | Self::NotFound(_)
@@ -237,7 +301,7 @@ impl ProxyError {
             | Self::NoAvailableKey { .. }
             | Self::AllKeysRateLimited { .. }
             | Self::UpstreamUnavailable { .. } => ErrorSource::Upstream,
-            Self::Internal(_) => ErrorSource::Internal,
+            Self::Internal(_) | Self::Store(_) => ErrorSource::Internal,
         }
     }
 
@@ -258,24 +322,33 @@ impl ProxyError {
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge(_)
             | Self::BodyTimeout(_)
+            | Self::ModelNotAllowed(_)
+            | Self::BadField { .. }
+            | Self::NoSuchItem(_)
+            | Self::Conflict(_)
             | Self::ReloadFailed(_) => "invalid_request_error",
             Self::AllKeysRateLimited { .. } => "rate_limit_error",
-            Self::MissingApiKey | Self::InvalidApiKey | Self::AdminUnauthorized => "authentication_error",
+            // OpenAI's own types for a client's request limit and spent budget.
+            Self::ClientRateLimited { .. } => "requests",
+            Self::QuotaExceeded { .. } => "insufficient_quota",
+            Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired | Self::AdminUnauthorized => {
+                "authentication_error"
+            }
             Self::UpstreamConnect { .. }
             | Self::UpstreamProtocol { .. }
             | Self::UpstreamTimeout { .. }
             | Self::UpstreamLogin { .. }
             | Self::NoAvailableKey { .. }
             | Self::UpstreamUnavailable { .. } => "upstream_error",
-            Self::Internal(_) => "server_error",
+            Self::Internal(_) | Self::Store(_) => "server_error",
         }
     }
 
     /// The OpenAI error `param` field: which request field was at fault, if any.
     fn param(&self) -> Option<&'static str> {
         match self {
-            Self::ModelNotString | Self::UnknownModel(_) | Self::NoModel => Some("model"),
-            Self::DuplicateMember(member) => Some(member),
+            Self::ModelNotString | Self::UnknownModel(_) | Self::NoModel | Self::ModelNotAllowed(_) => Some("model"),
+            Self::DuplicateMember(member) | Self::BadField { field: member, .. } => Some(member),
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::UnsupportedMediaType(..)
@@ -284,6 +357,12 @@ impl ProxyError {
             | Self::ClientGone
             | Self::MissingApiKey
             | Self::InvalidApiKey
+            | Self::KeyExpired
+            | Self::ClientRateLimited { .. }
+            | Self::QuotaExceeded { .. }
+            | Self::NoSuchItem(_)
+            | Self::Conflict(_)
+            | Self::Store(_)
             | Self::NotFound(_)
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge(_)
@@ -318,6 +397,14 @@ impl ProxyError {
             | Self::ClientGone
             | Self::MissingApiKey
             | Self::InvalidApiKey
+            | Self::KeyExpired
+            | Self::ModelNotAllowed(_)
+            | Self::ClientRateLimited { .. }
+            | Self::QuotaExceeded { .. }
+            | Self::BadField { .. }
+            | Self::NoSuchItem(_)
+            | Self::Conflict(_)
+            | Self::Store(_)
             | Self::UnknownModel(_)
             | Self::NoModel
             | Self::NotFound(_)
@@ -344,6 +431,8 @@ impl ProxyError {
             }
             Self::UpstreamLogin { upstream, .. } => format!("login to upstream `{upstream}` failed"),
             Self::Internal(_) => "internal error".to_string(),
+            // The cause may name files; it goes to the log.
+            Self::Store(_) => "the key store is unavailable".to_string(),
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::ModelNotString
@@ -354,6 +443,13 @@ impl ProxyError {
             | Self::ClientGone
             | Self::MissingApiKey
             | Self::InvalidApiKey
+            | Self::KeyExpired
+            | Self::ModelNotAllowed(_)
+            | Self::ClientRateLimited { .. }
+            | Self::QuotaExceeded { .. }
+            | Self::BadField { .. }
+            | Self::NoSuchItem(_)
+            | Self::Conflict(_)
             | Self::UnknownModel(_)
             | Self::NoModel
             | Self::NotFound(_)
@@ -366,6 +462,22 @@ impl ProxyError {
             | Self::UpstreamUnavailable { .. }
             | Self::AdminUnauthorized
             | Self::ReloadFailed(_) => self.to_string(),
+        }
+    }
+
+    /// Why a client was turned away by its key or its limits, as
+    /// `sluice_client_rejections_total{reason}` labels it; `None` for every
+    /// other error.
+    pub fn rejection(&self) -> Option<&'static str> {
+        match self {
+            Self::MissingApiKey | Self::InvalidApiKey => Some("invalid"),
+            Self::KeyExpired => Some("expired"),
+            Self::ModelNotAllowed(_) => Some("model"),
+            Self::ClientRateLimited { scope: CLIENT_ADDRESS, .. } => Some("per_ip"),
+            Self::ClientRateLimited { per: "minute", .. } => Some("rpm"),
+            Self::ClientRateLimited { .. } => Some("rph"),
+            Self::QuotaExceeded { .. } => Some("quota"),
+            _ => None,
         }
     }
 
@@ -384,16 +496,21 @@ impl ProxyError {
         }
         if let Self::NoAvailableKey { retry_after: Some(secs), .. }
         | Self::AllKeysRateLimited { retry_after: Some(secs), .. }
-        | Self::UpstreamUnavailable { retry_after: Some(secs), .. } = self
+        | Self::UpstreamUnavailable { retry_after: Some(secs), .. }
+        | Self::ClientRateLimited { retry_after: secs, .. }
+        | Self::QuotaExceeded { retry_after: secs, .. } = self
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if let Self::MissingApiKey | Self::InvalidApiKey | Self::AdminUnauthorized = self {
+        if let Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired | Self::AdminUnauthorized = self {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
 }
+
+/// The `scope` of a [`ProxyError::ClientRateLimited`] by client address.
+pub const CLIENT_ADDRESS: &str = "client address";
 
 /// Status recorded for a request whose client left before its answer
 /// (nginx's "client closed request"); never sent, since nobody is listening.
@@ -450,6 +567,14 @@ mod tests {
             (ProxyError::NoModel, 400),
             (ProxyError::MissingApiKey, 401),
             (ProxyError::InvalidApiKey, 401),
+            (ProxyError::KeyExpired, 401),
+            (ProxyError::ModelNotAllowed("m".into()), 403),
+            (ProxyError::ClientRateLimited { scope: "API key", per: "minute", limit: 5, retry_after: 3 }, 429),
+            (ProxyError::QuotaExceeded { budget: 10, retry_after: 3 }, 429),
+            (ProxyError::BadField { field: "name", reason: "x".into() }, 400),
+            (ProxyError::NoSuchItem("key 3".into()), 404),
+            (ProxyError::Conflict("x".into()), 409),
+            (ProxyError::Store("x".into()), 503),
             (ProxyError::UnknownModel("m".into()), 404),
             (ProxyError::NotFound("/x".into()), 404),
             (ProxyError::MethodNotAllowed { method: http::Method::PUT, allow: "GET, HEAD" }, 405),

@@ -5,10 +5,12 @@
 //! metrics, the request log); [`upstream`] (long-lived: keys, breakers, pooled
 //! clients); [`routes`] and [`access`]; [`state`] (the reloadable snapshot);
 //! [`proxy`] (the per-request stages); [`admin`] and [`service`] (the pipeline);
-//! [`server`] (listeners); [`shutdown`], [`notify`] and the [`mock`] upstream.
+//! [`server`] (listeners); [`shutdown`], [`notify`] and the [`mock`] upstream;
+//! [`cli`] (the store's commands) last.
 
 pub mod access;
 pub mod admin;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;

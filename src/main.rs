@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use sluice::cli::{self, KeysCommand, StoreArgs, UsageArgs, UsersCommand};
 use sluice::config::{Config, LogFormat};
 use sluice::mock::MockServer;
 use sluice::server::{self, Drain};
@@ -67,6 +68,27 @@ enum Command {
         #[arg(short, long, default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
     },
+    /// Users of the key store.
+    Users {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Client keys of the key store.
+    Keys {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Usage per key and model from the key store.
+    Usage {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        options: UsageArgs,
+    },
     /// Run the mock on a free port and the gateway in front of it, offline.
     Demo {
         /// Address the gateway listens on.
@@ -93,7 +115,23 @@ fn main() -> ExitCode {
             Ok(config) => run(chat(config, model, message)),
             Err(error) => config_failure(&error),
         },
+        Command::Users { store, command } => print(cli::users(&store, command)),
+        Command::Keys { store, command } => print(cli::keys(&store, command)),
+        Command::Usage { store, options } => print(cli::usage(&store, &options)),
         Command::Demo { listen } => run(demo(listen)),
+    }
+}
+
+fn print(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("sluice: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -143,6 +181,15 @@ fn check(path: &Path) -> ExitCode {
                 if config.auth.require_api_key { "required" } else { "off" },
                 config.auth.keys.len()
             );
+            if !config.clients.is_empty() {
+                println!("  clients    {} with policies", config.clients.len());
+            }
+            if let Some(store) = &config.store {
+                println!("  store      {}", store.url);
+            }
+            if config.limits.enabled {
+                println!("  limits     store keys {} rpm / {} rph by default", config.limits.rpm, config.limits.rph);
+            }
             for upstream in &config.upstreams {
                 println!(
                     "  upstream   {} -> {} ({} keys, http2 {:?})",
@@ -200,6 +247,7 @@ async fn serve(config: Config) -> Result<(), String> {
     if let Drain::TimedOut(left) = drain {
         tracing::warn!(connections = left, "exiting with connections cut at the end of the grace period");
     }
+    shared.close_store().await;
     shared.telemetry.flush();
     Ok(())
 }
@@ -269,6 +317,10 @@ async fn demo(listen: SocketAddr) -> Result<(), String> {
     let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .map_err(|e| format!("cannot start the mock: {e}"))?;
+    // A key store of its own, gone when the demo ends.
+    let dir = DemoDir::create()?;
+    let store_path = dir.0.join("keys.db");
+    let (user_key, admin_token) = demo_store(&store_path)?;
     let text = format!(
         r#"
 [server]
@@ -277,6 +329,12 @@ shutdown_grace = "5s"
 
 [auth]
 keys = ["{DEMO_CLIENT_KEY}"]
+
+[store]
+url = "sqlite://{store}"
+
+[admin]
+token = "{admin_token}"
 
 [[upstreams]]
 name = "mock"
@@ -297,7 +355,8 @@ upstream = "mock"
 [routing]
 default_model = "gpt-4o-mini"
 "#,
-        base = mock.base_url()
+        base = mock.base_url(),
+        store = store_path.display(),
     );
     let config =
         Config::from_toml(&text, Path::new("<demo>"), &|name| std::env::var(name).ok()).map_err(|e| e.to_string())?;
@@ -324,11 +383,51 @@ OpenAI SDK (Python):
   client = OpenAI(base_url="http://{addr}/v1", api_key="{DEMO_CLIENT_KEY}")
   print(client.chat.completions.create(model="mini", messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
 
+A store key (user `demo`, 60 requests a minute, usage counted):
+  curl -si http://{addr}/v1/chat/completions -H 'Authorization: Bearer {user_key}' \
+    -H 'Content-Type: application/json' -d '{{"model":"mini","messages":[{{"role":"user","content":"Hi"}}]}}'
+
+More keys and users (admin token {admin_token}):
+  curl -s http://{addr}/admin/keys -H 'Authorization: Bearer {admin_token}' -d '{{"user_id":1,"name":"mine","rpm":5}}'
+  sluice keys list --store sqlite://{store}     sluice usage --store sqlite://{store}
+
 Mock counters: curl -s http://{mock}/_stats    Stop: Ctrl-C"#,
         version = sluice::VERSION,
         mock = mock.addr,
+        store = store_path.display(),
     );
     let stop = shutdown::first_stop_signal(shared.tasks.clone());
-    server::serve(listener, shared, stop, grace).await;
+    server::serve(listener, std::sync::Arc::clone(&shared), stop, grace).await;
+    shared.close_store().await;
     Ok(())
+}
+
+/// The demo's temporary folder, removed when the demo ends.
+struct DemoDir(PathBuf);
+
+impl DemoDir {
+    fn create() -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates the demo user and a key for it; returns the key and an admin token.
+fn demo_store(path: &Path) -> Result<(String, String), String> {
+    use sluice::access::{manage, store};
+    let mut opened = store::open(&store::StoreUrl::Sqlite(path.to_path_buf())).map_err(|e| e.to_string())?;
+    let now = store::unix_now();
+    let user =
+        opened.create_user(&store::NewUser { name: "demo".into(), email: None }, now).map_err(|e| e.to_string())?;
+    let request = manage::KeyRequest { user_id: Some(user.id), name: "demo".into(), ..manage::KeyRequest::default() };
+    let issued = manage::issue_key(opened.as_mut(), &request, now).map_err(|e| e.to_string())?;
+    let admin = sluice::access::auth::generate_key()?.replacen("sk-sluice-", "admin-", 1);
+    Ok((issued.key, admin))
 }

@@ -17,6 +17,7 @@ pub mod sniff;
 use http::{HeaderMap, Method, Request, Uri};
 use hyper::body::Incoming;
 
+use crate::access::table::Client;
 use crate::error::ProxyError;
 use crate::state::Live;
 use crate::telemetry::RequestContext;
@@ -47,8 +48,10 @@ pub struct Prepared {
 pub async fn prepare(
     live: &Live,
     request: Request<Incoming>,
+    client: Option<&Client>,
     ctx: &mut RequestContext,
 ) -> Result<Prepared, ProxyError> {
+    let allowed = client.map(|c| &c.allowed);
     let (parts, body) = request.into_parts();
     let max_body = live.config.server.max_body;
     let read = match read::plan(&parts, body, max_body)? {
@@ -61,16 +64,16 @@ pub async fn prepare(
     let plan = match read {
         read::Read::Json(bytes) => {
             ctx.bytes_in = bytes.len() as u64;
-            let plan = plan::plan_json(live, &parts.method, parts.uri.path(), bytes)?;
+            let plan = plan::plan_json(live, &parts.method, parts.uri.path(), bytes, client)?;
             ctx.stream = plan.stream;
             ctx.model = plan.model.clone();
             plan
         }
         read::Read::Whole(bytes) => {
             ctx.bytes_in = bytes.len() as u64;
-            plan::plan_opaque(live, &parts.method, ForwardBody::full(bytes))?
+            plan::plan_opaque(live, &parts.method, ForwardBody::full(bytes), allowed)?
         }
-        read::Read::Upload(body) => plan::plan_opaque(live, &parts.method, body)?,
+        read::Read::Upload(body) => plan::plan_opaque(live, &parts.method, body, allowed)?,
     };
     Ok(Prepared { plan, method: parts.method, uri: parts.uri, headers: parts.headers })
 }

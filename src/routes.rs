@@ -41,6 +41,17 @@ pub struct Routes {
     pub param_names: Vec<Box<str>>,
     /// The ready `GET /v1/models` answer.
     pub models_json: Bytes,
+    /// What it lists: each name and alias with its route's canonical name
+    /// and upstream, in config order.
+    listing: Vec<Listed>,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug)]
+struct Listed {
+    id: Box<str>,
+    route: Box<str>,
+    owned_by: Box<str>,
 }
 
 impl Routes {
@@ -94,8 +105,20 @@ impl Routes {
                 defaults,
             });
         }
-        let mut table =
-            Self { models_json: models_json(config), routes, by_name, wildcard, default: None, param_names };
+        let listing: Vec<Listed> = config
+            .models
+            .iter()
+            .filter(|m| m.name != "*")
+            .flat_map(|m| {
+                std::iter::once(&m.name).chain(&m.aliases).map(move |id| Listed {
+                    id: id.as_str().into(),
+                    route: m.name.as_str().into(),
+                    owned_by: m.upstream.as_str().into(),
+                })
+            })
+            .collect();
+        let models_json = models_json(listing.iter());
+        let mut table = Self { models_json, listing, routes, by_name, wildcard, default: None, param_names };
         table.default = config.default_model.as_deref().and_then(|name| table.lookup(name).map(|i| (name.into(), i)));
         table
     }
@@ -115,6 +138,12 @@ impl Routes {
         self.routes.iter().map(|r| r.metrics.as_ref())
     }
 
+    /// `GET /v1/models` listing only the routes `permit` (given a canonical
+    /// route name) lets through: what a key limited to some models sees.
+    pub fn models_json_for(&self, permit: impl Fn(&str) -> bool) -> Bytes {
+        models_json(self.listing.iter().filter(|m| permit(&m.route)))
+    }
+
     /// The default model's name and route.
     pub fn default_route(&self) -> Option<(&str, &Route)> {
         self.default.as_ref().map(|(name, i)| (name.as_ref(), &self.routes[*i]))
@@ -123,13 +152,9 @@ impl Routes {
 
 /// `GET /v1/models` in OpenAI list form: each routed name and alias (the
 /// wildcard is not a model and is not listed).
-fn models_json(config: &Config) -> Bytes {
-    let data: Vec<serde_json::Value> = config
-        .models
-        .iter()
-        .filter(|m| m.name != "*")
-        .flat_map(|m| std::iter::once(&m.name).chain(&m.aliases).map(move |id| (id, &m.upstream)))
-        .map(|(id, upstream)| serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": upstream }))
+fn models_json<'a>(listing: impl Iterator<Item = &'a Listed>) -> Bytes {
+    let data: Vec<serde_json::Value> = listing
+        .map(|m| serde_json::json!({ "id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by }))
         .collect();
     Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string())
 }

@@ -2,7 +2,9 @@
 //! that turns an error into a response, logs it and records it; the stages
 //! below it just use `?`.
 //!
-//! A proxied request runs: authenticate -> read + plan -> send -> decorate.
+//! A proxied request runs: authenticate + admit (the client's key, its
+//! limits) -> read + plan (and whether the key may use the model) -> send ->
+//! decorate.
 //! Every request, answered or abandoned, is recorded once by
 //! [`proxy::end::finish`].
 
@@ -16,12 +18,15 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
+use crate::access::limits::openai_duration;
+use crate::access::table::{Allowed, Client};
 use crate::admin;
-use crate::error::{CLIENT_CLOSED, ProxyError, json_response, printable};
+use crate::error::{CLIENT_ADDRESS, CLIENT_CLOSED, ProxyError, json_response, printable};
 use crate::ids::REQUEST_ID;
 use crate::proxy::body::SluiceBody;
 use crate::proxy::{self, end, retry};
 use crate::state::{Live, Shared};
+use crate::telemetry::account::RateHeaders;
 use crate::telemetry::{ConnWatch, End, RequestContext};
 
 /// The gateway as a hyper service for one connection; cheap to clone.
@@ -65,6 +70,9 @@ pub async fn handle(
         Ok(response) => (response, None),
         Err(error) => {
             log_refusal(ctx, &error);
+            if let Some(reason) = error.rejection() {
+                shared.telemetry.metrics.rejections.count(reason);
+            }
             let kind = error.kind();
             (error.into_response(), Some(kind))
         }
@@ -86,6 +94,37 @@ fn decorate(response: &mut Response<SluiceBody>, ctx: &RequestContext) {
     if ctx.attempts > 1 {
         let (name, value) = retry::no_more_retries();
         headers.insert(name, value);
+    }
+    if let Some(rate) = &ctx.rate {
+        rate_headers(headers, rate);
+    }
+}
+
+/// OpenAI's `x-ratelimit-*` headers for a limited key's answer.
+fn rate_headers(headers: &mut http::HeaderMap, rate: &RateHeaders) {
+    use http::HeaderName;
+    const REQUESTS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ];
+    const TOKENS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ];
+    let reset = |d| HeaderValue::from_str(&openai_duration(d)).unwrap_or(HeaderValue::from_static("0s"));
+    if let Some((limit, remaining, reset_in)) = rate.requests {
+        let [l, r, t] = REQUESTS;
+        headers.insert(l, HeaderValue::from(limit));
+        headers.insert(r, HeaderValue::from(remaining));
+        headers.insert(t, reset(reset_in));
+    }
+    if let Some((limit, remaining, reset_in)) = rate.tokens {
+        let [l, r, t] = TOKENS;
+        headers.insert(l, HeaderValue::from(limit));
+        headers.insert(r, HeaderValue::from(remaining));
+        headers.insert(t, reset(reset_in));
     }
 }
 
@@ -131,16 +170,17 @@ async fn handle_inner(
     // One snapshot per request, kept until the request (and its body) is done.
     let live = shared.live.load_full();
     ctx.overhead_header = live.config.server.overhead_header;
+    check_path(request.uri().path())?;
+    let request = seed_alias(request, ctx)?;
     let path = request.uri().path();
-    check_path(path)?;
     match path {
         "/" | "/health" | "/v1/health" => {
             only_get(&request)?;
-            authenticate(&live, &request, ctx)?;
+            admit(shared, &live, &request, ctx)?;
             Ok(admin::health::health(shared, &live))
         }
         "/metrics" if live.config.metrics_enabled => {
-            authenticate(&live, &request, ctx)?;
+            admit(shared, &live, &request, ctx)?;
             only_get(&request)?;
             let mut response = Response::new(SluiceBody::full(admin::metrics::render_metrics(shared, &live)));
             response
@@ -149,35 +189,61 @@ async fn handle_inner(
             Ok(response)
         }
         "/stats" => {
-            authenticate(&live, &request, ctx)?;
+            admit(shared, &live, &request, ctx)?;
             only_get(&request)?;
             Ok(json_response(StatusCode::OK, admin::stats::render_stats(shared, &live).to_string().into()))
         }
         "/v1/models" => {
-            authenticate(&live, &request, ctx)?;
+            let client = admit(shared, &live, &request, ctx)?;
             only_get(&request)?;
-            Ok(json_response(StatusCode::OK, live.routes.models_json.clone()))
+            let models = match client.as_deref().map(|c| &c.allowed) {
+                Some(allowed @ Allowed::Only(_)) => live.routes.models_json_for(|route| allowed.permits(route, route)),
+                _ => live.routes.models_json.clone(),
+            };
+            Ok(json_response(StatusCode::OK, models))
         }
-        _ if path.starts_with("/admin/") || (path.starts_with("/v1/models/") && path.ends_with("/test")) => {
+        _ if path.starts_with("/admin/")
+            || path.starts_with("/api/v1/admin/")
+            || (path.starts_with("/v1/models/") && path.ends_with("/test")) =>
+        {
             admin::handle(shared, &live, request).await
         }
-        _ if path.starts_with("/v1/") => forward(&live, request, ctx).await,
+        _ if path.starts_with("/v1/") => forward(shared, &live, request, ctx).await,
         _ => Err(ProxyError::NotFound(path.to_string())),
     }
 }
 
-/// The proxied pipeline: authenticate -> read + plan -> send.
+/// The proxied pipeline: authenticate + admit -> read + plan -> send.
 async fn forward(
+    shared: &Shared,
     live: &Live,
     request: Request<Incoming>,
     ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
-    authenticate(live, &request, ctx)?;
+    let client = admit(shared, live, &request, ctx)?;
     if proxy::is_model_endpoint(request.uri().path()) && request.method() != Method::POST {
         return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
     }
-    let prepared = proxy::prepare(live, request, ctx).await?;
+    let prepared = proxy::prepare(live, request, client.as_deref(), ctx).await?;
     retry::send(prepared, ctx).await
+}
+
+/// The seed service's paths, so its clients switch without a change:
+/// `/api/v1/X` is `/v1/X` (the admin API under `/api/v1/admin/` is served
+/// by [`admin`] as it is).
+fn seed_alias(request: Request<Incoming>, ctx: &mut RequestContext) -> Result<Request<Incoming>, ProxyError> {
+    let path = request.uri().path();
+    if !path.starts_with("/api/v1/") || path.starts_with("/api/v1/admin/") {
+        return Ok(request);
+    }
+    let (mut parts, body) = request.into_parts();
+    let rest = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).strip_prefix("/api").unwrap_or("/");
+    let rest: http::uri::PathAndQuery = rest.parse().map_err(|_| ProxyError::BadPath)?;
+    let mut uri = http::uri::Parts::from(parts.uri);
+    uri.path_and_query = Some(rest);
+    parts.uri = http::Uri::from_parts(uri).map_err(|_| ProxyError::BadPath)?;
+    ctx.endpoint = crate::telemetry::metrics::Endpoint::of(parts.uri.path());
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Refuses paths an upstream (or a proxy in front of it) could resolve
@@ -221,11 +287,45 @@ fn only_get(request: &Request<Incoming>) -> Result<(), ProxyError> {
     }
 }
 
-/// The authenticate stage.
-fn authenticate(live: &Live, request: &Request<Incoming>, ctx: &mut RequestContext) -> Result<(), ProxyError> {
-    let client = live.client_keys.authenticate(request.uri().path(), request.headers(), request.uri().query())?;
-    ctx.client = client.and_then(|id| live.client_keys.label(id)).cloned();
-    Ok(())
+/// The authenticate and admit stages: the client's key (401 when unknown,
+/// revoked or expired), then its limits (429, with `x-ratelimit-*` and
+/// `Retry-After`), or, for a request without a key, its address's limit.
+/// A refused request never reaches an upstream.
+fn admit(
+    shared: &Shared,
+    live: &Live,
+    request: &Request<Incoming>,
+    ctx: &mut RequestContext,
+) -> Result<Option<Arc<Client>>, ProxyError> {
+    let table = &live.clients;
+    let client = table.authenticate(request.uri().path(), request.headers(), request.uri().query())?;
+    let now_ms = crate::clock::now_ms();
+    match &client {
+        Some(client) => {
+            ctx.client = Some(Arc::clone(client) as _);
+            match client.admit(now_ms) {
+                Ok(rate) => ctx.rate = rate,
+                Err((error, rate)) => {
+                    ctx.rate = Some(rate);
+                    return Err(error);
+                }
+            }
+        }
+        None => {
+            if let (Some(rpm), Some(watch)) = (live.config.limits.per_ip_rpm, &ctx.watch)
+                && live.config.limits.enabled
+                && let Err(retry_after) = shared.ip_limits.take(watch.conn.peer.ip(), rpm, now_ms)
+            {
+                return Err(ProxyError::ClientRateLimited {
+                    scope: CLIENT_ADDRESS,
+                    per: "minute",
+                    limit: rpm,
+                    retry_after: retry_after.as_secs().max(1),
+                });
+            }
+        }
+    }
+    Ok(client)
 }
 
 #[cfg(test)]

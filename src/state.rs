@@ -3,16 +3,20 @@
 //! response body ends (the metered body holds its upstream); a reload builds a
 //! new one fallibly and swaps it in with one store, so a bad file leaves the
 //! running snapshot untouched. The snapshot is made of `Arc` parts, so one
-//! part (the client table) can be replaced without rebuilding the others.
+//! part (the client table) can be replaced without rebuilding the others:
+//! the key store hands over a fresh [`Snapshot`] after every change and
+//! [`Shared::rebuild_clients`] swaps in a table built from it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-use crate::access::auth::ClientKeys;
+use crate::access::ip::IpLimiter;
+use crate::access::store::{self, Snapshot, StoreHandle, UsageQueue};
+use crate::access::table::ClientTable;
 use crate::config::Config;
 use crate::config::keys::Secret;
 use crate::config::tls::CertStore;
@@ -33,8 +37,8 @@ pub struct Live {
     pub upstreams: Arc<[Arc<Upstream>]>,
     /// Model routes.
     pub routes: Arc<Routes>,
-    /// Accepted client keys.
-    pub client_keys: Arc<ClientKeys>,
+    /// Accepted client keys with their policies and counters.
+    pub clients: Arc<ClientTable>,
 }
 
 struct Previous<'a>(Option<&'a Live>);
@@ -51,20 +55,24 @@ impl Carry for Previous<'_> {
 
 impl Live {
     /// Builds a snapshot. Keys, breakers and login tokens that `previous` had
-    /// and the new config keeps are shared, so their health and counters survive.
-    pub fn prepare(config: Config, clients: &ClientRegistry, previous: Option<&Live>) -> Result<Self, String> {
+    /// and the new config keeps are shared, so their health and counters
+    /// survive; so do client keys' limit counters. `store` is the key
+    /// store's latest snapshot, if there is a store.
+    pub fn prepare(
+        config: Config,
+        clients: &ClientRegistry,
+        previous: Option<&Live>,
+        store: Option<(&Snapshot, &Arc<UsageQueue>)>,
+    ) -> Result<Self, String> {
         let carry = Previous(previous);
         let upstreams = config
             .upstreams
             .iter()
             .map(|u| Upstream::new(u, clients, &carry).map(Arc::new).map_err(|e| format!("upstream `{}`: {e}", u.name)))
             .collect::<Result<Arc<[_]>, _>>()?;
-        Ok(Self {
-            routes: Arc::new(Routes::new(&config, previous.map(|p| p.routes.as_ref()))),
-            client_keys: Arc::new(ClientKeys::new(&config.auth)),
-            upstreams,
-            config: Arc::new(config),
-        })
+        let routes = Routes::new(&config, previous.map(|p| p.routes.as_ref()));
+        let table = ClientTable::build(&config, &routes, store, previous.map(|p| p.clients.as_ref()));
+        Ok(Self { routes: Arc::new(routes), clients: Arc::new(table), upstreams, config: Arc::new(config) })
     }
 
     /// The upstream that takes requests without a JSON `model`: the default
@@ -104,8 +112,37 @@ pub struct Shared {
     pub tasks: Tasks,
     /// The listener's TLS certificate, when it terminates TLS; reloaded with the config.
     pub certs: Option<Arc<CertStore>>,
-    /// Serializes reloads (SIGHUP and admin calls may race); never taken by requests.
-    reload_lock: std::sync::Mutex<()>,
+    /// The key store, when `[store]` is configured.
+    pub store: Option<StoreHandle>,
+    /// Per-address windows for requests without a client key (`[limits] per_ip_rpm`).
+    pub ip_limits: IpLimiter,
+    feed: Arc<StoreFeed>,
+    /// Serializes reloads and client-table swaps (SIGHUP, admin calls and the
+    /// store's thread may race); never taken by requests.
+    reload_lock: Mutex<()>,
+}
+
+/// The store's latest snapshot, and the gateway to rebuild its client table
+/// from it. The store's thread publishes here; it holds the gateway weakly.
+#[derive(Default)]
+struct StoreFeed {
+    latest: Mutex<Option<Arc<Snapshot>>>,
+    owner: OnceLock<Weak<Shared>>,
+}
+
+impl StoreFeed {
+    fn publish(&self, snapshot: Snapshot) {
+        if let Ok(mut latest) = self.latest.lock() {
+            *latest = Some(Arc::new(snapshot));
+        }
+        if let Some(shared) = self.owner.get().and_then(Weak::upgrade) {
+            shared.rebuild_clients();
+        }
+    }
+
+    fn latest(&self) -> Option<Arc<Snapshot>> {
+        self.latest.lock().ok().and_then(|latest| latest.clone())
+    }
 }
 
 impl Shared {
@@ -121,8 +158,22 @@ impl Shared {
             None => None,
         };
         let certs = config.server.tls.as_ref().map(CertStore::load).transpose()?.map(Arc::new);
-        let live = Live::prepare(config, &clients, None)?;
-        Ok(Arc::new(Self {
+        let feed = Arc::new(StoreFeed::default());
+        let store = match &config.store {
+            Some(settings) => {
+                let opened = store::open(&settings.url).map_err(|e| format!("{} ({})", e, settings.url))?;
+                let publish = Arc::clone(&feed);
+                Some(
+                    StoreHandle::start(opened, Box::new(move |snapshot| publish.publish(snapshot)))
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            None => None,
+        };
+        let snapshot = feed.latest();
+        let from_store = snapshot.as_deref().zip(store.as_ref().map(|s| &s.usage));
+        let live = Live::prepare(config, &clients, None, from_store)?;
+        let shared = Arc::new(Self {
             live: ArcSwap::from_pointee(live),
             clients,
             started: Instant::now(),
@@ -131,8 +182,40 @@ impl Shared {
             telemetry: Arc::new(Telemetry::new(log)),
             tasks,
             certs,
-            reload_lock: std::sync::Mutex::new(()),
-        }))
+            store,
+            ip_limits: IpLimiter::default(),
+            feed: Arc::clone(&feed),
+            reload_lock: Mutex::new(()),
+        });
+        if feed.owner.set(Arc::downgrade(&shared)).is_ok() && shared.store.is_some() {
+            // A change published before the owner was known is picked up here.
+            shared.rebuild_clients();
+        }
+        Ok(shared)
+    }
+
+    /// Builds the client table again from the config and the store's latest
+    /// snapshot, and swaps it in; every other part of the snapshot is kept.
+    pub fn rebuild_clients(&self) {
+        let Ok(_serial) = self.reload_lock.lock() else { return };
+        let current = self.live.load_full();
+        let snapshot = self.feed.latest();
+        let from_store = snapshot.as_deref().zip(self.store.as_ref().map(|s| &s.usage));
+        let table = ClientTable::build(&current.config, &current.routes, from_store, Some(&current.clients));
+        self.live.store(Arc::new(Live {
+            config: Arc::clone(&current.config),
+            upstreams: Arc::clone(&current.upstreams),
+            routes: Arc::clone(&current.routes),
+            clients: Arc::new(table),
+        }));
+    }
+
+    /// Writes the usage still counted in memory to the store and stops it
+    /// (shutdown, after the drain).
+    pub async fn close_store(&self) {
+        if let Some(store) = &self.store {
+            store.close().await;
+        }
     }
 
     /// Whether shutdown has begun.
@@ -162,7 +245,12 @@ impl Shared {
         if config.server.listen != current.config.server.listen {
             tracing::warn!(old = %current.config.server.listen, new = %config.server.listen, "server.listen changed: takes effect on restart only");
         }
-        let next = Live::prepare(config, &self.clients, Some(&current))?;
+        if config.store != current.config.store {
+            tracing::warn!("store changed: takes effect on restart only");
+        }
+        let snapshot = self.feed.latest();
+        let from_store = snapshot.as_deref().zip(self.store.as_ref().map(|s| &s.usage));
+        let next = Live::prepare(config, &self.clients, Some(&current), from_store)?;
         // The certificate and key are read again (renewed files, same paths);
         // other listener TLS changes need a restart.
         match (&self.certs, &next.config.server.tls) {

@@ -4,6 +4,7 @@
 //! `/metrics` and `/stats` render these in [`crate::admin`].
 
 pub mod accesslog;
+pub mod account;
 pub mod context;
 pub mod metrics;
 pub mod usage;
@@ -81,7 +82,8 @@ impl Telemetry {
         let record = Record {
             arrived: ctx.arrived,
             request_id: ctx.request_id.clone(),
-            client: ctx.client.clone(),
+            client: ctx.client.as_ref().map(|c| Arc::clone(c.label())),
+            user: ctx.client.as_ref().and_then(|c| c.user().cloned()),
             method: ctx.method.clone(),
             path: Arc::clone(&ctx.path),
             model: ctx.model.as_ref().map(|m| Arc::clone(&m.model)),

@@ -55,6 +55,24 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
         };
         line(&mut out, metrics::BREAKER_STATE, &[("upstream", upstream.name.as_ref())], value);
     }
+    header(&mut out, metrics::CLIENT_REJECTIONS, "counter", "Requests refused by their client key or its limits.");
+    for (reason, count) in metrics.rejections.counts() {
+        line(&mut out, metrics::CLIENT_REJECTIONS, &[("reason", reason)], count);
+    }
+    if live.config.metrics_per_user {
+        let mut users: Vec<_> = live.clients.users().collect();
+        users.sort_by(|a, b| a.0.cmp(b.0));
+        header(&mut out, metrics::USER_REQUESTS, "counter", "Requests of each user's keys.");
+        for (user, counters) in &users {
+            line(&mut out, metrics::USER_REQUESTS, &[("user", user)], counters.requests.load(Relaxed));
+        }
+        header(&mut out, metrics::USER_TOKENS, "counter", "Tokens of each user's keys.");
+        for (user, counters) in &users {
+            for (kind, n) in [("prompt", &counters.prompt_tokens), ("completion", &counters.completion_tokens)] {
+                line(&mut out, metrics::USER_TOKENS, &[("user", user), ("kind", kind)], n.load(Relaxed));
+            }
+        }
+    }
     header(&mut out, metrics::RELOADS, "counter", "Config reloads by result.");
     line(&mut out, metrics::RELOADS, &[("result", "ok")], shared.reloads[0].load(Relaxed));
     line(&mut out, metrics::RELOADS, &[("result", "error")], shared.reloads[1].load(Relaxed));

@@ -43,7 +43,7 @@ pub async fn send_chat(shared: &Shared, body: serde_json::Value) -> Result<Respo
     let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, None);
     let bytes = Bytes::from(body.to_string());
     ctx.bytes_in = bytes.len() as u64;
-    let result = match plan::plan_json(&live, &Method::POST, CHAT_PATH, bytes) {
+    let result = match plan::plan_json(&live, &Method::POST, CHAT_PATH, bytes, None) {
         Ok(plan) => {
             ctx.stream = plan.stream;
             ctx.model = plan.model.clone();

@@ -167,3 +167,36 @@ fn tls_pairs_are_checked_when_the_config_is() {
     let message = refusal(&text);
     assert!(message.contains("server.tls") && message.contains("c.pem"), "{message}");
 }
+
+#[test]
+fn tenancy_sections_validate_and_anchor_the_store() {
+    let text = format!(
+        "{GOOD}\n[store]\nurl = \"sqlite://data/keys.db\"\n[limits]\nrpm = 10\nper_ip_rpm = 30\n\
+         [[clients]]\nname = \"ci\"\nkey = \"${{CLIENT_KEY}}\"\nmodels = [\"mini\", \"*\"]\nrph = 100\n"
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.store.unwrap().url, StoreUrl::Sqlite("/etc/sluice/data/keys.db".into()), "relative to the config");
+    assert_eq!((config.limits.rpm, config.limits.rph, config.limits.per_ip_rpm), (10, 1000, Some(30)));
+    assert!(config.limits.enabled && !config.limits.config_keys);
+    let client = &config.clients[0];
+    assert_eq!((client.name.as_str(), client.key.expose().as_str()), ("ci", "sk-client-env"));
+    assert_eq!((client.models.clone(), client.rpm, client.rph), (vec!["mini".to_string()], None, Some(100)));
+    // A store alone is enough to require keys.
+    let store_only = "[store]\nurl = \"sqlite:///tmp/k.db\"\n[[upstreams]]\nname = \"u\"\nbase_url = \"http://x\"\nkeys = [\"k\"]\n";
+    assert!(parse(store_only).unwrap().auth.require_api_key);
+}
+
+#[test]
+fn tenancy_refusals_name_the_field() {
+    for (extra, field) in [
+        ("[store]\nurl = \"postgres-ish\"\n", "store.url"),
+        ("[limits]\nrpm = 2000000\n", "limits.rpm"),
+        ("[[clients]]\nname = \"a\"\nkey = \"\"\n", "clients[0].key"),
+        ("[[clients]]\nname = \"a\"\nkey = \"k1\"\n[[clients]]\nname = \"a\"\nkey = \"k2\"\n", "clients[1].name"),
+        ("[[clients]]\nname = \"a\"\nkey = \"k\"\nrpm = 2000000\n", "clients[0].rpm"),
+        ("[limits]\nburst = 1\n", "burst"),
+    ] {
+        let message = refusal(&format!("{GOOD}\n{extra}"));
+        assert!(message.contains(field), "{field}: {message}");
+    }
+}

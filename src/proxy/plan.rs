@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::Method;
 
+use crate::access::table::{Allowed, Client};
 use crate::error::ProxyError;
 use crate::proxy::{is_model_endpoint, sniff};
 use crate::routes::Route;
@@ -21,6 +22,9 @@ use crate::state::Live;
 use crate::telemetry::metrics::ModelMetrics;
 use crate::upstream::Upstream;
 use crate::upstream::body::ForwardBody;
+
+/// Endpoints whose streams take `stream_options`.
+const STREAM_OPTIONS_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
 /// When a request may be sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,9 +68,33 @@ pub struct Plan {
     pub replay: Replay,
 }
 
+/// Whether a key limited to some models may use `route` (canonical name)
+/// when it asked for `requested` (403 `model_not_allowed` if not).
+fn authorize(allowed: Option<&Allowed>, route: &str, requested: &str) -> Result<(), ProxyError> {
+    match allowed {
+        Some(allowed) if !allowed.permits(route, requested) => Err(ProxyError::ModelNotAllowed(requested.to_string())),
+        _ => Ok(()),
+    }
+}
+
 /// A request sluice does not route by model (no JSON body, or an upload):
-/// it goes unchanged to the fallback upstream.
-pub fn plan_opaque(live: &Live, method: &Method, body: ForwardBody) -> Result<Plan, ProxyError> {
+/// it goes unchanged to the fallback upstream, the default model's. A key
+/// limited to some models may send one only if the default model is one of
+/// them, so such a key never reaches an upstream none of its models use.
+pub fn plan_opaque(
+    live: &Live,
+    method: &Method,
+    body: ForwardBody,
+    allowed: Option<&Allowed>,
+) -> Result<Plan, ProxyError> {
+    if let Some(Allowed::Only(_)) = allowed {
+        match live.routes.default_route() {
+            Some((name, route)) => authorize(allowed, &route.name, name)?,
+            // No default model: the request would go to the first upstream,
+            // which no model grant covers.
+            None => return Err(ProxyError::ModelNotAllowed("*".into())),
+        }
+    }
     let upstream = live.fallback_upstream().ok_or(ProxyError::NoModel)?;
     Ok(Plan {
         upstream: Arc::clone(upstream),
@@ -78,11 +106,23 @@ pub fn plan_opaque(live: &Live, method: &Method, body: ForwardBody) -> Result<Pl
     })
 }
 
-/// Routes a JSON body and rewrites it if the route asks for it.
-pub fn plan_json(live: &Live, method: &Method, path: &str, bytes: Bytes) -> Result<Plan, ProxyError> {
+/// The member that makes a streamed chat end with its token usage.
+const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true}"#;
+
+/// Routes a JSON body and rewrites it if the route asks for it. A key
+/// limited to some models is held to them; a key with a token budget has
+/// its streamed chats ask for their usage, so the budget sees every token.
+pub fn plan_json(
+    live: &Live,
+    method: &Method,
+    path: &str,
+    bytes: Bytes,
+    client: Option<&Client>,
+) -> Result<Plan, ProxyError> {
+    let allowed = client.map(|c| &c.allowed);
     let model_endpoint = is_model_endpoint(path);
     if bytes.is_empty() && !model_endpoint {
-        return plan_opaque(live, method, ForwardBody::full(bytes));
+        return plan_opaque(live, method, ForwardBody::full(bytes), allowed);
     }
     if bytes.is_empty() {
         return Err(ProxyError::EmptyBody);
@@ -92,6 +132,7 @@ pub fn plan_json(live: &Live, method: &Method, path: &str, bytes: Bytes) -> Resu
     let (route, new_model, insert_model): (&Route, Option<&str>, Option<String>) = match sniffed.model.as_deref() {
         Some(model) => {
             let route = routes.get(model).ok_or_else(|| ProxyError::UnknownModel(model.to_string()))?;
+            authorize(allowed, &route.name, model)?;
             let rename = match (&route.target, &route.target_json) {
                 (Some(target), Some(json)) if target.as_ref() != model => Some(json.as_ref()),
                 _ => None,
@@ -99,12 +140,13 @@ pub fn plan_json(live: &Live, method: &Method, path: &str, bytes: Bytes) -> Resu
             (route, rename, None)
         }
         None if !model_endpoint => {
-            let mut plan = plan_opaque(live, method, ForwardBody::full(bytes.clone()))?;
+            let mut plan = plan_opaque(live, method, ForwardBody::full(bytes.clone()), allowed)?;
             plan.stream = sniffed.stream;
             return Ok(plan);
         }
         None => {
             let (name, route) = routes.default_route().ok_or(ProxyError::NoModel)?;
+            authorize(allowed, &route.name, name)?;
             let json = match &route.target_json {
                 Some(json) => json.to_string(),
                 None => serde_json::Value::from(name).to_string(),
@@ -116,12 +158,29 @@ pub fn plan_json(live: &Live, method: &Method, path: &str, bytes: Bytes) -> Resu
     let model = Some(Arc::clone(&route.metrics));
     let replay = Replay::of(method, true);
     let missing_defaults = route.defaults.iter().filter(|(bit, _)| sniffed.present & (1 << bit) == 0);
-    if new_model.is_none() && insert_model.is_none() && missing_defaults.clone().next().is_none() {
+    let meter_stream = sniffed.stream
+        && STREAM_OPTIONS_PATHS.contains(&path)
+        && client.is_some_and(|c| c.limits.tokens_per_day.is_some());
+    let add_usage = match (meter_stream, sniffed.stream_usage) {
+        (false, _) | (true, Some(true)) => false,
+        (true, None) => true,
+        (true, Some(false)) => {
+            return Err(ProxyError::BadField {
+                field: "stream_options",
+                reason: "this key has a token budget: stream with `include_usage: true`, or leave `stream_options` out"
+                    .into(),
+            });
+        }
+    };
+    if new_model.is_none() && insert_model.is_none() && !add_usage && missing_defaults.clone().next().is_none() {
         let body = ForwardBody::full(bytes.clone());
         return Ok(Plan { upstream, body, body_rewritten: false, stream: sniffed.stream, model, replay });
     }
-    let mut inserts: Vec<&[u8]> = Vec::with_capacity(route.defaults.len() + 1);
+    let mut inserts: Vec<&[u8]> = Vec::with_capacity(route.defaults.len() + 2);
     inserts.extend(insert_model.as_deref().map(str::as_bytes));
+    if add_usage {
+        inserts.push(INCLUDE_USAGE);
+    }
     inserts.extend(missing_defaults.map(|(_, member)| member.as_ref()));
     let rewritten = sniff::splice(&bytes, &sniffed, new_model, &inserts);
     Ok(Plan {

@@ -26,6 +26,9 @@ pub struct Sniffed<'a> {
     pub stream: bool,
     /// Bit `i` is set when default parameter `i` of the snapshot is present.
     pub present: u64,
+    /// `stream_options.include_usage`: `None` without a `stream_options`
+    /// member, else whether it asks for the usage event.
+    pub stream_usage: Option<bool>,
     /// Number of top-level members.
     pub members: usize,
 }
@@ -115,12 +118,24 @@ impl<'de> Visitor<'de> for SniffSeed<'_> {
                     if let Some(i) = self.param_names.iter().position(|n| n.as_ref() == other) {
                         out.present |= 1 << i;
                     }
-                    map.next_value::<IgnoredAny>()?;
+                    if other == "stream_options" {
+                        // Rare: read only what metering needs.
+                        let options: Option<StreamOptions> = map.next_value()?;
+                        out.stream_usage = Some(options.is_some_and(|o| o.include_usage == Some(true)));
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// The part of `stream_options` metering reads.
+#[derive(serde::Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
 }
 
 /// A member name, borrowed unless it holds escapes.
@@ -189,6 +204,16 @@ mod tests {
         assert_eq!(s.present, 0b10);
         assert_eq!(s.members, 4);
         assert_eq!(&body[s.model_span.clone().unwrap()], br#""gpt-4o""#);
+    }
+
+    #[test]
+    fn stream_options_are_read_for_metering() {
+        let usage = |body: &[u8]| sniff(body, &[]).unwrap().stream_usage;
+        assert_eq!(usage(br#"{"stream":true}"#), None);
+        assert_eq!(usage(br#"{"stream_options":{"include_usage":true}}"#), Some(true));
+        assert_eq!(usage(br#"{"stream_options":{"include_usage":false,"x":1}}"#), Some(false));
+        assert_eq!(usage(br#"{"stream_options":null}"#), Some(false));
+        assert!(sniff(br#"{"stream_options":{"include_usage":"yes"}}"#, &[]).is_err());
     }
 
     #[test]

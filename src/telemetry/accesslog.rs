@@ -42,8 +42,11 @@ pub struct Record {
     pub arrived: SystemTime,
     /// `x-request-id`.
     pub request_id: HeaderValue,
-    /// The authenticated client (a key id), if one was presented.
+    /// The authenticated client by its label (`key:ID`, `client:NAME`,
+    /// `config:N`), if one was presented.
     pub client: Option<Arc<str>>,
+    /// The client key's user, if it has one.
+    pub user: Option<Arc<str>>,
     /// HTTP method.
     pub method: Method,
     /// The request path; never the query (it may carry `api_key`).
@@ -82,6 +85,8 @@ struct Line<'a> {
     ts: &'a str,
     request_id: Cow<'a, str>,
     client: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
     method: &'a str,
     path: &'a str,
     model: Option<&'a str>,
@@ -105,6 +110,7 @@ impl<'a> Line<'a> {
             ts,
             request_id: String::from_utf8_lossy(r.request_id.as_bytes()),
             client: r.client.as_deref(),
+            user: r.user.as_deref(),
             method: r.method.as_str(),
             path: &r.path,
             model: r.model.as_deref(),
@@ -416,7 +422,8 @@ mod tests {
         Record {
             arrived: SystemTime::now(),
             request_id: HeaderValue::from_str(&format!("req-{n}")).unwrap(),
-            client: Some(Arc::from("config:0")),
+            client: Some(Arc::from("key:7")),
+            user: Some(Arc::from("alice")),
             method: Method::POST,
             path: Arc::from("/v1/chat/completions"),
             model: Some("m".into()),

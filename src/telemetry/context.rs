@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::ids;
 use crate::telemetry::Telemetry;
+use crate::telemetry::account::{Account, RateHeaders};
 use crate::telemetry::metrics::{Endpoint, ModelMetrics};
 
 /// What the listener knows about the connection a request came on.
@@ -116,8 +117,10 @@ pub struct RequestContext {
     pub watch: Option<Arc<ConnWatch>>,
     /// Where the request is recorded.
     pub telemetry: Arc<Telemetry>,
-    /// The authenticated client, as the request log names it (a key id).
-    pub client: Option<Arc<str>>,
+    /// The authenticated client: how logs name it, and who is charged.
+    pub client: Option<Arc<dyn Account>>,
+    /// The `x-ratelimit-*` values of the answer, when the client's key is limited.
+    pub rate: Option<RateHeaders>,
     /// The routed model's counters.
     pub model: Option<Arc<ModelMetrics>>,
     /// The upstream that served it.
@@ -178,6 +181,7 @@ impl RequestContext {
             endpoint: Endpoint::of(request.uri().path()),
             telemetry,
             client: None,
+            rate: None,
             model: None,
             upstream: None,
             attempts: 0,

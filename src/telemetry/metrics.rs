@@ -38,6 +38,12 @@ pub const RELOADS: &str = "sluice_reloads_total";
 pub const BUILD_INFO: &str = "sluice_build_info";
 /// Request-log lines dropped because the writer fell behind.
 pub const LOG_DROPPED: &str = "sluice_request_log_dropped_total";
+/// Counter: requests turned away by their client key or limits, by `reason`.
+pub const CLIENT_REJECTIONS: &str = "sluice_client_rejections_total";
+/// Counter: requests of a user's keys (`[metrics] per_user`).
+pub const USER_REQUESTS: &str = "sluice_user_requests_total";
+/// Counter: tokens of a user's keys by `kind` (`[metrics] per_user`).
+pub const USER_TOKENS: &str = "sluice_user_tokens_total";
 
 /// Connection counters of one listener (the gateway's, or the mock's).
 #[derive(Debug, Default)]
@@ -290,6 +296,29 @@ pub struct Metrics {
     pub failovers: AtomicU64,
     /// Request-log lines dropped.
     pub log_dropped: AtomicU64,
+    /// Requests turned away by their client key or its limits, by reason.
+    pub rejections: Rejections,
+}
+
+/// `sluice_client_rejections_total{reason}`.
+#[derive(Debug, Default)]
+pub struct Rejections([AtomicU64; Rejections::REASONS.len()]);
+
+impl Rejections {
+    /// Every reason, in exposition order.
+    pub const REASONS: [&'static str; 7] = ["invalid", "expired", "model", "rpm", "rph", "quota", "per_ip"];
+
+    /// Counts one rejection (an unknown reason is a bug and is not counted).
+    pub fn count(&self, reason: &str) {
+        if let Some(i) = Self::REASONS.iter().position(|r| *r == reason) {
+            self.0[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// `(reason, count)` for every reason.
+    pub fn counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Self::REASONS.iter().zip(&self.0).map(|(reason, n)| (*reason, n.load(Relaxed)))
+    }
 }
 
 impl Default for Metrics {
@@ -304,6 +333,7 @@ impl Default for Metrics {
             retries: Default::default(),
             failovers: AtomicU64::new(0),
             log_dropped: AtomicU64::new(0),
+            rejections: Rejections::default(),
         }
     }
 }

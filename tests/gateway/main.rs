@@ -22,6 +22,8 @@ mod ops;
 mod reload;
 mod retries;
 mod routing;
+mod store_binary;
 mod streaming;
+mod tenancy;
 mod timeouts;
 mod token;
