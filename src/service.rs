@@ -299,11 +299,10 @@ fn admit(
 ) -> Result<Option<Arc<Client>>, ProxyError> {
     let table = &live.clients;
     let client = table.authenticate(request.uri().path(), request.headers(), request.uri().query())?;
-    let now_ms = crate::clock::now_ms();
     match &client {
         Some(client) => {
             ctx.client = Some(Arc::clone(client) as _);
-            match client.admit(now_ms) {
+            match client.admit() {
                 Ok(rate) => ctx.rate = rate,
                 Err((error, rate)) => {
                     ctx.rate = Some(rate);
@@ -314,7 +313,7 @@ fn admit(
         None => {
             if let (Some(rpm), Some(watch)) = (live.config.limits.per_ip_rpm, &ctx.watch)
                 && live.config.limits.enabled
-                && let Err(retry_after) = shared.ip_limits.take(watch.conn.peer.ip(), rpm, now_ms)
+                && let Err(retry_after) = shared.ip_limits.take(watch.conn.peer.ip(), rpm, crate::clock::now_ms())
             {
                 return Err(ProxyError::ClientRateLimited {
                     scope: CLIENT_ADDRESS,

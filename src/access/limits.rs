@@ -51,12 +51,12 @@ impl Default for Window {
 /// What a window says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Admitted: this many more fit now, and in `reset` one more frees up
-    /// (or, with none left, the next one fits).
+    /// Admitted: this many more fit now.
     Admitted {
         /// Requests still admissible now.
         remaining: u32,
-        /// Until the oldest counted request leaves the window.
+        /// Until the window is back to its full capacity: every request
+        /// counted now has left it (OpenAI's meaning of "reset").
         reset: Duration,
     },
     /// Refused: the window is full for this long at least.
@@ -111,7 +111,10 @@ impl Window {
             let next = pack(index, count + 1, before);
             if self.current.compare_exchange(word, next, AcqRel, Acquire).is_ok() {
                 let remaining = (limit - before - count - 1) as u32;
-                return Verdict::Admitted { remaining, reset: self.until_one_leaves(index, width, now_ms) };
+                // O(1): the newest bucket leaves last. (Only a refusal
+                // scans the ring, for when the oldest leaves.)
+                let reset = Duration::from_millis(((index + BUCKETS + 1) * width).saturating_sub(now_ms).max(1));
+                return Verdict::Admitted { remaining, reset };
             }
         }
     }

@@ -106,10 +106,11 @@ impl Client {
     /// Charges one request to the key's limits. Admitted: the
     /// `x-ratelimit-*` values (`None` for a key without limits). Refused:
     /// the error naming the limit, and the values for its answer.
-    pub fn admit(&self, now_ms: u64) -> Result<Option<RateHeaders>, (ProxyError, RateHeaders)> {
+    pub fn admit(&self) -> Result<Option<RateHeaders>, (ProxyError, RateHeaders)> {
         if !self.limits.any() {
             return Ok(None);
         }
+        let now_ms = crate::clock::now_ms();
         // The wall clock only for the day's budget: a day is a UTC day.
         let unix = if self.limits.tokens_per_day.is_some() { unix_now().max(0) as u64 } else { 0 };
         match self.counters.admit(&self.limits, now_ms, unix) {
@@ -172,12 +173,35 @@ impl Account for Client {
     }
 }
 
+/// Hashes a [`KeyHash`] for the table by taking its first 8 bytes: it is a
+/// SHA-256 output already, uniform and not choosable by a client, so hashing
+/// it again would only cost time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PrefixHasher(u64);
+
+impl std::hash::Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` writes its length (always 32: a constant) and then its
+        // bytes; the first 8 of those are as random as the whole.
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+}
+
+type ByHash = HashMap<KeyHash, Arc<Client>, std::hash::BuildHasherDefault<PrefixHasher>>;
+
 /// The accepted client keys of a snapshot.
 #[derive(Debug)]
 pub struct ClientTable {
     require: bool,
     exempt: Vec<Box<str>>,
-    by_hash: HashMap<KeyHash, Arc<Client>>,
+    by_hash: ByHash,
     /// Users with their counters (for `/metrics`).
     users: HashMap<Arc<str>, Arc<UserCounters>>,
 }
@@ -200,7 +224,7 @@ impl ClientTable {
             Some(limit) => u32::try_from(limit).ok().map(|l| l.min(crate::access::limits::MAX_WINDOW_LIMIT)),
             None => (default > 0).then_some(default),
         };
-        let mut by_hash = HashMap::new();
+        let mut by_hash = ByHash::default();
         let mut users: HashMap<Arc<str>, Arc<UserCounters>> = HashMap::new();
         for (i, key) in config.auth.keys.iter().enumerate() {
             let label: Arc<str> = Arc::from(format!("config:{i}"));

@@ -175,14 +175,19 @@ fn tenancy_sections_validate_and_anchor_the_store() {
          [[clients]]\nname = \"ci\"\nkey = \"${{CLIENT_KEY}}\"\nmodels = [\"mini\", \"*\"]\nrph = 100\n"
     );
     let config = parse(&text).unwrap();
-    assert_eq!(config.store.unwrap().url, StoreUrl::Sqlite("/etc/sluice/data/keys.db".into()), "relative to the config");
+    assert_eq!(
+        config.store.unwrap().url,
+        StoreUrl::Sqlite("/etc/sluice/data/keys.db".into()),
+        "relative to the config"
+    );
     assert_eq!((config.limits.rpm, config.limits.rph, config.limits.per_ip_rpm), (10, 1000, Some(30)));
     assert!(config.limits.enabled && !config.limits.config_keys);
     let client = &config.clients[0];
     assert_eq!((client.name.as_str(), client.key.expose().as_str()), ("ci", "sk-client-env"));
     assert_eq!((client.models.clone(), client.rpm, client.rph), (vec!["mini".to_string()], None, Some(100)));
     // A store alone is enough to require keys.
-    let store_only = "[store]\nurl = \"sqlite:///tmp/k.db\"\n[[upstreams]]\nname = \"u\"\nbase_url = \"http://x\"\nkeys = [\"k\"]\n";
+    let store_only =
+        "[store]\nurl = \"sqlite:///tmp/k.db\"\n[[upstreams]]\nname = \"u\"\nbase_url = \"http://x\"\nkeys = [\"k\"]\n";
     assert!(parse(store_only).unwrap().auth.require_api_key);
 }
 
