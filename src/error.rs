@@ -46,7 +46,9 @@ pub enum ProxyError {
     UnsupportedMediaType(&'static str, String),
     /// The path has `.`/`..` segments or an encoded `/` or `\`, which an
     /// upstream could resolve outside its base URL.
-    #[error("the path is not allowed: dot-segments and encoded slashes are refused")]
+    #[error(
+        "the path is not allowed: dot-segments, empty segments, a trailing slash, encoded slashes and needless percent-encoding are refused"
+    )]
     BadPath,
     /// The client body could not be read (malformed framing).
     #[error("could not read request body: {0}")]

@@ -255,9 +255,28 @@ struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>
 /// One connection counted against its address; dropping it releases it.
 struct Held(Arc<PerIp>, std::net::IpAddr);
 
+/// The address a connection is counted under: an IPv4 address (or an
+/// IPv4-mapped IPv6 one) as it is, an IPv6 address by its /64, which one
+/// host usually holds whole.
+fn counted_as(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                std::net::IpAddr::V6(std::net::Ipv6Addr::from(octets))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 impl PerIp {
-    /// Counts a connection from `ip`, unless `ip` already holds `limit`.
+    /// Counts a connection from `ip`, unless its address (IPv6: its /64)
+    /// already holds `limit`.
     fn admit(self: &Arc<Self>, ip: std::net::IpAddr, limit: usize) -> Option<Held> {
+        let ip = counted_as(ip);
         if limit == usize::MAX {
             return Some(Held(Arc::clone(self), ip));
         }

@@ -247,36 +247,39 @@ fn seed_alias(request: Request<Incoming>, ctx: &mut RequestContext) -> Result<Re
 }
 
 /// Refuses paths an upstream (or a proxy in front of it) could resolve
-/// outside the base URL sluice puts them under: `.` and `..` segments, plain
-/// or percent-encoded, and encoded `/` or `\` inside a segment.
+/// outside the base URL sluice puts them under, or read as another path than
+/// sluice does: `.` and `..` segments (plain or percent-encoded), `//`, a
+/// trailing `/`, an encoded `/` or `\`, a `\`, and percent-encoded
+/// characters that need no encoding (`%63` for `c`: an upstream that decodes
+/// it would see `/v1/chat/completions` where sluice saw another path). So the
+/// one spelling of a path sluice routes by is the one the upstream serves.
 fn check_path(path: &str) -> Result<(), ProxyError> {
     let bytes = path.as_bytes();
-    let encoded = |i: usize, hi: u8, lo: u8| bytes[i + 1] == hi && bytes[i + 2].eq_ignore_ascii_case(&lo);
-    // Most paths hold neither `%` nor `.`: one scan each, no allocation.
+    // Most paths hold neither `%` nor `.`: a few scans, no allocation.
     if memchr::memchr(b'\\', bytes).is_some()
-        || memchr::memchr_iter(b'%', bytes)
-            .any(|i| i + 2 < bytes.len() && (encoded(i, b'2', b'f') || encoded(i, b'5', b'c')))
+        || bytes.windows(2).any(|pair| pair == b"//")
+        || (bytes.len() > 1 && bytes.ends_with(b"/"))
     {
         return Err(ProxyError::BadPath);
     }
-    if memchr::memchr(b'.', bytes).is_none() && memchr::memchr(b'%', bytes).is_none() {
+    for i in memchr::memchr_iter(b'%', bytes) {
+        let decoded = match (bytes.get(i + 1).and_then(hex), bytes.get(i + 2).and_then(hex)) {
+            (Some(hi), Some(lo)) => hi << 4 | lo,
+            _ => return Err(ProxyError::BadPath),
+        };
+        if decoded.is_ascii_alphanumeric() || matches!(decoded, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\') {
+            return Err(ProxyError::BadPath);
+        }
+    }
+    if memchr::memchr(b'.', bytes).is_none() {
         return Ok(());
     }
-    let dot_segment = |segment: &str| {
-        // `.` or `..`, each dot plain or as `%2e`.
-        let mut rest = segment.as_bytes();
-        let mut dots = 0;
-        while !rest.is_empty() {
-            match rest {
-                [b'.', tail @ ..] => rest = tail,
-                [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => rest = tail,
-                _ => return false,
-            }
-            dots += 1;
-        }
-        dots == 1 || dots == 2
-    };
-    if path.split('/').any(dot_segment) { Err(ProxyError::BadPath) } else { Ok(()) }
+    // `.` or `..` (an encoded dot was refused above).
+    if path.split('/').any(|segment| segment == "." || segment == "..") { Err(ProxyError::BadPath) } else { Ok(()) }
+}
+
+fn hex(byte: &u8) -> Option<u8> {
+    (*byte as char).to_digit(16).map(|d| d as u8)
 }
 
 /// GET-only paths (HEAD too, as HTTP wants).
@@ -342,10 +345,24 @@ mod tests {
             "/v1/files/a%5Cb",
             "/v1/files/a\\b",
             "/v1/chat/completions/..",
+            "/v1/chat/%63ompletions",
+            "/v1//chat/completions",
+            "/v1/chat/completions/",
+            "/v1/chat%2Dcompletions",
+            "/v1/files/%zz",
+            "/v1/files/%4",
         ] {
             assert!(matches!(check_path(bad), Err(ProxyError::BadPath)), "{bad}");
         }
-        for good in ["/v1/chat/completions", "/v1/files/file-abc.jsonl", "/v1/files/..a", "/", "/v1/threads/t/runs"] {
+        for good in [
+            "/v1/chat/completions",
+            "/v1/files/file-abc.jsonl",
+            "/v1/files/..a",
+            "/",
+            "/v1/threads/t/runs",
+            "/v1/models/org%2Bteam%3Amodel",
+            "/v1/models/a%20b",
+        ] {
             assert!(check_path(good).is_ok(), "{good}");
         }
     }

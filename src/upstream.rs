@@ -267,7 +267,11 @@ impl Upstream {
             reason.push_str(": ");
             reason.push_str(&inner.to_string());
             unsent |= inner.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled);
-            unsent |= inner.downcast_ref::<h2::Error>().and_then(h2::Error::reason) == Some(h2::Reason::REFUSED_STREAM);
+            // Only the peer's reset of this stream: a GOAWAY carrying the same
+            // code reaches streams the peer may have processed.
+            unsent |= inner
+                .downcast_ref::<h2::Error>()
+                .is_some_and(|e| e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM));
             cause = inner.source();
         }
         let upstream = self.name.to_string();

@@ -391,9 +391,18 @@ fn flush(store: &mut dyn Store, usage: &UsageQueue) {
     }
 }
 
+/// Rows kept in memory while the store refuses writes; past this, the
+/// oldest are dropped (and logged) rather than growing without end.
+const MAX_UNWRITTEN_ROWS: usize = 100_000;
+
 /// Puts aggregated rows back (one event per row, carrying its sums).
 fn requeue(usage: &UsageQueue, rows: Vec<UsageRow>) {
-    for row in rows {
+    let room = MAX_UNWRITTEN_ROWS.saturating_sub(usage.0.len());
+    if rows.len() > room {
+        let lost: i64 = rows[room..].iter().map(|r| r.requests).sum();
+        tracing::error!(rows = rows.len() - room, requests = lost, "the store refuses writes: usage dropped");
+    }
+    for row in rows.into_iter().take(room) {
         usage.push(UsageEvent {
             key_id: row.key_id,
             model: Arc::from(row.model.as_str()),

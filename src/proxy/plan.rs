@@ -4,7 +4,7 @@
 //!
 //! | request | re-sent after a retryable failure |
 //! |---|---|
-//! | `POST` to chat/completions, completions, embeddings, responses, or any JSON body with a `model` | yes (inference: the answer is generated afresh) |
+//! | `POST` to chat/completions, completions, embeddings, responses, moderations, images/generations, audio/speech | yes (inference: the answer is generated afresh, nothing is created) |
 //! | `GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE` | yes (idempotent by RFC 9110) |
 //! | any other `POST` (`/v1/threads/*/runs`, `/v1/batches`, ...) | only when no byte of it reached the upstream |
 //! | an upload streamed through (multipart, octet-stream) | never: it is not kept, so it is sent once |
@@ -22,6 +22,20 @@ use crate::state::Live;
 use crate::telemetry::metrics::ModelMetrics;
 use crate::upstream::Upstream;
 use crate::upstream::body::ForwardBody;
+
+/// Endpoints that generate an answer and create nothing: a request to one
+/// may be sent again. A `model` in the body of any other POST
+/// (`/v1/fine_tuning/jobs`, `/v1/assistants`, runs) routes it, but does not
+/// make it safe to repeat.
+pub const INFERENCE_PATHS: [&str; 7] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/audio/speech",
+];
 
 /// Endpoints whose streams take `stream_options`.
 const STREAM_OPTIONS_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
@@ -156,8 +170,11 @@ pub fn plan_json(
     };
     let upstream = Arc::clone(&live.upstreams[route.upstream]);
     let model = Some(Arc::clone(&route.metrics));
-    let replay = Replay::of(method, true);
-    let missing_defaults = route.defaults.iter().filter(|(bit, _)| sniffed.present & (1 << bit) == 0);
+    let replay = Replay::of(method, INFERENCE_PATHS.contains(&path));
+    // A model's default parameters are generation parameters: they go into
+    // model endpoints' bodies only, never into a job or an assistant.
+    let defaults: &[(u32, Bytes)] = if model_endpoint { &route.defaults } else { &[] };
+    let missing_defaults = defaults.iter().filter(|(bit, _)| sniffed.present & (1 << bit) == 0);
     let meter_stream = sniffed.stream
         && STREAM_OPTIONS_PATHS.contains(&path)
         && client.is_some_and(|c| c.limits.tokens_per_day.is_some());
@@ -176,7 +193,7 @@ pub fn plan_json(
         let body = ForwardBody::full(bytes.clone());
         return Ok(Plan { upstream, body, body_rewritten: false, stream: sniffed.stream, model, replay });
     }
-    let mut inserts: Vec<&[u8]> = Vec::with_capacity(route.defaults.len() + 2);
+    let mut inserts: Vec<&[u8]> = Vec::with_capacity(defaults.len() + 2);
     inserts.extend(insert_model.as_deref().map(str::as_bytes));
     if add_usage {
         inserts.push(INCLUDE_USAGE);
@@ -196,6 +213,7 @@ pub fn plan_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::MODEL_ENDPOINTS as MODEL_ENDPOINTS_FOR_TEST;
 
     #[test]
     fn the_replay_table() {
@@ -203,6 +221,9 @@ mod tests {
             assert_eq!(Replay::of(&method, false), Replay::Safe, "{method}");
         }
         assert_eq!(Replay::of(&Method::POST, true), Replay::Safe);
+        for path in MODEL_ENDPOINTS_FOR_TEST {
+            assert!(INFERENCE_PATHS.contains(&path), "{path}");
+        }
         assert_eq!(Replay::of(&Method::POST, false), Replay::UnsentOnly);
         assert_eq!(Replay::of(&Method::PATCH, false), Replay::UnsentOnly);
         assert!(Replay::UnsentOnly.allows(false) && !Replay::UnsentOnly.allows(true));

@@ -23,13 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::RETRY_AFTER;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING};
 use http::{HeaderValue, Response};
 use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
 use crate::clock::{self, now_ms};
-use crate::error::{ErrorSource, ProxyError};
+use crate::error::{ErrorSource, ProxyError, error_json};
 use crate::proxy::body::SluiceBody;
 use crate::proxy::{Prepared, headers, respond};
 use crate::telemetry::RequestContext;
@@ -88,13 +88,14 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
     upstream.add_extra_headers(&mut headers);
 
     // A streamed body cannot be replayed: one attempt only.
-    let (replay, mut once, watch) = match plan.body {
-        ForwardBody::Full { bytes } => (Some(bytes.unwrap_or_default()), None, None),
-        ForwardBody::Upload { inner, watch, max_body } => {
-            let check = (watch.clone(), max_body);
-            (None, Some(ForwardBody::Upload { inner, watch, max_body }), Some(check))
-        }
+    let watch = plan.body.upload_watch();
+    let (replay, mut once) = match plan.body {
+        ForwardBody::Full { bytes } => (Some(bytes.unwrap_or_default()), None),
+        upload @ ForwardBody::Upload { .. } => (None, Some(upload)),
     };
+    // An upload the client has not finished sending: whatever fails now may
+    // be the client's slowness as much as the upstream's fault.
+    let upload_unfinished = || watch.as_ref().is_some_and(|(watch, _)| !watch.is_finished());
     let policy = upstream.retry;
     let max_attempts = if replay.is_some() { policy.max_attempts } else { 1 };
     let mut tried: Vec<usize> = Vec::with_capacity(policy.max_key_retries as usize);
@@ -105,28 +106,40 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
     let mut reason: Option<RetryReason> = None;
 
     for attempt in 0..max_attempts {
-        let now = now_ms();
         let fresh = if tried.len() < policy.max_key_retries as usize {
-            upstream.keys.pick(upstream.strategy, now, |i| !tried.contains(&i))
+            upstream.keys.pick(upstream.strategy, now_ms(), |i| !tried.contains(&i))
         } else {
             None
         };
-        let (lease, reused) = match fresh {
-            Some(lease) => (lease, false),
-            None => match upstream.keys.pick(upstream.strategy, now, |i| tried.contains(&i)) {
-                Some(lease) => (lease, true),
-                None => break,
-            },
+        let lease = match fresh {
+            Some(lease) => lease,
+            None => {
+                // A key already tried, after a backoff; nothing is leased
+                // while waiting, and health is judged after the wait (another
+                // request may have cooled the key meanwhile).
+                if !upstream.keys.any_usable(now_ms()) {
+                    break;
+                }
+                if !std::mem::take(&mut skip_backoff) {
+                    reuses += 1;
+                    let pause = backoff(policy.retry_base, policy.retry_max, reuses);
+                    tokio::time::sleep(pause).await;
+                    ctx.upstream_wait += pause;
+                }
+                match upstream.keys.pick(upstream.strategy, now_ms(), |i| tried.contains(&i)) {
+                    Some(lease) => lease,
+                    None => break,
+                }
+            }
         };
+        // A retry needs time left to be worth sending: a non-streaming
+        // request past its total budget keeps the failure it has.
+        if attempt > 0 && !plan.stream && remaining_total(&upstream, ctx.started) < min_attempt_wait(&upstream) {
+            break;
+        }
         let previous_key = tried.last().copied();
         if !tried.contains(&lease.index()) {
             tried.push(lease.index());
-        }
-        if reused && !std::mem::take(&mut skip_backoff) {
-            reuses += 1;
-            let pause = backoff(policy.retry_base, policy.retry_max, reuses);
-            tokio::time::sleep(pause).await;
-            ctx.upstream_wait += pause;
         }
         ctx.attempts += 1;
         if let (true, Some(why)) = (attempt > 0, reason) {
@@ -155,6 +168,11 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
         let waited = sent.elapsed();
         ctx.upstream_wait += waited;
         let verdict = match result {
+            // Still sending the client's upload when time ran out: the
+            // client's slowness, not the upstream's; nothing is charged.
+            Err(_) if upload_unfinished() => {
+                return Err(ProxyError::BodyTimeout(wait.as_secs()));
+            }
             Err(_) => {
                 lease.key().fail(Failure::Timeout);
                 let after_ms = wait.as_millis() as u64;
@@ -167,7 +185,10 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
                     // The client's upload broke: its own error, nobody else's.
                     return Err(client_error);
                 }
-                if failed.error.source() != ErrorSource::Upstream {
+                // Not the upstream's (or, mid-upload, maybe not: an upstream
+                // may reset a client too slow for it): answered as it is,
+                // charged to no key and no breaker.
+                if failed.error.source() != ErrorSource::Upstream || upload_unfinished() {
                     return Err(failed.error);
                 }
                 lease.key().fail(Failure::Connect);
@@ -292,10 +313,19 @@ async fn keep(response: Response<UpstreamBody>, lease: KeyLease, failure: Failur
             let body = UpstreamBody::Buffered { bytes: Some(collected.to_bytes()) };
             Last::Answer(Response::from_parts(parts, body), failure, key)
         }
-        Ok(Err(_)) | Err(_) => Last::Error(ProxyError::UpstreamProtocol {
-            upstream: upstream.name.to_string(),
-            reason: format!("the upstream answered {status} with a body too large or too slow to keep"),
-        }),
+        // Its status and what it means for the key and the breaker stay; its
+        // body is replaced by one saying why.
+        Ok(Err(_)) | Err(_) => {
+            let mut parts = parts;
+            for name in [CONTENT_LENGTH, CONTENT_ENCODING, TRANSFER_ENCODING] {
+                parts.headers.remove(name);
+            }
+            parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let message =
+                format!("upstream `{}` answered {status} with a body too large or too slow to pass on", upstream.name);
+            let bytes = error_json(&message, "upstream_error", None, "upstream_body_dropped");
+            Last::Answer(Response::from_parts(parts, UpstreamBody::Buffered { bytes: Some(bytes) }), failure, key)
+        }
     }
 }
 
@@ -331,6 +361,21 @@ fn give_up(
         Some(Last::Answer(response, _, key)) => Ok(respond::respond(response, Some(key), None, upstream, stream, ctx)),
     }
 }
+
+/// What is left of a non-streaming request's `total_timeout`.
+fn remaining_total(upstream: &Upstream, started: Instant) -> Duration {
+    upstream.timeouts.total.saturating_sub(started.elapsed())
+}
+
+/// The least time to headers a retry must have left to be sent at all: an
+/// attempt cut off at once would make the upstream generate (and bill) an
+/// answer nobody waits for.
+fn min_attempt_wait(upstream: &Upstream) -> Duration {
+    MIN_ATTEMPT_WAIT.min(upstream.timeouts.header)
+}
+
+/// See [`min_attempt_wait`].
+const MIN_ATTEMPT_WAIT: Duration = Duration::from_secs(1);
 
 /// How long to wait for headers: `header_timeout`, and for a non-streaming
 /// request no longer than what is left of `total_timeout`.

@@ -248,11 +248,12 @@ where
     let wait = IDLE_CLOSE_WAIT.min(limits.handshake_timeout);
     let timer = tokio::time::sleep(every);
     let mut timer = std::pin::pin!(timer);
-    let (mut closing, mut draining) = (false, false);
+    let (mut closing, mut draining, mut shut) = (false, false, false);
     // The drain signal, made once and polled in place (the channel only ever
     // turns true once). A drain that began before this point is seen here.
     if *stop.borrow_and_update() {
         draining = true;
+        shut = true;
         connection.as_mut().graceful_shutdown();
     }
     let stopped = stop.changed();
@@ -265,17 +266,24 @@ where
             result = connection.as_mut() => return result.map_err(Into::into),
             _ = stopped.as_mut(), if !draining => {
                 draining = true;
-                if !closing {
+                if !shut {
+                    shut = true;
                     connection.as_mut().graceful_shutdown();
-                    if watch.sample().in_flight == 0 {
-                        closing = true;
-                        timer.as_mut().reset(Instant::now() + wait);
-                    }
+                }
+                if !closing && watch.sample().in_flight == 0 {
+                    closing = true;
+                    timer.as_mut().reset(Instant::now() + wait);
                 }
             }
             () = timer.as_mut() => {
                 if closing {
-                    return Ok(());
+                    if watch.sample().in_flight == 0 {
+                        return Ok(());
+                    }
+                    // A request came in as the close began (an HTTP/2 stream
+                    // opened before the peer saw the GOAWAY): it is served,
+                    // and hyper closes the connection after it.
+                    closing = false;
                 }
                 let now = Instant::now();
                 timer.as_mut().reset(now + every);
@@ -290,7 +298,8 @@ where
                 if state.in_flight == 0 && (draining || quiet >= limits.idle_timeout) {
                     closing = true;
                     timer.as_mut().reset(now + wait);
-                    if !draining {
+                    if !shut {
+                        shut = true;
                         connection.as_mut().graceful_shutdown();
                     }
                 }

@@ -5,6 +5,7 @@
 //! request, and each variant says where its bytes come from.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
@@ -31,12 +32,17 @@ pub enum ForwardBody {
     Upload {
         /// The client's body, cut off at `max_body`.
         inner: Limited<Incoming>,
-        /// Where a failure of the client's side is noted.
+        /// Where a failure of the client's side, or its end, is noted.
         watch: UploadWatch,
         /// The cap, for the 413 message.
         max_body: u64,
+        /// Fires when the client sent nothing for [`UPLOAD_IDLE_TIMEOUT`].
+        idle: Pin<Box<tokio::time::Sleep>>,
     },
 }
+
+/// Longest silence of a client inside a streamed upload.
+pub const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl ForwardBody {
     /// A body of exactly these bytes; an empty one sends no frame at all.
@@ -46,7 +52,21 @@ impl ForwardBody {
 
     /// The client's body, streamed under `max_body`, watched by `watch`.
     pub fn upload(body: Incoming, max_body: u64, watch: UploadWatch) -> Self {
-        Self::Upload { inner: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)), watch, max_body }
+        Self::Upload {
+            inner: Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)),
+            watch,
+            max_body,
+            idle: Box::pin(tokio::time::sleep(UPLOAD_IDLE_TIMEOUT)),
+        }
+    }
+
+    /// For an upload: its watch and cap, to tell the client's failures and
+    /// slowness from the upstream's.
+    pub fn upload_watch(&self) -> Option<(UploadWatch, u64)> {
+        match self {
+            Self::Full { .. } => None,
+            Self::Upload { watch, max_body, .. } => Some((watch.clone(), *max_body)),
+        }
     }
 }
 
@@ -57,10 +77,24 @@ impl Body for ForwardBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Upload { inner, watch, max_body } => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(Some(Err(error))) = &polled {
-                    watch.note(&client_body_error(error.as_ref(), *max_body));
+            Self::Upload { inner, watch, max_body, idle } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Err(error))) => watch.note(&client_body_error(error.as_ref(), *max_body)),
+                    Poll::Ready(None) => watch.finished(),
+                    Poll::Ready(Some(Ok(_))) => {
+                        if inner.is_end_stream() {
+                            watch.finished();
+                        }
+                        idle.as_mut().reset(tokio::time::Instant::now() + UPLOAD_IDLE_TIMEOUT);
+                    }
+                    Poll::Pending => {
+                        if idle.as_mut().poll(cx).is_ready() {
+                            let error = ProxyError::BodyTimeout(UPLOAD_IDLE_TIMEOUT.as_secs());
+                            watch.note(&error);
+                            return Poll::Ready(Some(Err(error.into())));
+                        }
+                    }
                 }
                 polled
             }
@@ -82,9 +116,10 @@ impl Body for ForwardBody {
     }
 }
 
-/// Notes how a streamed upload failed on the client's side, shared between
-/// the body (which sees the failure) and the retry loop (which must not blame
-/// the upstream for it). One byte, no lock.
+/// Notes how a streamed upload failed on the client's side, or that it was
+/// sent whole, shared between the body (which sees it) and the retry loop
+/// (which must not blame the upstream for the client's failure or
+/// slowness). One byte, no lock.
 #[derive(Debug, Clone, Default)]
 pub struct UploadWatch(Arc<AtomicU8>);
 
@@ -93,6 +128,7 @@ const UPLOAD_TOO_LARGE: u8 = 1;
 const UPLOAD_GONE: u8 = 2;
 const UPLOAD_MALFORMED: u8 = 3;
 const UPLOAD_TIMEOUT: u8 = 4;
+const UPLOAD_DONE: u8 = 5;
 
 impl UploadWatch {
     fn note(&self, error: &ProxyError) {
@@ -105,13 +141,22 @@ impl UploadWatch {
         self.0.store(code, Relaxed);
     }
 
+    fn finished(&self) {
+        let _ = self.0.compare_exchange(UPLOAD_OK, UPLOAD_DONE, Relaxed, Relaxed);
+    }
+
+    /// Whether the whole upload went out.
+    pub fn is_finished(&self) -> bool {
+        self.0.load(Relaxed) == UPLOAD_DONE
+    }
+
     /// The client's failure, if its side of the upload broke.
     pub fn failure(&self, max_body: u64) -> Option<ProxyError> {
         match self.0.load(Relaxed) {
-            UPLOAD_OK => None,
+            UPLOAD_OK | UPLOAD_DONE => None,
             UPLOAD_TOO_LARGE => Some(ProxyError::BodyTooLarge(max_body)),
             UPLOAD_GONE => Some(ProxyError::ClientGone),
-            UPLOAD_TIMEOUT => Some(ProxyError::BodyTimeout(0)),
+            UPLOAD_TIMEOUT => Some(ProxyError::BodyTimeout(UPLOAD_IDLE_TIMEOUT.as_secs())),
             _ => Some(ProxyError::BodyRead("the upload broke off or was malformed".into())),
         }
     }

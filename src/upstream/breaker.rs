@@ -78,9 +78,11 @@ impl ProbeGuard {
 impl Drop for ProbeGuard {
     fn drop(&mut self) {
         if !self.resolved {
+            // Back to open only from half-open: a request admitted before the
+            // breaker opened may have closed it meanwhile, and stays believed.
             let b = &self.breaker;
             b.opened_at.store(PROBE_AT_ONCE, Relaxed);
-            b.state.store(OPEN, Relaxed);
+            let _ = b.state.compare_exchange(HALF_OPEN, OPEN, Relaxed, Relaxed);
         }
     }
 }
@@ -200,5 +202,17 @@ mod tests {
         let Admission::Probe(probe) = b.admit(110) else { panic!("expected a probe") };
         drop(probe);
         assert!(matches!(b.admit(111), Admission::Probe(_)));
+    }
+
+    #[test]
+    fn an_abandoned_probe_leaves_a_breaker_that_closed_meanwhile_closed() {
+        let b = breaker();
+        (0..3).for_each(|_| b.record_failure(10));
+        let Admission::Probe(probe) = b.admit(110) else { panic!("expected a probe") };
+        // A long request admitted before the breaker opened ends well.
+        b.record_success();
+        drop(probe);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(matches!(b.admit(112), Admission::Allowed));
     }
 }
