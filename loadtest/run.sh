@@ -6,7 +6,7 @@
 #
 # Knobs (environment): DURATION=10 (s per scenario), CONNS=64, RATE=1000 (req/s for
 # the latency scenario), STREAM_CONNS=32, STREAM_CHUNKS=20, SLOW_STREAMS=2000,
-# SOAK_SECONDS=600 (0 skips the soak), SOAK_RATE=2000, TTFB_SAMPLES=200,
+# SOAK_SECONDS=600 (0 skips the soak), SOAK_RATE=2000, TTFB_SAMPLES=200, CACHE_FILL=50000,
 # MOCK_PORT=19001 NGINX_PORT=19002 SLUICE_PORT=19003, SKIP_NGINX=1.
 # Every loop is bounded in time or count. Prints a table and writes it to
 # loadtest/results/<date>.md.
@@ -25,6 +25,7 @@ SLOW_STREAMS="${SLOW_STREAMS:-2000}"
 SOAK_SECONDS="${SOAK_SECONDS:-600}"
 SOAK_RATE="${SOAK_RATE:-2000}"
 TTFB_SAMPLES="${TTFB_SAMPLES:-200}"
+CACHE_FILL="${CACHE_FILL:-50000}"
 MOCK_PORT="${MOCK_PORT:-19001}"
 NGINX_PORT="${NGINX_PORT:-19002}"
 SLUICE_PORT="${SLUICE_PORT:-19003}"
@@ -184,6 +185,24 @@ echo "== 5. h2c from the client (oha --http2)"
 for t in direct sluice; do run_oha "h2c throughput c$CONNS" "$t" --http2 -z "${DURATION}s" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT"; done
 for t in direct sluice; do run_oha "h2c streams c$STREAM_CONNS" "$t" --http2 -z "${DURATION}s" -c "$STREAM_CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -H "x-mock-chunks: $STREAM_CHUNKS" -d "$STREAM"; done
 
+echo "== 7. cache: the same request repeated (hits), then $CACHE_FILL distinct ~4 KiB answers into max_bytes = 64 MiB"
+CACHED='{"model":"cached","messages":[{"role":"user","content":"Say hello"}]}'
+CACHED_STREAM='{"model":"cached","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
+curl -s -o /dev/null "$(url sluice)" -H "$KEY" -d "$CACHED"  # the one miss
+for t in direct sluice; do run_oha "cache hits c$CONNS" "$t" -z "${DURATION}s" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CACHED"; done
+before_fill="$(rss_kib "$sluice_pid")"
+# Distinct keys by query string (the cache key includes it); 20-chunk streams are ~4 KiB.
+oha --no-tui --output-format json -n "$CACHE_FILL" -c 32 --rand-regex-url "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions\\?n=[0-9]{12}" \
+  -m POST -H "$KEY" -H 'content-type: application/json' -H 'x-mock-chunks: 20' -d "$CACHED_STREAM" >"$tmp/fill.json"
+read -r _ _ _ fill_errors fill_total < <(summarize "$tmp/fill.json")
+after_fill="$(rss_kib "$sluice_pid")"
+cache_stats="$(curl -s "http://127.0.0.1:$SLUICE_PORT/stats" -H "$KEY" | python3 -c 'import json,sys; c=json.load(sys.stdin)["cache"]; print(c["entries"], c["bytes"], c["evictions"])')"
+read -r cache_entries cache_bytes cache_evictions <<<"$cache_stats"
+bound_kib=$(( idle_rss + 64 * 1024 * 110 / 100 ))
+verdict="within"; [ "$after_fill" -le "$bound_kib" ] || verdict="OVER"
+cache_fill="$fill_total requests ($fill_errors errors): $cache_entries entries, $((cache_bytes / 1024)) KiB held, $cache_evictions evictions; RSS idle ${idle_rss} KiB, before ${before_fill} KiB, after ${after_fill} KiB: $verdict idle + 64 MiB + 10% (${bound_kib} KiB)"
+echo "   $cache_fill"
+
 soak="skipped (SOAK_SECONDS=0)"
 if [ "$SOAK_SECONDS" -gt 0 ]; then
   echo "== 6. soak: ${SOAK_SECONDS}s at $SOAK_RATE req/s, 80% plain, 20% streams"
@@ -226,6 +245,7 @@ mkdir -p "$here/results"
   echo "- Stream bytes through sluice vs direct (ids masked): $bytes_same"
   mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
   echo "- Memory: idle RSS $(mib "$idle_rss") MiB; with $SLOW_STREAMS concurrent slow streams peak $(mib "$peak") MiB (+$(mib $((peak - idle_rss))) MiB, $(( (peak - idle_rss) * 1024 / SLOW_STREAMS )) bytes a stream); errors $slow_errors / $slow_total"
+  echo "- Cache fill: $cache_fill"
   echo "- Soak: $soak"
   echo "- Request-log lines dropped: ${dropped:-?}"
 } >"$out"

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use crate::access::auth::constant_time_eq;
 use crate::error::{ProxyError, json_response};
 use crate::proxy::body::SluiceBody;
+use crate::proxy::read::read_whole;
 use crate::state::{Live, Shared};
 
 /// How long `POST /v1/models/{name}/test` waits for the model.
@@ -40,6 +41,19 @@ pub async fn handle(
             let summary = shared.reload().map_err(ProxyError::ReloadFailed)?;
             let body = serde_json::json!({ "status": "reloaded", "keys": summary.keys, "added": summary.added, "removed": summary.removed });
             Ok(json_response(StatusCode::OK, body.to_string().into()))
+        }
+        "/admin/cache/purge" => {
+            post_only(method)?;
+            let body = read_whole(request.into_body(), 64 * 1024).await?;
+            let model = crate::access::manage::Fields::parse(&body)?.model_name()?;
+            // By the model's canonical name, which the entries carry.
+            let model = model.map(|m| live.routes.get(&m).map_or(m.clone(), |r| r.name.to_string()));
+            let purged = shared.cache.purge(model.as_deref());
+            tracing::info!(purged, model = model.as_deref().unwrap_or("*"), "cache purged by the admin API");
+            Ok(json_response(
+                StatusCode::OK,
+                serde_json::json!({ "purged": purged, "model": model }).to_string().into(),
+            ))
         }
         "/admin/reset-failed-keys" => {
             post_only(method)?;

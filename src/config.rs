@@ -3,6 +3,7 @@
 //! Every error names the file, the field and the reason.
 
 pub mod access;
+pub mod cache;
 pub mod keys;
 pub mod server;
 pub mod tls;
@@ -17,6 +18,8 @@ use serde::Deserialize;
 
 pub use access::{AuthConfig, ClientConfig as ClientKeyConfig, LimitsConfig, StoreConfig, StoreUrl};
 use access::{RawAuth, RawClientKey, RawLimits, RawStore};
+use cache::RawCache;
+pub use cache::{CacheConfig, CacheScope};
 use keys::{Secret, env_lookup, expand_env};
 use server::RawServer;
 pub use server::{DEFAULT_LISTEN, ServerConfig, TlsConfig};
@@ -84,6 +87,8 @@ struct RawConfig {
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
     log: RawLog,
     #[serde(default)]
     admin: RawAdmin,
@@ -139,6 +144,7 @@ struct RawModel {
     aliases: Vec<String>,
     #[serde(default)]
     defaults: toml::Table,
+    cache: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +205,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The key store, if any.
     pub store: Option<StoreConfig>,
+    /// The response cache.
+    pub cache: CacheConfig,
     /// Application logging.
     pub log: LogConfig,
     /// Bearer token for `/admin/*`; `None` means the admin API is not served.
@@ -256,6 +264,8 @@ pub struct ModelConfig {
     pub aliases: Vec<String>,
     /// Parameters filled in when a request lacks them.
     pub defaults: serde_json::Map<String, serde_json::Value>,
+    /// Whether its answers may be cached (when `[cache]` is on).
+    pub cache: bool,
 }
 
 impl Config {
@@ -307,6 +317,7 @@ impl Validator<'_> {
         let clients = self.clients(raw.clients)?;
         let limits = self.limits(raw.limits)?;
         let store = self.store(raw.store)?;
+        let cache = self.cache(raw.cache)?;
         let auth = self.auth(raw.auth, &clients, store.is_some())?;
         let admin_token = self.admin(raw.admin)?;
         let default_connect = raw.client.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
@@ -349,6 +360,7 @@ impl Validator<'_> {
             clients,
             limits,
             store,
+            cache,
             admin_token,
             metrics_enabled: raw.metrics.enabled.unwrap_or(true),
             metrics_per_user: raw.metrics.per_user.unwrap_or(false),
@@ -418,6 +430,7 @@ impl Validator<'_> {
                 upstream_model: model.upstream_model,
                 aliases: model.aliases,
                 defaults,
+                cache: model.cache.unwrap_or(true),
             });
         }
         Ok(models)

@@ -3,13 +3,15 @@
 //! Modules depend one way, down this list: [`config`], [`clock`], [`ids`] and
 //! [`tasks`] at the bottom; [`error`]; [`telemetry`] (the per-request record,
 //! metrics, the request log); [`upstream`] (long-lived: keys, breakers, pooled
-//! clients); [`routes`] and [`access`]; [`state`] (the reloadable snapshot);
+//! clients); [`routes`] and [`access`]; [`cache`] (the response cache);
+//! [`state`] (the reloadable snapshot);
 //! [`proxy`] (the per-request stages); [`admin`] and [`service`] (the pipeline);
 //! [`server`] (listeners); [`shutdown`], [`notify`] and the [`mock`] upstream;
 //! [`cli`] (the store's commands) last.
 
 pub mod access;
 pub mod admin;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -6,6 +6,7 @@
 //! answer ends in [`end::finish`], the one end-of-response hook.
 
 pub mod body;
+pub mod cached;
 pub mod end;
 pub mod headers;
 pub mod plan;
@@ -18,6 +19,7 @@ use http::{HeaderMap, Method, Request, Uri};
 use hyper::body::Incoming;
 
 use crate::access::table::Client;
+use crate::cache::Fill;
 use crate::error::ProxyError;
 use crate::state::Live;
 use crate::telemetry::RequestContext;
@@ -42,6 +44,8 @@ pub struct Prepared {
     pub uri: Uri,
     /// The client's headers, cleaned on the way up by [`headers::to_upstream`].
     pub headers: HeaderMap,
+    /// Where a 200 answer is stored, when the cache stage said so.
+    pub fill: Option<Fill>,
 }
 
 /// Reads and plans one `/v1/*` request: the body stage and the plan stage.
@@ -75,5 +79,5 @@ pub async fn prepare(
         }
         read::Read::Upload(body) => plan::plan_opaque(live, &parts.method, body, allowed)?,
     };
-    Ok(Prepared { plan, method: parts.method, uri: parts.uri, headers: parts.headers })
+    Ok(Prepared { plan, method: parts.method, uri: parts.uri, headers: parts.headers, fill: None })
 }

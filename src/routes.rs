@@ -26,6 +26,8 @@ pub struct Route {
     pub defaults: Vec<(u32, Bytes)>,
     /// Request and token counters, kept across reloads while (model, upstream) stays.
     pub metrics: Arc<ModelMetrics>,
+    /// Whether its answers may be cached (`[[models]] cache`).
+    pub cache: bool,
 }
 
 /// All routes of a snapshot.
@@ -103,6 +105,7 @@ impl Routes {
                 target_json: target.as_deref().map(|t| serde_json::Value::from(t).to_string().into()),
                 target,
                 defaults,
+                cache: model.cache,
             });
         }
         let listing: Vec<Listed> = config

@@ -3,8 +3,8 @@
 //! below it just use `?`.
 //!
 //! A proxied request runs: authenticate + admit (the client's key, its
-//! limits) -> read + plan (and whether the key may use the model) -> send ->
-//! decorate.
+//! limits) -> read + plan (and whether the key may use the model) -> cache
+//! (answer from it, or arrange to fill it) -> send -> decorate.
 //! Every request, answered or abandoned, is recorded once by
 //! [`proxy::end::finish`].
 
@@ -24,6 +24,7 @@ use crate::admin;
 use crate::error::{CLIENT_ADDRESS, CLIENT_CLOSED, ProxyError, json_response, printable};
 use crate::ids::REQUEST_ID;
 use crate::proxy::body::SluiceBody;
+use crate::proxy::cached::{self, CACHE_STATUS, Step};
 use crate::proxy::{self, end, retry};
 use crate::state::{Live, Shared};
 use crate::telemetry::account::RateHeaders;
@@ -80,9 +81,14 @@ pub async fn handle(
     pending.armed = false;
     let ctx = &pending.ctx;
     decorate(&mut response, ctx);
-    if !matches!(response.body(), SluiceBody::Upstream { .. }) {
-        let bytes_out = response.body().size_hint().exact().unwrap_or(0);
-        end::finish(ctx, End { status: response.status().as_u16(), bytes_out, error, ..End::default() });
+    let bytes_out = match response.body() {
+        SluiceBody::Upstream { .. } => None,
+        SluiceBody::Replay { entry, .. } => Some(entry.len() as u64),
+        body @ SluiceBody::Full { .. } => Some(body.size_hint().exact().unwrap_or(0)),
+    };
+    if let Some(bytes_out) = bytes_out {
+        let (status, tokens) = (response.status().as_u16(), ctx.cached_tokens);
+        end::finish(ctx, End { status, bytes_out, error, tokens, ..End::default() });
     }
     response
 }
@@ -97,6 +103,9 @@ fn decorate(response: &mut Response<SluiceBody>, ctx: &RequestContext) {
     }
     if let Some(rate) = &ctx.rate {
         rate_headers(headers, rate);
+    }
+    if let Some(cache) = ctx.cache {
+        headers.insert(CACHE_STATUS, HeaderValue::from_static(cache.label()));
     }
 }
 
@@ -213,7 +222,7 @@ async fn handle_inner(
     }
 }
 
-/// The proxied pipeline: authenticate + admit -> read + plan -> send.
+/// The proxied pipeline: authenticate + admit -> read + plan -> cache -> send.
 async fn forward(
     shared: &Shared,
     live: &Live,
@@ -225,7 +234,13 @@ async fn forward(
         return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
     }
     let prepared = proxy::prepare(live, request, client.as_deref(), ctx).await?;
-    retry::send(prepared, ctx).await
+    if !(live.config.cache.enabled && prepared.plan.cacheable) {
+        return retry::send(prepared, ctx).await;
+    }
+    match cached::stage(&shared.cache, &live.config.cache, Box::new(prepared), client.as_deref(), ctx).await? {
+        Step::Answer(response) => Ok(response),
+        Step::Forward(prepared) => retry::send(*prepared, ctx).await,
+    }
 }
 
 /// The seed service's paths, so its clients switch without a change:

@@ -17,6 +17,8 @@ use tokio::time::Instant;
 use crate::access::ip::IpLimiter;
 use crate::access::store::{self, Snapshot, StoreHandle, UsageQueue};
 use crate::access::table::ClientTable;
+use crate::cache::ResponseCache;
+use crate::cache::memory::MemoryStore;
 use crate::config::Config;
 use crate::config::keys::Secret;
 use crate::config::tls::CertStore;
@@ -116,6 +118,8 @@ pub struct Shared {
     pub store: Option<StoreHandle>,
     /// Per-address windows for requests without a client key (`[limits] per_ip_rpm`).
     pub ip_limits: IpLimiter,
+    /// The response cache; bounded by the `max_bytes` the process started with.
+    pub cache: Arc<ResponseCache>,
     feed: Arc<StoreFeed>,
     /// Serializes reloads and client-table swaps (SIGHUP, admin calls and the
     /// store's thread may race); never taken by requests.
@@ -172,6 +176,7 @@ impl Shared {
         };
         let snapshot = feed.latest();
         let from_store = snapshot.as_deref().zip(store.as_ref().map(|s| &s.usage));
+        let cache = ResponseCache::new(Box::new(MemoryStore::new(config.cache.max_bytes)));
         let live = Live::prepare(config, &clients, None, from_store)?;
         let shared = Arc::new(Self {
             live: ArcSwap::from_pointee(live),
@@ -184,6 +189,7 @@ impl Shared {
             certs,
             store,
             ip_limits: IpLimiter::default(),
+            cache,
             feed: Arc::clone(&feed),
             reload_lock: Mutex::new(()),
         });
@@ -247,6 +253,9 @@ impl Shared {
         }
         if config.store != current.config.store {
             tracing::warn!("store changed: takes effect on restart only");
+        }
+        if config.cache.max_bytes != current.config.cache.max_bytes {
+            tracing::warn!("cache.max_bytes changed: takes effect on restart only");
         }
         let snapshot = self.feed.latest();
         let from_store = snapshot.as_deref().zip(self.store.as_ref().map(|s| &s.usage));

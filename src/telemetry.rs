@@ -17,7 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 use accesslog::{AccessLog, Record};
-pub use context::{ConnInfo, ConnState, ConnWatch, InFlight, RequestContext};
+pub use context::{CacheStatus, ConnInfo, ConnState, ConnWatch, InFlight, RequestContext};
 use metrics::Metrics;
 
 /// Installs the global subscriber. A second call (tests, `demo`) is a no-op.
@@ -72,7 +72,8 @@ impl Telemetry {
         let metrics = &self.metrics;
         let model = ctx.model.as_deref().unwrap_or(&metrics.unrouted);
         model.count(ctx.endpoint, end.status);
-        if let Some((prompt, completion)) = end.tokens {
+        // A hit's tokens were paid for once, by the request that stored it.
+        if let (Some((prompt, completion)), false) = (end.tokens, ctx.cache == Some(CacheStatus::Hit)) {
             model.add_tokens(prompt, completion);
         }
         let duration = ctx.started.elapsed();
@@ -98,6 +99,7 @@ impl Telemetry {
             prompt_tokens: end.tokens.map(|t| t.0),
             completion_tokens: end.tokens.map(|t| t.1),
             stream: ctx.stream,
+            cache: ctx.cache.map(CacheStatus::label),
             error: end.error,
         };
         if !log.log(record) {

@@ -125,6 +125,17 @@ impl Fields {
         }
     }
 
+    /// A purge's `model` (absent: every model); no other field.
+    pub fn model_name(mut self) -> Result<Option<String>, ProxyError> {
+        let model = match self.take(&["model"]) {
+            None | Some((_, Value::Null)) => None,
+            Some((_, Value::String(model))) if !model.trim().is_empty() => Some(model.trim().to_string()),
+            Some(_) => return Err(bad("model", "must be a model name")),
+        };
+        self.finish()?;
+        Ok(model)
+    }
+
     /// A new user: `name` (or the seed's `username`), `email`.
     pub fn new_user(mut self) -> Result<NewUser, ProxyError> {
         let name = self.name(&["name", "username"])?.ok_or_else(|| bad("name", "is required"))?;

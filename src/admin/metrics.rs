@@ -73,6 +73,24 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
             }
         }
     }
+    let cache = &shared.cache;
+    for (name, kind, help, value) in [
+        (metrics::CACHE_HITS, "counter", "Answers served from the response cache.", cache.counters.hits.load(Relaxed)),
+        (metrics::CACHE_MISSES, "counter", "Cacheable requests sent upstream.", cache.counters.misses.load(Relaxed)),
+        (
+            metrics::CACHE_BYPASSES,
+            "counter",
+            "Cacheable requests whose client skipped the cache.",
+            cache.counters.bypasses.load(Relaxed),
+        ),
+        (metrics::CACHE_STORES, "counter", "Answers stored in the cache.", cache.counters.stores.load(Relaxed)),
+        (metrics::CACHE_EVICTIONS, "counter", "Entries evicted to stay under max_bytes.", cache.evictions()),
+        (metrics::CACHE_BYTES, "gauge", "Bytes the response cache holds.", cache.bytes()),
+        (metrics::CACHE_ENTRIES, "gauge", "Entries the response cache holds.", cache.entries()),
+    ] {
+        header(&mut out, name, kind, help);
+        line(&mut out, name, &[], value);
+    }
     header(&mut out, metrics::RELOADS, "counter", "Config reloads by result.");
     line(&mut out, metrics::RELOADS, &[("result", "ok")], shared.reloads[0].load(Relaxed));
     line(&mut out, metrics::RELOADS, &[("result", "error")], shared.reloads[1].load(Relaxed));

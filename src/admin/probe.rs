@@ -49,7 +49,8 @@ pub async fn send_chat(shared: &Shared, body: serde_json::Value) -> Result<Respo
             ctx.model = plan.model.clone();
             let mut headers = HeaderMap::new();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            let prepared = Prepared { plan, method: Method::POST, uri: Uri::from_static(CHAT_PATH), headers };
+            let prepared =
+                Prepared { plan, method: Method::POST, uri: Uri::from_static(CHAT_PATH), headers, fill: None };
             retry::send(prepared, &mut ctx).await
         }
         Err(error) => Err(error),

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::cache::ResponseCache;
 use crate::state::{Live, Shared};
 use crate::telemetry::metrics;
 
@@ -75,6 +76,22 @@ pub fn render_stats(shared: &Shared, live: &Live) -> serde_json::Value {
         "streams_open": metrics.streams_open.load(Relaxed),
         "retries": metrics.retries_total(),
         "failovers": metrics.failovers.load(Relaxed),
+        "cache": cache_stats(&shared.cache, live.config.cache.enabled),
         "upstreams": upstreams,
+    })
+}
+
+/// The response cache's counters and size.
+fn cache_stats(cache: &ResponseCache, enabled: bool) -> serde_json::Value {
+    let c = &cache.counters;
+    serde_json::json!({
+        "enabled": enabled,
+        "hits": c.hits.load(Relaxed),
+        "misses": c.misses.load(Relaxed),
+        "bypasses": c.bypasses.load(Relaxed),
+        "stores": c.stores.load(Relaxed),
+        "evictions": cache.evictions(),
+        "entries": cache.entries(),
+        "bytes": cache.bytes(),
     })
 }

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::cache::{Entry, Recorder};
 use crate::error::{BoxError, error_json};
 use crate::proxy::end;
 use crate::telemetry::usage::find_usage_in;
@@ -42,6 +43,13 @@ pub enum SluiceBody {
     Upstream {
         /// The metered upstream body.
         inner: MeteredBody,
+    },
+    /// A cached answer, replayed frame by frame as the upstream sent it.
+    Replay {
+        /// The entry.
+        entry: Arc<Entry>,
+        /// The next frame to send.
+        next: usize,
     },
 }
 
@@ -66,6 +74,11 @@ impl Body for SluiceBody {
         match self.get_mut() {
             Self::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Upstream { inner } => Pin::new(inner).poll_frame(cx),
+            Self::Replay { entry, next } => {
+                let frame = entry.frame(*next);
+                *next += 1;
+                Poll::Ready(frame.map(|b| Ok(Frame::data(b))))
+            }
         }
     }
 
@@ -73,6 +86,7 @@ impl Body for SluiceBody {
         match self {
             Self::Full { bytes } => bytes.is_none(),
             Self::Upstream { inner } => inner.is_end_stream(),
+            Self::Replay { entry, next } => entry.frame(*next).is_none(),
         }
     }
 
@@ -80,6 +94,10 @@ impl Body for SluiceBody {
         match self {
             Self::Full { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Upstream { inner } => inner.size_hint(),
+            // A stream goes out chunked, as the upstream's did; a JSON answer
+            // with its length.
+            Self::Replay { entry, .. } if entry.sse => SizeHint::default(),
+            Self::Replay { entry, .. } => SizeHint::with_exact(entry.len() as u64),
         }
     }
 }
@@ -112,6 +130,8 @@ pub struct Meter {
     /// A frame went to hyper and hyper has not asked for the next one yet:
     /// the client has not taken it (see `ConnWatch`).
     unread: bool,
+    /// Keeps the answer for the response cache (a cacheable miss only).
+    recorder: Option<Box<Recorder>>,
 }
 
 impl Meter {
@@ -121,7 +141,24 @@ impl Meter {
         if sse {
             ctx.telemetry.metrics.streams_open.fetch_add(1, Relaxed);
         }
-        Self { ctx, key, lease, status, sse, bytes: 0, outcome: Outcome::Open, tail: [None, None], unread: false }
+        Self {
+            ctx,
+            key,
+            lease,
+            status,
+            sse,
+            bytes: 0,
+            outcome: Outcome::Open,
+            tail: [None, None],
+            unread: false,
+            recorder: None,
+        }
+    }
+
+    /// Records the answer for the response cache as it passes.
+    pub fn record(mut self, recorder: Recorder) -> Self {
+        self.recorder = Some(Box::new(recorder));
+        self
     }
 
     /// A frame goes to hyper, to be written to the client.
@@ -142,6 +179,9 @@ impl Meter {
     }
 
     fn saw(&mut self, data: &Bytes) {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.saw(data);
+        }
         self.bytes += data.len() as u64;
         if !data.is_empty() {
             self.tail = [self.tail[1].take(), Some(data.clone())];
@@ -173,7 +213,13 @@ impl Drop for Meter {
         };
         let key = self.key.as_ref();
         tracing::debug!(request_id = ?self.ctx.request_id, key = key.map_or("-", |k| &**k), status = self.status, bytes = self.bytes, outcome = error.unwrap_or("complete"), "response finished");
-        let end = End { status: self.status, bytes_out: self.bytes, key, tokens: self.usage(), error };
+        let tokens = self.usage();
+        // Only a whole 200 answer is stored; anything else drops the
+        // recording (and sends a single flight's followers upstream).
+        if let (Some(recorder), 200, Outcome::Complete) = (self.recorder.take(), self.status, self.outcome) {
+            recorder.finish(tokens);
+        }
+        let end = End { status: self.status, bytes_out: self.bytes, key, tokens, error };
         end::finish(&self.ctx, end);
         // The key's in-flight count ends with the answer.
         drop(self.lease.take());

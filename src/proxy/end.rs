@@ -4,7 +4,7 @@
 //! when its handler is dropped.
 
 use crate::telemetry::account::Finished;
-use crate::telemetry::{End, RequestContext};
+use crate::telemetry::{CacheStatus, End, RequestContext};
 
 /// Records a finished request: the client's usage and budget, metrics, the
 /// request log.
@@ -15,7 +15,7 @@ pub fn finish(ctx: &RequestContext, end: End<'_>) {
             status: end.status,
             failed: end.status >= 400 || end.error.is_some(),
             tokens: end.tokens,
-            cached: false,
+            cached: ctx.cache == Some(CacheStatus::Hit),
         });
     }
     ctx.telemetry.finish(ctx, end);

@@ -80,7 +80,12 @@ pub struct Plan {
     pub model: Option<Arc<ModelMetrics>>,
     /// When the request may be sent again.
     pub replay: Replay,
+    /// Whether its answer may be cached: a model endpoint whose route allows it.
+    pub cacheable: bool,
 }
+
+/// Endpoints whose answers the response cache keeps.
+pub const CACHE_PATHS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
 
 /// Whether a key limited to some models may use `route` (canonical name)
 /// when it asked for `requested` (403 `model_not_allowed` if not).
@@ -117,6 +122,7 @@ pub fn plan_opaque(
         stream: false,
         model: None,
         replay: Replay::of(method, false),
+        cacheable: false,
     })
 }
 
@@ -171,6 +177,7 @@ pub fn plan_json(
     let upstream = Arc::clone(&live.upstreams[route.upstream]);
     let model = Some(Arc::clone(&route.metrics));
     let replay = Replay::of(method, INFERENCE_PATHS.contains(&path));
+    let cacheable = route.cache && *method == Method::POST && CACHE_PATHS.contains(&path);
     // A model's default parameters are generation parameters: they go into
     // model endpoints' bodies only, never into a job or an assistant.
     let defaults: &[(u32, Bytes)] = if model_endpoint { &route.defaults } else { &[] };
@@ -191,7 +198,7 @@ pub fn plan_json(
     };
     if new_model.is_none() && insert_model.is_none() && !add_usage && missing_defaults.clone().next().is_none() {
         let body = ForwardBody::full(bytes.clone());
-        return Ok(Plan { upstream, body, body_rewritten: false, stream: sniffed.stream, model, replay });
+        return Ok(Plan { upstream, body, body_rewritten: false, stream: sniffed.stream, model, replay, cacheable });
     }
     let mut inserts: Vec<&[u8]> = Vec::with_capacity(defaults.len() + 2);
     inserts.extend(insert_model.as_deref().map(str::as_bytes));
@@ -207,6 +214,7 @@ pub fn plan_json(
         stream: sniffed.stream,
         model,
         replay,
+        cacheable,
     })
 }
 

@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderName, HeaderValue, Response, Version};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderName, HeaderValue, Response, StatusCode, Version};
 
+use crate::cache::Fill;
 use crate::proxy::body::{Meter, MeteredBody, SluiceBody, Timing};
 use crate::proxy::headers;
 use crate::telemetry::RequestContext;
@@ -18,13 +19,15 @@ use crate::upstream::keyring::KeyLease;
 pub const OVERHEAD_HEADER: HeaderName = HeaderName::from_static("x-sluice-overhead-us");
 
 /// Wraps an upstream answer that came on `key` for the client; `lease` keeps
-/// the key counted in flight until the body ends.
+/// the key counted in flight until the body ends. With `fill`, a 200 answer
+/// is recorded for the response cache as it passes.
 pub fn respond(
     response: Response<UpstreamBody>,
     key: Option<Arc<str>>,
     lease: Option<KeyLease>,
     upstream: &Upstream,
     stream: bool,
+    fill: Option<Fill>,
     ctx: &RequestContext,
 ) -> Response<SluiceBody> {
     let (mut parts, incoming) = response.into_parts();
@@ -46,6 +49,10 @@ pub fn respond(
     } else {
         Timing::Deadline(ctx.started + upstream.timeouts.total)
     };
-    let meter = Meter::new(ctx.clone(), key, lease, parts.status.as_u16(), sse);
+    let mut meter = Meter::new(ctx.clone(), key, lease, parts.status.as_u16(), sse);
+    if let (Some(fill), StatusCode::OK) = (fill, parts.status) {
+        let header = |name| parts.headers.get(name).cloned();
+        meter = meter.record(fill.record(header(CONTENT_TYPE), header(CONTENT_ENCODING), sse));
+    }
     Response::from_parts(parts, SluiceBody::Upstream { inner: MeteredBody::new(incoming, sse, timing, meter) })
 }

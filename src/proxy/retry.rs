@@ -68,7 +68,7 @@ enum Verdict {
 /// Sends a prepared request with retries and failover; the first usable
 /// answer is returned.
 pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Response<SluiceBody>, ProxyError> {
-    let Prepared { plan, method, uri, mut headers } = prepared;
+    let Prepared { plan, method, uri, mut headers, mut fill } = prepared;
     let upstream = plan.upstream;
     ctx.upstream = Some(Arc::clone(&upstream.name));
     let telemetry = Arc::clone(&ctx.telemetry);
@@ -268,7 +268,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
                     probe.resolve();
                 }
                 let key = Some(Arc::clone(&lease.key().fingerprint));
-                return Ok(respond::respond(response, key, Some(lease), &upstream, plan.stream, ctx));
+                return Ok(respond::respond(response, key, Some(lease), &upstream, plan.stream, fill.take(), ctx));
             }
             Verdict::Retry(why) => reason = Some(why),
             Verdict::Stop => break,
@@ -358,7 +358,9 @@ fn give_up(
         }
         // Budget spent with keys left, a 5xx, or a refusal about the request:
         // the upstream's own answer, untouched.
-        Some(Last::Answer(response, _, key)) => Ok(respond::respond(response, Some(key), None, upstream, stream, ctx)),
+        Some(Last::Answer(response, _, key)) => {
+            Ok(respond::respond(response, Some(key), None, upstream, stream, None, ctx))
+        }
     }
 }
 

@@ -75,6 +75,8 @@ pub struct Record {
     pub completion_tokens: Option<u64>,
     /// A streaming request.
     pub stream: bool,
+    /// What the response cache did (`hit`, `miss`, `bypass`), if it could act.
+    pub cache: Option<&'static str>,
     /// Error kind when sluice answered with an error, or how a body ended badly.
     pub error: Option<&'static str>,
 }
@@ -101,6 +103,8 @@ struct Line<'a> {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'static str>,
     error: Option<&'static str>,
 }
 
@@ -125,6 +129,7 @@ impl<'a> Line<'a> {
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
             stream: r.stream,
+            cache: r.cache,
             error: r.error,
         }
     }
@@ -438,6 +443,7 @@ mod tests {
             prompt_tokens: Some(3),
             completion_tokens: Some(4),
             stream: false,
+            cache: None,
             error: None,
         }
     }

@@ -95,6 +95,28 @@ impl ConnWatch {
     }
 }
 
+/// What the response cache did with a request it could have answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Answered from the cache (or a single flight's leader).
+    Hit,
+    /// Went upstream; the answer is stored if it ends well.
+    Miss,
+    /// The client asked to skip the cache, or the model opted out.
+    Bypass,
+}
+
+impl CacheStatus {
+    /// `x-sluice-cache` and request-log value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+        }
+    }
+}
+
 /// The facts of one request.
 #[derive(Clone)]
 pub struct RequestContext {
@@ -121,6 +143,10 @@ pub struct RequestContext {
     pub client: Option<Arc<dyn Account>>,
     /// The `x-ratelimit-*` values of the answer, when the client's key is limited.
     pub rate: Option<RateHeaders>,
+    /// What the response cache did, for a request it could have answered.
+    pub cache: Option<CacheStatus>,
+    /// A cache hit's tokens (cached, not the upstream's).
+    pub cached_tokens: Option<(u64, u64)>,
     /// The routed model's counters.
     pub model: Option<Arc<ModelMetrics>>,
     /// The upstream that served it.
@@ -182,6 +208,8 @@ impl RequestContext {
             telemetry,
             client: None,
             rate: None,
+            cache: None,
+            cached_tokens: None,
             model: None,
             upstream: None,
             attempts: 0,

@@ -40,6 +40,20 @@ pub const BUILD_INFO: &str = "sluice_build_info";
 pub const LOG_DROPPED: &str = "sluice_request_log_dropped_total";
 /// Counter: requests turned away by their client key or limits, by `reason`.
 pub const CLIENT_REJECTIONS: &str = "sluice_client_rejections_total";
+/// Counter: answers served from the response cache.
+pub const CACHE_HITS: &str = "sluice_cache_hits_total";
+/// Counter: cacheable requests that went upstream.
+pub const CACHE_MISSES: &str = "sluice_cache_misses_total";
+/// Counter: cacheable requests whose client skipped the cache.
+pub const CACHE_BYPASSES: &str = "sluice_cache_bypasses_total";
+/// Counter: answers stored in the cache.
+pub const CACHE_STORES: &str = "sluice_cache_stores_total";
+/// Counter: entries evicted to stay under `max_bytes`.
+pub const CACHE_EVICTIONS: &str = "sluice_cache_evictions_total";
+/// Gauge: bytes the cache holds.
+pub const CACHE_BYTES: &str = "sluice_cache_bytes";
+/// Gauge: entries the cache holds.
+pub const CACHE_ENTRIES: &str = "sluice_cache_entries";
 /// Counter: requests of a user's keys (`[metrics] per_user`).
 pub const USER_REQUESTS: &str = "sluice_user_requests_total";
 /// Counter: tokens of a user's keys by `kind` (`[metrics] per_user`).

@@ -11,6 +11,7 @@ mod support;
 mod attacks;
 mod binary;
 mod breaker;
+mod cache;
 mod cli;
 mod edge;
 mod errors;

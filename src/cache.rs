@@ -1,0 +1,344 @@
+//! The response cache: answers of model endpoints kept by the SHA-256 of what
+//! was sent upstream, bounded in bytes, served until their TTL (read on
+//! tokio's clock, so tests can move it), with concurrent identical misses
+//! collapsed into one upstream call ([`flight`]).
+//!
+//! Storage sits behind [`CacheStore`] ([`memory`] here; the scale-out work
+//! puts Redis behind the same trait). A [`Recorder`] rides on the response
+//! body of a miss, keeps the frames as they pass (up to `max_entry`) and
+//! stores them only when the answer ended complete with 200.
+
+pub mod flight;
+pub mod memory;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use flight::{FlightGuard, Flights};
+
+/// The SHA-256 of everything that makes two requests the same.
+pub type CacheKey = [u8; 32];
+
+/// One cached answer: its bytes in one buffer, where each upstream frame
+/// ended (a stream is replayed frame by frame), and what the client needs to
+/// read it.
+#[derive(Debug)]
+pub struct Entry {
+    body: Bytes,
+    /// End offset of each frame in `body`.
+    frame_ends: Box<[u32]>,
+    /// The answer's `Content-Type`.
+    pub content_type: Option<HeaderValue>,
+    /// The answer's `Content-Encoding`, if the upstream compressed it.
+    pub content_encoding: Option<HeaderValue>,
+    /// A server-sent event stream.
+    pub sse: bool,
+    /// The model as routed (for purges by model).
+    pub model: Option<Arc<str>>,
+    /// `(prompt, completion)` tokens of the answer, counted as cached on a hit.
+    pub tokens: Option<(u64, u64)>,
+    /// When it was stored, on tokio's clock.
+    pub stored_at: Instant,
+    /// How long it is served.
+    pub ttl: Duration,
+}
+
+/// What an entry costs beyond its body (the struct, the frame table, the
+/// store's bookkeeping), so many small entries cannot exceed the bound.
+const ENTRY_OVERHEAD: u64 = 256;
+
+impl Entry {
+    /// Bytes it holds, as the bound counts them.
+    pub fn weight(&self) -> u64 {
+        self.body.len() as u64 + 4 * self.frame_ends.len() as u64 + ENTRY_OVERHEAD
+    }
+
+    /// The body's length.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// Frame `i` of the stored answer, if there is one.
+    pub fn frame(&self, i: usize) -> Option<Bytes> {
+        let end = *self.frame_ends.get(i)? as usize;
+        let start = if i == 0 { 0 } else { self.frame_ends[i - 1] as usize };
+        Some(self.body.slice(start..end))
+    }
+
+    /// Whether it is still served at `now`, for a client that accepts answers
+    /// up to `max_age` old.
+    pub fn fresh(&self, now: Instant, max_age: Option<Duration>) -> bool {
+        let age = now.saturating_duration_since(self.stored_at);
+        age < self.ttl && max_age.is_none_or(|max| age < max)
+    }
+}
+
+/// Where entries live. Every call is synchronous and cheap (memory here; a
+/// networked store would answer from a local copy or be awaited by the
+/// caller before it gets here).
+pub trait CacheStore: Send + Sync {
+    /// The entry under `key`, expired or not.
+    fn get(&self, key: &CacheKey) -> Option<Arc<Entry>>;
+    /// Stores `entry` under `key`, evicting others to stay under the bound.
+    fn insert(&self, key: CacheKey, entry: Arc<Entry>);
+    /// Removes the entry under `key`.
+    fn remove(&self, key: &CacheKey);
+    /// Removes every entry (of `model`, if given); returns how many.
+    fn purge(&self, model: Option<&str>) -> u64;
+    /// Bytes held, as the bound counts them.
+    fn bytes(&self) -> u64;
+    /// Entries held.
+    fn entries(&self) -> u64;
+    /// Entries evicted to stay under the bound, so far.
+    fn evictions(&self) -> u64;
+}
+
+/// Counters of `sluice_cache_*_total`.
+#[derive(Debug, Default)]
+pub struct CacheCounters {
+    /// Answers served from the cache (single-flight followers included).
+    pub hits: AtomicU64,
+    /// Cacheable requests that went upstream.
+    pub misses: AtomicU64,
+    /// Answers stored.
+    pub stores: AtomicU64,
+    /// Cacheable requests the client asked to skip the cache for.
+    pub bypasses: AtomicU64,
+}
+
+/// The response cache of the process (it outlives reloads).
+pub struct ResponseCache {
+    store: Box<dyn CacheStore>,
+    flights: Arc<Flights>,
+    /// Its counters.
+    pub counters: CacheCounters,
+}
+
+impl std::fmt::Debug for ResponseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseCache").field("bytes", &self.store.bytes()).finish_non_exhaustive()
+    }
+}
+
+impl ResponseCache {
+    /// A cache over `store`.
+    pub fn new(store: Box<dyn CacheStore>) -> Arc<Self> {
+        Arc::new(Self { store, flights: Arc::default(), counters: CacheCounters::default() })
+    }
+
+    /// A fresh entry under `key` (an expired one is removed on the way).
+    pub fn lookup(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<Arc<Entry>> {
+        let entry = self.store.get(key)?;
+        if entry.fresh(Instant::now(), max_age) {
+            return Some(entry);
+        }
+        if !entry.fresh(Instant::now(), None) {
+            self.store.remove(key);
+        }
+        None
+    }
+
+    /// The single flights of identical misses.
+    pub fn flights(&self) -> &Arc<Flights> {
+        &self.flights
+    }
+
+    /// Removes every entry (of `model`); returns how many.
+    pub fn purge(&self, model: Option<&str>) -> u64 {
+        self.store.purge(model)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.store.bytes()
+    }
+
+    /// Entries held.
+    pub fn entries(&self) -> u64 {
+        self.store.entries()
+    }
+
+    /// Entries evicted by the byte bound so far.
+    pub fn evictions(&self) -> u64 {
+        self.store.evictions()
+    }
+
+    fn store(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.store.insert(key, entry);
+        self.counters.stores.fetch_add(1, Relaxed);
+    }
+}
+
+/// Builds a [`CacheKey`] from the parts that make two requests the same, each
+/// length-prefixed so no two different lists of parts hash alike.
+#[derive(Default)]
+pub struct KeyBuilder(Sha256);
+
+impl KeyBuilder {
+    /// Adds one part.
+    pub fn part(mut self, bytes: &[u8]) -> Self {
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+
+    /// The key.
+    pub fn finish(self) -> CacheKey {
+        self.0.finalize().into()
+    }
+}
+
+/// What a miss needs to store its answer: where, for how long, and the
+/// single flight it leads (if it leads one).
+pub struct Fill {
+    cache: Arc<ResponseCache>,
+    key: CacheKey,
+    ttl: Duration,
+    max_entry: u64,
+    model: Option<Arc<str>>,
+    guard: Option<FlightGuard>,
+}
+
+impl Fill {
+    /// A fill of `key` into `cache`.
+    pub fn new(
+        cache: Arc<ResponseCache>,
+        key: CacheKey,
+        ttl: Duration,
+        max_entry: u64,
+        model: Option<Arc<str>>,
+        guard: Option<FlightGuard>,
+    ) -> Self {
+        Self { cache, key, ttl, max_entry, model, guard }
+    }
+
+    /// Starts recording an answer with these headers.
+    pub fn record(
+        self,
+        content_type: Option<HeaderValue>,
+        content_encoding: Option<HeaderValue>,
+        sse: bool,
+    ) -> Recorder {
+        Recorder { fill: self, frames: Vec::new(), len: 0, content_type, content_encoding, sse, over: false }
+    }
+}
+
+/// The frames of an answer on its way to the client, kept to be stored.
+/// Dropped without [`Recorder::finish`] (an error, a cut stream, a client
+/// gone), it stores nothing and its flight's followers go upstream.
+pub struct Recorder {
+    fill: Fill,
+    /// The frames as they passed (shared with the client's copy, not copied).
+    frames: Vec<Bytes>,
+    len: u64,
+    content_type: Option<HeaderValue>,
+    content_encoding: Option<HeaderValue>,
+    sse: bool,
+    over: bool,
+}
+
+impl Recorder {
+    /// Keeps one frame (until the answer grows past `max_entry`).
+    pub fn saw(&mut self, data: &Bytes) {
+        if self.over || data.is_empty() {
+            return;
+        }
+        self.len += data.len() as u64;
+        if self.len > self.fill.max_entry || self.frames.len() >= u32::MAX as usize {
+            // Too large to keep: stop holding frames now, store nothing later.
+            self.over = true;
+            self.frames = Vec::new();
+            drop(self.fill.guard.take());
+            return;
+        }
+        self.frames.push(data.clone());
+    }
+
+    /// The answer ended complete with 200: stores it (one compact copy: the
+    /// frames may be slices of larger read buffers) and hands it to the
+    /// flight's followers.
+    pub fn finish(mut self, tokens: Option<(u64, u64)>) {
+        if self.over {
+            return;
+        }
+        let mut body = BytesMut::with_capacity(self.len as usize);
+        let mut frame_ends = Vec::with_capacity(self.frames.len());
+        for frame in self.frames.drain(..) {
+            body.extend_from_slice(&frame);
+            frame_ends.push(body.len() as u32);
+        }
+        let entry = Arc::new(Entry {
+            body: body.freeze(),
+            frame_ends: frame_ends.into_boxed_slice(),
+            content_type: self.content_type.take(),
+            content_encoding: self.content_encoding.take(),
+            sse: self.sse,
+            model: self.fill.model.take(),
+            tokens,
+            stored_at: Instant::now(),
+            ttl: self.fill.ttl,
+        });
+        self.fill.cache.store(self.fill.key, Arc::clone(&entry));
+        if let Some(guard) = self.fill.guard.take() {
+            guard.complete(entry);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(parts: &[&[u8]], ttl: Duration) -> Arc<Entry> {
+        let cache = ResponseCache::new(Box::new(memory::MemoryStore::new(1 << 20)));
+        let fill = Fill::new(Arc::clone(&cache), [1; 32], ttl, 1 << 10, None, None);
+        let mut recorder = fill.record(None, None, true);
+        for part in parts {
+            recorder.saw(&Bytes::copy_from_slice(part));
+        }
+        recorder.finish(Some((1, 2)));
+        cache.lookup(&[1; 32], None).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_come_back_as_they_went_and_expire_on_the_clock() {
+        let stored = entry(&[b"data: a\n\n", b"data: b\n\n", b"data: [DONE]\n\n"], Duration::from_secs(10));
+        let frames: Vec<Bytes> = (0..).map_while(|i| stored.frame(i)).collect();
+        assert_eq!(frames, [&b"data: a\n\n"[..], b"data: b\n\n", b"data: [DONE]\n\n"]);
+        assert!(stored.fresh(Instant::now(), None));
+        assert!(!stored.fresh(Instant::now(), Some(Duration::ZERO)), "a client's max age shortens it");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!stored.fresh(Instant::now(), None));
+    }
+
+    #[test]
+    fn an_answer_past_max_entry_is_not_stored() {
+        let cache = ResponseCache::new(Box::new(memory::MemoryStore::new(1 << 20)));
+        let fill = Fill::new(Arc::clone(&cache), [2; 32], Duration::from_secs(5), 8, None, None);
+        let mut recorder = fill.record(None, None, false);
+        recorder.saw(&Bytes::from_static(b"12345"));
+        recorder.saw(&Bytes::from_static(b"6789"));
+        recorder.finish(None);
+        assert!(cache.lookup(&[2; 32], None).is_none());
+        assert_eq!(cache.counters.stores.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn key_parts_are_length_prefixed() {
+        let a = KeyBuilder::default().part(b"ab").part(b"c").finish();
+        let b = KeyBuilder::default().part(b"a").part(b"bc").finish();
+        assert_ne!(a, b);
+        assert_eq!(a, KeyBuilder::default().part(b"ab").part(b"c").finish());
+    }
+}

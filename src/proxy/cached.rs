@@ -1,0 +1,192 @@
+//! The cache stage, between plan and send. For a cacheable request (a model
+//! endpoint whose route allows caching, with `[cache] enabled`) it builds the
+//! key from the scope, the upstream, the path and the exact bytes to be sent
+//! (after renames and defaults), then answers from the cache, waits for an
+//! identical request already upstream (non-streaming only), or sends the
+//! request on with a [`Fill`] that stores its answer if it ends whole.
+//!
+//! Client controls: `Cache-Control: no-store` skips the cache both ways,
+//! `no-cache` skips the lookup but stores the fresh answer, and
+//! `x-sluice-cache-ttl: SECONDS` stores with a shorter TTL and accepts only
+//! entries younger than that.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use http::header::{ACCEPT_ENCODING, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
+use tokio::time::Instant;
+
+use crate::access::table::Client;
+use crate::cache::flight::Joined;
+use crate::cache::{Entry, Fill, KeyBuilder, ResponseCache};
+use crate::config::{CacheConfig, CacheScope};
+use crate::error::ProxyError;
+use crate::proxy::Prepared;
+use crate::proxy::body::SluiceBody;
+use crate::telemetry::account::Account;
+use crate::telemetry::{CacheStatus, RequestContext};
+use crate::upstream::body::ForwardBody;
+
+/// A client's TTL for this request's entry, in seconds.
+pub const CACHE_TTL: HeaderName = HeaderName::from_static("x-sluice-cache-ttl");
+/// `hit`, `miss` or `bypass` on every answer the cache could have given.
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-sluice-cache");
+
+/// What the stage decided.
+#[expect(clippy::large_enum_variant, reason = "one per cacheable request, returned at once")]
+pub enum Step {
+    /// Send it upstream (with a fill when its answer is to be stored).
+    Forward(Box<Prepared>),
+    /// Answered from the cache.
+    Answer(Response<SluiceBody>),
+}
+
+/// The client's cache controls.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Controls {
+    no_store: bool,
+    no_cache: bool,
+    ttl: Option<Duration>,
+}
+
+impl Controls {
+    fn of(headers: &HeaderMap) -> Result<Self, ProxyError> {
+        let mut controls = Self::default();
+        for value in headers.get_all(CACHE_CONTROL) {
+            for directive in value.to_str().unwrap_or("").split(',') {
+                let directive = directive.trim();
+                controls.no_store |= directive.eq_ignore_ascii_case("no-store");
+                controls.no_cache |= directive.eq_ignore_ascii_case("no-cache");
+            }
+        }
+        if let Some(value) = headers.get(CACHE_TTL) {
+            let secs = value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or_else(|| {
+                ProxyError::BadField { field: "x-sluice-cache-ttl", reason: "must be a whole number of seconds".into() }
+            })?;
+            controls.ttl = Some(Duration::from_secs(secs));
+        }
+        Ok(controls)
+    }
+}
+
+/// Runs the cache stage for a prepared request.
+pub async fn stage(
+    cache: &Arc<ResponseCache>,
+    config: &CacheConfig,
+    mut prepared: Box<Prepared>,
+    client: Option<&Client>,
+    ctx: &mut RequestContext,
+) -> Result<Step, ProxyError> {
+    if !config.enabled || !prepared.plan.cacheable {
+        return Ok(Step::Forward(prepared));
+    }
+    let controls = Controls::of(&prepared.headers)?;
+    let ForwardBody::Full { bytes } = &prepared.plan.body else { return Ok(Step::Forward(prepared)) };
+    if controls.no_store {
+        ctx.cache = Some(CacheStatus::Bypass);
+        cache.counters.bypasses.fetch_add(1, Relaxed);
+        return Ok(Step::Forward(prepared));
+    }
+    let key = KeyBuilder::default()
+        .part(scope(config.scope, client).as_bytes())
+        .part(prepared.plan.upstream.name.as_bytes())
+        .part(prepared.uri.path().as_bytes())
+        .part(prepared.uri.query().unwrap_or("").as_bytes())
+        // The stored bytes are as the upstream encoded them for this client.
+        .part(prepared.headers.get(ACCEPT_ENCODING).map_or(&b""[..], HeaderValue::as_bytes))
+        .part(bytes.as_deref().unwrap_or_default())
+        .finish();
+    let mut guard = None;
+    if controls.no_cache {
+        ctx.cache = Some(CacheStatus::Bypass);
+        cache.counters.bypasses.fetch_add(1, Relaxed);
+    } else {
+        if let Some(entry) = cache.lookup(&key, controls.ttl) {
+            return Ok(Step::Answer(hit(cache, entry, ctx)));
+        }
+        // Identical non-streaming misses ride on the first one. Streams do
+        // not wait: each goes upstream, and the first to end whole is stored.
+        if !prepared.plan.stream {
+            match cache.flights().join(key) {
+                Joined::Leader(leader) => guard = Some(leader),
+                Joined::Follower(follower) => {
+                    let upstream = &prepared.plan.upstream;
+                    let left = upstream.timeouts.total.saturating_sub(ctx.started.elapsed());
+                    let started = Instant::now();
+                    let answer = follower.wait(upstream.timeouts.header.min(left)).await;
+                    ctx.upstream_wait += started.elapsed();
+                    if let Some(entry) = answer {
+                        return Ok(Step::Answer(hit(cache, entry, ctx)));
+                    }
+                    // The leader failed: this request goes upstream itself.
+                }
+            }
+        }
+        ctx.cache = Some(CacheStatus::Miss);
+        cache.counters.misses.fetch_add(1, Relaxed);
+    }
+    let ttl = controls.ttl.map_or(config.ttl, |ttl| ttl.min(config.ttl));
+    let model = prepared.plan.model.as_ref().map(|m| Arc::clone(&m.model));
+    prepared.fill = Some(Fill::new(Arc::clone(cache), key, ttl, config.max_entry, model, guard));
+    Ok(Step::Forward(prepared))
+}
+
+/// Who shares an entry: everyone, a user's keys, or one key.
+fn scope(scope: CacheScope, client: Option<&Client>) -> String {
+    match (scope, client) {
+        (CacheScope::Global, _) => "*".to_string(),
+        (_, None) => "-".to_string(),
+        (CacheScope::User, Some(client)) => match client.user() {
+            Some(user) => format!("user:{user}"),
+            None => format!("key:{}", client.label()),
+        },
+        (CacheScope::Key, Some(client)) => format!("key:{}", client.label()),
+    }
+}
+
+/// The answer from a stored entry: its status and type, its frames as they
+/// came, and how old it is.
+fn hit(cache: &ResponseCache, entry: Arc<Entry>, ctx: &mut RequestContext) -> Response<SluiceBody> {
+    cache.counters.hits.fetch_add(1, Relaxed);
+    ctx.cache = Some(CacheStatus::Hit);
+    ctx.cached_tokens = entry.tokens;
+    let age = Instant::now().saturating_duration_since(entry.stored_at).as_secs();
+    let mut response = Response::new(SluiceBody::Replay { entry: Arc::clone(&entry), next: 0 });
+    let headers = response.headers_mut();
+    if let Some(content_type) = &entry.content_type {
+        headers.insert(CONTENT_TYPE, content_type.clone());
+    }
+    if let Some(encoding) = &entry.content_encoding {
+        headers.insert(CONTENT_ENCODING, encoding.clone());
+    }
+    headers.insert(AGE, HeaderValue::from(age));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn controls_from_headers() {
+        assert_eq!(Controls::of(&HeaderMap::new()).unwrap(), Controls::default());
+        let both = Controls::of(&headers(&[("cache-control", "max-age=0, No-Cache"), ("cache-control", "no-store")]));
+        assert_eq!(both.unwrap(), Controls { no_store: true, no_cache: true, ttl: None });
+        let ttl = Controls::of(&headers(&[("x-sluice-cache-ttl", " 30 ")])).unwrap();
+        assert_eq!(ttl.ttl, Some(Duration::from_secs(30)));
+        assert!(matches!(
+            Controls::of(&headers(&[("x-sluice-cache-ttl", "soon")])),
+            Err(ProxyError::BadField { field: "x-sluice-cache-ttl", .. })
+        ));
+    }
+}
