@@ -28,6 +28,10 @@ pub struct StoreArgs {
     /// Print JSON (the admin API's shapes) instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Create the store if its file does not exist (a server creates it on
+    /// its first start; without this a mistyped path is an error).
+    #[arg(long, global = true)]
+    pub create: bool,
 }
 
 /// `sluice users ...`
@@ -78,9 +82,13 @@ pub enum KeysCommand {
         /// Tokens per UTC day.
         #[arg(long)]
         tokens_per_day: Option<u64>,
-        /// Expiry: unix seconds, YYYY-MM-DD, or a lifetime like 30d.
+        /// Expiry: unix seconds, YYYY-MM-DD, or a lifetime like 90s, 12h, 30d.
         #[arg(long)]
         expires: Option<String>,
+        /// May call paths beyond the inference endpoints (files, batches,
+        /// assistants), which live in the upstream account all tenants share.
+        #[arg(long)]
+        passthrough: bool,
     },
     /// List keys (by prefix; the keys themselves are not stored).
     List {
@@ -121,6 +129,10 @@ fn open(args: &StoreArgs) -> Result<Box<dyn Store>, String> {
             })?
         }
     };
+    let StoreUrl::Sqlite(path) = &url;
+    if !args.create && !path.exists() {
+        return Err(format!("no store at {url} (a server creates it on its first start; --create makes it here)"));
+    }
     store::open(&url).map_err(|e| format!("{e} ({url})"))
 }
 
@@ -130,6 +142,7 @@ pub fn users(args: &StoreArgs, command: UsersCommand) -> Result<String, String> 
     let now = unix_now();
     let user = match command {
         UsersCommand::Add { name, email } => {
+            let name = manage::check_name("name", &name).map_err(|e| e.to_string())?;
             store.create_user(&NewUser { name, email }, now).map_err(|e| e.to_string())?
         }
         UsersCommand::List => {
@@ -164,27 +177,23 @@ pub fn keys(args: &StoreArgs, command: KeysCommand) -> Result<String, String> {
     let mut store = open(args)?;
     let now = unix_now();
     match command {
-        KeysCommand::Create { user, name, models, rpm, rph, tokens_per_day, expires } => {
+        KeysCommand::Create { user, name, models, rpm, rph, tokens_per_day, expires, passthrough } => {
             let expires_at = match expires {
-                // A lifetime counts forward from now; a date or a time is taken as is.
-                Some(text) if text.ends_with('d') || text.ends_with('h') || text.ends_with('m') => {
-                    Some(2 * now - manage::parse_time(&text, now)?)
-                }
+                // A lifetime (`90s`, `12h`, `30d`) counts forward from now; a
+                // date or unix seconds are taken as they are.
+                Some(text) if text.ends_with(['s', 'm', 'h', 'd']) => Some(2 * now - manage::parse_time(&text, now)?),
                 Some(text) => Some(manage::parse_time(&text, now)?),
                 None => None,
             };
             let request = KeyRequest {
                 user_id: user,
-                name,
-                models: models
-                    .into_iter()
-                    .map(|m| m.trim().to_string())
-                    .filter(|m| !m.is_empty() && m != "*")
-                    .collect(),
+                name: manage::check_name("name", &name).map_err(|e| e.to_string())?,
+                models: manage::check_models("models", models).map_err(|e| e.to_string())?,
                 rpm: rpm.map(i64::from),
                 rph: rph.map(i64::from),
                 tokens_per_day: tokens_per_day.map(|t| t.min(i64::MAX as u64) as i64),
                 expires_at,
+                passthrough,
             };
             let issued = manage::issue_key(store.as_mut(), &request, now).map_err(|e| e.to_string())?;
             if args.json {

@@ -69,6 +69,10 @@ pub enum ProxyError {
     /// The client key may not use the requested model.
     #[error("this API key may not use the model `{0}`")]
     ModelNotAllowed(String),
+    /// The client key may not use this path (beyond the inference endpoints
+    /// without `passthrough`, or the operator's `/metrics` and `/stats`).
+    #[error("this API key may not call `{0}`")]
+    PathNotAllowed(String),
     /// The client's own request limit is reached (not an upstream's).
     #[error("rate limit reached for this {scope}: {limit} requests per {per}; retry in {retry_after} s")]
     ClientRateLimited {
@@ -207,7 +211,7 @@ impl ProxyError {
             // Never sent (the client is gone); nginx's "client closed request".
             Self::ClientGone => StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
             Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => StatusCode::UNAUTHORIZED,
-            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::ModelNotAllowed(_) | Self::PathNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ClientRateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadField { .. } => StatusCode::BAD_REQUEST,
             Self::NoSuchItem(_) => StatusCode::NOT_FOUND,
@@ -243,6 +247,7 @@ impl ProxyError {
             Self::InvalidApiKey => "invalid_api_key",
             Self::KeyExpired => "key_expired",
             Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::PathNotAllowed(_) => "path_not_allowed",
             Self::ClientRateLimited { .. } => "rate_limit_exceeded",
             Self::QuotaExceeded { .. } => "insufficient_quota",
             Self::BadField { .. } => "invalid_field",
@@ -283,6 +288,7 @@ impl ProxyError {
             | Self::InvalidApiKey
             | Self::KeyExpired
             | Self::ModelNotAllowed(_)
+            | Self::PathNotAllowed(_)
             | Self::ClientRateLimited { .. }
             | Self::QuotaExceeded { .. }
             | Self::BadField { .. }
@@ -325,6 +331,7 @@ impl ProxyError {
             | Self::BodyTooLarge(_)
             | Self::BodyTimeout(_)
             | Self::ModelNotAllowed(_)
+            | Self::PathNotAllowed(_)
             | Self::BadField { .. }
             | Self::NoSuchItem(_)
             | Self::Conflict(_)
@@ -360,6 +367,7 @@ impl ProxyError {
             | Self::MissingApiKey
             | Self::InvalidApiKey
             | Self::KeyExpired
+            | Self::PathNotAllowed(_)
             | Self::ClientRateLimited { .. }
             | Self::QuotaExceeded { .. }
             | Self::NoSuchItem(_)
@@ -401,6 +409,7 @@ impl ProxyError {
             | Self::InvalidApiKey
             | Self::KeyExpired
             | Self::ModelNotAllowed(_)
+            | Self::PathNotAllowed(_)
             | Self::ClientRateLimited { .. }
             | Self::QuotaExceeded { .. }
             | Self::BadField { .. }
@@ -447,6 +456,7 @@ impl ProxyError {
             | Self::InvalidApiKey
             | Self::KeyExpired
             | Self::ModelNotAllowed(_)
+            | Self::PathNotAllowed(_)
             | Self::ClientRateLimited { .. }
             | Self::QuotaExceeded { .. }
             | Self::BadField { .. }
@@ -475,6 +485,7 @@ impl ProxyError {
             Self::MissingApiKey | Self::InvalidApiKey => Some("invalid"),
             Self::KeyExpired => Some("expired"),
             Self::ModelNotAllowed(_) => Some("model"),
+            Self::PathNotAllowed(_) => Some("path"),
             Self::ClientRateLimited { scope: CLIENT_ADDRESS, .. } => Some("per_ip"),
             Self::ClientRateLimited { per: "minute", .. } => Some("rpm"),
             Self::ClientRateLimited { .. } => Some("rph"),
@@ -571,6 +582,7 @@ mod tests {
             (ProxyError::InvalidApiKey, 401),
             (ProxyError::KeyExpired, 401),
             (ProxyError::ModelNotAllowed("m".into()), 403),
+            (ProxyError::PathNotAllowed("/v1/files".into()), 403),
             (ProxyError::ClientRateLimited { scope: "API key", per: "minute", limit: 5, retry_after: 3 }, 429),
             (ProxyError::QuotaExceeded { budget: 10, retry_after: 3 }, 429),
             (ProxyError::BadField { field: "name", reason: "x".into() }, 400),

@@ -178,6 +178,7 @@ where
     let (stopping, stop_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    let cut = tokio_util::sync::CancellationToken::new();
 
     loop {
         // At the limit, stop accepting: new connections wait in the kernel's
@@ -215,10 +216,18 @@ where
         }
         stats.open.fetch_add(1, Ordering::Relaxed);
         stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let (listening, stop) = (Arc::clone(&listening), stop_rx.clone());
+        let (listening, stop, cut) = (Arc::clone(&listening), stop_rx.clone(), cut.clone());
         connections.spawn(async move {
-            if let Err(error) = connection::serve(&listening, stream, peer, stop).await {
-                tracing::debug!(%peer, error = %error, "connection ended with an error");
+            tokio::select! {
+                served = connection::serve(&listening, stream, peer, stop) => {
+                    if let Err(error) = served {
+                        tracing::debug!(%peer, error = %error, "connection ended with an error");
+                    }
+                }
+                // Past the grace period: the connection (and every answer on
+                // it, which records itself as it is dropped) ends here, on
+                // the runtime, before the process writes its last usage.
+                () = cut.cancelled() => {}
             }
             listening.stats.open.fetch_sub(1, Ordering::Relaxed);
             drop((held, permit));
@@ -242,6 +251,10 @@ where
         Err(_) => {
             let left = stats.open.load(Ordering::Relaxed);
             tracing::warn!(connections = left, "grace period over; closing what is still open");
+            cut.cancel();
+            if tokio::time::timeout(CUT_WAIT, connections.wait()).await.is_err() {
+                tracing::warn!("connections still closing after the cut; exiting anyway");
+            }
             Drain::TimedOut(left)
         }
     }
@@ -255,28 +268,11 @@ struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>
 /// One connection counted against its address; dropping it releases it.
 struct Held(Arc<PerIp>, std::net::IpAddr);
 
-/// The address a connection is counted under: an IPv4 address (or an
-/// IPv4-mapped IPv6 one) as it is, an IPv6 address by its /64, which one
-/// host usually holds whole.
-fn counted_as(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => std::net::IpAddr::V4(v4),
-            None => {
-                let mut octets = v6.octets();
-                octets[8..].fill(0);
-                std::net::IpAddr::V6(std::net::Ipv6Addr::from(octets))
-            }
-        },
-        v4 => v4,
-    }
-}
-
 impl PerIp {
     /// Counts a connection from `ip`, unless its address (IPv6: its /64)
     /// already holds `limit`.
     fn admit(self: &Arc<Self>, ip: std::net::IpAddr, limit: usize) -> Option<Held> {
-        let ip = counted_as(ip);
+        let ip = crate::access::ip::counted_as(ip);
         if limit == usize::MAX {
             return Some(Held(Arc::clone(self), ip));
         }
@@ -301,6 +297,10 @@ impl Drop for Held {
         }
     }
 }
+
+/// How long connections cut at the end of the grace period get to finish
+/// dropping (their answers record themselves as they go).
+const CUT_WAIT: Duration = Duration::from_secs(2);
 
 /// First pause after a failed accept.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);

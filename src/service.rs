@@ -25,6 +25,7 @@ use crate::error::{CLIENT_ADDRESS, CLIENT_CLOSED, ProxyError, json_response, pri
 use crate::ids::REQUEST_ID;
 use crate::proxy::body::SluiceBody;
 use crate::proxy::cached::{self, CACHE_STATUS, Step};
+use crate::proxy::plan::INFERENCE_PATHS;
 use crate::proxy::{self, end, retry};
 use crate::state::{Live, Shared};
 use crate::telemetry::account::RateHeaders;
@@ -101,6 +102,12 @@ fn decorate(response: &mut Response<SluiceBody>, ctx: &RequestContext) {
         let (name, value) = retry::no_more_retries();
         headers.insert(name, value);
     }
+    if ctx.tenant {
+        // The upstream's own limits are the shared account's, not the tenant's.
+        for name in UPSTREAM_RATE_HEADERS {
+            headers.remove(name);
+        }
+    }
     if let Some(rate) = &ctx.rate {
         rate_headers(headers, rate);
     }
@@ -108,6 +115,16 @@ fn decorate(response: &mut Response<SluiceBody>, ctx: &RequestContext) {
         headers.insert(CACHE_STATUS, HeaderValue::from_static(cache.label()));
     }
 }
+
+/// The rate-limit headers an OpenAI-style upstream sends about its account.
+const UPSTREAM_RATE_HEADERS: [&str; 6] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
 
 /// OpenAI's `x-ratelimit-*` headers for a limited key's answer.
 fn rate_headers(headers: &mut http::HeaderMap, rate: &RateHeaders) {
@@ -189,7 +206,7 @@ async fn handle_inner(
             Ok(admin::health::health(shared, &live))
         }
         "/metrics" if live.config.metrics_enabled => {
-            admit(shared, &live, &request, ctx)?;
+            operator_only(admit(shared, &live, &request, ctx)?, path)?;
             only_get(&request)?;
             let mut response = Response::new(SluiceBody::full(admin::metrics::render_metrics(shared, &live)));
             response
@@ -198,7 +215,7 @@ async fn handle_inner(
             Ok(response)
         }
         "/stats" => {
-            admit(shared, &live, &request, ctx)?;
+            operator_only(admit(shared, &live, &request, ctx)?, path)?;
             only_get(&request)?;
             Ok(json_response(StatusCode::OK, admin::stats::render_stats(shared, &live).to_string().into()))
         }
@@ -230,7 +247,14 @@ async fn forward(
     ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
     let client = admit(shared, live, &request, ctx)?;
-    if proxy::is_model_endpoint(request.uri().path()) && request.method() != Method::POST {
+    let path = request.uri().path();
+    // Files, batches, assistants, stored responses live in the upstream
+    // account every client shares: a tenant's key reaches them only when granted.
+    let listing = path.starts_with("/v1/models/") && request.method() == Method::GET;
+    if client.as_ref().is_some_and(|c| !c.passthrough) && !INFERENCE_PATHS.contains(&path) && !listing {
+        return Err(ProxyError::PathNotAllowed(path.to_string()));
+    }
+    if proxy::is_model_endpoint(path) && request.method() != Method::POST {
         return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
     }
     let prepared = proxy::prepare(live, request, client.as_deref(), ctx).await?;
@@ -240,6 +264,15 @@ async fn forward(
     match cached::stage(&shared.cache, &live.config.cache, Box::new(prepared), client.as_deref(), ctx).await? {
         Step::Answer(response) => Ok(response),
         Step::Forward(prepared) => retry::send(*prepared, ctx).await,
+    }
+}
+
+/// `/metrics` and `/stats` show every client's traffic: served to the
+/// operator's keys (`[auth] keys`) and on exempt paths, not to tenants.
+fn operator_only(client: Option<Arc<Client>>, path: &str) -> Result<(), ProxyError> {
+    match client {
+        Some(client) if !client.operator => Err(ProxyError::PathNotAllowed(path.to_string())),
+        _ => Ok(()),
     }
 }
 
@@ -320,6 +353,7 @@ fn admit(
     match &client {
         Some(client) => {
             ctx.client = Some(Arc::clone(client) as _);
+            ctx.tenant = !client.operator;
             match client.admit() {
                 Ok(rate) => ctx.rate = rate,
                 Err((error, rate)) => {
@@ -337,7 +371,7 @@ fn admit(
                     scope: CLIENT_ADDRESS,
                     per: "minute",
                     limit: rpm,
-                    retry_after: retry_after.as_secs().max(1),
+                    retry_after: (retry_after.as_millis() as u64).div_ceil(1000).max(1),
                 });
             }
         }

@@ -168,8 +168,12 @@ impl Shared {
                 let opened = store::open(&settings.url).map_err(|e| format!("{} ({})", e, settings.url))?;
                 let publish = Arc::clone(&feed);
                 Some(
-                    StoreHandle::start(opened, Box::new(move |snapshot| publish.publish(snapshot)))
-                        .map_err(|e| e.to_string())?,
+                    StoreHandle::start(
+                        opened,
+                        Box::new(move |snapshot| publish.publish(snapshot)),
+                        settings.keep_usage,
+                    )
+                    .map_err(|e| e.to_string())?,
                 )
             }
             None => None,
@@ -203,7 +207,9 @@ impl Shared {
     /// Builds the client table again from the config and the store's latest
     /// snapshot, and swaps it in; every other part of the snapshot is kept.
     pub fn rebuild_clients(&self) {
-        let Ok(_serial) = self.reload_lock.lock() else { return };
+        // A panic under the lock left nothing half-written (the swap is one
+        // store): go on rather than stop rebuilding for good.
+        let _serial = self.reload_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let current = self.live.load_full();
         let snapshot = self.feed.latest();
         let from_store = snapshot.as_deref().zip(self.store.as_ref().map(|s| &s.usage));
@@ -232,7 +238,7 @@ impl Shared {
     /// Re-reads the config file the running snapshot came from and swaps in a new
     /// snapshot. On any error the running snapshot stays and the reason is returned.
     pub fn reload(&self) -> Result<ReloadSummary, String> {
-        let _serial = self.reload_lock.lock().map_err(|_| "reload lock poisoned".to_string())?;
+        let _serial = self.reload_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let result = self.reload_inner();
         self.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
         match &result {

@@ -8,6 +8,23 @@ use std::time::Duration;
 
 use crate::access::limits::{Verdict, Window};
 
+/// The address a client is counted under: an IPv4 address (or an
+/// IPv4-mapped IPv6 one) as it is, an IPv6 address by its /64, which one
+/// host usually holds whole (so rotating addresses in it gains nothing).
+pub fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(octets))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 /// Addresses tracked at most (about 1 KiB each).
 const MAX_ADDRESSES: u64 = 100_000;
 
@@ -35,7 +52,7 @@ impl IpLimiter {
     /// Admits one request from `ip` under `rpm` at clock time `now_ms`, or
     /// says how long until one fits.
     pub fn take(&self, ip: IpAddr, rpm: u32, now_ms: u64) -> Result<(), Duration> {
-        let window = self.windows.get_with(ip, || Arc::new(Window::default()));
+        let window = self.windows.get_with(counted_as(ip), || Arc::new(Window::default()));
         match window.take(rpm, Duration::from_secs(60), now_ms) {
             Verdict::Admitted { .. } => Ok(()),
             Verdict::Refused { retry_after } => Err(retry_after),

@@ -76,11 +76,16 @@ fn unpack(word: u64) -> (u64, u64, u64) {
 }
 
 /// How far bucket `now` (whole) is ahead of the truncated index `stored`:
-/// 0 for the same bucket, `None` when `stored` is the later one (a request
-/// whose clock read lagged another's).
+/// 0 for the same bucket; `None` when `stored` is a little ahead of `now`
+/// (at most a window: a request whose clock read lagged another's). Anything
+/// else is `now` being ahead, however long the key was idle. After more than
+/// 2^24 idle buckets the distance wraps and the old bucket is frozen at a
+/// wrong (recent) index: counted for one window longer than it should be,
+/// which refuses early but never admits too many.
 fn ahead(now: u64, stored: u64) -> Option<u64> {
     let diff = (now & INDEX_MASK).wrapping_sub(stored) & INDEX_MASK;
-    (diff < 1 << (INDEX_BITS - 1)).then_some(diff)
+    let lag = stored.wrapping_sub(now & INDEX_MASK) & INDEX_MASK;
+    if diff != 0 && lag <= BUCKETS { None } else { Some(diff) }
 }
 
 impl Window {
@@ -415,6 +420,19 @@ mod tests {
         // A request whose clock read lagged joins the newer bucket.
         assert!(admitted(w.take(3, span, wrap + 69)));
         assert_eq!(w.used(span, wrap + 70), 2);
+    }
+
+    #[test]
+    fn a_key_idle_for_months_is_admitted_again() {
+        let w = Window::default();
+        let t = 50_000_000;
+        assert!(admitted(w.take(2, SPAN, t)));
+        assert!(admitted(w.take(2, SPAN, t)));
+        // 100 days: more than half the 24-bit index range of one-second buckets.
+        let later = t + 100 * 86_400 * 1000;
+        assert!(admitted(w.take(2, SPAN, later)));
+        assert!(admitted(w.take(2, SPAN, later)));
+        assert!(!admitted(w.take(2, SPAN, later)));
     }
 
     #[test]

@@ -26,6 +26,24 @@ impl From<StoreError> for ProxyError {
     }
 }
 
+/// A user or key name, trimmed: 1 to 128 printable characters.
+pub fn check_name(field: &'static str, name: &str) -> Result<String, ProxyError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(bad(field, "must be 1 to 128 printable characters"));
+    }
+    Ok(name.to_string())
+}
+
+/// Model names for a key, as the CLI takes them: `*` anywhere is all (empty).
+pub fn check_models(field: &'static str, models: Vec<String>) -> Result<Vec<String>, ProxyError> {
+    let models: Vec<String> = models.into_iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+    if models.len() > MAX_MODELS || models.iter().any(|m| m.len() > MAX_NAME || m.contains(',')) {
+        return Err(bad(field, "must be at most 256 model names of at most 128 characters, without commas"));
+    }
+    Ok(if models.iter().any(|m| m == "*") { Vec::new() } else { models })
+}
+
 /// A JSON object's fields, taken one at a time; whatever is left over is an
 /// unknown field and refused by name.
 pub struct Fields(Map<String, Value>);
@@ -55,11 +73,7 @@ impl Fields {
     fn name(&mut self, names: &[&'static str]) -> Result<Option<String>, ProxyError> {
         let Some((field, value)) = self.take(names) else { return Ok(None) };
         let Value::String(name) = value else { return Err(bad(field, "must be a string")) };
-        let name = name.trim().to_string();
-        if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
-            return Err(bad(field, "must be 1 to 128 printable characters"));
-        }
-        Ok(Some(name))
+        check_name(field, &name).map(Some)
     }
 
     /// `Some(None)` when the field is `null`.
@@ -111,7 +125,11 @@ impl Fields {
         if models.len() > MAX_MODELS {
             return Err(bad(field, "lists too many models"));
         }
-        Ok(Some(models.into_iter().filter(|m| m != "*").collect()))
+        // `*` anywhere in the list means every model (an empty list).
+        if models.iter().any(|m| m == "*") {
+            return Ok(Some(Vec::new()));
+        }
+        Ok(Some(models))
     }
 
     /// Refuses the first field nobody took.
@@ -172,6 +190,7 @@ impl Fields {
             rph: self.count("rph", i64::from(MAX_WINDOW_LIMIT))?.flatten(),
             tokens_per_day: self.count("tokens_per_day", i64::MAX)?.flatten(),
             expires_at: self.count("expires_at", i64::MAX)?.flatten(),
+            passthrough: self.bool("passthrough")?.unwrap_or(false),
         };
         self.finish()?;
         Ok(request)
@@ -188,6 +207,7 @@ impl Fields {
             tokens_per_day: self.count("tokens_per_day", i64::MAX)?,
             expires_at: self.count("expires_at", i64::MAX)?,
             disabled: self.bool("disabled")?,
+            passthrough: self.bool("passthrough")?,
         };
         self.finish()?;
         Ok(patch)
@@ -211,6 +231,8 @@ pub struct KeyRequest {
     pub tokens_per_day: Option<i64>,
     /// Unix seconds after which it is refused.
     pub expires_at: Option<i64>,
+    /// May call paths beyond the inference endpoints.
+    pub passthrough: bool,
 }
 
 /// A key just made: the key itself (shown this once) and what was stored.
@@ -246,6 +268,7 @@ pub fn issue_key(store: &mut dyn Store, request: &KeyRequest, now: i64) -> Resul
         rph: request.rph,
         tokens_per_day: request.tokens_per_day,
         expires_at: request.expires_at,
+        passthrough: request.passthrough,
     };
     let record = store.create_key(&new, now)?;
     Ok(IssuedKey { key, record })
@@ -382,8 +405,11 @@ mod tests {
 
     #[test]
     fn a_patch_tells_clearing_from_leaving() {
-        let patch = fields(r#"{"rpm":null,"models":["a","*"]}"#).key_patch().unwrap();
+        let patch = fields(r#"{"rpm":null,"models":["a"],"passthrough":true}"#).key_patch().unwrap();
         assert_eq!((patch.rpm, patch.rph, patch.models), (Some(None), None, Some(vec!["a".to_string()])));
+        assert_eq!(patch.passthrough, Some(true));
+        let all = fields(r#"{"models":["a","*"]}"#).key_patch().unwrap();
+        assert_eq!(all.models, Some(vec![]), "`*` anywhere is every model");
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct KeyRecord {
     pub created_at: i64,
     /// Unix seconds of the last request, written with the usage.
     pub last_used_at: Option<i64>,
+    /// May call paths beyond the inference endpoints (files, batches,
+    /// assistants...), which live in the upstream account every tenant shares.
+    pub passthrough: bool,
 }
 
 /// Usage of one key, one model, one hour.
@@ -146,6 +149,8 @@ pub struct NewKey {
     pub tokens_per_day: Option<i64>,
     /// See [`KeyRecord`].
     pub expires_at: Option<i64>,
+    /// See [`KeyRecord`].
+    pub passthrough: bool,
 }
 
 /// Changes to a key; `None` leaves a field as it is, `Some(None)` clears it.
@@ -165,6 +170,8 @@ pub struct KeyPatch {
     pub expires_at: Option<Option<i64>>,
     /// Enable or disable.
     pub disabled: Option<bool>,
+    /// Allow or deny paths beyond the inference endpoints.
+    pub passthrough: Option<bool>,
 }
 
 /// What the in-memory client table is built from.
@@ -211,6 +218,8 @@ pub trait Store: Send {
     fn revoke_key(&mut self, id: i64, now: i64) -> Result<bool, StoreError>;
     /// Adds usage rows and sets keys' last use, in one transaction.
     fn add_usage(&mut self, rows: &[UsageRow], last_used: &[(i64, i64)]) -> Result<(), StoreError>;
+    /// Deletes usage older than `before_hour`; returns the rows deleted.
+    fn prune_usage(&mut self, before_hour: i64) -> Result<u64, StoreError>;
     /// Usage rows of one key or all, for hours `from..to`.
     fn usage(&mut self, key_id: Option<i64>, from_hour: i64, to_hour: i64) -> Result<Vec<UsageRow>, StoreError>;
 }
@@ -298,6 +307,8 @@ enum Message {
 
 /// How often usage is written and other processes' changes looked for.
 pub const STORE_TICK: Duration = Duration::from_secs(1);
+/// How often usage past its retention is deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// The store, running on a thread of its own.
 #[derive(Clone)]
@@ -322,16 +333,17 @@ fn today_first_hour() -> i64 {
 
 impl StoreHandle {
     /// Starts the store's thread over an opened store. `on_change` gets the
-    /// first snapshot before this returns, then one after every change.
-    pub fn start(mut store: Box<dyn Store>, on_change: OnChange) -> Result<Self, StoreError> {
-        on_change(store.snapshot(today_first_hour())?);
+    /// first snapshot before this returns, then one after every change;
+    /// usage older than `keep_usage` is deleted once an hour.
+    pub fn start(mut store: Box<dyn Store>, on_change: OnChange, keep_usage: Duration) -> Result<Self, StoreError> {
         store.changed_elsewhere()?;
+        on_change(store.snapshot(today_first_hour())?);
         let (jobs, receiver) = crossbeam_channel::unbounded();
         let usage = Arc::new(UsageQueue::default());
         let queue = Arc::clone(&usage);
         std::thread::Builder::new()
             .name("sluice-store".into())
-            .spawn(move || run(store, receiver, queue, on_change))
+            .spawn(move || run(store, receiver, queue, on_change, keep_usage))
             .map_err(|e| StoreError::Database(format!("cannot start the store thread: {e}")))?;
         Ok(Self { jobs, usage })
     }
@@ -416,24 +428,68 @@ fn requeue(usage: &UsageQueue, rows: Vec<UsageRow>) {
     }
 }
 
-fn run(mut store: Box<dyn Store>, jobs: Receiver<Message>, usage: Arc<UsageQueue>, on_change: OnChange) {
-    let refresh = |store: &mut dyn Store| match store.snapshot(today_first_hour()) {
-        Ok(snapshot) => on_change(snapshot),
-        Err(error) => tracing::warn!(%error, "could not read the key store; the client table stays"),
+fn run(
+    mut store: Box<dyn Store>,
+    jobs: Receiver<Message>,
+    usage: Arc<UsageQueue>,
+    on_change: OnChange,
+    keep_usage: Duration,
+) {
+    // The marker of other processes' changes is read before the snapshot:
+    // a change landing after it is seen on the next poll, never lost.
+    let refresh = |store: &mut dyn Store| -> bool {
+        let _ = store.changed_elsewhere();
+        match store.snapshot(today_first_hour()) {
+            Ok(snapshot) => {
+                on_change(snapshot);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not read the key store; the client table stays, retried in a second");
+                false
+            }
+        }
     };
-    // A deadline, not a timeout per wait: a steady stream of jobs must not
-    // hold back the usage writes and the poll.
+    let mut dirty = false;
     let mut tick = std::time::Instant::now() + STORE_TICK;
+    let mut next_prune = std::time::Instant::now();
     loop {
+        // A deadline checked after every job too: a steady stream of jobs
+        // must not hold back the usage writes and the poll.
+        if std::time::Instant::now() >= tick {
+            tick = std::time::Instant::now() + STORE_TICK;
+            flush(store.as_mut(), &usage);
+            match store.changed_elsewhere() {
+                Ok(changed) if changed || dirty => dirty = !refresh(store.as_mut()),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "could not poll the key store"),
+            }
+            if std::time::Instant::now() >= next_prune {
+                next_prune = std::time::Instant::now() + PRUNE_EVERY;
+                let before = unix_now().div_euclid(3600) - (keep_usage.as_secs() / 3600) as i64;
+                match store.prune_usage(before) {
+                    Ok(0) => {}
+                    Ok(rows) => tracing::info!(rows, "usage past its retention deleted"),
+                    Err(error) => tracing::warn!(%error, "could not delete old usage"),
+                }
+            }
+        }
         match jobs.recv_deadline(tick) {
             Ok(Message::Run(job, wrote)) => {
                 // Usage counted so far is written first, so a read sees it.
                 flush(store.as_mut(), &usage);
-                let deliver = job(store.as_mut());
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(store.as_mut())));
+                let deliver = match run {
+                    Ok(deliver) => deliver,
+                    Err(_) => {
+                        // The job's answer is dropped (its caller hears "closed");
+                        // the thread, and every later job, goes on.
+                        tracing::error!("a key store job panicked");
+                        continue;
+                    }
+                };
                 if wrote {
-                    refresh(store.as_mut());
-                    // Our own commit is not news on the next poll.
-                    let _ = store.changed_elsewhere();
+                    dirty = !refresh(store.as_mut());
                 }
                 deliver();
             }
@@ -442,15 +498,7 @@ fn run(mut store: Box<dyn Store>, jobs: Receiver<Message>, usage: Arc<UsageQueue
                 let _ = done.send(());
                 return;
             }
-            Err(RecvTimeoutError::Timeout) => {
-                tick = std::time::Instant::now() + STORE_TICK;
-                flush(store.as_mut(), &usage);
-                match store.changed_elsewhere() {
-                    Ok(true) => refresh(store.as_mut()),
-                    Ok(false) => {}
-                    Err(error) => tracing::warn!(%error, "could not poll the key store"),
-                }
-            }
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 flush(store.as_mut(), &usage);
                 return;

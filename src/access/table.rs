@@ -48,15 +48,15 @@ impl Allowed {
         }
     }
 
-    /// Resolves names and aliases to canonical route names.
+    /// Resolves names and aliases to canonical route names; none, or `*`
+    /// among them, is every model.
     fn resolve(models: &[String], routes: &Routes) -> Self {
-        let models: Vec<&String> = models.iter().filter(|m| m.as_str() != "*").collect();
-        if models.is_empty() {
+        if models.is_empty() || models.iter().any(|m| m == "*") {
             return Self::All;
         }
         Self::Only(
             models
-                .into_iter()
+                .iter()
                 .map(|name| match routes.get(name) {
                     Some(route) if &*route.name != "*" => route.name.clone(),
                     _ => name.as_str().into(),
@@ -94,6 +94,13 @@ pub struct Client {
     /// Its counters, carried across tables.
     pub counters: Arc<KeyCounters>,
     usage: Option<Arc<UsageQueue>>,
+    /// May call paths beyond the inference endpoints (files, batches,
+    /// assistants, stored responses): those live in the upstream account
+    /// every client shares. Config keys may; tenants' keys only when granted.
+    pub passthrough: bool,
+    /// The operator's own key (`[auth] keys`): may read `/metrics` and
+    /// `/stats`, and sees the upstream's own rate-limit headers.
+    pub operator: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -147,7 +154,9 @@ impl Account for Client {
     fn finished(&self, end: &Finished<'_>) {
         let (prompt, completion) = end.tokens.unwrap_or((0, 0));
         let now = unix_now();
-        if !end.cached && prompt + completion > 0 && self.limits.tokens_per_day.is_some() {
+        // Counted with or without a budget: one set later in the day starts
+        // from what the key already used.
+        if !end.cached && prompt + completion > 0 {
             self.counters.tokens.add(utc_day(now.max(0) as u64), prompt + completion);
         }
         if let Some(user) = &self.user_counters {
@@ -215,9 +224,10 @@ impl ClientTable {
         store: Option<(&Snapshot, &Arc<UsageQueue>)>,
         previous: Option<&ClientTable>,
     ) -> Self {
-        let carried: HashMap<&str, &Arc<KeyCounters>> =
-            previous.map(|p| p.by_hash.values().map(|c| (&*c.label, &c.counters)).collect()).unwrap_or_default();
-        let counters_for = |label: &str| carried.get(label).map_or_else(Arc::default, |c| Arc::clone(c));
+        // By key, not by label: a label like `config:N` follows list order.
+        let carried: HashMap<&KeyHash, &Arc<KeyCounters>> =
+            previous.map(|p| p.by_hash.iter().map(|(hash, c)| (hash, &c.counters)).collect()).unwrap_or_default();
+        let counters_for = |hash: &KeyHash| carried.get(hash).map_or_else(Arc::default, |c| Arc::clone(c));
         let limits = &config.limits;
         let default_window = |own: Option<i64>, default: u32| match own {
             Some(0) => None,
@@ -228,6 +238,7 @@ impl ClientTable {
         let mut users: HashMap<Arc<str>, Arc<UserCounters>> = HashMap::new();
         for (i, key) in config.auth.keys.iter().enumerate() {
             let label: Arc<str> = Arc::from(format!("config:{i}"));
+            let hash = key_hash(key.expose().as_bytes());
             let key_limits = if limits.enabled && limits.config_keys {
                 KeyLimits {
                     rpm: default_window(None, limits.rpm),
@@ -238,7 +249,7 @@ impl ClientTable {
                 KeyLimits::default()
             };
             let client = Client {
-                counters: counters_for(&label),
+                counters: counters_for(&hash),
                 label,
                 user: None,
                 user_counters: None,
@@ -247,8 +258,10 @@ impl ClientTable {
                 expires_at: None,
                 limits: key_limits,
                 usage: None,
+                passthrough: true,
+                operator: true,
             };
-            by_hash.insert(key_hash(key.expose().as_bytes()), Arc::new(client));
+            by_hash.insert(hash, Arc::new(client));
         }
         for client in &config.clients {
             let label: Arc<str> = Arc::from(format!("client:{}", client.name));
@@ -257,8 +270,9 @@ impl ClientTable {
             } else {
                 KeyLimits::default()
             };
+            let hash = key_hash(client.key.expose().as_bytes());
             let entry = Client {
-                counters: counters_for(&label),
+                counters: counters_for(&hash),
                 label,
                 user: None,
                 user_counters: None,
@@ -267,8 +281,10 @@ impl ClientTable {
                 expires_at: None,
                 limits: key_limits,
                 usage: None,
+                passthrough: client.passthrough,
+                operator: false,
             };
-            by_hash.insert(key_hash(client.key.expose().as_bytes()), Arc::new(entry));
+            by_hash.insert(hash, Arc::new(entry));
         }
         if let Some((snapshot, usage)) = store {
             let previous_users = previous.map(|p| &p.users);
@@ -282,7 +298,7 @@ impl ClientTable {
                 }
                 let Some(hash) = hex::decode(&key.hash).ok().and_then(|h| KeyHash::try_from(h).ok()) else { continue };
                 let label: Arc<str> = Arc::from(format!("key:{}", key.id));
-                let counters = match carried.get(&*label) {
+                let counters = match carried.get(&hash) {
                     Some(carried) => Arc::clone(carried),
                     None => {
                         let fresh = Arc::new(KeyCounters::default());
@@ -315,6 +331,8 @@ impl ClientTable {
                     limits: key_limits,
                     counters,
                     usage: Some(Arc::clone(usage)),
+                    passthrough: key.passthrough,
+                    operator: false,
                 };
                 by_hash.insert(hash, Arc::new(client));
             }
@@ -344,8 +362,16 @@ impl ClientTable {
         let Some(presented) = presented_key(headers, query) else {
             return if self.is_exempt(path) { Ok(None) } else { Err(ProxyError::MissingApiKey) };
         };
+        // On a path that needs no key, a key that does not count (unknown,
+        // expired) is as good as none.
         match self.by_hash.get(&key_hash(presented)) {
-            Some(client) if client.expires_at.is_some_and(|at| unix_now() >= at) => Err(ProxyError::KeyExpired),
+            Some(client) if client.expires_at.is_some_and(|at| unix_now() >= at) => {
+                if self.is_exempt(path) {
+                    Ok(None)
+                } else {
+                    Err(ProxyError::KeyExpired)
+                }
+            }
             Some(client) => Ok(Some(Arc::clone(client))),
             None if self.is_exempt(path) => Ok(None),
             None => Err(ProxyError::InvalidApiKey),

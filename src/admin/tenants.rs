@@ -94,7 +94,14 @@ pub async fn handle(
         }
         (Collection::Keys, []) => match method {
             Method::GET => {
-                let user = query_value(query.as_deref(), "user_id").map(|v| item_id(&v)).transpose()?;
+                let user =
+                    match query_value(query.as_deref(), "user_id") {
+                        Some(text) => Some(text.parse::<i64>().map_err(|_| ProxyError::BadField {
+                            field: "user_id",
+                            reason: "must be a user id".into(),
+                        })?),
+                        None => None,
+                    };
                 let keys = store.read(move |s| s.keys(user)).await?;
                 reply(StatusCode::OK, list(keys.iter().map(key_json).collect::<Vec<_>>()))
             }
@@ -170,14 +177,21 @@ async fn stats(store: &StoreHandle) -> Result<Response<SluiceBody>, ProxyError> 
     let now = unix_now();
     let (users, keys, rows) = store
         .read(move |s| {
-            Ok((s.users()?.len(), s.keys(None)?, s.usage(None, now.div_euclid(3600) - 23, now.div_euclid(3600) + 1)?))
+            Ok((s.users()?, s.keys(None)?, s.usage(None, now.div_euclid(3600) - 23, now.div_euclid(3600) + 1)?))
         })
         .await?;
+    let user_disabled = |id: Option<i64>| id.is_some_and(|id| users.iter().any(|u| u.id == id && u.disabled));
     let revoked = keys.iter().filter(|k| k.revoked_at.is_some()).count();
-    let disabled = keys.iter().filter(|k| k.revoked_at.is_none() && k.disabled).count();
+    // A disabled user's keys are refused: disabled too.
+    let disabled = keys.iter().filter(|k| k.revoked_at.is_none() && (k.disabled || user_disabled(k.user_id))).count();
     let expired = keys
         .iter()
-        .filter(|k| k.revoked_at.is_none() && !k.disabled && k.expires_at.is_some_and(|at| now >= at))
+        .filter(|k| {
+            k.revoked_at.is_none()
+                && !k.disabled
+                && !user_disabled(k.user_id)
+                && k.expires_at.is_some_and(|at| now >= at)
+        })
         .count();
     let mut per_key: Vec<(i64, Totals)> = Vec::new();
     for row in &rows {
@@ -200,7 +214,7 @@ async fn stats(store: &StoreHandle) -> Result<Response<SluiceBody>, ProxyError> 
     reply(
         StatusCode::OK,
         json!({
-            "users": users,
+            "users": users.len(),
             "keys": { "total": keys.len(), "active": keys.len() - revoked - disabled - expired, "disabled": disabled, "expired": expired, "revoked": revoked },
             "last_24h": totals_json(json!({}), &Totals::of(&rows)),
             "by_model": by_model,
@@ -224,6 +238,7 @@ pub fn key_json(key: &KeyRecord) -> Value {
         "disabled": key.disabled,
         "revoked": key.revoked_at.is_some(),
         "revoked_at": key.revoked_at,
+        "passthrough": key.passthrough,
         "created_at": key.created_at,
         "last_used_at": key.last_used_at,
     })

@@ -36,6 +36,7 @@ pub(super) struct RawClientKey {
     rpm: Option<u32>,
     rph: Option<u32>,
     tokens_per_day: Option<u64>,
+    passthrough: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +53,7 @@ pub(super) struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStore {
     url: Option<String>,
+    keep_usage: Option<super::units::HumanDuration>,
 }
 
 /// `[auth]`.
@@ -80,6 +82,8 @@ pub struct ClientConfig {
     pub rph: Option<u32>,
     /// Tokens per UTC day.
     pub tokens_per_day: Option<u64>,
+    /// May call paths beyond the inference endpoints (default false).
+    pub passthrough: bool,
 }
 
 /// `[limits]`.
@@ -102,7 +106,12 @@ pub struct LimitsConfig {
 pub struct StoreConfig {
     /// The store's location.
     pub url: StoreUrl,
+    /// How long usage rows are kept (deleted hourly past it).
+    pub keep_usage: std::time::Duration,
 }
+
+/// Default retention of usage rows: 400 days, a year and its month to compare.
+pub const DEFAULT_KEEP_USAGE: std::time::Duration = std::time::Duration::from_secs(400 * 86_400);
 
 /// Where the store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +126,8 @@ impl StoreUrl {
     pub fn parse(text: &str, base: &std::path::Path) -> Result<Self, String> {
         match text.split_once("://") {
             Some(("sqlite", path)) if !path.is_empty() => Ok(Self::Sqlite(base.join(path))),
-            _ => Err(format!("`{text}` is not a store URL (sqlite://PATH)")),
+            // Not echoed: a database URL may hold a password.
+            _ => Err("not a store URL (sqlite://PATH)".to_string()),
         }
     }
 }
@@ -187,6 +197,7 @@ impl Validator<'_> {
                     rpm: client.rpm.filter(|l| *l > 0),
                     rph: client.rph.filter(|l| *l > 0),
                     tokens_per_day: client.tokens_per_day.filter(|l| *l > 0),
+                    passthrough: client.passthrough.unwrap_or(false),
                 })
             })
             .collect()
@@ -213,6 +224,10 @@ impl Validator<'_> {
         let Some(url) = raw.url else { return Ok(None) };
         let url = expand_env(&url, self.env).map_err(|e| self.invalid("store.url", e))?;
         let url = StoreUrl::parse(&url, self.base_dir).map_err(|e| self.invalid("store.url", e))?;
-        Ok(Some(StoreConfig { url }))
+        let keep_usage = raw.keep_usage.map_or(DEFAULT_KEEP_USAGE, |d| d.0);
+        if keep_usage < std::time::Duration::from_secs(3600) {
+            return Err(self.invalid("store.keep_usage", "must be at least 1h"));
+        }
+        Ok(Some(StoreConfig { url, keep_usage }))
     }
 }

@@ -22,9 +22,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" | "sec" | "secs" => 1_000,
         "m" | "min" | "mins" => 60_000,
         "h" | "hour" | "hours" => 3_600_000,
-        "" => return Err(format!("`{text}` needs a unit: ms, s, m or h")),
+        "d" | "day" | "days" => 86_400_000,
+        "" => return Err(format!("`{text}` needs a unit: ms, s, m, h or d")),
         other => {
-            return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)"));
+            return Err(format!("unknown duration unit `{other}` (use ms, s, m, h or d)"));
         }
     };
     number.checked_mul(millis_per_unit).map(Duration::from_millis).ok_or_else(|| format!("`{text}` is too large"))

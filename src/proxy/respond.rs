@@ -51,7 +51,10 @@ pub fn respond(
     };
     let mut meter = Meter::new(ctx.clone(), key, lease, parts.status.as_u16(), sse);
     if let (Some(fill), StatusCode::OK) = (fill, parts.status) {
-        let header = |name| parts.headers.get(name).cloned();
+        // Copied, not cloned: a header value may be a slice of the read
+        // buffer its head was parsed from, and an entry must not keep that
+        // whole buffer alive for its TTL.
+        let header = |name| parts.headers.get(name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
         meter = meter.record(fill.record(header(CONTENT_TYPE), header(CONTENT_ENCODING), sse));
     }
     Response::from_parts(parts, SluiceBody::Upstream { inner: MeteredBody::new(incoming, sse, timing, meter) })

@@ -143,6 +143,9 @@ pub struct RequestContext {
     pub client: Option<Arc<dyn Account>>,
     /// The `x-ratelimit-*` values of the answer, when the client's key is limited.
     pub rate: Option<RateHeaders>,
+    /// A tenant's key (not the operator's): the upstream's own rate-limit
+    /// headers, which describe the shared account, are not passed on.
+    pub tenant: bool,
     /// What the response cache did, for a request it could have answered.
     pub cache: Option<CacheStatus>,
     /// A cache hit's tokens (cached, not the upstream's).
@@ -208,6 +211,7 @@ impl RequestContext {
             telemetry,
             client: None,
             rate: None,
+            tenant: false,
             cache: None,
             cached_tokens: None,
             model: None,

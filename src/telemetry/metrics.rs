@@ -320,7 +320,7 @@ pub struct Rejections([AtomicU64; Rejections::REASONS.len()]);
 
 impl Rejections {
     /// Every reason, in exposition order.
-    pub const REASONS: [&'static str; 7] = ["invalid", "expired", "model", "rpm", "rph", "quota", "per_ip"];
+    pub const REASONS: [&'static str; 8] = ["invalid", "expired", "model", "path", "rpm", "rph", "quota", "per_ip"];
 
     /// Counts one rejection (an unknown reason is a bug and is not counted).
     pub fn count(&self, reason: &str) {

@@ -5,11 +5,13 @@
 use memchr::memmem;
 use serde::Deserialize;
 
+/// Chat and completions name the counts `prompt_tokens` and
+/// `completion_tokens`; the Responses API `input_tokens` and `output_tokens`.
 #[derive(Deserialize)]
 struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: u64,
 }
 
@@ -57,6 +59,15 @@ fn parse_after(rest: &[u8]) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_responses_api_names_its_counts_differently() {
+        let completed = br#"event: response.completed
+data: {"type":"response.completed","response":{"id":"resp_1","usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},"output_tokens":30,"total_tokens":42}}}
+
+"#;
+        assert_eq!(find_usage(completed), Some((12, 30)));
+    }
 
     #[test]
     fn json_answer() {

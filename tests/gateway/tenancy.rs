@@ -405,3 +405,96 @@ async fn the_request_log_names_the_key_by_id_and_its_user() {
     assert!(store_line["user"].as_str().unwrap().starts_with('u'), "{store_line}");
     assert!(lines.iter().any(|l| l["client"] == "config:0" && l.get("user").is_none()), "{text}");
 }
+
+#[tokio::test]
+async fn a_tenant_reaches_the_inference_endpoints_only_unless_granted() {
+    let tenancy = Tenancy::start(Transport::H1Sluice, "").await;
+    let (_, key) = tenancy.key(json!({})).await;
+    let call = |method: Method, path: &str, key: &str| {
+        Request::builder()
+            .method(method)
+            .uri(tenancy.h.url(path))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // Files, batches and stored responses live in the upstream account every
+    // tenant shares.
+    for (method, path) in [
+        (Method::GET, "/v1/files/file-of-bob"),
+        (Method::DELETE, "/v1/files/file-of-bob"),
+        (Method::POST, "/v1/batches"),
+        (Method::GET, "/v1/responses/resp_of_bob"),
+    ] {
+        let reply = tenancy.h.send(call(method, path, &key)).await;
+        assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::FORBIDDEN, "path_not_allowed"), "{path}");
+    }
+    assert_eq!(tenancy.h.stats().requests, 0, "nothing reached the upstream");
+    // The operator's own key, and a tenant granted passthrough, may (the
+    // mock has no files: its 404 shows the request got there).
+    assert_eq!(
+        tenancy.h.send(call(Method::GET, "/v1/files/file-1", crate::support::CLIENT_KEY)).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let (_, granted) = tenancy.key(json!({ "passthrough": true })).await;
+    assert_eq!(tenancy.h.send(call(Method::GET, "/v1/files/file-1", &granted)).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(tenancy.h.stats().path("/v1/files/file-1"), 2);
+    // The operator's views are the operator's.
+    for path in ["/metrics", "/stats"] {
+        let reply = tenancy.h.send(call(Method::GET, path, &key)).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(tenancy.h.send(call(Method::GET, path, crate::support::CLIENT_KEY)).await.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn leaving_a_stream_before_its_usage_dodges_no_budget() {
+    let tenancy = Tenancy::start(Transport::H1Sluice, "").await;
+    let (id, key) = tenancy.key(json!({ "tokens_per_day": 100000 })).await;
+    let prompt = "x".repeat(2000);
+    let body = json!({ "model": "plain", "stream": true, "messages": [{ "role": "user", "content": prompt }] });
+    let request = Request::post(tenancy.h.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("x-mock-chunks", "10")
+        .header("x-mock-gap-ms", "50")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = crate::support::h1_client().request(request).await.unwrap();
+    let mut stream = response.into_body();
+    // Two frames, then gone: before the answer, and its usage, ended.
+    for _ in 0..2 {
+        http_body_util::BodyExt::frame(&mut stream).await.unwrap().unwrap();
+    }
+    drop(stream);
+    let mut usage = Value::Null;
+    for _ in 0..200 {
+        usage = tenancy.usage(id).await;
+        if usage["requests"].as_i64() == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(usage["errors"], 1, "{usage}");
+    assert!(usage["prompt_tokens"].as_i64().unwrap() >= 500, "the request's size is charged: {usage}");
+}
+
+#[tokio::test]
+async fn a_budget_set_later_in_the_day_counts_what_was_used() {
+    let tenancy = Tenancy::start(Transport::H1Sluice, "").await;
+    let (id, key) = tenancy.key(json!({})).await;
+    assert_eq!(tenancy.chat_as(&key, chat("plain")).await.status, StatusCode::OK);
+    let mut used = 0;
+    for _ in 0..200 {
+        let usage = tenancy.usage(id).await;
+        used = usage["prompt_tokens"].as_i64().unwrap() + usage["completion_tokens"].as_i64().unwrap();
+        if used > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(used > 0);
+    let patched = tenancy.admin(Method::PATCH, &format!("/admin/keys/{id}"), json!({ "tokens_per_day": used })).await;
+    assert_eq!(patched.status, StatusCode::OK);
+    let spent = tenancy.chat_as(&key, chat("plain")).await;
+    assert_eq!((spent.status, spent.error_code().as_str()), (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"));
+}

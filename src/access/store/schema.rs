@@ -59,6 +59,18 @@ pub const MIGRATIONS: &[Migration] = &[
             )",
         ],
     },
+    Migration {
+        version: 3,
+        statements: &[
+            "ALTER TABLE api_keys ADD COLUMN passthrough BOOLEAN NOT NULL DEFAULT FALSE",
+            // The day's tokens and the global usage views read by hour.
+            "CREATE INDEX key_usage_hour ON key_usage (hour)",
+            // Bumped by every change to users and keys (not by usage), so other
+            // processes refresh their client table for those only.
+            "CREATE TABLE sluice_changes (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)",
+            "INSERT INTO sluice_changes (id, n) VALUES (1, 0)",
+        ],
+    },
 ];
 
 /// The newest schema version.

@@ -1,7 +1,8 @@
 //! The store on SQLite (bundled): one connection, WAL journal (readers never
 //! wait for the writer, another process may write beside), and
 //! `PRAGMA data_version` to notice other processes' commits without reading
-//! any table.
+//! any table; only when it moved is the change counter read, which users'
+//! and keys' writes bump and usage writes do not.
 
 use std::path::Path;
 
@@ -14,7 +15,12 @@ use super::{KeyPatch, KeyRecord, NewKey, NewUser, Snapshot, Store, StoreError, U
 pub struct Sqlite {
     conn: Connection,
     data_version: i64,
+    /// The change counter as last seen.
+    changes: i64,
 }
+
+/// Bumps the change counter, inside the transaction of a change.
+const BUMP: &str = "UPDATE sluice_changes SET n = n + 1 WHERE id = 1";
 
 fn db(error: rusqlite::Error) -> StoreError {
     if let rusqlite::Error::SqliteFailure(failure, _) = &error
@@ -34,7 +40,7 @@ fn sql(portable: &str) -> String {
 
 const USER_COLUMNS: &str = "id, name, email, disabled, created_at";
 const KEY_COLUMNS: &str = "id, user_id, name, prefix, key_hash, models, rpm, rph, tokens_per_day, expires_at, \
-                           disabled, revoked_at, created_at, last_used_at";
+                           disabled, revoked_at, created_at, last_used_at, passthrough";
 
 fn user(row: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User { id: row.get(0)?, name: row.get(1)?, email: row.get(2)?, disabled: row.get(3)?, created_at: row.get(4)? })
@@ -65,6 +71,7 @@ fn key(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         revoked_at: row.get(11)?,
         created_at: row.get(12)?,
         last_used_at: row.get(13)?,
+        passthrough: row.get(14)?,
     })
 }
 
@@ -93,16 +100,42 @@ impl Sqlite {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
-        Ok(Self { conn, data_version: 0 })
+        Ok(Self { conn, data_version: 0, changes: -1 })
+    }
+
+    /// Runs a change to users or keys in one transaction that also bumps the
+    /// change counter (which other processes poll).
+    fn change<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let tx = self.conn.transaction().map_err(db)?;
+        let out = f(&tx).map_err(db)?;
+        tx.execute(BUMP, []).map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(out)
     }
 
     /// Runs migrations up to `target` only (tests of upgrades from old versions).
     pub fn migrate_to(&mut self, target: u32) -> Result<u32, StoreError> {
         self.conn.execute_batch("CREATE TABLE IF NOT EXISTS sluice_schema (version BIGINT NOT NULL)").map_err(db)?;
         let mut version = self.version()?;
-        let from = version;
-        for migration in MIGRATIONS.iter().filter(|m| m.version > from && m.version <= target) {
-            let tx = self.conn.transaction().map_err(db)?;
+        if version > schema::latest() {
+            return Err(StoreError::Database(format!(
+                "the store is at schema version {version}, newer than this sluice knows ({}): upgrade sluice",
+                schema::latest()
+            )));
+        }
+        for migration in MIGRATIONS.iter().filter(|m| m.version <= target) {
+            // Immediate: two processes starting on a new file migrate one
+            // after the other, the second finding the work done.
+            let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
+            let now: Option<u32> =
+                tx.query_row("SELECT max(version) FROM sluice_schema", [], |r| r.get(0)).map_err(db)?;
+            if now.unwrap_or(0) >= migration.version {
+                version = version.max(now.unwrap_or(0));
+                continue;
+            }
             for statement in migration.statements {
                 tx.execute_batch(&statement.replace("{id}", "INTEGER PRIMARY KEY AUTOINCREMENT")).map_err(db)?;
             }
@@ -135,9 +168,18 @@ impl Store for Sqlite {
 
     fn changed_elsewhere(&mut self) -> Result<bool, StoreError> {
         let version: i64 = self.conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(db)?;
-        let changed = version != self.data_version;
+        if version == self.data_version {
+            return Ok(false);
+        }
         self.data_version = version;
-        Ok(changed)
+        let changes: i64 =
+            self.conn.query_row("SELECT n FROM sluice_changes WHERE id = 1", [], |r| r.get(0)).map_err(db)?;
+        Ok(std::mem::replace(&mut self.changes, changes) != changes)
+    }
+
+    fn prune_usage(&mut self, before_hour: i64) -> Result<u64, StoreError> {
+        let deleted = self.conn.execute(&sql("DELETE FROM key_usage WHERE hour < $1"), [before_hour]).map_err(db)?;
+        Ok(deleted as u64)
     }
 
     fn snapshot(&mut self, today_first_hour: i64) -> Result<Snapshot, StoreError> {
@@ -163,13 +205,13 @@ impl Store for Sqlite {
     }
 
     fn create_user(&mut self, new: &NewUser, now: i64) -> Result<User, StoreError> {
-        self.conn
-            .execute(
+        let id = self.change(|tx| {
+            tx.execute(
                 &sql("INSERT INTO users (name, email, created_at) VALUES ($1, $2, $3)"),
                 params![new.name, new.email, now],
-            )
-            .map_err(db)?;
-        let id = self.conn.last_insert_rowid();
+            )?;
+            Ok(tx.last_insert_rowid())
+        })?;
         self.user(id)?.ok_or_else(|| StoreError::Database("the new user vanished".into()))
     }
 
@@ -191,33 +233,32 @@ impl Store for Sqlite {
         let name = patch.name.clone().unwrap_or(current.name);
         let email = patch.email.clone().unwrap_or(current.email);
         let disabled = patch.disabled.unwrap_or(current.disabled);
-        self.conn
-            .execute(
+        self.change(|tx| {
+            tx.execute(
                 &sql("UPDATE users SET name = $1, email = $2, disabled = $3 WHERE id = $4"),
                 params![name, email, disabled, id],
             )
-            .map_err(db)?;
+        })?;
         self.user(id)
     }
 
     fn delete_user(&mut self, id: i64, now: i64) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction().map_err(db)?;
-        tx.execute(
-            &sql("UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL"),
-            params![now, id],
-        )
-        .map_err(db)?;
-        tx.execute(&sql("UPDATE api_keys SET user_id = NULL WHERE user_id = $1"), [id]).map_err(db)?;
-        let deleted = tx.execute(&sql("DELETE FROM users WHERE id = $1"), [id]).map_err(db)?;
-        tx.commit().map_err(db)?;
+        let deleted = self.change(|tx| {
+            tx.execute(
+                &sql("UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL"),
+                params![now, id],
+            )?;
+            tx.execute(&sql("UPDATE api_keys SET user_id = NULL WHERE user_id = $1"), [id])?;
+            tx.execute(&sql("DELETE FROM users WHERE id = $1"), [id])
+        })?;
         Ok(deleted > 0)
     }
 
     fn create_key(&mut self, new: &NewKey, now: i64) -> Result<KeyRecord, StoreError> {
-        self.conn
-            .execute(
+        let id = self.change(|tx| {
+            tx.execute(
                 &sql("INSERT INTO api_keys (user_id, name, prefix, key_hash, models, rpm, rph, tokens_per_day, \
-                      expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
+                      expires_at, passthrough, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
                 params![
                     new.user_id,
                     new.name,
@@ -228,22 +269,26 @@ impl Store for Sqlite {
                     new.rph,
                     new.tokens_per_day,
                     new.expires_at,
+                    new.passthrough,
                     now
                 ],
-            )
-            .map_err(db)?;
-        let id = self.conn.last_insert_rowid();
+            )?;
+            Ok(tx.last_insert_rowid())
+        })?;
         self.key(id)?.ok_or_else(|| StoreError::Database("the new key vanished".into()))
     }
 
     fn keys(&mut self, user_id: Option<i64>) -> Result<Vec<KeyRecord>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare_cached(&sql(&format!(
-                "SELECT {KEY_COLUMNS} FROM api_keys WHERE $1 IS NULL OR user_id = $1 ORDER BY id"
-            )))
-            .map_err(db)?;
-        statement.query_map([user_id], key).map_err(db)?.collect::<Result<Vec<_>, _>>().map_err(db)
+        let query = match user_id {
+            Some(_) => format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY id"),
+            None => format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"),
+        };
+        let mut statement = self.conn.prepare_cached(&sql(&query)).map_err(db)?;
+        let rows = match user_id {
+            Some(user_id) => statement.query_map([user_id], key),
+            None => statement.query_map([], key),
+        };
+        rows.map_err(db)?.collect::<Result<Vec<_>, _>>().map_err(db)
     }
 
     fn key(&mut self, id: i64) -> Result<Option<KeyRecord>, StoreError> {
@@ -256,10 +301,10 @@ impl Store for Sqlite {
     fn update_key(&mut self, id: i64, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
         let Some(current) = self.key(id)? else { return Ok(None) };
         let models = patch.models.as_ref().unwrap_or(&current.models);
-        self.conn
-            .execute(
+        self.change(|tx| {
+            tx.execute(
                 &sql("UPDATE api_keys SET name = $1, models = $2, rpm = $3, rph = $4, tokens_per_day = $5, \
-                      expires_at = $6, disabled = $7 WHERE id = $8"),
+                      expires_at = $6, disabled = $7, passthrough = $8 WHERE id = $9"),
                 params![
                     patch.name.as_ref().unwrap_or(&current.name),
                     models_text(models),
@@ -268,18 +313,21 @@ impl Store for Sqlite {
                     patch.tokens_per_day.unwrap_or(current.tokens_per_day),
                     patch.expires_at.unwrap_or(current.expires_at),
                     patch.disabled.unwrap_or(current.disabled),
+                    patch.passthrough.unwrap_or(current.passthrough),
                     id
                 ],
             )
-            .map_err(db)?;
+        })?;
         self.key(id)
     }
 
     fn revoke_key(&mut self, id: i64, now: i64) -> Result<bool, StoreError> {
-        let changed = self
-            .conn
-            .execute(&sql("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL"), params![now, id])
-            .map_err(db)?;
+        let changed = self.change(|tx| {
+            tx.execute(
+                &sql("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL"),
+                params![now, id],
+            )
+        })?;
         Ok(changed > 0)
     }
 
@@ -322,19 +370,29 @@ impl Store for Sqlite {
     }
 
     fn usage(&mut self, key_id: Option<i64>, from_hour: i64, to_hour: i64) -> Result<Vec<UsageRow>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare_cached(&sql(
-                "SELECT key_id, model, hour, requests, errors, prompt_tokens, completion_tokens, cached_tokens \
-                 FROM key_usage WHERE ($1 IS NULL OR key_id = $1) AND hour >= $2 AND hour < $3 \
-                 ORDER BY key_id, hour, model",
-            ))
-            .map_err(db)?;
-        statement
-            .query_map(params![key_id, from_hour, to_hour], usage_row)
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)
+        const COLUMNS: &str = "key_id, model, hour, requests, errors, prompt_tokens, completion_tokens, cached_tokens";
+        // Two queries, so each uses its index (the key's, or the hour's).
+        let rows = match key_id {
+            Some(key_id) => self
+                .conn
+                .prepare_cached(&sql(&format!(
+                    "SELECT {COLUMNS} FROM key_usage WHERE key_id = $1 AND hour >= $2 AND hour < $3 ORDER BY hour, model"
+                )))
+                .map_err(db)?
+                .query_map(params![key_id, from_hour, to_hour], usage_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>(),
+            None => self
+                .conn
+                .prepare_cached(&sql(&format!(
+                    "SELECT {COLUMNS} FROM key_usage WHERE hour >= $1 AND hour < $2 ORDER BY key_id, hour, model"
+                )))
+                .map_err(db)?
+                .query_map(params![from_hour, to_hour], usage_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>(),
+        };
+        rows.map_err(db)
     }
 }
 
