@@ -83,15 +83,17 @@ pub fn check_admin(live: &Live, path: &str, headers: &HeaderMap) -> Result<(), P
     let Some(token) = &live.config.admin_token else {
         return Err(ProxyError::NotFound(path.to_string()));
     };
+    if bearer_is(headers, token.expose()) { Ok(()) } else { Err(ProxyError::AdminUnauthorized) }
+}
+
+/// Whether the request's `Authorization: Bearer` is `token` (compared in
+/// constant time).
+pub fn bearer_is(headers: &HeaderMap, token: &str) -> bool {
     let presented = headers
         .get(AUTHORIZATION)
         .map(|v| v.as_bytes())
         .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii()));
-    if presented.is_some_and(|p| constant_time_eq(p, token.expose().as_bytes())) {
-        Ok(())
-    } else {
-        Err(ProxyError::AdminUnauthorized)
-    }
+    presented.is_some_and(|p| constant_time_eq(p, token.as_bytes()))
 }
 
 fn post_only(method: &Method) -> Result<(), ProxyError> {

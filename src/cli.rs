@@ -1,7 +1,9 @@
-//! `sluice users`, `sluice keys` and `sluice usage`: the key store from the
-//! command line, with or without a server running on it (SQLite in WAL mode
+//! `sluice init` ([`init`]), and `sluice users`, `sluice keys` and `sluice
+//! usage`: the key store from the command line, with or without a server running on it (SQLite in WAL mode
 //! lets both write; a running server sees the change within 2 s). Readable
 //! tables by default, the admin API's JSON with `--json`.
+
+pub mod init;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;

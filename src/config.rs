@@ -69,6 +69,15 @@ pub enum ConfigError {
         /// Why the value is refused.
         reason: String,
     },
+    /// Several fields refer to environment variables that are not set (all
+    /// of them, so one run of `sluice check` names every one).
+    #[error("{file}: {}", unset.iter().map(|(field, reason)| format!("field `{field}`: {reason}")).collect::<Vec<_>>().join("; "))]
+    Unset {
+        /// The config file.
+        file: String,
+        /// `(field, reason)` of each.
+        unset: Vec<(String, String)>,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +124,7 @@ struct RawClient {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     token: Option<String>,
+    public_health_details: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,12 +135,14 @@ struct RawLog {
     requests: Option<PathBuf>,
     requests_max_size: Option<ByteSize>,
     requests_keep: Option<usize>,
+    access: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     enabled: Option<bool>,
+    token: Option<String>,
     per_user: Option<bool>,
 }
 
@@ -211,6 +223,12 @@ pub struct Config {
     pub log: LogConfig,
     /// Bearer token for `/admin/*`; `None` means the admin API is not served.
     pub admin_token: Option<Secret<String>>,
+    /// Whether `/health` shows upstreams and keys to anyone (otherwise only
+    /// with the admin token; the public answer is status, version, uptime).
+    pub public_health_details: bool,
+    /// A bearer token that may read `/metrics` (a scraper's), besides the
+    /// operator's client keys.
+    pub metrics_token: Option<Secret<String>>,
     /// Whether `GET /metrics` is served.
     pub metrics_enabled: bool,
     /// Whether `/metrics` shows usage per user (off by default: one series per user).
@@ -249,6 +267,8 @@ pub struct LogConfig {
     pub requests_max_size: u64,
     /// Rotated request-log files kept.
     pub requests_keep: usize,
+    /// One concise line per finished request in the application log.
+    pub access: bool,
 }
 
 /// One `[[models]]` entry.
@@ -283,10 +303,57 @@ impl Config {
     /// relative paths; `env` resolves `${VAR}` and `SLUICE_*` overrides.
     pub fn from_toml(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { file: file.clone(), reason: parse_reason(text, &e) })?;
+        let parse_error =
+            |e: toml::de::Error| ConfigError::Parse { file: file.clone(), reason: parse_reason(text, &e) };
+        // Shape and types first, from the text (errors carry line and column),
+        // then `${VAR}` in every string, every unset one reported at once.
+        toml::from_str::<RawConfig>(text).map_err(parse_error)?;
+        let mut table = toml::Value::Table(toml::from_str::<toml::Table>(text).map_err(parse_error)?);
+        let mut unset = Vec::new();
+        expand_strings(&mut table, &mut String::new(), env, &mut unset);
+        if !unset.is_empty() {
+            return Err(ConfigError::Unset { file, unset });
+        }
+        let raw = RawConfig::deserialize(table)
+            .map_err(|e| ConfigError::Parse { file: file.clone(), reason: e.to_string() })?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
         Validator { file, base_dir, env }.validate(raw)
+    }
+}
+
+/// Replaces `${VAR}` in every string of `value` (keys, URLs, names, paths
+/// alike), noting each failure with the field's dotted path.
+fn expand_strings(
+    value: &mut toml::Value,
+    path: &mut String,
+    env: &dyn Fn(&str) -> Option<String>,
+    failed: &mut Vec<(String, String)>,
+) {
+    match value {
+        toml::Value::String(text) if text.contains("${") => match expand_env(text, env) {
+            Ok(expanded) => *text = expanded,
+            Err(reason) => failed.push((path.clone(), reason)),
+        },
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                expand_strings(item, path, env, failed);
+                path.truncate(len);
+            }
+        }
+        toml::Value::Table(table) => {
+            for (key, item) in table.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                expand_strings(item, path, env, failed);
+                path.truncate(len);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -319,7 +386,15 @@ impl Validator<'_> {
         let store = self.store(raw.store)?;
         let cache = self.cache(raw.cache)?;
         let auth = self.auth(raw.auth, &clients, store.is_some())?;
+        let public_health_details = raw.admin.public_health_details.unwrap_or(false);
         let admin_token = self.admin(raw.admin)?;
+        let metrics_token = match raw.metrics.token.as_deref().map(str::trim) {
+            Some(token) if token.len() < 8 => {
+                return Err(self.invalid("metrics.token", "must be at least 8 characters"));
+            }
+            Some(token) => Some(Secret::new(token.to_string())),
+            None => None,
+        };
         let default_connect = raw.client.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
         let upstreams = raw
             .upstreams
@@ -362,14 +437,17 @@ impl Validator<'_> {
             store,
             cache,
             admin_token,
+            public_health_details,
+            metrics_token,
             metrics_enabled: raw.metrics.enabled.unwrap_or(true),
             metrics_per_user: raw.metrics.per_user.unwrap_or(false),
             log: LogConfig {
-                level: raw.log.level.unwrap_or_else(|| "info".to_string()),
+                level: self.log_level(raw.log.level)?,
                 format: raw.log.format.unwrap_or_default(),
                 requests: raw.log.requests.map(|p| self.base_dir.join(p)),
                 requests_max_size: raw.log.requests_max_size.map_or(DEFAULT_REQUEST_LOG_MAX_SIZE, |b| b.0),
                 requests_keep: raw.log.requests_keep.unwrap_or(DEFAULT_REQUEST_LOG_KEEP),
+                access: raw.log.access.unwrap_or(false),
             },
             upstreams,
             models,
@@ -379,11 +457,24 @@ impl Validator<'_> {
 
     fn admin(&self, raw: RawAdmin) -> Result<Option<Secret<String>>, ConfigError> {
         let Some(token) = raw.token else { return Ok(None) };
-        let token = expand_env(&token, self.env).map_err(|e| self.invalid("admin.token", e))?;
+        // `${VAR}` was expanded with every other string.
         if token.trim().len() < 8 {
             return Err(self.invalid("admin.token", "must be at least 8 characters"));
         }
         Ok(Some(Secret::new(token.trim().to_string())))
+    }
+
+    /// A tracing filter (`info`, `warn,sluice=debug`): one that does not parse
+    /// would silence every log line.
+    fn log_level(&self, level: Option<String>) -> Result<String, ConfigError> {
+        let level = level.unwrap_or_else(|| "info".to_string());
+        match tracing_subscriber::EnvFilter::try_new(&level) {
+            Ok(_) => Ok(level),
+            Err(e) => Err(self.invalid(
+                "log.level",
+                format!("`{level}` is not a log filter (error, warn, info, debug, trace, or target=level): {e}"),
+            )),
+        }
     }
 
     fn models(&self, raw: Vec<RawModel>, upstreams: &HashSet<&str>) -> Result<Vec<ModelConfig>, ConfigError> {

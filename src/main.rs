@@ -68,6 +68,8 @@ enum Command {
         #[arg(short, long, default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
     },
+    /// Write a minimal working config for one provider, with a client key and an admin token.
+    Init(cli::init::InitArgs),
     /// Users of the key store.
     Users {
         #[command(flatten)]
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
             Ok(config) => run(chat(config, model, message)),
             Err(error) => config_failure(&error),
         },
+        Command::Init(args) => print(cli::init::init(&args)),
         Command::Users { store, command } => print(cli::users(&store, command)),
         Command::Keys { store, command } => print(cli::keys(&store, command)),
         Command::Usage { store, options } => print(cli::usage(&store, &options)),
@@ -336,11 +339,17 @@ url = "sqlite://{store}"
 [admin]
 token = "{admin_token}"
 
+[log]
+access = true
+
 [[upstreams]]
 name = "mock"
 base_url = "{base}"
 keys = ["sk-mock-1", "sk-mock-2", "sk-mock-3"]
 http2 = "prior-knowledge"
+# A 429 while trying things out cools a key for seconds, not a minute.
+cooldown = "5s"
+max_cooldown = "30s"
 
 [[models]]
 name = "gpt-4o-mini"

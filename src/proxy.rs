@@ -56,7 +56,13 @@ pub async fn prepare(
     ctx: &mut RequestContext,
 ) -> Result<Prepared, ProxyError> {
     let allowed = client.map(|c| &c.allowed);
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    if let Some(watch) = &ctx.watch {
+        let peer = watch.conn.peer.ip();
+        let trusted = live.config.server.trusted_proxies.iter().any(|block| block.contains(peer));
+        let own = watch.forwarded.get_or_init(|| headers::forwarded_values(peer));
+        headers::forwarded(&mut parts.headers, own, trusted);
+    }
     let max_body = live.config.server.max_body;
     let read = match read::plan(&parts, body, max_body)? {
         read::Plan::Done(read) => read,

@@ -147,6 +147,14 @@ impl Routes {
         models_json(self.listing.iter().filter(|m| permit(&m.route)))
     }
 
+    /// `GET /v1/models/{id}`: one listed name or alias, if `permit` (given
+    /// its canonical route name) lets it through.
+    pub fn model_json(&self, id: &str, permit: impl Fn(&str) -> bool) -> Option<Bytes> {
+        let m = self.listing.iter().find(|m| &*m.id == id && permit(&m.route))?;
+        let value = serde_json::json!({ "id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by });
+        Some(Bytes::from(value.to_string()))
+    }
+
     /// The default model's name and route.
     pub fn default_route(&self) -> Option<(&str, &Route)> {
         self.default.as_ref().map(|(name, i)| (name.as_ref(), &self.routes[*i]))

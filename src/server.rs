@@ -106,7 +106,10 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains.
-/// `/health` reports `draining` from the moment accepting stops.
+/// `/health` answers 503 `draining` from the moment `shutdown` resolves: for
+/// `[server] drain_delay` sluice goes on accepting and serving, so a load
+/// balancer checking `/health` takes it out of rotation before the listener
+/// closes; then it stops accepting and waits for what is in flight.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -129,8 +132,19 @@ pub async fn serve(
         move |watch: Arc<ConnWatch>| Gateway::new(Arc::clone(&shared), watch)
     };
     let draining = Arc::clone(&shared);
-    let on_stop = move || draining.draining.store(true, Ordering::Relaxed);
-    let drain = serve_service(listener, tls, gateway, stats, shutdown, on_stop, grace, limits).await;
+    let drain_delay = live.config.server.drain_delay;
+    let shutdown = async move {
+        shutdown.await;
+        draining.draining.store(true, Ordering::Relaxed);
+        if !drain_delay.is_zero() {
+            tracing::info!(
+                delay_ms = drain_delay.as_millis() as u64,
+                "draining: /health says so; still serving until the delay ends"
+            );
+            tokio::time::sleep(drain_delay).await;
+        }
+    };
+    let drain = serve_service(listener, tls, gateway, stats, shutdown, || {}, grace, limits).await;
     // Background work (key checks, sweepers, signal handlers) stops with the listener.
     shared.tasks.shutdown(grace).await;
     drain

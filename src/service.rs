@@ -161,9 +161,9 @@ fn log_refusal(ctx: &RequestContext, error: &ProxyError) {
     // The message may quote the client (a model name): never raw control characters.
     let error = printable(&error.to_string()).into_owned();
     if status.is_server_error() {
-        tracing::warn!(request_id = ?ctx.request_id, %method, path, attempts, status = status.as_u16(), kind, %error, "request failed");
+        tracing::warn!(request_id = ctx.request_id.to_str().unwrap_or("-"), %method, path, attempts, status = status.as_u16(), kind, %error, "request failed");
     } else {
-        tracing::info!(request_id = ?ctx.request_id, %method, path, status = status.as_u16(), kind, %error, "request refused");
+        tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), %method, path, status = status.as_u16(), kind, %error, "request refused");
     }
 }
 
@@ -182,7 +182,7 @@ impl Drop for Unanswered {
             return;
         }
         let ctx = &self.ctx;
-        tracing::info!(request_id = ?ctx.request_id, method = %ctx.method, path = &*ctx.path, attempts = ctx.attempts, "client left before the answer");
+        tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), method = %ctx.method, path = &*ctx.path, attempts = ctx.attempts, "client left before the answer");
         end::finish(ctx, End { status: CLIENT_CLOSED, error: Some("client_cancelled"), ..End::default() });
     }
 }
@@ -203,10 +203,18 @@ async fn handle_inner(
         "/" | "/health" | "/v1/health" => {
             only_get(&request)?;
             admit(shared, &live, &request, ctx)?;
-            Ok(admin::health::health(shared, &live))
+            // Upstream names, key fingerprints and errors are the operator's.
+            let details =
+                live.config.public_health_details || admin::check_admin(&live, path, request.headers()).is_ok();
+            Ok(admin::health::health(shared, &live, details))
         }
         "/metrics" if live.config.metrics_enabled => {
-            operator_only(admit(shared, &live, &request, ctx)?, path)?;
+            // A scraper's own token, or an operator's key.
+            let scraper =
+                live.config.metrics_token.as_ref().is_some_and(|t| admin::bearer_is(request.headers(), t.expose()));
+            if !scraper {
+                operator_only(admit(shared, &live, &request, ctx)?, path)?;
+            }
             only_get(&request)?;
             let mut response = Response::new(SluiceBody::full(admin::metrics::render_metrics(shared, &live)));
             response
@@ -227,6 +235,16 @@ async fn handle_inner(
                 _ => live.routes.models_json.clone(),
             };
             Ok(json_response(StatusCode::OK, models))
+        }
+        _ if path.starts_with("/v1/models/") && !path.ends_with("/test") => {
+            let client = admit(shared, &live, &request, ctx)?;
+            only_get(&request)?;
+            let id = &path["/v1/models/".len()..];
+            let permit = |route: &str| client.as_deref().is_none_or(|c| c.allowed.permits(route, route));
+            match live.routes.model_json(id, permit) {
+                Some(body) => Ok(json_response(StatusCode::OK, body)),
+                None => Err(ProxyError::UnknownModel(id.to_string())),
+            }
         }
         _ if path.starts_with("/admin/")
             || path.starts_with("/api/v1/admin/")
@@ -250,8 +268,7 @@ async fn forward(
     let path = request.uri().path();
     // Files, batches, assistants, stored responses live in the upstream
     // account every client shares: a tenant's key reaches them only when granted.
-    let listing = path.starts_with("/v1/models/") && request.method() == Method::GET;
-    if client.as_ref().is_some_and(|c| !c.passthrough) && !INFERENCE_PATHS.contains(&path) && !listing {
+    if client.as_ref().is_some_and(|c| !c.passthrough) && !INFERENCE_PATHS.contains(&path) {
         return Err(ProxyError::PathNotAllowed(path.to_string()));
     }
     if proxy::is_model_endpoint(path) && request.method() != Method::POST {
@@ -265,6 +282,13 @@ async fn forward(
         Step::Answer(response) => Ok(response),
         Step::Forward(prepared) => retry::send(*prepared, ctx).await,
     }
+}
+
+/// The address a request without a key is limited under: the peer's, or
+/// behind `[server] trusted_proxies`, the client's they forwarded.
+fn client_ip(live: &Live, request: &Request<Incoming>, watch: &ConnWatch) -> std::net::IpAddr {
+    let trusted = |ip: std::net::IpAddr| live.config.server.trusted_proxies.iter().any(|block| block.contains(ip));
+    proxy::headers::client_ip(request.headers(), watch.conn.peer.ip(), &trusted)
 }
 
 /// `/metrics` and `/stats` show every client's traffic: served to the
@@ -365,7 +389,8 @@ fn admit(
         None => {
             if let (Some(rpm), Some(watch)) = (live.config.limits.per_ip_rpm, &ctx.watch)
                 && live.config.limits.enabled
-                && let Err(retry_after) = shared.ip_limits.take(watch.conn.peer.ip(), rpm, crate::clock::now_ms())
+                && let Err(retry_after) =
+                    shared.ip_limits.take(client_ip(live, request, watch), rpm, crate::clock::now_ms())
             {
                 return Err(ProxyError::ClientRateLimited {
                     scope: CLIENT_ADDRESS,

@@ -104,6 +104,8 @@ pub struct Shared {
     pub clients: ClientRegistry,
     /// Process start, for uptime.
     pub started: Instant,
+    /// Process start on the wall clock, seconds since the epoch.
+    pub started_unix: u64,
     /// Set once shutdown began; `/health` then reports `draining`.
     pub draining: AtomicBool,
     /// Successful and failed reloads.
@@ -181,14 +183,17 @@ impl Shared {
         let snapshot = feed.latest();
         let from_store = snapshot.as_deref().zip(store.as_ref().map(|s| &s.usage));
         let cache = ResponseCache::new(Box::new(MemoryStore::new(config.cache.max_bytes)));
+        let telemetry = Arc::new(Telemetry::new(log));
+        telemetry.access_lines.store(config.log.access, Ordering::Relaxed);
         let live = Live::prepare(config, &clients, None, from_store)?;
         let shared = Arc::new(Self {
             live: ArcSwap::from_pointee(live),
             clients,
             started: Instant::now(),
+            started_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             draining: AtomicBool::new(false),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
-            telemetry: Arc::new(Telemetry::new(log)),
+            telemetry,
             tasks,
             certs,
             store,
@@ -266,6 +271,7 @@ impl Shared {
         let snapshot = self.feed.latest();
         let from_store = snapshot.as_deref().zip(self.store.as_ref().map(|s| &s.usage));
         let next = Live::prepare(config, &self.clients, Some(&current), from_store)?;
+        self.telemetry.access_lines.store(next.config.log.access, Ordering::Relaxed);
         // The certificate and key are read again (renewed files, same paths);
         // other listener TLS changes need a restart.
         match (&self.certs, &next.config.server.tls) {

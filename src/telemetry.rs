@@ -50,19 +50,47 @@ pub struct End<'a> {
     pub error: Option<&'static str>,
 }
 
+/// One concise application-log line for a finished request (`[log] access`).
+fn access_line(ctx: &RequestContext, end: &End<'_>, model: &metrics::ModelMetrics, duration: std::time::Duration) {
+    let client = ctx.client.as_ref().map_or("-", |c| &**c.label());
+    tracing::info!(
+        target: "sluice::access",
+        request_id = ctx.request_id.to_str().unwrap_or("-"),
+        method = %ctx.method,
+        path = %crate::error::printable(&ctx.path),
+        status = end.status,
+        model = &*model.model,
+        upstream = ctx.upstream.as_deref().unwrap_or("-"),
+        client,
+        attempts = ctx.attempts,
+        ms = (duration.as_secs_f64() * 1e3 * 10.0).round() / 10.0,
+        stream = ctx.stream,
+        error = end.error.unwrap_or("-"),
+        "request"
+    );
+}
+
 /// Metrics and the request log, shared by every request.
 pub struct Telemetry {
     /// The metrics.
     pub metrics: Metrics,
     /// The gateway listener's connection counters.
     pub connections: Arc<metrics::ConnStats>,
+    /// Whether each finished request also gets one line in the application
+    /// log (`[log] access`); follows reloads.
+    pub access_lines: std::sync::atomic::AtomicBool,
     log: Option<AccessLog>,
 }
 
 impl Telemetry {
     /// Telemetry with the request log at `requests` (if set).
     pub fn new(log: Option<AccessLog>) -> Self {
-        Self { metrics: Metrics::default(), connections: Arc::default(), log }
+        Self {
+            metrics: Metrics::default(),
+            connections: Arc::default(),
+            access_lines: std::sync::atomic::AtomicBool::new(false),
+            log,
+        }
     }
 
     /// Records one finished request: counters, histograms, tokens, and a
@@ -77,7 +105,10 @@ impl Telemetry {
             model.add_tokens(prompt, completion);
         }
         let duration = ctx.started.elapsed();
-        metrics.duration.observe(duration);
+        model.duration[usize::from(ctx.stream)].observe(duration);
+        if self.access_lines.load(Relaxed) {
+            access_line(ctx, &end, model, duration);
+        }
         let Some(log) = &self.log else { return };
         // Shared handles only: the writer thread formats the line.
         let record = Record {

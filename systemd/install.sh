@@ -44,7 +44,11 @@ install_once() {
     echo "installed $to"
   fi
 }
-install_once "$repo/config/sluice.toml" "$root/etc/sluice/sluice.toml"
+# The installed config reads the installed keys file (the repo's example
+# leaves it commented out: the file does not exist next to it).
+sed 's|^# keys_file = "keys.txt"|keys_file = "keys.txt"    |' "$repo/config/sluice.toml" >"$root/etc/sluice/.sluice.toml.new"
+install_once "$root/etc/sluice/.sluice.toml.new" "$root/etc/sluice/sluice.toml"
+rm -f "$root/etc/sluice/.sluice.toml.new"
 install_once "$repo/config/keys.txt.example" "$root/etc/sluice/keys.txt"
 chgrp "$group" "$root/etc/sluice" 2>/dev/null || true
 
@@ -57,10 +61,12 @@ cat <<TXT
 sluice is installed. Next:
   1. Edit /etc/sluice/sluice.toml (upstreams, models, client keys) and
      /etc/sluice/keys.txt (upstream keys, one a line).
-  2. Put secrets referenced as \${VAR} in /etc/sluice/env (mode 0640), e.g.
-       OPENAI_API_KEY=sk-...
-       ADMIN_TOKEN=...
+  2. Put the secrets the config reads as \${VAR} in /etc/sluice/env (mode 0640):
+       OPENAI_API_KEY=sk-...        # the provider key (or list keys in keys.txt)
+       CLIENT_KEY=...               # a key your clients send (sluice init makes one)
+       ADMIN_TOKEN=...              # for /admin/*, at least 8 characters
   3. Check it:    sluice check -c /etc/sluice/sluice.toml
   4. Start it:    systemctl enable --now sluice
   5. Rotate keys: edit keys.txt, then systemctl reload sluice
+     (the reload checks the files first; a broken one fails and changes nothing)
 TXT

@@ -1,7 +1,8 @@
-//! `GET /health` (and `/`, `/v1/health`): status, version, uptime, and per
-//! upstream its key summary (with fingerprints and cooldowns) and breaker
-//! state. `degraded` when some upstream has no usable key or an open breaker;
-//! 503 `draining` during shutdown.
+//! `GET /health` (and `/`, `/v1/health`): status, version, uptime; with the
+//! admin token (or `[admin] public_health_details`) also, per upstream, its
+//! key summary (with fingerprints and cooldowns) and breaker state.
+//! `degraded` when some upstream has no usable key or an open breaker; 503
+//! `draining` once shutdown began.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -14,8 +15,8 @@ use crate::state::{Live, Shared};
 use crate::upstream::breaker::BreakerState;
 use crate::upstream::keyring::KeyState;
 
-/// The health answer.
-pub fn health(shared: &Shared, live: &Live) -> Response<SluiceBody> {
+/// The health answer, with the upstreams' details or without.
+pub fn health(shared: &Shared, live: &Live, details: bool) -> Response<SluiceBody> {
     let now = now_ms();
     let mut degraded = false;
     let upstreams: Vec<serde_json::Value> = live
@@ -73,12 +74,14 @@ pub fn health(shared: &Shared, live: &Live) -> Response<SluiceBody> {
         (false, true) => "degraded",
         (false, false) => "ok",
     };
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": status,
         "version": crate::VERSION,
         "uptime_seconds": shared.started.elapsed().as_secs(),
-        "upstreams": upstreams,
     });
+    if details {
+        body["upstreams"] = serde_json::Value::Array(upstreams);
+    }
     let code = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     json_response(code, body.to_string().into())
 }

@@ -91,8 +91,48 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
         header(&mut out, name, kind, help);
         line(&mut out, name, &[], value);
     }
+    process_metrics(shared, &mut out);
     header(&mut out, metrics::RELOADS, "counter", "Config reloads by result.");
     line(&mut out, metrics::RELOADS, &[("result", "ok")], shared.reloads[0].load(Relaxed));
     line(&mut out, metrics::RELOADS, &[("result", "error")], shared.reloads[1].load(Relaxed));
     out
+}
+
+/// The standard `process_*` metrics, read from `/proc` at scrape time (Linux;
+/// elsewhere only the start time).
+fn process_metrics(shared: &Shared, out: &mut String) {
+    header(out, "process_start_time_seconds", "gauge", "Start time of the process, seconds since the epoch.");
+    line(out, "process_start_time_seconds", &[], shared.started_unix);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at `state`.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime (fields 14 and 15 of stat, 11 and 12 after the name), in
+    // USER_HZ, which Linux fixes at 100 for every mainstream architecture.
+    let cpu_seconds = (ticks(11) + ticks(12)) as f64 / 100.0;
+    header(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.");
+    line(out, "process_cpu_seconds_total", &[], cpu_seconds);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    header(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+    line(out, "process_resident_memory_bytes", &[], kib("VmRSS:") * 1024);
+    header(out, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.");
+    line(out, "process_virtual_memory_bytes", &[], kib("VmSize:") * 1024);
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count());
+    header(out, "process_open_fds", "gauge", "Open file descriptors.");
+    line(out, "process_open_fds", &[], open_fds);
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let max_fds = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    header(out, "process_max_fds", "gauge", "The open file descriptor limit.");
+    line(out, "process_max_fds", &[], max_fds);
 }

@@ -18,8 +18,10 @@ use crate::proxy::{Prepared, end, plan, retry};
 use crate::state::Shared;
 use crate::telemetry::{End, RequestContext};
 
-/// The path probes are sent to.
+/// The path chat probes are sent to.
 const CHAT_PATH: &str = "/v1/chat/completions";
+/// The path embedding models are probed on.
+const EMBEDDINGS_PATH: &str = "/v1/embeddings";
 
 /// The outcome of a one-token chat to a model.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -38,19 +40,27 @@ pub struct ProbeResult {
 
 /// Sends `body` to the chat endpoint as an internal request.
 pub async fn send_chat(shared: &Shared, body: serde_json::Value) -> Result<Response<SluiceBody>, ProxyError> {
+    send_to(shared, CHAT_PATH, body).await
+}
+
+/// Sends `body` to the model endpoint `path` as an internal request.
+async fn send_to(
+    shared: &Shared,
+    path: &'static str,
+    body: serde_json::Value,
+) -> Result<Response<SluiceBody>, ProxyError> {
     let live = shared.live.load_full();
-    let request = Request::post(CHAT_PATH).body(()).map_err(|e| ProxyError::Internal(e.to_string()))?;
+    let request = Request::post(path).body(()).map_err(|e| ProxyError::Internal(e.to_string()))?;
     let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, None);
     let bytes = Bytes::from(body.to_string());
     ctx.bytes_in = bytes.len() as u64;
-    let result = match plan::plan_json(&live, &Method::POST, CHAT_PATH, bytes, None) {
+    let result = match plan::plan_json(&live, &Method::POST, path, bytes, None) {
         Ok(plan) => {
             ctx.stream = plan.stream;
             ctx.model = plan.model.clone();
             let mut headers = HeaderMap::new();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            let prepared =
-                Prepared { plan, method: Method::POST, uri: Uri::from_static(CHAT_PATH), headers, fill: None };
+            let prepared = Prepared { plan, method: Method::POST, uri: Uri::from_static(path), headers, fill: None };
             retry::send(prepared, &mut ctx).await
         }
         Err(error) => Err(error),
@@ -61,13 +71,29 @@ pub async fn send_chat(shared: &Shared, body: serde_json::Value) -> Result<Respo
     result
 }
 
-/// A one-token chat to `model`; never fails, the result says what happened.
+/// Whether a model is an embedding model, by its name or the name sent
+/// upstream (`text-embedding-3-small`, `bge-m3-embed`...): such a model
+/// answers embeddings, not chats.
+fn is_embedding_model(shared: &Shared, model: &str) -> bool {
+    let live = shared.live.load();
+    let target = live.routes.get(model).and_then(|r| r.target.as_deref()).unwrap_or(model);
+    [model, target].iter().any(|name| name.to_ascii_lowercase().contains("embed"))
+}
+
+/// A one-token chat to `model` (an embeddings call to an embedding model);
+/// never fails, the result says what happened.
 pub async fn probe(shared: &Shared, model: &str, timeout: Duration) -> ProbeResult {
     let started = Instant::now();
-    let body =
-        serde_json::json!({ "model": model, "max_tokens": 1, "messages": [{ "role": "user", "content": "ping" }] });
+    let (path, body) = if is_embedding_model(shared, model) {
+        (EMBEDDINGS_PATH, serde_json::json!({ "model": model, "input": "ping" }))
+    } else {
+        (
+            CHAT_PATH,
+            serde_json::json!({ "model": model, "max_tokens": 1, "messages": [{ "role": "user", "content": "ping" }] }),
+        )
+    };
     let outcome = tokio::time::timeout(timeout, async {
-        let response = send_chat(shared, body).await?;
+        let response = send_to(shared, path, body).await?;
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
         Ok::<_, ProxyError>((status, bytes))

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::keys::{Secret, expand_env};
+use super::keys::Secret;
 use super::{ConfigError, Validator};
 
 /// Paths that never need a client key, unless the config says otherwise.
@@ -162,7 +162,6 @@ impl Validator<'_> {
         raw.into_iter()
             .enumerate()
             .map(|(i, key)| {
-                let key = expand_env(&key, self.env).map_err(|e| self.invalid(format!("{field}[{i}]"), e))?;
                 let key = key.trim().to_string();
                 if key.is_empty() {
                     return Err(self.invalid(format!("{field}[{i}]"), "key is empty"));
@@ -181,7 +180,7 @@ impl Validator<'_> {
                 if client.name.trim().is_empty() || !names.insert(client.name.clone()) {
                     return Err(self.invalid(at("name"), "must be given and unique"));
                 }
-                let key = expand_env(&client.key, self.env).map_err(|e| self.invalid(at("key"), e))?;
+                let key = client.key;
                 if key.trim().is_empty() {
                     return Err(self.invalid(at("key"), "key is empty"));
                 }
@@ -222,7 +221,6 @@ impl Validator<'_> {
 
     pub(super) fn store(&self, raw: RawStore) -> Result<Option<StoreConfig>, ConfigError> {
         let Some(url) = raw.url else { return Ok(None) };
-        let url = expand_env(&url, self.env).map_err(|e| self.invalid("store.url", e))?;
         let url = StoreUrl::parse(&url, self.base_dir).map_err(|e| self.invalid("store.url", e))?;
         let keep_usage = raw.keep_usage.map_or(DEFAULT_KEEP_USAGE, |d| d.0);
         if keep_usage < std::time::Duration::from_secs(3600) {

@@ -52,6 +52,8 @@ pub(super) struct RawServer {
     send_timeout: Option<HumanDuration>,
     handshake_timeout: Option<HumanDuration>,
     tls: Option<RawTls>,
+    trusted_proxies: Option<Vec<String>>,
+    drain_delay: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +94,52 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// TLS termination, if configured.
     pub tls: Option<TlsConfig>,
+    /// Proxies in front of sluice whose `X-Forwarded-For` / `Forwarded` are
+    /// believed (for the client address) and extended rather than replaced.
+    pub trusted_proxies: Vec<Cidr>,
+    /// After a stop signal, how long `/health` answers `draining` while
+    /// sluice still accepts and serves (so a load balancer notices first).
+    pub drain_delay: Duration,
+}
+
+/// An address block, `10.0.0.0/8` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR` or `ADDR/PREFIX`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = text.trim().split_once('/').map_or((text.trim(), None), |(a, p)| (a, Some(p)));
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| format!("`{text}` is not an address or ADDR/PREFIX"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => {
+                p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("`{text}`: prefix 0 to {max}"))?
+            }
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is in the block (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+                (u128::from(u32::from(a)), u128::from(u32::from(b)), 32)
+            }
+            (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (a >> shift) == (b >> shift)
+    }
 }
 
 /// `[server.tls]`: certificate chain and key (PEM), and the CAs that sign
@@ -133,7 +181,6 @@ impl Validator<'_> {
             Some(env) => (env, "SLUICE_LISTEN (environment)"),
             None => (raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string()), "server.listen"),
         };
-        let listen_text = super::keys::expand_env(&listen_text, self.env).map_err(|e| self.invalid(field, e))?;
         let listen = listen_text
             .parse()
             .map_err(|e| self.invalid(field, format!("`{listen_text}` is not an address like 127.0.0.1:8080: {e}")))?;
@@ -173,6 +220,14 @@ impl Validator<'_> {
             send_timeout: raw.send_timeout.map_or(DEFAULT_SEND_TIMEOUT, |d| d.0),
             handshake_timeout: raw.handshake_timeout.map_or(DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0),
             tls,
+            drain_delay: raw.drain_delay.map_or(Duration::ZERO, |d| d.0),
+            trusted_proxies: raw
+                .trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, text)| Cidr::parse(text).map_err(|e| self.invalid(format!("server.trusted_proxies[{i}]"), e)))
+                .collect::<Result<_, _>>()?,
         })
     }
 

@@ -205,3 +205,39 @@ fn tenancy_refusals_name_the_field() {
         assert!(message.contains(field), "{field}: {message}");
     }
 }
+
+#[test]
+fn every_unset_variable_is_named_in_one_run_and_any_string_expands() {
+    let text = r#"
+[server]
+listen = "${LISTEN}"
+[auth]
+keys = ["${A}", "${B}"]
+[admin]
+token = "${C}"
+[[upstreams]]
+name = "u"
+base_url = "${BASE}/v1"
+keys = ["k"]
+"#;
+    let message = parse(text).unwrap_err().to_string();
+    for field in ["server.listen", "auth.keys[0]", "auth.keys[1]", "admin.token", "upstreams[0].base_url"] {
+        assert!(message.contains(field), "{field} missing from: {message}");
+    }
+    let env = |name: &str| match name {
+        "LISTEN" => Some("127.0.0.1:9999".to_string()),
+        "BASE" => Some("https://api.example.com".to_string()),
+        "A" | "B" | "C" => Some(format!("value-of-{name}-long-enough")),
+        _ => None,
+    };
+    let config = Config::from_toml(text, Path::new("/etc/sluice/t.toml"), &env).unwrap();
+    assert_eq!(config.server.listen.port(), 9999);
+    assert_eq!(config.upstreams[0].base_url.host(), Some("api.example.com"));
+}
+
+#[test]
+fn a_log_filter_that_does_not_parse_is_refused() {
+    let message = refusal(&format!("{GOOD}\n[log]\nlevel = \"verbose,,=\"\n"));
+    assert!(message.contains("log.level"), "{message}");
+    assert!(parse(&format!("{GOOD}\n[log]\nlevel = \"warn,sluice=debug\"\n")).is_ok());
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::HeaderName;
 use serde::Deserialize;
 
-use super::keys::{Secret, dedup_keys, expand_env, read_keys_file};
+use super::keys::{Secret, dedup_keys, read_keys_file};
 use super::units::HumanDuration;
 use super::{ConfigError, Http2Mode, Validator};
 
@@ -227,7 +227,7 @@ impl Validator<'_> {
                 let field = at(&format!("headers.{name}"));
                 let header = HeaderName::from_bytes(name.as_bytes())
                     .map_err(|_| self.invalid(&field, "not a valid header name"))?;
-                let value = expand_env(value, self.env).map_err(|e| self.invalid(&field, e))?;
+                let value = value.clone();
                 http::HeaderValue::from_str(&value.replace("{uuid}", "00000000-0000-4000-8000-000000000000"))
                     .map_err(|_| self.invalid(&field, "not a valid header value"))?;
                 Ok((header, value))
@@ -305,7 +305,7 @@ impl Validator<'_> {
         }
         match (&raw.token, &raw.auth_url) {
             (Some(token), None) => {
-                let token = expand_env(token, self.env).map_err(|e| self.invalid(at("token"), e))?;
+                let token = token.clone();
                 if token.is_empty() || http::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
                     return Err(self.invalid(at("token"), "empty or not a valid header value"));
                 }
@@ -314,8 +314,7 @@ impl Validator<'_> {
             (None, Some(auth_url)) => {
                 let auth_url = self.absolute_url(&at("auth_url"), auth_url)?;
                 let required = |value: &Option<String>, field: &str| -> Result<String, ConfigError> {
-                    let value = value.as_deref().ok_or_else(|| self.invalid(at(field), "required with auth_url"))?;
-                    expand_env(value, self.env).map_err(|e| self.invalid(at(field), e))
+                    value.clone().ok_or_else(|| self.invalid(at(field), "required with auth_url"))
                 };
                 Ok(UpstreamAuth::Login(LoginConfig {
                     auth_url,

@@ -212,7 +212,14 @@ impl Drop for Meter {
             Outcome::UpstreamError => Some("upstream_stream_error"),
         };
         let key = self.key.as_ref();
-        tracing::debug!(request_id = ?self.ctx.request_id, key = key.map_or("-", |k| &**k), status = self.status, bytes = self.bytes, outcome = error.unwrap_or("complete"), "response finished");
+        tracing::debug!(
+            request_id = self.ctx.request_id.to_str().unwrap_or("-"),
+            key = key.map_or("-", |k| &**k),
+            status = self.status,
+            bytes = self.bytes,
+            outcome = error.unwrap_or("complete"),
+            "response finished"
+        );
         let tokens = self.usage();
         // Only a whole 200 answer is stored; anything else drops the
         // recording (and sends a single flight's followers upstream).
@@ -377,7 +384,7 @@ impl Body for MeteredBody {
         };
         this.meter.outcome = Outcome::UpstreamError;
         tracing::warn!(
-            request_id = ?this.meter.ctx.request_id,
+            request_id = this.meter.ctx.request_id.to_str().unwrap_or("-"),
             upstream = this.meter.ctx.upstream.as_deref().unwrap_or("-"),
             bytes_sent = this.meter.bytes,
             %reason,

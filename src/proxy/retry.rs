@@ -147,7 +147,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
             if previous_key != Some(lease.index()) {
                 metrics.failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            tracing::debug!(request_id = ?ctx.request_id, upstream = %upstream.name, attempt, reason = why.label(), key = %lease.key().fingerprint, "retrying");
+            tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, attempt, reason = why.label(), key = %lease.key().fingerprint, "retrying");
         }
 
         let (auth, token_generation) = match &upstream.auth {
@@ -197,7 +197,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
                     (_, true) => RetryReason::StaleConnection,
                     _ => RetryReason::Protocol,
                 };
-                tracing::debug!(request_id = ?ctx.request_id, upstream = %upstream.name, error = %failed.error, written = failed.written, stale = failed.stale, "attempt failed");
+                tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, error = %failed.error, written = failed.written, stale = failed.stale, "attempt failed");
                 let again = failed.error.is_retryable() && plan.replay.allows(failed.written);
                 last = Some(Last::Error(failed.error));
                 retry_if(again, why)
@@ -214,7 +214,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
                         let cooldown = asked.unwrap_or(upstream.cooldown).min(upstream.max_cooldown);
                         let key = lease.key();
                         key.cool_until(clock::after(cooldown));
-                        tracing::info!(request_id = ?ctx.request_id, upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
+                        tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
                         last = Some(Box::pin(keep(response, lease, Failure::RateLimited, &upstream)).await);
                         retry_if(plan.replay.allows(true), RetryReason::RateLimited)
                     }
@@ -239,7 +239,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
                             last = Some(kept);
                             if bad_key {
                                 key.disable();
-                                tracing::warn!(request_id = ?ctx.request_id, upstream = %upstream.name, key = %key.fingerprint, status, "the upstream says the key is bad; disabled until reset or reload");
+                                tracing::warn!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, status, "the upstream says the key is bad; disabled until reset or reload");
                                 retry_if(plan.replay.allows(true), RetryReason::KeyRejected)
                             } else {
                                 // About this request, as far as anyone can tell: the
@@ -262,7 +262,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
             Verdict::Answer(response, lease) => {
                 lease.key().succeed();
                 ctx.ttfb = Some(waited);
-                metrics.ttfb.observe(waited);
+                ctx.model.as_deref().unwrap_or(&metrics.unrouted).ttfb[usize::from(plan.stream)].observe(waited);
                 upstream.breaker.record_success();
                 if let Some(probe) = probe {
                     probe.resolve();
@@ -358,7 +358,16 @@ fn give_up(
         }
         // Budget spent with keys left, a 5xx, or a refusal about the request:
         // the upstream's own answer, untouched.
-        Some(Last::Answer(response, _, key)) => {
+        Some(Last::Answer(response, failure, key)) => {
+            if ctx.attempts > 1 || failure == Failure::ServerError {
+                tracing::warn!(
+                    request_id = ctx.request_id.to_str().unwrap_or("-"),
+                    upstream = %upstream.name,
+                    attempts = ctx.attempts,
+                    status = response.status().as_u16(),
+                    "request failed after retries; the upstream's last answer goes to the client"
+                );
+            }
             Ok(respond::respond(response, Some(key), None, upstream, stream, None, ctx))
         }
     }

@@ -38,6 +38,10 @@ impl ConnInfo {}
 pub struct ConnWatch {
     /// The connection's facts.
     pub conn: ConnInfo,
+    /// `X-Forwarded-For` and `Forwarded` values naming the peer, made on the
+    /// connection's first proxied request and shared by the rest (formatting
+    /// an address costs more than the rest of the header work together).
+    pub forwarded: std::sync::OnceLock<[HeaderValue; 2]>,
     in_flight: AtomicUsize,
     /// Answers whose last frame the client has not taken yet.
     unread: AtomicUsize,
@@ -59,7 +63,13 @@ pub struct ConnState {
 impl ConnWatch {
     /// The watch of a new connection.
     pub fn new(conn: ConnInfo) -> Self {
-        Self { conn, in_flight: AtomicUsize::new(0), unread: AtomicUsize::new(0), progress: AtomicU64::new(0) }
+        Self {
+            conn,
+            forwarded: std::sync::OnceLock::new(),
+            in_flight: AtomicUsize::new(0),
+            unread: AtomicUsize::new(0),
+            progress: AtomicU64::new(0),
+        }
     }
 
     /// A request began on the connection.

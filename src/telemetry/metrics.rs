@@ -17,7 +17,7 @@ pub const UPSTREAM_TTFB: &str = "sluice_upstream_ttfb_seconds";
 /// Time spent in sluice itself, upstream waits excluded.
 pub const OVERHEAD: &str = "sluice_overhead_seconds";
 /// Requests being served now.
-pub const IN_FLIGHT: &str = "sluice_in_flight";
+pub const IN_FLIGHT: &str = "sluice_requests_in_flight";
 /// SSE streams open now.
 pub const STREAMS_OPEN: &str = "sluice_streams_open";
 /// Upstream attempts by key and outcome.
@@ -200,6 +200,10 @@ pub struct ModelMetrics {
     pub prompt_tokens: AtomicU64,
     /// Completion tokens reported by the upstream.
     pub completion_tokens: AtomicU64,
+    /// Whole request durations, by `stream` (index 0: no, 1: yes).
+    pub duration: [Histogram; 2],
+    /// Time to the upstream's headers, by `stream`.
+    pub ttfb: [Histogram; 2],
 }
 
 impl ModelMetrics {
@@ -211,6 +215,23 @@ impl ModelMetrics {
             requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
+            duration: Default::default(),
+            ttfb: Default::default(),
+        }
+    }
+
+    /// This model's series of a histogram family, one per `stream` value
+    /// that has observations.
+    fn render_histograms(&self, name: &str, pick: fn(&Self) -> &[Histogram; 2], out: &mut String) {
+        for (stream, histogram) in ["false", "true"].iter().zip(pick(self)) {
+            if histogram.count() > 0 {
+                let labels = format!(
+                    "model=\"{}\",upstream=\"{}\",stream=\"{stream}\"",
+                    escape(&self.model),
+                    escape(&self.upstream)
+                );
+                histogram.render_series(name, &labels, out);
+            }
         }
     }
 
@@ -253,8 +274,12 @@ impl ModelMetrics {
 }
 
 /// Bucket upper bounds in seconds, shared by all histograms (100 µs .. 60 s).
-const BUCKETS: [f64; 16] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0];
+/// Bucket bounds in seconds: from sluice's own sub-millisecond overhead up to
+/// the longest default timeout (`total_timeout`, 600 s).
+const BUCKETS: [f64; 19] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0, 120.0,
+    300.0, 600.0,
+];
 
 /// A fixed-bucket histogram in atomics.
 #[derive(Debug, Default)]
@@ -277,15 +302,28 @@ impl Histogram {
 
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(name, "", out);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// The series of one label set (`labels` already escaped and joined,
+    /// `a="x",b="y"`, or empty), without the family header.
+    fn render_series(&self, name: &str, labels: &str, out: &mut String) {
+        let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
             cumulative += bucket.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
         }
         let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_nanos.load(Relaxed) as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count {count}");
+        let braces = |text: &str| if text.is_empty() { String::new() } else { format!("{{{text}}}") };
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{} {}", braces(labels), self.sum_nanos.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
     }
 }
 
@@ -294,10 +332,6 @@ impl Histogram {
 pub struct Metrics {
     /// Requests that never reached a model route (errors, health, admin, pass-through).
     pub unrouted: ModelMetrics,
-    /// Whole request durations.
-    pub duration: Histogram,
-    /// Upstream time to headers.
-    pub ttfb: Histogram,
     /// sluice's own time per request.
     pub overhead: Histogram,
     /// Requests in flight.
@@ -339,8 +373,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             unrouted: ModelMetrics::new("-", "-"),
-            duration: Histogram::default(),
-            ttfb: Histogram::default(),
             overhead: Histogram::default(),
             in_flight: AtomicI64::new(0),
             streams_open: AtomicI64::new(0),
@@ -396,11 +428,23 @@ impl Metrics {
         for model in models.clone() {
             model.render(out);
         }
-        self.duration.render(REQUEST_DURATION, "Request duration to the end of the response body.", out);
-        self.ttfb.render(UPSTREAM_TTFB, "Time to the upstream's response headers.", out);
+        for (name, help, pick) in [
+            (
+                REQUEST_DURATION,
+                "Request duration to the end of the response body.",
+                (|m: &ModelMetrics| &m.duration) as fn(&ModelMetrics) -> &[Histogram; 2],
+            ),
+            (UPSTREAM_TTFB, "Time to the upstream's response headers.", |m: &ModelMetrics| &m.ttfb),
+        ] {
+            header(out, name, "histogram", help);
+            self.unrouted.render_histograms(name, pick, out);
+            for model in models.clone() {
+                model.render_histograms(name, pick, out);
+            }
+        }
         self.overhead.render(OVERHEAD, "Time spent in sluice itself, upstream waits excluded.", out);
-        header(out, IN_FLIGHT, "gauge", "Requests being served.");
-        line(out, IN_FLIGHT, &[], self.in_flight.load(Relaxed));
+        header(out, IN_FLIGHT, "gauge", "Requests being served, the scrape itself not counted.");
+        line(out, IN_FLIGHT, &[], (self.in_flight.load(Relaxed) - 1).max(0));
         header(out, STREAMS_OPEN, "gauge", "SSE streams open.");
         line(out, STREAMS_OPEN, &[], self.streams_open.load(Relaxed));
         header(out, RETRIES, "counter", "Upstream attempts after the first of a request, by cause.");

@@ -88,7 +88,11 @@ impl Gateway {
     }
 
     async fn health(&self) -> serde_json::Value {
-        send(&h1_client(), Request::get(self.url("/health")).body(Full::new(Bytes::new())).unwrap()).await.json()
+        let request = Request::get(self.url("/health"))
+            .header("authorization", format!("Bearer {}", crate::support::ADMIN_TOKEN))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send(&h1_client(), request).await.json()
     }
 
     fn logged(&self) -> Vec<String> {

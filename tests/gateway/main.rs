@@ -19,6 +19,7 @@ mod http2;
 mod keys;
 mod mock;
 mod observability;
+mod operator;
 mod ops;
 mod reload;
 mod retries;

@@ -72,17 +72,26 @@ async fn metrics_count_known_traffic() {
     assert_eq!(sample(&m, "sluice_breaker_state", &[("upstream", "mock")]), 0.0);
     assert_eq!(sample(&m, "sluice_streams_open", &[]), 0.0);
     assert_eq!(sample(&m, "sluice_build_info", &[("version", sluice::VERSION)]), 1.0);
-    let duration_count =
-        m.samples.iter().find(|s| s.metric == "sluice_request_duration_seconds").map(|s| match &s.value {
-            Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
-            _ => 0.0,
-        });
-    assert!(duration_count.unwrap_or(0.0) >= 9.0, "{duration_count:?}");
-    assert_eq!(
-        m.samples.iter().filter(|s| s.metric == "sluice_upstream_ttfb_seconds").count(),
-        1,
-        "one ttfb histogram"
-    );
+    // Histograms by model, upstream and whether the request streamed.
+    let histogram_count = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        m.samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let chat = [("model", "gpt-4o-mini"), ("upstream", "mock")];
+    assert_eq!(histogram_count("sluice_request_duration_seconds", &[chat[0], chat[1], ("stream", "false")]), 5.0);
+    assert_eq!(histogram_count("sluice_request_duration_seconds", &[chat[0], chat[1], ("stream", "true")]), 2.0);
+    assert_eq!(histogram_count("sluice_upstream_ttfb_seconds", &[chat[0], ("stream", "true")]), 2.0);
+    let top = m.samples.iter().find(|s| s.metric == "sluice_request_duration_seconds").and_then(|s| match &s.value {
+        Value::Histogram(buckets) => buckets.iter().map(|b| b.less_than).filter(|b| b.is_finite()).reduce(f64::max),
+        _ => None,
+    });
+    assert_eq!(top, Some(600.0), "buckets reach the longest default timeout");
 }
 
 #[tokio::test]
@@ -223,8 +232,8 @@ async fn a_client_leaving_before_the_answer_is_counted_as_499_and_not_left_in_fl
     // Well before the harness's 2 s header timeout would end the request anyway.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
     loop {
-        // The scrape itself is the one request in flight.
-        if sample(&scrape(&h).await, "sluice_in_flight", &[]) == 1.0 {
+        // The scrape itself is not counted.
+        if sample(&scrape(&h).await, "sluice_requests_in_flight", &[]) == 0.0 {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "the abandoned request is still counted in flight");
@@ -234,4 +243,36 @@ async fn a_client_leaving_before_the_answer_is_counted_as_499_and_not_left_in_fl
     let scrape = scrape(&h).await;
     assert_eq!(sample(&scrape, "sluice_requests_total", &[("status", "499"), ("model", "plain")]), 1.0);
     assert_eq!(sample(&scrape, "sluice_requests_total", &[("model", "plain")]), 1.0);
+}
+
+#[tokio::test]
+async fn every_metric_the_dashboard_and_alerts_use_exists() {
+    let h = Harness::start().await;
+    assert_eq!(h.chat(r#"{"model":"plain"}"#).await.status, StatusCode::OK);
+    stream_chat(&h).await;
+    let scrape = scrape(&h).await;
+    let exposed: std::collections::HashSet<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["config/grafana/sluice.json", "config/prometheus/alerts.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut used = Vec::new();
+        for (start, _) in text.match_indices(['s', 'p']) {
+            let rest = &text[start..];
+            if !(rest.starts_with("sluice_") || rest.starts_with("process_"))
+                || text[..start].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            {
+                continue;
+            }
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let base =
+                ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name).to_string();
+            used.push(base);
+        }
+        used.sort();
+        used.dedup();
+        assert!(used.len() >= 5, "{file}: found only {used:?}");
+        for name in &used {
+            assert!(exposed.contains(name.as_str()), "{file} uses {name}, which /metrics does not expose");
+        }
+    }
 }

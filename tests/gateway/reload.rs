@@ -188,10 +188,11 @@ async fn sighup_reload_under_load_drops_nothing() {
     }
 
     let health_keys = |addr: SocketAddr| async move {
-        let health =
-            send(&h1_client(), Request::get(format!("http://{addr}/health")).body(Full::new(Bytes::new())).unwrap())
-                .await
-                .json();
+        let request = Request::get(format!("http://{addr}/health"))
+            .header("authorization", format!("Bearer {}", crate::support::ADMIN_TOKEN))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let health = send(&h1_client(), request).await.json();
         health["upstreams"][0]["keys"]
             .as_array()
             .unwrap()

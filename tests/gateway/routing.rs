@@ -203,7 +203,17 @@ async fn models_list_and_health() {
         assert_eq!(reply.json()["status"], "ok");
         assert_eq!(reply.json()["version"], sluice::VERSION);
         assert!(!reply.body.windows(5).any(|w| w == b"sk-up"), "no secrets in /health");
+        assert!(reply.json().get("upstreams").is_none(), "upstreams and keys only with the admin token");
     }
+    let detailed = h
+        .send(
+            Request::get(h.url("/health"))
+                .header("authorization", format!("Bearer {}", crate::support::ADMIN_TOKEN))
+                .body(body(""))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(detailed.json()["upstreams"][0]["keys_total"], 3);
     assert_eq!(h.stats().requests, 0, "answered by sluice itself");
 }
 

@@ -319,6 +319,15 @@ pub async fn advance_clock(by: Duration) {
     tokio::time::resume();
 }
 
+/// Waits for an async `condition` to hold, polling every 20 ms, for at most 5 s.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(what: &str, mut condition: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits for `condition` to hold, polling every 5 ms, for at most 5 s.
 pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -329,9 +338,13 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 }
 
 impl Harness {
-    /// `GET /health` as JSON.
+    /// `GET /health` as JSON, with the details the admin token shows.
     pub async fn health(&self) -> serde_json::Value {
-        self.send(Request::get(self.url("/health")).body(Full::new(Bytes::new())).unwrap()).await.json()
+        let request = Request::get(self.url("/health"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.send(request).await.json()
     }
 
     /// The state of one upstream key in `/health` (`healthy`, `cooling`, `disabled`).
