@@ -69,15 +69,22 @@ pub enum ConfigError {
         /// Why the value is refused.
         reason: String,
     },
-    /// Several fields refer to environment variables that are not set (all
-    /// of them, so one run of `sluice check` names every one).
-    #[error("{file}: {}", unset.iter().map(|(field, reason)| format!("field `{field}`: {reason}")).collect::<Vec<_>>().join("; "))]
-    Unset {
-        /// The config file.
-        file: String,
-        /// `(field, reason)` of each.
-        unset: Vec<(String, String)>,
-    },
+    /// Several problems at once (every unset variable, every section that
+    /// fails on its own), so one run of `sluice check` names them all.
+    #[error("{} problems:\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Several(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// One error as it is, several as [`ConfigError::Several`].
+    fn of(mut problems: Vec<ConfigError>) -> Self {
+        if problems.len() == 1 { problems.remove(0) } else { Self::Several(problems) }
+    }
+}
+
+/// Keeps a section's value, or notes its error and goes on to the next.
+fn keep<T>(problems: &mut Vec<ConfigError>, result: Result<T, ConfigError>) -> Option<T> {
+    result.map_err(|e| problems.push(e)).ok()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,7 +319,8 @@ impl Config {
         let mut unset = Vec::new();
         expand_strings(&mut table, &mut String::new(), env, &mut unset);
         if !unset.is_empty() {
-            return Err(ConfigError::Unset { file, unset });
+            let invalid = |(field, reason)| ConfigError::Invalid { file: file.clone(), field, reason };
+            return Err(ConfigError::of(unset.into_iter().map(invalid).collect()));
         }
         let raw = RawConfig::deserialize(table)
             .map_err(|e| ConfigError::Parse { file: file.clone(), reason: e.to_string() })?;
@@ -380,28 +388,51 @@ impl Validator<'_> {
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let server = self.server(raw.server)?;
-        let clients = self.clients(raw.clients)?;
-        let limits = self.limits(raw.limits)?;
-        let store = self.store(raw.store)?;
-        let cache = self.cache(raw.cache)?;
-        let auth = self.auth(raw.auth, &clients, store.is_some())?;
+        // Sections that stand alone are all checked, their problems collected;
+        // what depends on them (auth on clients and store, models on
+        // upstreams) is checked once they are sound.
+        let mut problems = Vec::new();
+        let server = keep(&mut problems, self.server(raw.server));
+        let clients = keep(&mut problems, self.clients(raw.clients));
+        let limits = keep(&mut problems, self.limits(raw.limits));
+        let store = keep(&mut problems, self.store(raw.store));
+        let cache = keep(&mut problems, self.cache(raw.cache));
         let public_health_details = raw.admin.public_health_details.unwrap_or(false);
-        let admin_token = self.admin(raw.admin)?;
-        let metrics_token = match raw.metrics.token.as_deref().map(str::trim) {
-            Some(token) if token.len() < 8 => {
-                return Err(self.invalid("metrics.token", "must be at least 8 characters"));
-            }
-            Some(token) => Some(Secret::new(token.to_string())),
-            None => None,
-        };
+        let admin_token = keep(&mut problems, self.admin(raw.admin));
+        let metrics_token = keep(
+            &mut problems,
+            match raw.metrics.token.as_deref().map(str::trim) {
+                Some(token) if token.len() < 8 => Err(self.invalid("metrics.token", "must be at least 8 characters")),
+                Some(token) => Ok(Some(Secret::new(token.to_string()))),
+                None => Ok(None),
+            },
+        );
+        let level = keep(&mut problems, self.log_level(raw.log.level.clone()));
         let default_connect = raw.client.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
-        let upstreams = raw
+        let upstreams: Vec<Option<UpstreamConfig>> = raw
             .upstreams
             .into_iter()
             .enumerate()
-            .map(|(i, u)| self.upstream(i, u, default_connect))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(i, u)| keep(&mut problems, self.upstream(i, u, default_connect)))
+            .collect();
+        let (
+            Some(server),
+            Some(clients),
+            Some(limits),
+            Some(store),
+            Some(cache),
+            Some(admin_token),
+            Some(metrics_token),
+            Some(level),
+        ) = (server, clients, limits, store, cache, admin_token, metrics_token, level)
+        else {
+            return Err(ConfigError::of(problems));
+        };
+        if !problems.is_empty() {
+            return Err(ConfigError::of(problems));
+        }
+        let upstreams: Vec<UpstreamConfig> = upstreams.into_iter().flatten().collect();
+        let auth = self.auth(raw.auth, &clients, store.is_some())?;
         if upstreams.is_empty() {
             return Err(self.invalid("upstreams", "at least one [[upstreams]] entry is required"));
         }
@@ -442,7 +473,7 @@ impl Validator<'_> {
             metrics_enabled: raw.metrics.enabled.unwrap_or(true),
             metrics_per_user: raw.metrics.per_user.unwrap_or(false),
             log: LogConfig {
-                level: self.log_level(raw.log.level)?,
+                level,
                 format: raw.log.format.unwrap_or_default(),
                 requests: raw.log.requests.map(|p| self.base_dir.join(p)),
                 requests_max_size: raw.log.requests_max_size.map_or(DEFAULT_REQUEST_LOG_MAX_SIZE, |b| b.0),

@@ -241,3 +241,15 @@ fn a_log_filter_that_does_not_parse_is_refused() {
     assert!(message.contains("log.level"), "{message}");
     assert!(parse(&format!("{GOOD}\n[log]\nlevel = \"warn,sluice=debug\"\n")).is_ok());
 }
+
+#[test]
+fn problems_of_separate_sections_come_in_one_report() {
+    let text = format!(
+        "{}\n[limits]\nrpm = 2000000\n[cache]\nttl = \"0s\"\n[log]\nlevel = \"verbose,,=\"\n",
+        GOOD.replace("base_url = \"https://api.openai.com/v1/\"", "base_url = \"not a url\"")
+    );
+    let message = refusal(&text);
+    for field in ["limits.rpm", "cache.ttl", "log.level", "upstreams[0].base_url"] {
+        assert!(message.contains(field), "{field} missing from: {message}");
+    }
+}
