@@ -5,6 +5,7 @@
 pub mod access;
 pub mod cache;
 pub mod keys;
+pub mod routing;
 pub mod server;
 pub mod tls;
 pub mod units;
@@ -21,6 +22,8 @@ use access::{RawAuth, RawClientKey, RawLimits, RawStore};
 use cache::RawCache;
 pub use cache::{CacheConfig, CacheScope};
 use keys::{Secret, env_lookup, expand_env};
+pub use routing::{CapMode, FallbackOn, FallbackSet, RoutingConfig, TargetConfig};
+use routing::{RawRouting, RawTarget};
 use server::RawServer;
 pub use server::{DEFAULT_LISTEN, ServerConfig, TlsConfig};
 use units::{ByteSize, HumanDuration};
@@ -157,19 +160,17 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawModel {
     name: String,
-    upstream: String,
+    upstream: Option<String>,
     upstream_model: Option<String>,
+    targets: Option<Vec<RawTarget>>,
+    fallback_on: Option<Vec<FallbackOn>>,
+    max_tokens_cap: Option<u64>,
+    max_tokens_over: Option<CapMode>,
     #[serde(default)]
     aliases: Vec<String>,
     #[serde(default)]
     defaults: toml::Table,
     cache: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRouting {
-    default_model: Option<String>,
 }
 
 /// How sluice speaks HTTP/2 to an upstream.
@@ -246,6 +247,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// Model used when a request names none.
     pub default_model: Option<String>,
+    /// Fallbacks between targets and the retry budget.
+    pub routing: RoutingConfig,
 }
 
 /// `[client]`: the pooled upstream client.
@@ -283,10 +286,16 @@ pub struct LogConfig {
 pub struct ModelConfig {
     /// Client-visible name, or `*` for every unlisted model.
     pub name: String,
-    /// Name of the upstream that serves it.
+    /// Name of the upstream of its first target.
     pub upstream: String,
-    /// Name sent upstream when it differs from `name`.
+    /// Name sent to its first target when it differs from `name`.
     pub upstream_model: Option<String>,
+    /// Where it is served: weighted within a priority tier, tiers in order.
+    pub targets: Vec<TargetConfig>,
+    /// Failures that move a request to the next target.
+    pub fallback_on: FallbackSet,
+    /// A cap on `max_tokens` and what a request over it gets.
+    pub max_tokens_cap: Option<(u64, CapMode)>,
     /// Other client-visible names.
     pub aliases: Vec<String>,
     /// Parameters filled in when a request lacks them.
@@ -442,8 +451,9 @@ impl Validator<'_> {
                 return Err(self.invalid(format!("upstreams[{i}].name"), format!("`{}` is used twice", upstream.name)));
             }
         }
-        let models = self.models(raw.models, &names)?;
-        let default_model = raw.routing.default_model;
+        let routing = self.routing(raw.routing)?;
+        let models = self.models(raw.models, &names, routing.fallback_on)?;
+        let default_model = routing.default_model.clone();
         if let Some(default) = &default_model {
             let routed = models.iter().any(|m| m.name == *default || m.name == "*" || m.aliases.contains(default));
             if !routed {
@@ -483,6 +493,7 @@ impl Validator<'_> {
             upstreams,
             models,
             default_model,
+            routing,
         })
     }
 
@@ -508,7 +519,12 @@ impl Validator<'_> {
         }
     }
 
-    fn models(&self, raw: Vec<RawModel>, upstreams: &HashSet<&str>) -> Result<Vec<ModelConfig>, ConfigError> {
+    fn models(
+        &self,
+        raw: Vec<RawModel>,
+        upstreams: &HashSet<&str>,
+        fallback_on: FallbackSet,
+    ) -> Result<Vec<ModelConfig>, ConfigError> {
         let mut seen_names = HashSet::new();
         let mut default_params = HashSet::new();
         let mut models = Vec::with_capacity(raw.len());
@@ -517,15 +533,14 @@ impl Validator<'_> {
             if model.name.trim().is_empty() {
                 return Err(self.invalid(at("name"), "must not be empty"));
             }
-            if !upstreams.contains(model.upstream.as_str()) {
-                return Err(self.invalid(at("upstream"), format!("no upstream is named `{}`", model.upstream)));
-            }
+            let targets =
+                self.targets(&at, model.upstream.clone(), model.upstream_model.clone(), model.targets, upstreams)?;
             for name in std::iter::once(&model.name).chain(&model.aliases) {
                 if !seen_names.insert(name.clone()) {
                     return Err(self.invalid(at("name"), format!("`{name}` is routed twice (as a name or an alias)")));
                 }
             }
-            if model.name == "*" && (!model.aliases.is_empty() || model.upstream_model.is_some()) {
+            if model.name == "*" && (!model.aliases.is_empty() || targets.iter().any(|t| t.upstream_model.is_some())) {
                 return Err(self.invalid(
                     at("name"),
                     "the wildcard `*` passes names through: it takes no aliases or upstream_model",
@@ -546,10 +561,21 @@ impl Validator<'_> {
                     format!("all models together may name at most {MAX_DEFAULT_PARAMS} default parameters"),
                 ));
             }
+            if model.max_tokens_cap == Some(0) {
+                return Err(self.invalid(at("max_tokens_cap"), "must be at least 1"));
+            }
+            if model.max_tokens_over.is_some() && model.max_tokens_cap.is_none() {
+                return Err(
+                    self.invalid(at("max_tokens_over"), "says what happens over `max_tokens_cap`: set that too")
+                );
+            }
             models.push(ModelConfig {
                 name: model.name,
-                upstream: model.upstream,
-                upstream_model: model.upstream_model,
+                upstream: targets[0].upstream.clone(),
+                upstream_model: targets[0].upstream_model.clone(),
+                fallback_on: model.fallback_on.map_or(fallback_on, |r| FallbackSet::of(&r)),
+                max_tokens_cap: model.max_tokens_cap.map(|cap| (cap, model.max_tokens_over.unwrap_or_default())),
+                targets,
                 aliases: model.aliases,
                 defaults,
                 cache: model.cache.unwrap_or(true),

@@ -217,13 +217,21 @@ fn models(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(error) => return config_failure(&error),
     };
-    println!("{:<28} {:<24} {:<16} UPSTREAM MODEL", "MODEL", "ALIASES", "UPSTREAM");
+    println!("{:<28} {:<24} {:<16} {:<28} TIER WEIGHT", "MODEL", "ALIASES", "UPSTREAM", "UPSTREAM MODEL");
     for model in &config.models {
-        let upstream_model = match model.name.as_str() {
-            "*" => "(as requested)",
-            name => model.upstream_model.as_deref().unwrap_or(name),
-        };
-        println!("{:<28} {:<24} {:<16} {upstream_model}", model.name, model.aliases.join(","), model.upstream);
+        // One line per target; the model's name and aliases on the first.
+        for (i, target) in model.targets.iter().enumerate() {
+            let upstream_model = match model.name.as_str() {
+                "*" => "(as requested)",
+                name => target.upstream_model.as_deref().unwrap_or(name),
+            };
+            let (name, aliases) =
+                if i == 0 { (model.name.clone(), model.aliases.join(",")) } else { Default::default() };
+            println!(
+                "{name:<28} {aliases:<24} {:<16} {upstream_model:<28} {:<4} {}",
+                target.upstream, target.priority, target.weight
+            );
+        }
     }
     ExitCode::SUCCESS
 }

@@ -8,6 +8,11 @@
 //! `POST /_control` (standing faults, see [`Faults`]), `POST /_reset`.
 //! Per-request headers: `x-mock-latency-ms`, `x-mock-status`, `x-mock-chunks`,
 //! `x-mock-gap-ms`, `x-mock-drop-after`, `x-mock-echo` (answer with the request).
+//!
+//! The key of a request is its `Authorization: Bearer` token, else its
+//! `api-key` (Azure) or `x-api-key` header. Azure paths
+//! (`/openai/deployments/{name}/chat/completions`) are answered as the
+//! OpenAI ones and counted under their own path.
 
 pub mod faults;
 pub mod sse;
@@ -248,22 +253,56 @@ async fn answer(state: &MockState, request: Request<Incoming>) -> Response<MockB
     if request.version() == Version::HTTP_2 {
         stats.http2_requests.fetch_add(1, Ordering::Relaxed);
     }
-    let key = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("-")
-        .to_string();
-    stats.by_key.hit(&key);
+    let key = request_key(request.headers());
+    let used = stats.by_key.hit(&key);
     stats.by_path.hit(&path);
-    let response = respond(state, request, &key, &path, n).await;
+    let faults = state.faults.load_full();
+    let mut response = match faults.quota.get(&key) {
+        Some(&quota) if used > quota => error(StatusCode::TOO_MANY_REQUESTS, "mock: this key's quota is spent"),
+        _ => respond(state, &faults, request, &key, openai_path(&path), n).await,
+    };
+    if let Some(&quota) = faults.quota.get(&key) {
+        let headers = response.headers_mut();
+        headers.insert("x-ratelimit-remaining-requests", HeaderValue::from(quota.saturating_sub(used)));
+        let reset = faults.quota_reset.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
+        headers.insert("x-ratelimit-reset-requests", reset.unwrap_or(HeaderValue::from_static("60s")));
+    }
     stats.by_status.hit(response.status().as_str());
     response
 }
 
-async fn respond(state: &MockState, request: Request<Incoming>, key: &str, path: &str, n: u64) -> Response<MockBody> {
-    let faults = state.faults.load_full();
+/// The key a request carries: `Authorization: Bearer`, `api-key` or `x-api-key`.
+fn request_key(headers: &http::HeaderMap) -> String {
+    let bearer = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    bearer
+        .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// The OpenAI path an Azure deployment path stands for
+/// (`/openai/deployments/NAME/chat/completions` -> `/v1/chat/completions`).
+fn openai_path(path: &str) -> &str {
+    path.strip_prefix("/openai/deployments/").and_then(|rest| rest.find('/').map(|slash| &rest[slash..])).map_or(
+        path,
+        |tail| match tail {
+            "/chat/completions" => "/v1/chat/completions",
+            "/completions" => "/v1/completions",
+            "/embeddings" => "/v1/embeddings",
+            _ => path,
+        },
+    )
+}
+
+async fn respond(
+    state: &MockState,
+    faults: &Faults,
+    request: Request<Incoming>,
+    key: &str,
+    path: &str,
+    n: u64,
+) -> Response<MockBody> {
     let shape = faults.shape(request.headers());
     if shape.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(shape.latency_ms)).await;

@@ -77,6 +77,7 @@ pub async fn prepare(
             let plan = plan::plan_json(live, &parts.method, parts.uri.path(), bytes, client)?;
             ctx.stream = plan.stream;
             ctx.model = plan.model.clone();
+            ctx.max_tokens_capped = plan.capped;
             plan
         }
         read::Read::Whole(bytes) => {

@@ -114,7 +114,24 @@ fn decorate(response: &mut Response<SluiceBody>, ctx: &RequestContext) {
     if let Some(cache) = ctx.cache {
         headers.insert(CACHE_STATUS, HeaderValue::from_static(cache.label()));
     }
+    // Where it went: the upstream and the model name sent there.
+    if let Some(upstream) = &ctx.upstream_header {
+        headers.insert(SLUICE_UPSTREAM, upstream.clone());
+    }
+    if let Some(model) = &ctx.upstream_model {
+        headers.insert(SLUICE_MODEL, model.clone());
+    }
+    if let Some(cap) = ctx.max_tokens_capped {
+        headers.insert(SLUICE_MAX_TOKENS_CAPPED, HeaderValue::from(cap));
+    }
 }
+
+/// The upstream that answered (or was tried last).
+const SLUICE_UPSTREAM: http::HeaderName = http::HeaderName::from_static("x-sluice-upstream");
+/// The model's `max_tokens_cap`, when the request asked for more and was lowered to it.
+const SLUICE_MAX_TOKENS_CAPPED: http::HeaderName = http::HeaderName::from_static("x-sluice-max-tokens-capped");
+/// The model name sent to it.
+const SLUICE_MODEL: http::HeaderName = http::HeaderName::from_static("x-sluice-model");
 
 /// The rate-limit headers an OpenAI-style upstream sends about its account.
 const UPSTREAM_RATE_HEADERS: [&str; 6] = [

@@ -80,7 +80,7 @@ impl Live {
     /// The upstream that takes requests without a JSON `model`: the default
     /// model's upstream, else the first configured one.
     pub fn fallback_upstream(&self) -> Option<&Arc<Upstream>> {
-        let index = self.routes.default_route().map_or(0, |(_, route)| route.upstream);
+        let index = self.routes.default_route().map_or(0, |(_, route)| route.primary().upstream);
         self.upstreams.get(index)
     }
 }

@@ -6,7 +6,9 @@
 
 pub mod body;
 pub mod breaker;
+pub mod budget;
 pub mod h1;
+pub mod headroom;
 pub mod keyring;
 pub mod registry;
 pub mod retry_after;
@@ -17,17 +19,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 
 use crate::clock::now_ms;
 use crate::config::keys::Secret;
+use crate::config::upstream::AzureConfig;
 use crate::config::{H1Client, Http2Mode, RetryPolicy, Strategy, Timeouts, UpstreamAuth, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::tasks::Tasks;
 use body::{ForwardBody, UpstreamBody};
 use breaker::Breaker;
+use budget::RetryBudget;
 use keyring::{KeyRing, UpstreamKey};
 use registry::{ClientRegistry, HttpClient};
 use token::TokenSource;
@@ -79,6 +82,8 @@ struct ExtraHeader {
 pub struct Upstream {
     /// Name from the config.
     pub name: Arc<str>,
+    /// The name as a header value, for `x-sluice-upstream`.
+    pub name_header: HeaderValue,
     scheme: Scheme,
     authority: Authority,
     /// The base URL's path without a trailing slash, e.g. `/v1`.
@@ -104,6 +109,14 @@ pub struct Upstream {
     pub breaker: Arc<Breaker>,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// The header keys (and login tokens) are sent in.
+    pub auth_name: HeaderName,
+    /// The base URL's own query, sent with every request.
+    base_query: Option<Box<str>>,
+    /// Azure OpenAI's deployment paths and `api-version`.
+    pub azure: Option<AzureConfig>,
+    /// Caps retries at a share of first attempts (kept across reloads).
+    pub retry_budget: Arc<RetryBudget>,
     /// Where key checks run.
     tasks: Tasks,
 }
@@ -130,10 +143,12 @@ impl Upstream {
         let authority = config.base_url.authority().cloned().ok_or("base_url has no host")?;
         let name: Arc<str> = Arc::from(config.name.as_str());
         let previous = carry.upstream(&config.name);
+        let template = config.auth_template.as_str();
         let key = |secret: &Secret<String>| {
             carry
                 .key(secret)
-                .or_else(|| UpstreamKey::new(secret.clone()).map(Arc::new))
+                .filter(|k| k.sent_as(template))
+                .or_else(|| UpstreamKey::with_template(secret.clone(), template).map(Arc::new))
                 .ok_or_else(|| "a key is not a valid header value".to_string())
         };
         let (secrets, auth) = match &config.auth {
@@ -171,6 +186,7 @@ impl Upstream {
         Ok(Self {
             client: clients.get(config.http2, config.timeouts.connect, config.ca_file.as_ref())?,
             h1,
+            name_header: HeaderValue::from_str(&name).map_err(|_| "the upstream name is not a valid header value")?,
             name,
             scheme,
             authority,
@@ -184,24 +200,45 @@ impl Upstream {
             max_cooldown: config.max_cooldown,
             breaker,
             timeouts: config.timeouts,
+            auth_name: config.auth_header.clone(),
+            base_query: config.base_url.query().map(Into::into),
+            azure: config.azure.clone(),
+            retry_budget: previous.map_or_else(Arc::default, |p| Arc::clone(&p.retry_budget)),
             tasks: clients.tasks().clone(),
         })
     }
 
-    /// The upstream URI for a client path under `/v1` and its query (minus `api_key`).
-    pub fn uri_for(&self, client_path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    /// The upstream URI for a client path under `/v1` and its query (minus
+    /// `api_key`), after the base URL's own query. On Azure, a model endpoint
+    /// goes to its deployment's path with the `api-version`.
+    pub fn uri_for(&self, client_path: &str, query: Option<&str>, deployment: Option<&str>) -> Result<Uri, ProxyError> {
         let rest = client_path.strip_prefix("/v1").unwrap_or(client_path);
-        let query = query.and_then(query_without_api_key);
-        let mut path =
-            String::with_capacity(self.base_path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1));
+        let client_query = query.and_then(query_without_api_key);
+        let mut path = String::with_capacity(self.base_path.len() + rest.len() + 64);
         path.push_str(&self.base_path);
-        path.push_str(rest);
+        let mut queries: [Option<&str>; 3] = [self.base_query.as_deref(), None, client_query.as_deref()];
+        let api_version;
+        match &self.azure {
+            // Azure: a model's endpoints live under its deployment, the
+            // others (`/openai/models`) under `/openai`; all name the API version.
+            Some(azure) => {
+                path.push_str("/openai");
+                if let Some(deployment) = deployment {
+                    path.push_str("/deployments/");
+                    path.push_str(deployment);
+                }
+                path.push_str(rest);
+                api_version = format!("api-version={}", azure.api_version);
+                queries[1] = Some(&api_version);
+            }
+            None => path.push_str(rest),
+        }
         if path.is_empty() {
             path.push('/');
         }
-        if let Some(query) = query {
-            path.push('?');
-            path.push_str(&query);
+        for (i, part) in queries.iter().flatten().enumerate() {
+            path.push(if i == 0 { '?' } else { '&' });
+            path.push_str(part);
         }
         let path_and_query =
             PathAndQuery::try_from(path).map_err(|e| ProxyError::Internal(format!("bad upstream path: {e}")))?;
@@ -229,7 +266,10 @@ impl Upstream {
         if let (Some(pool), ForwardBody::Full { bytes }) = (&self.h1, &body) {
             let path = target.path_and_query().map_or("/", PathAndQuery::as_str);
             let empty = Bytes::new();
-            return match pool.send(method, path, headers, &auth, bytes.as_ref().unwrap_or(&empty)).await {
+            return match pool
+                .send(method, path, headers, (&self.auth_name, &auth), bytes.as_ref().unwrap_or(&empty))
+                .await
+            {
                 Ok(response) => Ok(response.map(|inner| UpstreamBody::H1 { inner })),
                 Err(failed) => {
                     let upstream = self.name.to_string();
@@ -247,7 +287,7 @@ impl Upstream {
         *request.method_mut() = method.clone();
         *request.uri_mut() = target.clone();
         *request.headers_mut() = headers.clone();
-        request.headers_mut().insert(AUTHORIZATION, auth);
+        request.headers_mut().insert(self.auth_name.clone(), auth);
         match self.client.request(request).await {
             Ok(response) => Ok(response.map(|inner| UpstreamBody::Hyper { inner })),
             Err(error) => Err(self.client_error(&error)),
@@ -312,7 +352,7 @@ impl Upstream {
 
     /// The status `GET {base_url}/models` answers with this key, if any.
     async fn check_key(&self, key: &UpstreamKey) -> Option<u16> {
-        let target = self.uri_for("/v1/models", None).ok()?;
+        let target = self.uri_for("/v1/models", None, None).ok()?;
         let mut headers = HeaderMap::new();
         self.add_extra_headers(&mut headers);
         let send = self.send(&Method::GET, &target, &headers, key.auth_header(), ForwardBody::full(Bytes::new()));
@@ -363,15 +403,34 @@ mod tests {
     fn uri_joins_base_path_and_drops_api_key() {
         let u = upstream("https://api.example.com/v1", "");
         assert_eq!(
-            u.uri_for("/v1/chat/completions", Some("api_key=sk&x=1")).unwrap().to_string(),
+            u.uri_for("/v1/chat/completions", Some("api_key=sk&x=1"), None).unwrap().to_string(),
             "https://api.example.com/v1/chat/completions?x=1"
         );
         let u = upstream("http://127.0.0.1:9000/openai/v1", "");
-        assert_eq!(u.uri_for("/v1/models", None).unwrap().to_string(), "http://127.0.0.1:9000/openai/v1/models");
+        assert_eq!(u.uri_for("/v1/models", None, None).unwrap().to_string(), "http://127.0.0.1:9000/openai/v1/models");
         let u = upstream("http://127.0.0.1:9000", "");
         assert_eq!(
-            u.uri_for("/v1/embeddings", Some("api_key=1")).unwrap().to_string(),
+            u.uri_for("/v1/embeddings", Some("api_key=1"), None).unwrap().to_string(),
             "http://127.0.0.1:9000/embeddings"
+        );
+    }
+
+    #[test]
+    fn azure_paths_and_base_queries() {
+        let u = upstream("https://eu.openai.azure.com", "kind = \"azure\"\napi_version = \"2024-10-21\"");
+        assert_eq!(
+            u.uri_for("/v1/chat/completions", Some("x=1"), Some("gpt4o-eu")).unwrap().to_string(),
+            "https://eu.openai.azure.com/openai/deployments/gpt4o-eu/chat/completions?api-version=2024-10-21&x=1"
+        );
+        assert_eq!(
+            u.uri_for("/v1/models", None, None).unwrap().to_string(),
+            "https://eu.openai.azure.com/openai/models?api-version=2024-10-21"
+        );
+        assert_eq!(u.auth_name, "api-key", "Azure takes its key in api-key");
+        let u = upstream("https://gw.example.com/v1?tenant=a", "");
+        assert_eq!(
+            u.uri_for("/v1/embeddings", Some("x=1"), None).unwrap().to_string(),
+            "https://gw.example.com/v1/embeddings?tenant=a&x=1"
         );
     }
 

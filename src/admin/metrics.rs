@@ -46,6 +46,11 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
             }
         }
     }
+    header(&mut out, metrics::RETRY_BUDGET_REFUSED, "counter", "Retries the upstream's retry budget refused.");
+    for upstream in live.upstreams.iter() {
+        let refused = upstream.retry_budget.refused.load(Relaxed);
+        line(&mut out, metrics::RETRY_BUDGET_REFUSED, &[("upstream", upstream.name.as_ref())], refused);
+    }
     header(&mut out, metrics::BREAKER_STATE, "gauge", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
     for upstream in live.upstreams.iter() {
         let value = match upstream.breaker.state() {

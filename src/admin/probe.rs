@@ -76,7 +76,7 @@ async fn send_to(
 /// answers embeddings, not chats.
 fn is_embedding_model(shared: &Shared, model: &str) -> bool {
     let live = shared.live.load();
-    let target = live.routes.get(model).and_then(|r| r.target.as_deref()).unwrap_or(model);
+    let target = live.routes.get(model).and_then(|r| r.primary().target.as_deref()).unwrap_or(model);
     [model, target].iter().any(|name| name.to_ascii_lowercase().contains("embed"))
 }
 

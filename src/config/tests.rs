@@ -253,3 +253,39 @@ fn problems_of_separate_sections_come_in_one_report() {
         assert!(message.contains(field), "{field} missing from: {message}");
     }
 }
+
+#[test]
+fn targets_routing_and_upstream_kinds_validate() {
+    let text = GOOD.replace(
+        "[[models]]\nname = \"gpt-4o-mini\"\nupstream = \"openai\"",
+        "[[upstreams]]\nname = \"azure\"\nkind = \"azure\"\napi_version = \"2024-10-21\"\nbase_url = \"https://eu.openai.azure.com?x=1\"\nkeys = [\"az-1\"]\n\n[[models]]\nname = \"gpt-4o-mini\"\nfallback_on = [\"5xx\", \"timeout\"]\nmax_tokens_cap = 4096\nmax_tokens_over = \"refuse\"\ntargets = [{ upstream = \"openai\", weight = 3 }, { upstream = \"azure\", deployment = \"eu\", priority = 2 }]",
+    ) + "retry_budget = 0.5\nfallback_on = [\"429\"]\n";
+    let config = parse(&text).unwrap();
+    let model = &config.models[0];
+    assert_eq!(model.targets.len(), 2);
+    assert_eq!((model.targets[0].weight, model.targets[1].priority), (3, 2));
+    assert_eq!(model.targets[1].deployment.as_deref(), Some("eu"));
+    assert!(model.fallback_on.contains(FallbackOn::Timeout) && !model.fallback_on.contains(FallbackOn::RateLimited));
+    assert_eq!(model.max_tokens_cap, Some((4096, CapMode::Refuse)));
+    assert_eq!(config.routing.retry_budget, 0.5);
+    assert!(config.routing.fallback_on.contains(FallbackOn::RateLimited));
+    let azure = &config.upstreams[1];
+    assert_eq!((azure.auth_header.as_str(), azure.auth_template.as_str()), ("api-key", "{key}"));
+    assert_eq!(azure.base_url.query(), Some("x=1"), "a base URL may carry a query");
+
+    for (from, to, field) in [
+        ("weight = 3", "weight = 0", "models[0].targets[0].weight"),
+        ("weight = 3", "weight = 5000", "models[0].targets[0].weight"),
+        ("upstream = \"azure\", deployment", "upstream = \"nope\", deployment", "models[0].targets[1].upstream"),
+        ("api_version = \"2024-10-21\"\n", "", "upstreams[1].api_version"),
+        ("retry_budget = 0.5", "retry_budget = -1", "routing.retry_budget"),
+        ("kind = \"azure\"", "kind = \"azure\"\nauth_template = \"Bearer\"", "upstreams[1].auth_template"),
+        ("kind = \"azure\"", "kind = \"azure\"\nauth_header = \"bad header\"", "upstreams[1].auth_header"),
+        ("max_tokens_cap = 4096", "max_tokens_cap = 4096\nupstream = \"openai\"", "models[0].targets"),
+    ] {
+        let err = refusal(&text.replace(from, to));
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    let err = refusal(&text.replace("\"5xx\", \"timeout\"", "\"5xx\", \"sometimes\""));
+    assert!(err.contains("sometimes"), "{err}");
+}

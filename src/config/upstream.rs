@@ -73,6 +73,9 @@ pub(super) struct RawUpstream {
     header_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     total_timeout: Option<HumanDuration>,
+    api_version: Option<String>,
+    auth_header: Option<String>,
+    auth_template: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -81,6 +84,14 @@ enum Kind {
     #[default]
     Openai,
     Token,
+    Azure,
+}
+
+/// Azure OpenAI: where a deployment's endpoints are and which API version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzureConfig {
+    /// `api-version` query parameter.
+    pub api_version: String,
 }
 
 /// How a key is chosen for a request.
@@ -176,6 +187,13 @@ pub struct UpstreamConfig {
     pub breaker_cooldown: Duration,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// The header a key is sent in (`authorization` unless configured).
+    pub auth_header: HeaderName,
+    /// Its value with `{key}` standing for the key (`Bearer {key}` for
+    /// `authorization`, `{key}` for any other header).
+    pub auth_template: String,
+    /// `kind = "azure"`: deployment paths and `api-version`.
+    pub azure: Option<AzureConfig>,
 }
 
 impl UpstreamConfig {
@@ -199,10 +217,8 @@ impl Validator<'_> {
         if raw.name.trim().is_empty() {
             return Err(self.invalid(at("name"), "must not be empty"));
         }
+        // A query string on the base URL is kept and sent with every request.
         let base_url = self.absolute_url(&at("base_url"), &raw.base_url)?;
-        if base_url.query().is_some() {
-            return Err(self.invalid(at("base_url"), "must not carry a query string"));
-        }
         if raw.http2 == Http2Mode::PriorKnowledge && base_url.scheme_str() == Some("https") {
             return Err(self.invalid(
                 at("http2"),
@@ -217,9 +233,26 @@ impl Validator<'_> {
             crate::config::tls::read_certificates(path).map_err(|e| self.invalid(at("ca_file"), e))?;
         }
         let auth = match raw.kind {
-            Kind::Openai => self.openai_auth(&at, &raw)?,
+            Kind::Openai | Kind::Azure => self.openai_auth(&at, &raw)?,
             Kind::Token => self.token_auth(&at, &raw)?,
         };
+        let azure = match (raw.kind, &raw.api_version) {
+            (Kind::Azure, Some(version)) if !version.trim().is_empty() => {
+                Some(AzureConfig { api_version: version.trim().to_string() })
+            }
+            (Kind::Azure, _) => return Err(self.invalid(at("api_version"), "kind = \"azure\" needs an api_version")),
+            (_, Some(_)) => return Err(self.invalid(at("api_version"), "only kind = \"azure\" takes an api_version")),
+            (_, None) => None,
+        };
+        let default_header = if raw.kind == Kind::Azure { "api-key" } else { "authorization" };
+        let auth_header = HeaderName::from_bytes(raw.auth_header.as_deref().unwrap_or(default_header).as_bytes())
+            .map_err(|_| self.invalid(at("auth_header"), "not a valid header name"))?;
+        let auth_template = raw.auth_template.clone().unwrap_or_else(|| {
+            if auth_header == http::header::AUTHORIZATION { "Bearer {key}".to_string() } else { "{key}".to_string() }
+        });
+        if !auth_template.contains("{key}") {
+            return Err(self.invalid(at("auth_template"), "must contain {key}"));
+        }
         let headers = raw
             .headers
             .iter()
@@ -266,6 +299,9 @@ impl Validator<'_> {
                 idle: duration(raw.idle_timeout, DEFAULT_IDLE_TIMEOUT),
                 total: duration(raw.total_timeout, DEFAULT_TOTAL_TIMEOUT),
             },
+            auth_header,
+            auth_template,
+            azure,
         })
     }
 
@@ -293,7 +329,7 @@ impl Validator<'_> {
         if keys.is_empty() {
             return Err(self.invalid(at("keys"), "no keys: give `keys` or a `keys_file` with at least one key"));
         }
-        if let Some(bad) = keys.iter().position(|k| http::HeaderValue::from_str(&format!("Bearer {k}")).is_err()) {
+        if let Some(bad) = keys.iter().position(|k| http::HeaderValue::from_str(k).is_err()) {
             return Err(self.invalid(at("keys"), format!("key #{} has characters not allowed in a header", bad + 1)));
         }
         Ok(UpstreamAuth::Keys(keys.into_iter().map(Secret::new).collect()))

@@ -52,6 +52,13 @@ pub struct Faults {
     pub gap_ms: u64,
     /// Break streams (abort the connection) after this many chunks.
     pub drop_after: Option<u32>,
+    /// Requests each key may make, as a provider's per-key quota: every
+    /// answer says what is left (`x-ratelimit-remaining-requests`, with
+    /// `x-ratelimit-reset-requests`), and a key past its quota gets 429.
+    /// Counted from the start (or the last `POST /_reset`).
+    pub quota: HashMap<String, u64>,
+    /// `x-ratelimit-reset-requests` of quota answers (default `60s`).
+    pub quota_reset: Option<String>,
 }
 
 /// The shape of one answer, after the request's own `x-mock-*` headers.

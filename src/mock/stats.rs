@@ -12,16 +12,16 @@ use serde::Serialize;
 pub struct Counters(RwLock<HashMap<String, Arc<AtomicU64>>>);
 
 impl Counters {
-    /// Adds one to `name`.
-    pub fn hit(&self, name: &str) {
+    /// Adds one to `name`; returns its new count.
+    pub fn hit(&self, name: &str) -> u64 {
         if let Ok(map) = self.0.read()
             && let Some(counter) = map.get(name)
         {
-            counter.fetch_add(1, Ordering::Relaxed);
-            return;
+            return counter.fetch_add(1, Ordering::Relaxed) + 1;
         }
-        if let Ok(mut map) = self.0.write() {
-            map.entry(name.to_string()).or_default().fetch_add(1, Ordering::Relaxed);
+        match self.0.write() {
+            Ok(mut map) => map.entry(name.to_string()).or_default().fetch_add(1, Ordering::Relaxed) + 1,
+            Err(_) => 0,
         }
     }
 

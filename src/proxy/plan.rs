@@ -14,10 +14,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::Method;
 
+use std::ops::Range;
+
+use http::HeaderValue;
+
 use crate::access::table::{Allowed, Client};
+use crate::config::{CapMode, FallbackSet};
 use crate::error::ProxyError;
+use crate::proxy::sniff::Sniffed;
 use crate::proxy::{is_model_endpoint, sniff};
-use crate::routes::Route;
+use crate::routes::{Route, Target};
 use crate::state::Live;
 use crate::telemetry::metrics::ModelMetrics;
 use crate::upstream::Upstream;
@@ -68,12 +74,16 @@ impl Replay {
 
 /// Where a request goes and what is sent.
 pub struct Plan {
-    /// The upstream that serves it.
+    /// The upstream that serves it first.
     pub upstream: Arc<Upstream>,
-    /// The body to send (replayable when `Full`).
+    /// The body to send there (replayable when `Full`).
     pub body: ForwardBody,
     /// Whether sluice rewrote the body.
     pub body_rewritten: bool,
+    /// The model name sent there, for `x-sluice-model` (`None`: unrouted).
+    pub upstream_model: Option<HeaderValue>,
+    /// Its Azure deployment, if any.
+    pub deployment: Option<Arc<str>>,
     /// `"stream": true` in the request.
     pub stream: bool,
     /// The routed model's counters (`None` for pass-through requests).
@@ -82,7 +92,37 @@ pub struct Plan {
     pub replay: Replay,
     /// Whether its answer may be cached: a model endpoint whose route allows it.
     pub cacheable: bool,
+    /// The model's other targets, in the order this request tries them.
+    pub fallbacks: Vec<Fallback>,
+    /// Failures that move it on to the next of them.
+    pub fallback_on: FallbackSet,
+    /// The share of first attempts retries may add (`[routing] retry_budget`).
+    pub retry_budget: f64,
+    /// The `max_tokens` cap the request was lowered to, if it was.
+    pub capped: Option<u64>,
 }
+
+/// A target to fall back to: its upstream and the body it gets.
+pub struct Fallback {
+    /// The upstream.
+    pub upstream: Arc<Upstream>,
+    /// The body for it (the model renamed for it).
+    pub body: Bytes,
+    /// The model name sent there.
+    pub upstream_model: Option<HeaderValue>,
+    /// Its Azure deployment, if any.
+    pub deployment: Option<Arc<str>>,
+    /// Its counters.
+    pub model: Arc<ModelMetrics>,
+}
+
+/// Endpoints where `max_tokens_cap` applies, and the member a cap is
+/// inserted as when the request names no limit.
+const CAP_PATHS: [(&str, &[u8]); 3] = [
+    ("/v1/chat/completions", b"max_tokens"),
+    ("/v1/completions", b"max_tokens"),
+    ("/v1/responses", b"max_output_tokens"),
+];
 
 /// Endpoints whose answers the response cache keeps.
 pub const CACHE_PATHS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
@@ -119,10 +159,16 @@ pub fn plan_opaque(
         upstream: Arc::clone(upstream),
         body,
         body_rewritten: false,
+        upstream_model: None,
+        deployment: None,
         stream: false,
         model: None,
         replay: Replay::of(method, false),
         cacheable: false,
+        fallbacks: Vec::new(),
+        fallback_on: live.config.routing.fallback_on,
+        retry_budget: live.config.routing.retry_budget,
+        capped: None,
     })
 }
 
@@ -149,15 +195,13 @@ pub fn plan_json(
     }
     let routes = &live.routes;
     let sniffed = sniff::sniff(&bytes, &routes.param_names)?;
-    let (route, new_model, insert_model): (&Route, Option<&str>, Option<String>) = match sniffed.model.as_deref() {
+    // The route, the name the client asked for (or the default's), and
+    // whether the body lacks `model` (the default model's is inserted).
+    let (route, requested, insert_model): (&Route, &str, bool) = match sniffed.model.as_deref() {
         Some(model) => {
             let route = routes.get(model).ok_or_else(|| ProxyError::UnknownModel(model.to_string()))?;
             authorize(allowed, &route.name, model)?;
-            let rename = match (&route.target, &route.target_json) {
-                (Some(target), Some(json)) if target.as_ref() != model => Some(json.as_ref()),
-                _ => None,
-            };
-            (route, rename, None)
+            (route, model, false)
         }
         None if !model_endpoint => {
             let mut plan = plan_opaque(live, method, ForwardBody::full(bytes.clone()), allowed)?;
@@ -167,21 +211,11 @@ pub fn plan_json(
         None => {
             let (name, route) = routes.default_route().ok_or(ProxyError::NoModel)?;
             authorize(allowed, &route.name, name)?;
-            let json = match &route.target_json {
-                Some(json) => json.to_string(),
-                None => serde_json::Value::from(name).to_string(),
-            };
-            (route, None, Some(format!("\"model\":{json}")))
+            (route, name, true)
         }
     };
-    let upstream = Arc::clone(&live.upstreams[route.upstream]);
-    let model = Some(Arc::clone(&route.metrics));
     let replay = Replay::of(method, INFERENCE_PATHS.contains(&path));
     let cacheable = route.cache && *method == Method::POST && CACHE_PATHS.contains(&path);
-    // A model's default parameters are generation parameters: they go into
-    // model endpoints' bodies only, never into a job or an assistant.
-    let defaults: &[(u32, Bytes)] = if model_endpoint { &route.defaults } else { &[] };
-    let missing_defaults = defaults.iter().filter(|(bit, _)| sniffed.present & (1 << bit) == 0);
     let meter_stream = sniffed.stream
         && STREAM_OPTIONS_PATHS.contains(&path)
         && client.is_some_and(|c| c.limits.tokens_per_day.is_some());
@@ -196,26 +230,139 @@ pub fn plan_json(
             });
         }
     };
-    if new_model.is_none() && insert_model.is_none() && !add_usage && missing_defaults.clone().next().is_none() {
-        let body = ForwardBody::full(bytes.clone());
-        return Ok(Plan { upstream, body, body_rewritten: false, stream: sniffed.stream, model, replay, cacheable });
-    }
-    let mut inserts: Vec<&[u8]> = Vec::with_capacity(defaults.len() + 2);
-    inserts.extend(insert_model.as_deref().map(str::as_bytes));
-    if add_usage {
-        inserts.push(INCLUDE_USAGE);
-    }
-    inserts.extend(missing_defaults.map(|(_, member)| member.as_ref()));
-    let rewritten = sniff::splice(&bytes, &sniffed, new_model, &inserts);
+    let edits = Edits::of(route, &sniffed, path, model_endpoint, add_usage)?;
+    let body_for = |target: &Target| edits.body(&bytes, &sniffed, target, requested, insert_model);
+    // Made per request only on the wildcard route, which sends the name asked.
+    let upstream_model = |target: &Target| match &target.target_header {
+        Some(header) => Some(header.clone()),
+        None => HeaderValue::from_str(requested).ok(),
+    };
+    // One target (most models): no draw, no allocation.
+    let (first, fallbacks) = if route.targets.len() == 1 {
+        (route.primary(), Vec::new())
+    } else {
+        let order = route.order();
+        let fallbacks = order[1..].iter().map(|&i| &route.targets[i]).collect();
+        (&route.targets[order[0]], fallbacks)
+    };
+    let (body, body_rewritten) = body_for(first);
+    // An Azure target without a configured deployment (the wildcard route)
+    // takes the name asked for as its deployment.
+    let deployment = |target: &Target| match &target.deployment {
+        Some(deployment) => Some(Arc::clone(deployment)),
+        None => live.upstreams[target.upstream].azure.is_some().then(|| Arc::from(requested)),
+    };
+    let fallbacks = fallbacks
+        .into_iter()
+        .map(|target: &Target| {
+            let (body, _) = body_for(target);
+            Fallback {
+                upstream: Arc::clone(&live.upstreams[target.upstream]),
+                body,
+                upstream_model: upstream_model(target),
+                deployment: deployment(target),
+                model: Arc::clone(&target.metrics),
+            }
+        })
+        .collect();
     Ok(Plan {
-        upstream,
-        body: ForwardBody::full(rewritten),
-        body_rewritten: true,
+        upstream: Arc::clone(&live.upstreams[first.upstream]),
+        body: ForwardBody::full(body),
+        body_rewritten,
+        upstream_model: upstream_model(first),
+        deployment: deployment(first),
         stream: sniffed.stream,
-        model,
+        model: Some(Arc::clone(&first.metrics)),
         replay,
         cacheable,
+        fallbacks,
+        fallback_on: route.fallback_on,
+        retry_budget: live.config.routing.retry_budget,
+        capped: edits.capped,
     })
+}
+
+/// What a routed body gets whatever its target: defaults, the usage request
+/// of a metered stream, the `max_tokens` cap.
+struct Edits<'r> {
+    inserts: Vec<&'r [u8]>,
+    /// `max_tokens` values lowered to the cap.
+    replace: Vec<(Range<usize>, &'r [u8])>,
+    capped: Option<u64>,
+    cap_text: Option<String>,
+    /// `"max_tokens":CAP`, when the request named no limit.
+    cap_insert: Option<String>,
+}
+
+impl<'r> Edits<'r> {
+    fn of(
+        route: &'r Route,
+        sniffed: &Sniffed<'_>,
+        path: &str,
+        model_endpoint: bool,
+        add_usage: bool,
+    ) -> Result<Self, ProxyError> {
+        // A model's default parameters are generation parameters: they go into
+        // model endpoints' bodies only, never into a job or an assistant.
+        let defaults: &[(u32, Bytes)] = if model_endpoint { &route.defaults } else { &[] };
+        let mut edits =
+            Self { inserts: Vec::new(), replace: Vec::new(), capped: None, cap_text: None, cap_insert: None };
+        if add_usage {
+            edits.inserts.push(INCLUDE_USAGE);
+        }
+        edits.inserts.extend(defaults.iter().filter(|(bit, _)| sniffed.present & (1 << bit) == 0).map(|(_, m)| &m[..]));
+        if let (Some((cap, mode)), Some((_, member))) =
+            (route.max_tokens_cap, CAP_PATHS.iter().find(|(p, _)| *p == path))
+        {
+            let over: Vec<&(u64, Range<usize>)> = sniffed.token_limits.iter().filter(|(v, _)| *v > cap).collect();
+            if !over.is_empty() && mode == CapMode::Refuse {
+                return Err(ProxyError::BadField {
+                    field: "max_tokens",
+                    reason: format!("this model takes at most {cap} tokens an answer"),
+                });
+            }
+            edits.cap_text = Some(cap.to_string());
+            edits.capped = (!over.is_empty()).then_some(cap);
+            edits.replace = over.iter().map(|(_, span)| (span.clone(), &b""[..])).collect();
+            if sniffed.token_limits.is_empty() {
+                // No limit asked: the cap is the limit.
+                edits.cap_insert = Some(format!("\"{}\":{cap}", String::from_utf8_lossy(member)));
+            }
+        }
+        Ok(edits)
+    }
+
+    /// The body for `target`: renamed for it, with the edits.
+    fn body(
+        &self,
+        bytes: &Bytes,
+        sniffed: &Sniffed<'_>,
+        target: &Target,
+        requested: &str,
+        insert_model: bool,
+    ) -> (Bytes, bool) {
+        let rename = match (&target.target, &target.target_json, &sniffed.model_span) {
+            (Some(name), Some(json), Some(span)) if name.as_ref() != requested => Some((span.clone(), json.as_bytes())),
+            _ => None,
+        };
+        let model_member = insert_model.then(|| match &target.target_json {
+            Some(json) => format!("\"model\":{json}"),
+            None => format!("\"model\":{}", serde_json::Value::from(requested)),
+        });
+        let nothing = self.inserts.is_empty() && self.replace.is_empty() && self.cap_insert.is_none();
+        if rename.is_none() && model_member.is_none() && nothing {
+            return (bytes.clone(), false);
+        }
+        let cap = self.cap_text.as_deref().unwrap_or_default().as_bytes();
+        let mut replace: Vec<(Range<usize>, &[u8])> =
+            self.replace.iter().map(|(span, _)| (span.clone(), cap)).collect();
+        replace.extend(rename);
+        let mut inserts: Vec<&[u8]> = Vec::with_capacity(self.inserts.len() + 2);
+        inserts.extend(model_member.as_deref().map(str::as_bytes));
+        inserts.extend(self.inserts.iter().copied());
+        inserts.extend(self.cap_insert.as_deref().map(str::as_bytes));
+        (sniff::splice(bytes, sniffed, &replace, &inserts), true)
+    }
 }
 
 #[cfg(test)]

@@ -2,10 +2,17 @@
 //! re-send from the failure's own classification and the request's
 //! [`Replay`] rule, and counts each one by its cause.
 //!
-//! Each attempt picks a key (fresh keys first, then tried ones after a
-//! jittered backoff), sends, and lets the outcome decide:
+//! A request tries its model's targets in order (see
+//! [`crate::routes::Route::order`]): on each, [`attempts`] spends that
+//! upstream's budget (`max_attempts`, `max_key_retries`, its retry budget,
+//! what is left of `total_timeout`); when it ends without a usable answer
+//! for a reason in the model's `fallback_on`, and the request may be sent
+//! again, the next target gets it. Each attempt picks a key (fresh keys
+//! first, then tried ones after a jittered backoff), sends, and lets the
+//! outcome decide:
 //! - a usable answer goes to the client at once and is never retried;
-//! - 429 cools the key (for `Retry-After`) and moves on;
+//! - 429 cools the key (for `Retry-After`) and moves on; a key whose answer
+//!   says it has no requests or tokens left cools until its reset;
 //! - 401/402/403 move on only when the answer says the key itself is bad
 //!   (the key is disabled); any other such answer is about the request and
 //!   goes back to the client, counting against nothing, while the key is
@@ -17,337 +24,141 @@
 //!
 //! A failed attempt's answer is read (small and fast) or dropped before the
 //! loop waits, so its connection and key lease are free during the backoff.
-//! The breaker sees one outcome per request, and only upstream failures.
+//! Each breaker sees one outcome per request, and only upstream failures.
+
+mod attempts;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING};
-use http::{HeaderValue, Response};
-use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
-use crate::clock::{self, now_ms};
-use crate::error::{ErrorSource, ProxyError, error_json};
+use http::{HeaderValue, Method, Response, Uri};
+
+use crate::clock::now_ms;
+use crate::config::FallbackOn;
+use crate::error::ProxyError;
 use crate::proxy::body::SluiceBody;
+use crate::proxy::plan::Replay;
 use crate::proxy::{Prepared, headers, respond};
 use crate::telemetry::RequestContext;
-use crate::telemetry::metrics::RetryReason;
-use crate::upstream::body::{ForwardBody, UpstreamBody};
-use crate::upstream::breaker::Admission;
-use crate::upstream::keyring::{Failure, KeyLease, blames_the_key};
-use crate::upstream::{Auth, Upstream, retry_after};
+use crate::upstream::body::ForwardBody;
+use crate::upstream::keyring::Failure;
+use crate::upstream::{Auth, Upstream};
+use attempts::{Failed, Last, Tried};
 
-/// Largest failed-attempt answer kept whole (error bodies are small JSON).
-const MAX_KEPT_ANSWER: usize = 64 << 10;
-/// Longest wait for a failed attempt's answer to arrive whole.
-const KEPT_ANSWER_WAIT: Duration = Duration::from_secs(1);
-
-/// The last failed attempt, kept to answer with when the budget runs out.
-#[expect(clippy::large_enum_variant, reason = "one on the stack per request, never in a collection")]
-enum Last {
-    /// The upstream's own answer (429, 401/402/403, 5xx), read whole, and the
-    /// fingerprint of the key it came on.
-    Answer(Response<UpstreamBody>, Failure, Arc<str>),
-    /// No answer: connect error, reset, timeout.
-    Error(ProxyError),
+/// What every target of a request shares.
+pub(super) struct Request<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    stream: bool,
+    replay: Replay,
+    retry_budget: f64,
 }
 
-/// What one attempt's outcome means for the loop.
-#[expect(clippy::large_enum_variant, reason = "one per attempt, moved at once; boxing would allocate per request")]
-enum Verdict {
-    /// Hand this answer to the client.
-    Answer(Response<UpstreamBody>, KeyLease),
-    /// Try again (if the budget allows), for this reason.
-    Retry(RetryReason),
-    /// Stop: answer with the last failure.
-    Stop,
-}
-
-/// Sends a prepared request with retries and failover; the first usable
-/// answer is returned.
+/// Sends a prepared request with retries, failover between keys, and
+/// fallback between the model's targets; the first usable answer is returned.
 pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Response<SluiceBody>, ProxyError> {
     let Prepared { plan, method, uri, mut headers, mut fill } = prepared;
-    let upstream = plan.upstream;
-    ctx.upstream = Some(Arc::clone(&upstream.name));
-    let telemetry = Arc::clone(&ctx.telemetry);
-    let metrics = &telemetry.metrics;
-    let probe = match upstream.breaker.admit(now_ms()) {
-        Admission::Allowed => None,
-        Admission::Probe(guard) => Some(guard),
-        Admission::Rejected { retry_after_ms } => {
-            return Err(ProxyError::UpstreamUnavailable {
-                upstream: upstream.name.to_string(),
-                retry_after: Some(retry_after_ms.div_ceil(1000)),
-            });
-        }
+    // Fallbacks may get a body of another length: only a body sluice did not
+    // touch, to one target, keeps the client's Content-Length.
+    let rewritten = plan.body_rewritten || !plan.fallbacks.is_empty();
+    headers::to_upstream(&mut headers, &ctx.request_id, rewritten);
+    let req = Request {
+        method: &method,
+        uri: &uri,
+        stream: plan.stream,
+        replay: plan.replay,
+        retry_budget: plan.retry_budget,
     };
-    let target = upstream.uri_for(uri.path(), uri.query())?;
-    headers::to_upstream(&mut headers, &ctx.request_id, plan.body_rewritten);
-    upstream.add_extra_headers(&mut headers);
-
-    // A streamed body cannot be replayed: one attempt only.
-    let watch = plan.body.upload_watch();
-    let (replay, mut once) = match plan.body {
-        ForwardBody::Full { bytes } => (Some(bytes.unwrap_or_default()), None),
-        upload @ ForwardBody::Upload { .. } => (None, Some(upload)),
-    };
-    // An upload the client has not finished sending: whatever fails now may
-    // be the client's slowness as much as the upstream's fault.
-    let upload_unfinished = || watch.as_ref().is_some_and(|(watch, _)| !watch.is_finished());
-    let policy = upstream.retry;
-    let max_attempts = if replay.is_some() { policy.max_attempts } else { 1 };
-    let mut tried: Vec<usize> = Vec::with_capacity(policy.max_key_retries as usize);
-    let mut last: Option<Last> = None;
-    let mut reuses = 0u32;
-    let mut token_refreshed = false;
-    let mut skip_backoff = false;
-    let mut reason: Option<RetryReason> = None;
-
-    for attempt in 0..max_attempts {
-        let fresh = if tried.len() < policy.max_key_retries as usize {
-            upstream.keys.pick(upstream.strategy, now_ms(), |i| !tried.contains(&i))
-        } else {
-            None
+    let fallback_on = plan.fallback_on;
+    let mut rest = plan.fallbacks.into_iter();
+    let (mut upstream, mut body, mut deployment) = (plan.upstream, plan.body, plan.deployment);
+    ctx.upstream_model = plan.upstream_model;
+    loop {
+        ctx.upstream = Some(Arc::clone(&upstream.name));
+        ctx.upstream_header = Some(upstream.name_header.clone());
+        let mut target_headers = if rest.len() == 0 { std::mem::take(&mut headers) } else { headers.clone() };
+        upstream.add_extra_headers(&mut target_headers);
+        // Boxed: inline, the attempts' state (kilobytes, mostly the send
+        // future) would make every request's future that much larger to
+        // move into its box; one allocation per target tried is cheaper.
+        let tried =
+            Box::pin(attempts::attempt(&upstream, body, deployment.as_deref(), &target_headers, &req, &mut fill, ctx))
+                .await?;
+        let failed = match tried {
+            Tried::Answer(response) => return Ok(response),
+            Tried::Failed(failed) => failed,
         };
-        let lease = match fresh {
-            Some(lease) => lease,
-            None => {
-                // A key already tried, after a backoff; nothing is leased
-                // while waiting, and health is judged after the wait (another
-                // request may have cooled the key meanwhile).
-                if !upstream.keys.any_usable(now_ms()) {
-                    break;
-                }
-                if !std::mem::take(&mut skip_backoff) {
-                    reuses += 1;
-                    let pause = backoff(policy.retry_base, policy.retry_max, reuses);
-                    tokio::time::sleep(pause).await;
-                    ctx.upstream_wait += pause;
-                }
-                match upstream.keys.pick(upstream.strategy, now_ms(), |i| tried.contains(&i)) {
-                    Some(lease) => lease,
-                    None => break,
-                }
-            }
-        };
-        // A retry needs time left to be worth sending: a non-streaming
-        // request past its total budget keeps the failure it has.
-        if attempt > 0 && !plan.stream && remaining_total(&upstream, ctx.started) < min_attempt_wait(&upstream) {
-            break;
+        record(&upstream, &failed);
+        let reason = fallback_reason(&upstream, &failed);
+        let may_resend = req.replay.allows(failed.sent);
+        if let (Some(why), true) = (reason, may_resend)
+            && fallback_on.contains(why)
+            && let Some(next) = rest.next()
+        {
+            ctx.telemetry.metrics.fallen_back(why);
+            tracing::info!(
+                request_id = ctx.request_id.to_str().unwrap_or("-"),
+                from = %upstream.name,
+                to = %next.upstream.name,
+                reason = ?why,
+                "falling back to the model's next target"
+            );
+            (upstream, body, deployment) = (next.upstream, ForwardBody::full(next.body), next.deployment);
+            ctx.upstream_model = next.upstream_model;
+            ctx.model = Some(next.model);
+            continue;
         }
-        let previous_key = tried.last().copied();
-        if !tried.contains(&lease.index()) {
-            tried.push(lease.index());
-        }
-        ctx.attempts += 1;
-        if let (true, Some(why)) = (attempt > 0, reason) {
-            metrics.retried(why);
-            if previous_key != Some(lease.index()) {
-                metrics.failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, attempt, reason = why.label(), key = %lease.key().fingerprint, "retrying");
-        }
-
-        let (auth, token_generation) = match &upstream.auth {
-            Auth::Keys => (lease.key().auth_header(), 0),
-            Auth::Login(source) => match source.cached() {
-                Some(cached) => cached,
-                None => Box::pin(source.header(&upstream.client, upstream.timeouts.header)).await?,
-            },
-        };
-        let body = match (&replay, once.take()) {
-            (Some(bytes), _) => ForwardBody::full(Bytes::clone(bytes)),
-            (None, Some(stream)) => stream,
-            (None, None) => break,
-        };
-        let wait = header_wait(&upstream, plan.stream, ctx.started);
-        let sent = Instant::now();
-        let result = tokio::time::timeout(wait, upstream.send(&method, &target, &headers, auth, body)).await;
-        let waited = sent.elapsed();
-        ctx.upstream_wait += waited;
-        let verdict = match result {
-            // Still sending the client's upload when time ran out: the
-            // client's slowness, not the upstream's; nothing is charged.
-            Err(_) if upload_unfinished() => {
-                return Err(ProxyError::BodyTimeout(wait.as_secs()));
-            }
-            Err(_) => {
-                lease.key().fail(Failure::Timeout);
-                let after_ms = wait.as_millis() as u64;
-                last = Some(Last::Error(ProxyError::UpstreamTimeout { upstream: upstream.name.to_string(), after_ms }));
-                // A request that timed out was sent: the upstream may be working on it.
-                retry_if(plan.replay.allows(true), RetryReason::Timeout)
-            }
-            Ok(Err(failed)) => {
-                if let Some(client_error) = watch.as_ref().and_then(|(watch, max)| watch.failure(*max)) {
-                    // The client's upload broke: its own error, nobody else's.
-                    return Err(client_error);
-                }
-                // Not the upstream's (or, mid-upload, maybe not: an upstream
-                // may reset a client too slow for it): answered as it is,
-                // charged to no key and no breaker.
-                if failed.error.source() != ErrorSource::Upstream || upload_unfinished() {
-                    return Err(failed.error);
-                }
-                lease.key().fail(Failure::Connect);
-                let why = match (&failed.error, failed.stale) {
-                    (ProxyError::UpstreamConnect { .. }, _) => RetryReason::Connect,
-                    (_, true) => RetryReason::StaleConnection,
-                    _ => RetryReason::Protocol,
-                };
-                tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, error = %failed.error, written = failed.written, stale = failed.stale, "attempt failed");
-                let again = failed.error.is_retryable() && plan.replay.allows(failed.written);
-                last = Some(Last::Error(failed.error));
-                retry_if(again, why)
-            }
-            Ok(Ok(response)) => {
-                let status = response.status().as_u16();
-                match status {
-                    429 => {
-                        let asked = response
-                            .headers()
-                            .get(RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| retry_after::parse(v, SystemTime::now()));
-                        let cooldown = asked.unwrap_or(upstream.cooldown).min(upstream.max_cooldown);
-                        let key = lease.key();
-                        key.cool_until(clock::after(cooldown));
-                        tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
-                        last = Some(Box::pin(keep(response, lease, Failure::RateLimited, &upstream)).await);
-                        retry_if(plan.replay.allows(true), RetryReason::RateLimited)
-                    }
-                    401..=403 => match &upstream.auth {
-                        Auth::Login(source) if status == 401 && !token_refreshed => {
-                            token_refreshed = true;
-                            skip_backoff = true;
-                            Box::pin(source.refresh(&upstream.client, upstream.timeouts.header, token_generation))
-                                .await?;
-                            last = Some(Box::pin(keep(response, lease, Failure::Rejected, &upstream)).await);
-                            retry_if(plan.replay.allows(true), RetryReason::TokenRefresh)
-                        }
-                        Auth::Login(_) => {
-                            last = Some(Box::pin(keep(response, lease, Failure::Rejected, &upstream)).await);
-                            Verdict::Stop
-                        }
-                        Auth::Keys => {
-                            let key = Arc::clone(&upstream.keys.keys()[lease.index()]);
-                            let kept = Box::pin(keep(response, lease, Failure::Rejected, &upstream)).await;
-                            let bad_key =
-                                matches!(&kept, Last::Answer(answer, ..) if blames_the_key(kept_bytes(answer.body())));
-                            last = Some(kept);
-                            if bad_key {
-                                key.disable();
-                                tracing::warn!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, status, "the upstream says the key is bad; disabled until reset or reload");
-                                retry_if(plan.replay.allows(true), RetryReason::KeyRejected)
-                            } else {
-                                // About this request, as far as anyone can tell: the
-                                // client gets the answer; the key is checked apart.
-                                upstream.verify_key(key, status);
-                                Verdict::Stop
-                            }
-                        }
-                    },
-                    500..=599 => {
-                        lease.key().fail(Failure::ServerError);
-                        last = Some(Box::pin(keep(response, lease, Failure::ServerError, &upstream)).await);
-                        retry_if(plan.replay.allows(true), RetryReason::ServerError)
-                    }
-                    _ => Verdict::Answer(response, lease),
-                }
-            }
-        };
-        match verdict {
-            Verdict::Answer(response, lease) => {
-                lease.key().succeed();
-                ctx.ttfb = Some(waited);
-                ctx.model.as_deref().unwrap_or(&metrics.unrouted).ttfb[usize::from(plan.stream)].observe(waited);
-                upstream.breaker.record_success();
-                if let Some(probe) = probe {
-                    probe.resolve();
-                }
-                let key = Some(Arc::clone(&lease.key().fingerprint));
-                return Ok(respond::respond(response, key, Some(lease), &upstream, plan.stream, fill.take(), ctx));
-            }
-            Verdict::Retry(why) => reason = Some(why),
-            Verdict::Stop => break,
-        }
-    }
-    // With no attempt made (no usable key), the breaker learned nothing: an
-    // unresolved probe guard re-opens it so the next request probes instead.
-    let attempted = last.is_some();
-    let result = give_up(&upstream, last, plan.stream, ctx);
-    if let (Some(probe), true) = (probe, attempted) {
-        probe.resolve();
-    }
-    result
-}
-
-/// The bytes of an answer [`keep`] read whole.
-fn kept_bytes(body: &UpstreamBody) -> &[u8] {
-    match body {
-        UpstreamBody::Buffered { bytes: Some(bytes) } => bytes,
-        UpstreamBody::Buffered { bytes: None } | UpstreamBody::Hyper { .. } | UpstreamBody::H1 { .. } => b"",
+        return answer(&upstream, failed, req.stream, ctx);
     }
 }
 
-fn retry_if(again: bool, why: RetryReason) -> Verdict {
-    if again { Verdict::Retry(why) } else { Verdict::Stop }
-}
-
-/// Reads a failed attempt's answer whole when it is small and quick, so its
-/// connection goes back to the pool and its key lease ends before the loop
-/// waits; otherwise drops it (closing the connection) and keeps a gateway
-/// error in its place. Awaited boxed (as is a token refresh): both are rare,
-/// and inline their state would enlarge, and so make dearer to move, the
-/// loop's future on every request.
-async fn keep(response: Response<UpstreamBody>, lease: KeyLease, failure: Failure, upstream: &Upstream) -> Last {
-    let (parts, body) = response.into_parts();
-    let status = parts.status;
-    let read = tokio::time::timeout(KEPT_ANSWER_WAIT, Limited::new(body, MAX_KEPT_ANSWER).collect()).await;
-    let key = Arc::clone(&lease.key().fingerprint);
-    drop(lease);
-    match read {
-        Ok(Ok(collected)) => {
-            let body = UpstreamBody::Buffered { bytes: Some(collected.to_bytes()) };
-            Last::Answer(Response::from_parts(parts, body), failure, key)
-        }
-        // Its status and what it means for the key and the breaker stay; its
-        // body is replaced by one saying why.
-        Ok(Err(_)) | Err(_) => {
-            let mut parts = parts;
-            for name in [CONTENT_LENGTH, CONTENT_ENCODING, TRANSFER_ENCODING] {
-                parts.headers.remove(name);
-            }
-            parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            let message =
-                format!("upstream `{}` answered {status} with a body too large or too slow to pass on", upstream.name);
-            let bytes = error_json(&message, "upstream_error", None, "upstream_body_dropped");
-            Last::Answer(Response::from_parts(parts, UpstreamBody::Buffered { bytes: Some(bytes) }), failure, key)
-        }
+/// What a failed upstream means for the next target: `None` when it was
+/// about the request (a refusal), which no other target would answer better.
+fn fallback_reason(upstream: &Upstream, failed: &Failed) -> Option<FallbackOn> {
+    if failed.breaker_open.is_some() {
+        return Some(FallbackOn::BreakerOpen);
+    }
+    match &failed.last {
+        None => Some(FallbackOn::NoKey),
+        Some(Last::Error(ProxyError::UpstreamTimeout { .. })) => Some(FallbackOn::Timeout),
+        Some(Last::Error(_)) => Some(FallbackOn::Connect),
+        Some(Last::Answer(_, Failure::ServerError, _)) => Some(FallbackOn::ServerError),
+        Some(Last::Answer(_, Failure::RateLimited, _)) => Some(FallbackOn::RateLimited),
+        // Every key refused as bad: the upstream has none left.
+        Some(Last::Answer(_, Failure::Rejected, _)) if !upstream.keys.any_usable(now_ms()) => Some(FallbackOn::NoKey),
+        Some(Last::Answer(..)) => None,
     }
 }
 
-/// The answer when no attempt succeeded.
-fn give_up(
+/// Tells the upstream's breaker how its share ended: it counts failures of
+/// the upstream itself, not of our keys; an upstream that answered (a 429, a
+/// refusal) is up.
+fn record(upstream: &Upstream, failed: &Failed) {
+    match &failed.last {
+        Some(Last::Error(_) | Last::Answer(_, Failure::ServerError, _)) => upstream.breaker.record_failure(now_ms()),
+        Some(Last::Answer(..)) => upstream.breaker.record_success(),
+        None => {}
+    }
+}
+
+/// The answer when no target gave a usable one: the last upstream's own
+/// answer where it had one, else sluice's error.
+fn answer(
     upstream: &Upstream,
-    last: Option<Last>,
+    failed: Failed,
     stream: bool,
     ctx: &RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
     let now = now_ms();
     let name = upstream.name.to_string();
-    let retry_after = upstream.keys.earliest_ready(now).map(|at| at.saturating_sub(now).div_ceil(1000).max(1));
-    match &last {
-        // The breaker counts failures of the upstream itself, not of our keys;
-        // an upstream that answered (a 429, a refusal) is up.
-        Some(Last::Error(_) | Last::Answer(_, Failure::ServerError, _)) => upstream.breaker.record_failure(now),
-        Some(Last::Answer(..)) => upstream.breaker.record_success(),
-        None => {}
+    if let Some(retry_after) = failed.breaker_open {
+        return Err(ProxyError::UpstreamUnavailable { upstream: name, retry_after: Some(retry_after) });
     }
+    let retry_after = upstream.keys.earliest_ready(now).map(|at| at.saturating_sub(now).div_ceil(1000).max(1));
     let usable = upstream.keys.any_usable(now);
-    match last {
+    match failed.last {
         None => Err(ProxyError::NoAvailableKey { upstream: name, retry_after }),
         Some(Last::Error(error)) => Err(error),
         Some(Last::Answer(_, Failure::RateLimited, _)) if !usable => {

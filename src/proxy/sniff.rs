@@ -29,6 +29,9 @@ pub struct Sniffed<'a> {
     /// `stream_options.include_usage`: `None` without a `stream_options`
     /// member, else whether it asks for the usage event.
     pub stream_usage: Option<bool>,
+    /// `max_tokens`, `max_completion_tokens` and `max_output_tokens`, when a
+    /// number: its value and the byte range of the value in the body.
+    pub token_limits: Vec<(u64, Range<usize>)>,
     /// Number of top-level members.
     pub members: usize,
 }
@@ -122,6 +125,12 @@ impl<'de> Visitor<'de> for SniffSeed<'_> {
                         // Rare: read only what metering needs.
                         let options: Option<StreamOptions> = map.next_value()?;
                         out.stream_usage = Some(options.is_some_and(|o| o.include_usage == Some(true)));
+                    } else if matches!(other, "max_tokens" | "max_completion_tokens" | "max_output_tokens") {
+                        let raw: &'de RawValue = map.next_value()?;
+                        if let Ok(value) = raw.get().parse::<u64>() {
+                            let start = raw.get().as_ptr() as usize - self.body.as_ptr() as usize;
+                            out.token_limits.push((value, start..start + raw.get().len()));
+                        }
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -161,10 +170,12 @@ impl<'de> de::Deserialize<'de> for KeyName<'de> {
 }
 
 /// Writes a new body: `inserts` (each a complete `"name":value` member) go right
-/// after the opening brace, and the `model` value is replaced by `new_model`
-/// (an encoded JSON string) when given. Everything else is copied byte for byte.
-pub fn splice(body: &[u8], sniffed: &Sniffed<'_>, new_model: Option<&str>, inserts: &[&[u8]]) -> Bytes {
-    let extra: usize = inserts.iter().map(|m| m.len() + 1).sum::<usize>() + new_model.map_or(0, str::len);
+/// after the opening brace, and each of `replace` (byte ranges of values in
+/// the body, in any order, not overlapping) gets its new text. Everything
+/// else is copied byte for byte.
+pub fn splice(body: &[u8], sniffed: &Sniffed<'_>, replace: &[(Range<usize>, &[u8])], inserts: &[&[u8]]) -> Bytes {
+    let extra: usize =
+        inserts.iter().map(|m| m.len() + 1).sum::<usize>() + replace.iter().map(|(_, v)| v.len()).sum::<usize>();
     let mut out = BytesMut::with_capacity(body.len() + extra);
     // A sniffed body is an object, so its first non-blank byte is `{`.
     let open = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(0);
@@ -175,14 +186,15 @@ pub fn splice(body: &[u8], sniffed: &Sniffed<'_>, new_model: Option<&str>, inser
             out.put_u8(b',');
         }
     }
-    match (new_model, &sniffed.model_span) {
-        (Some(model), Some(span)) => {
-            out.put_slice(&body[open + 1..span.start]);
-            out.put_slice(model.as_bytes());
-            out.put_slice(&body[span.end..]);
-        }
-        _ => out.put_slice(&body[open + 1..]),
+    let mut order: Vec<&(Range<usize>, &[u8])> = replace.iter().collect();
+    order.sort_by_key(|(span, _)| span.start);
+    let mut at = open + 1;
+    for (span, value) in order {
+        out.put_slice(&body[at..span.start]);
+        out.put_slice(value);
+        at = span.end;
     }
+    out.put_slice(&body[at..]);
     out.freeze()
 }
 
@@ -251,17 +263,29 @@ mod tests {
     fn splice_renames_and_inserts() {
         let body = br#" {"model":"mini","messages":[]}"#;
         let s = sniff(body, &names()).unwrap();
-        let out = splice(body, &s, Some(r#""gpt-4o-mini""#), &[br#""max_tokens":1024"#]);
+        let rename = [(s.model_span.clone().unwrap(), &br#""gpt-4o-mini""#[..])];
+        let out = splice(body, &s, &rename, &[br#""max_tokens":1024"#]);
         assert_eq!(&out[..], br#" {"max_tokens":1024,"model":"gpt-4o-mini","messages":[]}"#);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["max_tokens"], 1024);
     }
 
     #[test]
+    fn token_limits_are_found_and_replaced() {
+        let body = br#"{"max_tokens":9000,"model":"m","max_completion_tokens":"x","max_output_tokens":10}"#;
+        let s = sniff(body, &[]).unwrap();
+        let values: Vec<u64> = s.token_limits.iter().map(|(v, _)| *v).collect();
+        assert_eq!(values, [9000, 10], "only numbers count");
+        let replace = [(s.token_limits[0].1.clone(), &b"4096"[..]), (s.model_span.clone().unwrap(), &br#""n""#[..])];
+        let out = splice(body, &s, &replace, &[]);
+        assert_eq!(&out[..], br#"{"max_tokens":4096,"model":"n","max_completion_tokens":"x","max_output_tokens":10}"#);
+    }
+
+    #[test]
     fn splice_into_empty_object() {
         let body = b"{}";
         let s = sniff(body, &[]).unwrap();
-        let out = splice(body, &s, None, &[br#""model":"m""#, br#""t":1"#]);
+        let out = splice(body, &s, &[], &[br#""model":"m""#, br#""t":1"#]);
         assert_eq!(&out[..], br#"{"model":"m","t":1}"#);
     }
 
@@ -326,7 +350,9 @@ mod tests {
                 let new_model = Value::from(rename.as_str()).to_string();
                 let inserted = br#""sluice_default":42"#;
                 let inserts: &[&[u8]] = if insert { &[inserted] } else { &[] };
-                let out = splice(&body, &sniffed, Some(&new_model), inserts);
+                let replace: Vec<(std::ops::Range<usize>, &[u8])> =
+                    sniffed.model_span.clone().map(|span| (span, new_model.as_bytes())).into_iter().collect();
+                let out = splice(&body, &sniffed, &replace, inserts);
                 let mut expected = map.clone();
                 if expected.contains_key("model") {
                     expected.insert("model".into(), Value::from(rename.as_str()));

@@ -55,6 +55,8 @@ pub struct Record {
     pub model: Option<Arc<str>>,
     /// Upstream name.
     pub upstream: Option<Arc<str>>,
+    /// The model name sent there (after renames and fallbacks).
+    pub upstream_model: Option<HeaderValue>,
     /// Fingerprint of the upstream key of the answer.
     pub key: Option<Arc<str>>,
     /// Status sent to the client.
@@ -93,6 +95,8 @@ struct Line<'a> {
     path: &'a str,
     model: Option<&'a str>,
     upstream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_model: Option<Cow<'a, str>>,
     key: Option<&'a str>,
     status: u16,
     attempts: u32,
@@ -119,6 +123,11 @@ impl<'a> Line<'a> {
             path: &r.path,
             model: r.model.as_deref(),
             upstream: r.upstream.as_deref(),
+            // ASCII (the usual model name) is borrowed; anything else decoded.
+            upstream_model: r
+                .upstream_model
+                .as_ref()
+                .map(|v| v.to_str().map_or_else(|_| String::from_utf8_lossy(v.as_bytes()), Cow::Borrowed)),
             key: r.key.as_deref(),
             status: r.status,
             attempts: r.attempts,
@@ -433,6 +442,7 @@ mod tests {
             path: Arc::from("/v1/chat/completions"),
             model: Some("m".into()),
             upstream: Some("u".into()),
+            upstream_model: Some(HeaderValue::from_static("m-2024")),
             key: Some("sk-u…00000000".into()),
             status: 200,
             attempts: 1,
@@ -503,6 +513,7 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(v["status"], 200);
             assert_eq!(v["path"], "/v1/chat/completions", "the query never reaches the log");
+            assert_eq!(v["upstream_model"], "m-2024");
         }
         assert!(current.lines().chain(rotated.lines()).any(|l| l.contains("\"req-19\"")));
     }

@@ -162,8 +162,14 @@ pub struct RequestContext {
     pub cached_tokens: Option<(u64, u64)>,
     /// The routed model's counters.
     pub model: Option<Arc<ModelMetrics>>,
-    /// The upstream that served it.
+    /// The upstream that served it (or was tried last).
     pub upstream: Option<Arc<str>>,
+    /// The upstream's name as a header value, for `x-sluice-upstream`.
+    pub upstream_header: Option<HeaderValue>,
+    /// The model name sent there, for `x-sluice-model` and the request log.
+    pub upstream_model: Option<HeaderValue>,
+    /// The `max_tokens` the request was lowered to by the model's cap.
+    pub max_tokens_capped: Option<u64>,
     /// Upstream attempts made.
     pub attempts: u32,
     /// Time spent waiting on the upstream (headers, backoffs): not sluice's overhead.
@@ -226,6 +232,9 @@ impl RequestContext {
             cached_tokens: None,
             model: None,
             upstream: None,
+            upstream_header: None,
+            upstream_model: None,
+            max_tokens_capped: None,
             attempts: 0,
             upstream_wait: Duration::ZERO,
             ttfb: None,

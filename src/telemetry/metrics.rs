@@ -6,6 +6,8 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use crate::config::FallbackOn;
 use std::time::Duration;
 
 /// Requests by route, model, upstream and status.
@@ -40,6 +42,10 @@ pub const BUILD_INFO: &str = "sluice_build_info";
 pub const LOG_DROPPED: &str = "sluice_request_log_dropped_total";
 /// Counter: requests turned away by their client key or limits, by `reason`.
 pub const CLIENT_REJECTIONS: &str = "sluice_client_rejections_total";
+/// Counter: requests moved on to a model's next target, by `reason`.
+pub const FALLBACKS: &str = "sluice_fallbacks_total";
+/// Counter: retries the per-upstream retry budget refused, by `upstream`.
+pub const RETRY_BUDGET_REFUSED: &str = "sluice_retry_budget_refused_total";
 /// Counter: answers served from the response cache.
 pub const CACHE_HITS: &str = "sluice_cache_hits_total";
 /// Counter: cacheable requests that went upstream.
@@ -346,6 +352,8 @@ pub struct Metrics {
     pub log_dropped: AtomicU64,
     /// Requests turned away by their client key or its limits, by reason.
     pub rejections: Rejections,
+    /// Requests moved on to a model's next target, by [`FallbackOn`] (its position).
+    pub fallbacks: [AtomicU64; FallbackOn::ALL.len()],
 }
 
 /// `sluice_client_rejections_total{reason}`.
@@ -380,7 +388,29 @@ impl Default for Metrics {
             failovers: AtomicU64::new(0),
             log_dropped: AtomicU64::new(0),
             rejections: Rejections::default(),
+            fallbacks: Default::default(),
         }
+    }
+}
+
+impl Metrics {
+    /// Counts a request moved to the next target for `why`.
+    pub fn fallen_back(&self, why: FallbackOn) {
+        if let Some(i) = FallbackOn::ALL.iter().position(|r| *r == why) {
+            self.fallbacks[i].fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The `reason` label of a fallback.
+pub fn fallback_label(why: FallbackOn) -> &'static str {
+    match why {
+        FallbackOn::ServerError => "5xx",
+        FallbackOn::Timeout => "timeout",
+        FallbackOn::RateLimited => "429",
+        FallbackOn::NoKey => "no_key",
+        FallbackOn::BreakerOpen => "breaker_open",
+        FallbackOn::Connect => "connect",
     }
 }
 
@@ -453,6 +483,10 @@ impl Metrics {
         }
         header(out, FAILOVERS, "counter", "Retries that moved to another key.");
         line(out, FAILOVERS, &[], self.failovers.load(Relaxed));
+        header(out, FALLBACKS, "counter", "Requests moved on to a model's next target, by reason.");
+        for (why, counter) in FallbackOn::ALL.iter().zip(&self.fallbacks) {
+            line(out, FALLBACKS, &[("reason", fallback_label(*why))], counter.load(Relaxed));
+        }
         header(out, TOKENS, "counter", "Tokens reported in upstream usage.");
         for model in models {
             line(out, TOKENS, &[("model", &model.model), ("kind", "prompt")], model.prompt_tokens.load(Relaxed));

@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
 use http::uri::Authority;
-use http::{HeaderMap, HeaderValue, Method, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -238,7 +238,7 @@ impl Pool {
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
-        auth: &HeaderValue,
+        auth: (&HeaderName, &HeaderValue),
         body: &Bytes,
     ) -> Result<Response<H1Body>, H1Failure> {
         let inline = body.len() <= INLINE_BODY;

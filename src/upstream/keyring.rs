@@ -135,9 +135,15 @@ pub struct UpstreamKey {
 }
 
 impl UpstreamKey {
-    /// Builds a key; `None` if it cannot be a header value (the config rejects those).
+    /// Builds a key sent as `Bearer <key>`; `None` if it cannot be a header
+    /// value (the config rejects those).
     pub fn new(secret: Secret<String>) -> Option<Self> {
-        let mut auth_header = HeaderValue::from_str(&format!("Bearer {}", secret.expose())).ok()?;
+        Self::with_template(secret, "Bearer {key}")
+    }
+
+    /// Builds a key sent as `template` with `{key}` replaced by it.
+    pub fn with_template(secret: Secret<String>, template: &str) -> Option<Self> {
+        let mut auth_header = HeaderValue::from_str(&template.replace("{key}", secret.expose())).ok()?;
         auth_header.set_sensitive(true);
         Some(Self {
             fingerprint: Arc::from(fingerprint(secret.expose())),
@@ -152,9 +158,15 @@ impl UpstreamKey {
         })
     }
 
-    /// The `Authorization` value for this key (a cheap clone of shared bytes).
+    /// The value this key is sent as (a cheap clone of shared bytes).
     pub fn auth_header(&self) -> HeaderValue {
         self.auth_header.clone()
+    }
+
+    /// Whether this key is sent as `template` makes of it (a reload that
+    /// changes the template gets new keys).
+    pub fn sent_as(&self, template: &str) -> bool {
+        self.auth_header.as_bytes() == template.replace("{key}", self.secret.expose()).as_bytes()
     }
 
     /// Whether this key holds `other` (used to carry state over reloads).

@@ -61,7 +61,9 @@ async fn chat_command_streams_the_answer() {
 fn models_command_prints_the_routes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.toml");
-    std::fs::write(&path, config_text("http://127.0.0.1:9/v1", &Opts::default())).unwrap();
+    let tables = "[[models]]\nname = \"multi\"\ntargets = [{ upstream = \"mock\", upstream_model = \"m-a\", weight = 3 }, { upstream = \"mock\", upstream_model = \"m-b\", priority = 2 }]\n";
+    let opts = Opts { tables: tables.into(), ..Opts::default() };
+    std::fs::write(&path, config_text("http://127.0.0.1:9/v1", &opts)).unwrap();
     let out = Command::new(BIN).args(["models", "-c"]).arg(&path).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
@@ -70,6 +72,10 @@ fn models_command_prints_the_routes() {
         "{stdout}"
     );
     assert!(stdout.lines().any(|l| l.starts_with('*') && l.contains("(as requested)")), "{stdout}");
+    // Every target on its own line: tier and weight.
+    let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert!(stdout.lines().any(|l| words(l) == ["multi", "mock", "m-a", "1", "3"]), "{stdout}");
+    assert!(stdout.lines().any(|l| words(l) == ["mock", "m-b", "2", "1"]), "{stdout}");
 }
 
 #[tokio::test]

@@ -26,6 +26,7 @@ mod retries;
 mod routing;
 mod store_binary;
 mod streaming;
+mod targets;
 mod tenancy;
 mod timeouts;
 mod token;

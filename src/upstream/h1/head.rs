@@ -24,7 +24,7 @@ pub(crate) fn encode_request(
     path_and_query: &str,
     host: &str,
     headers: &HeaderMap,
-    auth: &HeaderValue,
+    (auth_name, auth): (&HeaderName, &HeaderValue),
     body_len: usize,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
@@ -42,7 +42,7 @@ pub(crate) fn encode_request(
         }
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    line(out, b"authorization", auth.as_bytes());
+    line(out, auth_name.as_str().as_bytes(), auth.as_bytes());
     if body_len > 0 || !matches!(*method, Method::GET | Method::HEAD) {
         // Writing into a Vec cannot fail.
         let _ = write!(out, "content-length: {body_len}\r\n");
@@ -204,19 +204,43 @@ mod tests {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
         let mut out = Vec::new();
         let auth = HeaderValue::from_static("Bearer sk-up");
-        encode_request(&mut out, &Method::POST, "/v1/chat?x=1", "127.0.0.1:9", &headers, &auth, 12);
+        encode_request(
+            &mut out,
+            &Method::POST,
+            "/v1/chat?x=1",
+            "127.0.0.1:9",
+            &headers,
+            (&http::header::AUTHORIZATION, &auth),
+            12,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /v1/chat?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\ncontent-type: application/json\r\n\
              authorization: Bearer sk-up\r\ncontent-length: 12\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_request(&mut out, &Method::GET, "/v1/models", "h", &HeaderMap::new(), &auth, 0);
+        encode_request(
+            &mut out,
+            &Method::GET,
+            "/v1/models",
+            "h",
+            &HeaderMap::new(),
+            (&http::header::AUTHORIZATION, &auth),
+            0,
+        );
         assert!(!String::from_utf8(out).unwrap().contains("content-length"));
         // A Host still in the headers was set by the operator: it is the only one sent.
         headers.insert(header::HOST, HeaderValue::from_static("api.vendor.example"));
         let mut out = Vec::new();
-        encode_request(&mut out, &Method::POST, "/v1/chat", "127.0.0.1:9", &headers, &auth, 2);
+        encode_request(
+            &mut out,
+            &Method::POST,
+            "/v1/chat",
+            "127.0.0.1:9",
+            &headers,
+            (&http::header::AUTHORIZATION, &auth),
+            2,
+        );
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.matches("host: ").count(), 1, "{text}");
         assert!(text.contains("host: api.vendor.example\r\n"), "{text}");

@@ -128,7 +128,15 @@ async fn send_once(
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let auth = HeaderValue::from_static("Bearer sk-up");
-    let response = pool.send(&Method::POST, "/v1/chat/completions", &headers, &auth, &Bytes::from_static(body)).await?;
+    let response = pool
+        .send(
+            &Method::POST,
+            "/v1/chat/completions",
+            &headers,
+            (&http::header::AUTHORIZATION, &auth),
+            &Bytes::from_static(body),
+        )
+        .await?;
     Ok(async move {
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
@@ -178,12 +186,20 @@ async fn chunks_read_together_leave_as_one_frame_and_bad_grammar_follows_the_goo
     let none = HeaderMap::new();
     let auth = HeaderValue::from_static("k");
     // One write upstream, one read here: the three events come out as one frame.
-    let mut body = pool.send(&Method::POST, "/", &none, &auth, &Bytes::new()).await.unwrap().into_body();
+    let mut body = pool
+        .send(&Method::POST, "/", &none, (&http::header::AUTHORIZATION, &auth), &Bytes::new())
+        .await
+        .unwrap()
+        .into_body();
     let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&frame[..], b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n");
     assert!(body.is_end_stream() && body.frame().await.is_none());
 
-    let mut body = pool.send(&Method::POST, "/", &none, &auth, &Bytes::new()).await.unwrap().into_body();
+    let mut body = pool
+        .send(&Method::POST, "/", &none, (&http::header::AUTHORIZATION, &auth), &Bytes::new())
+        .await
+        .unwrap()
+        .into_body();
     assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), Bytes::from_static(b"abc"));
     assert!(matches!(body.frame().await, Some(Err(H1Error::Protocol(_)))));
 }
@@ -275,8 +291,16 @@ async fn a_body_cut_short_is_an_error_and_a_dropped_body_closes_the_connection()
     .await;
     let pool = upstream.pool();
     assert!(matches!(send(&pool, b"{}").await, Err(H1Error::Closed)));
-    let response =
-        pool.send(&Method::POST, "/", &HeaderMap::new(), &HeaderValue::from_static("k"), &Bytes::new()).await.unwrap();
+    let response = pool
+        .send(
+            &Method::POST,
+            "/",
+            &HeaderMap::new(),
+            (&http::header::AUTHORIZATION, &HeaderValue::from_static("k")),
+            &Bytes::new(),
+        )
+        .await
+        .unwrap();
     let mut body = response.into_body();
     assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), Bytes::from_static(b"open"));
     drop(body); // the client left mid-stream
