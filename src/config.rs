@@ -22,7 +22,7 @@ use access::{RawAuth, RawClientKey, RawLimits, RawStore};
 use cache::RawCache;
 pub use cache::{CacheConfig, CacheScope};
 use keys::{Secret, env_lookup, expand_env};
-pub use routing::{CapMode, FallbackOn, FallbackSet, RoutingConfig, TargetConfig};
+pub use routing::{CapMode, FallbackOn, FallbackSet, RoutingConfig, TargetConfig, deployment_name_ok};
 use routing::{RawRouting, RawTarget};
 use server::RawServer;
 pub use server::{DEFAULT_LISTEN, ServerConfig, TlsConfig};
@@ -563,6 +563,17 @@ impl Validator<'_> {
             }
             if model.max_tokens_cap == Some(0) {
                 return Err(self.invalid(at("max_tokens_cap"), "must be at least 1"));
+            }
+            if let Some(cap) = model.max_tokens_cap
+                && let Some((name, _)) = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+                    .iter()
+                    .filter_map(|name| Some((*name, defaults.get(*name)?)))
+                    .find(|(_, value)| value.as_u64().is_none_or(|v| v > cap))
+            {
+                return Err(self.invalid(
+                    at(&format!("defaults.{name}")),
+                    format!("must be a number up to max_tokens_cap ({cap})"),
+                ));
             }
             if model.max_tokens_over.is_some() && model.max_tokens_cap.is_none() {
                 return Err(

@@ -197,7 +197,8 @@ fn check(path: &Path) -> ExitCode {
                 println!(
                     "  upstream   {} -> {} ({} keys, http2 {:?})",
                     upstream.name,
-                    upstream.base_url,
+                    // Its query may carry a secret.
+                    upstream.base_url.to_string().split('?').next().unwrap_or_default(),
                     upstream.keys().len(),
                     upstream.http2
                 );

@@ -64,7 +64,8 @@ pub struct MockState {
 impl MockState {
     /// A copy of every counter.
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot(self.conns.accepted.load(Ordering::Relaxed) as u64)
+        let conns = &self.conns;
+        self.stats.snapshot(conns.accepted.load(Ordering::Relaxed) as u64, conns.open.load(Ordering::Relaxed) as u64)
     }
 
     /// Replaces the standing faults.
@@ -109,7 +110,17 @@ impl MockServer {
         Self::serve_with(listener, Some(tls))
     }
 
+    /// Serves (TLS if `tls`) with at most `max_streams` concurrent HTTP/2
+    /// streams a connection, as providers set some limit.
+    pub fn serve_limited(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, max_streams: u32) -> Self {
+        Self::serve_full(listener, tls, max_streams)
+    }
+
     fn serve_with(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        Self::serve_full(listener, tls, MOCK_H2_MAX_STREAMS)
+    }
+
+    fn serve_full(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, max_streams: u32) -> Self {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let conns = Arc::new(ConnStats::default());
@@ -132,11 +143,7 @@ impl MockServer {
             },
             || {},
             Duration::from_secs(1),
-            Limits {
-                max_streams: MOCK_H2_MAX_STREAMS,
-                max_pending_resets: MOCK_H2_MAX_STREAMS as usize,
-                ..Limits::default()
-            },
+            Limits { max_streams, max_pending_resets: MOCK_H2_MAX_STREAMS as usize, ..Limits::default() },
         ));
         Self { addr, state, scheme, stop: Some(stop) }
     }
@@ -256,6 +263,8 @@ async fn answer(state: &MockState, request: Request<Incoming>) -> Response<MockB
     let key = request_key(request.headers());
     let used = stats.by_key.hit(&key);
     stats.by_path.hit(&path);
+    let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
     let faults = state.faults.load_full();
     let mut response = match faults.quota.get(&key) {
         Some(&quota) if used > quota => error(StatusCode::TOO_MANY_REQUESTS, "mock: this key's quota is spent"),
@@ -267,6 +276,7 @@ async fn answer(state: &MockState, request: Request<Incoming>) -> Response<MockB
         let reset = faults.quota_reset.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
         headers.insert("x-ratelimit-reset-requests", reset.unwrap_or(HeaderValue::from_static("60s")));
     }
+    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     stats.by_status.hit(response.status().as_str());
     response
 }

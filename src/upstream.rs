@@ -8,6 +8,7 @@ pub mod body;
 pub mod breaker;
 pub mod budget;
 pub mod h1;
+pub mod h2pool;
 pub mod headroom;
 pub mod keyring;
 pub mod registry;
@@ -32,7 +33,7 @@ use body::{ForwardBody, UpstreamBody};
 use breaker::Breaker;
 use budget::RetryBudget;
 use keyring::{KeyRing, UpstreamKey};
-use registry::{ClientRegistry, HttpClient};
+use registry::{ClientRegistry, H2Key, HttpClient};
 use token::TokenSource;
 
 /// Least time between two checks of one key (see [`Upstream::verify_key`]).
@@ -97,6 +98,8 @@ pub struct Upstream {
     pub client: HttpClient,
     /// sluice's own HTTP/1.1 client, for cleartext upstreams not in h2c mode.
     pub h1: Option<Arc<h1::Pool>>,
+    /// sluice's HTTP/2 pool, when the upstream is reached over HTTP/2.
+    pub h2: Option<Arc<h2pool::Pool>>,
     /// Key choice.
     pub strategy: Strategy,
     /// Retry budget.
@@ -179,6 +182,23 @@ impl Upstream {
                 template: template.clone(),
             })
             .collect();
+        // HTTP/2 to the upstream (h2c with prior knowledge, or TLS where
+        // ALPN may choose it) goes over sluice's pool of h2 connections.
+        let h2 = match (scheme == Scheme::HTTPS, config.http2) {
+            (true, Http2Mode::Auto) => Some(Some(config.ca_file.clone())),
+            (false, Http2Mode::PriorKnowledge) => Some(None),
+            _ => None,
+        }
+        .map(|tls| {
+            clients.h2_pool(H2Key {
+                authority: authority.clone(),
+                tls,
+                connect_timeout: config.timeouts.connect,
+                max_connections: config.max_connections,
+                keepalive: config.keepalive,
+            })
+        })
+        .transpose()?;
         let own_h1 = clients.config().h1_client == H1Client::Sluice;
         let h1 = (own_h1 && scheme == Scheme::HTTP && config.http2 != Http2Mode::PriorKnowledge)
             .then(|| clients.h1_pool(&authority, config.timeouts.connect))
@@ -186,6 +206,7 @@ impl Upstream {
         Ok(Self {
             client: clients.get(config.http2, config.timeouts.connect, config.ca_file.as_ref())?,
             h1,
+            h2,
             name_header: HeaderValue::from_str(&name).map_err(|_| "the upstream name is not a valid header value")?,
             name,
             scheme,
@@ -251,7 +272,8 @@ impl Upstream {
     }
 
     /// Sends one attempt: a body sluice holds whole goes over its own HTTP/1.1
-    /// client when the upstream has one; anything else over hyper-util's.
+    /// client or its HTTP/2 pool when the upstream has one; anything else
+    /// (streamed uploads, TLS peers that chose HTTP/1.1) over hyper-util's.
     /// Nothing here re-sends: a failure says whether the request was written
     /// and whether a stale pooled connection was the cause, and the retry loop
     /// decides.
@@ -283,6 +305,17 @@ impl Upstream {
                 }
             };
         }
+        if let (Some(pool), ForwardBody::Full { bytes }) = (&self.h2, &body)
+            && !pool.is_not_h2()
+        {
+            let bytes = bytes.clone().unwrap_or_default();
+            match pool.send(method, target, headers, (&self.auth_name, auth.clone()), bytes).await {
+                Ok(response) => return Ok(response.map(|inner| UpstreamBody::H2 { inner })),
+                // The peer picked HTTP/1.1 in ALPN: the hyper-util client below.
+                Err(h2pool::SendError::Acquire(h2pool::AcquireError::NotHttp2)) => {}
+                Err(failed) => return Err(self.h2_error(failed)),
+            }
+        }
         let mut request = Request::new(body);
         *request.method_mut() = method.clone();
         *request.uri_mut() = target.clone();
@@ -291,6 +324,31 @@ impl Upstream {
         match self.client.request(request).await {
             Ok(response) => Ok(response.map(|inner| UpstreamBody::Hyper { inner })),
             Err(error) => Err(self.client_error(&error)),
+        }
+    }
+
+    /// Maps a failure of the HTTP/2 pool: nothing was sent unless a stream
+    /// was opened and the peer did not refuse it unprocessed.
+    fn h2_error(&self, failed: h2pool::SendError) -> AttemptError {
+        let upstream = self.name.to_string();
+        match failed {
+            h2pool::SendError::Acquire(why) => {
+                let reason = match why {
+                    h2pool::AcquireError::Connect(reason) => reason,
+                    h2pool::AcquireError::QueueFull => {
+                        format!("more than {} requests wait for an HTTP/2 stream", h2pool::MAX_QUEUED)
+                    }
+                    h2pool::AcquireError::NotHttp2 => "the upstream does not speak HTTP/2".into(),
+                };
+                AttemptError { error: ProxyError::UpstreamConnect { upstream, reason }, written: false, stale: false }
+            }
+            // Not written: a stream refused, or a connection going away before
+            // it took the request; counted as a stale connection when retried.
+            h2pool::SendError::Stream(error, written) => AttemptError {
+                error: ProxyError::UpstreamProtocol { upstream, reason: format!("HTTP/2 stream: {error}") },
+                written,
+                stale: !written,
+            },
         }
     }
 

@@ -51,6 +51,27 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
         let refused = upstream.retry_budget.refused.load(Relaxed);
         line(&mut out, metrics::RETRY_BUDGET_REFUSED, &[("upstream", upstream.name.as_ref())], refused);
     }
+    header(&mut out, metrics::UPSTREAM_CONNECTIONS, "gauge", "Pooled HTTP/2 upstream connections by state.");
+    for upstream in live.upstreams.iter() {
+        if let Some(pool) = &upstream.h2 {
+            let counts = pool.counts();
+            for (state, n) in [("active", counts.active), ("idle", counts.idle), ("connecting", counts.connecting)] {
+                line(
+                    &mut out,
+                    metrics::UPSTREAM_CONNECTIONS,
+                    &[("upstream", upstream.name.as_ref()), ("state", state)],
+                    n,
+                );
+            }
+        }
+    }
+    header(&mut out, metrics::UPSTREAM_QUEUE_WAIT, "histogram", "Time requests waited for an HTTP/2 stream slot.");
+    for upstream in live.upstreams.iter() {
+        if let Some(pool) = &upstream.h2 {
+            let labels = format!("upstream=\"{}\"", metrics::escape(&upstream.name));
+            pool.stats.queue_wait.render_labelled(metrics::UPSTREAM_QUEUE_WAIT, &labels, &mut out);
+        }
+    }
     header(&mut out, metrics::BREAKER_STATE, "gauge", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
     for upstream in live.upstreams.iter() {
         let value = match upstream.breaker.state() {

@@ -9,6 +9,16 @@ use serde::Deserialize;
 
 use super::{ConfigError, Validator};
 
+/// Whether `name` may stand in an Azure deployment path: letters, digits,
+/// `.`, `_`, `-`, not `.` or `..`, at most 256 bytes.
+pub fn deployment_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Largest target weight: a tier's round-robin schedule is as long as the
 /// sum of its weights (after dividing out their common factor).
 pub const MAX_WEIGHT: u32 = 1000;
@@ -171,6 +181,19 @@ impl Validator<'_> {
             if !upstreams.contains(target.upstream.as_str()) {
                 let field = if targets.len() == 1 { at("upstream") } else { at(&format!("targets[{j}].upstream")) };
                 return Err(self.invalid(field, format!("no upstream is named `{}`", target.upstream)));
+            }
+            if let Some(deployment) = &target.deployment
+                && !deployment_name_ok(deployment)
+            {
+                return Err(
+                    self.invalid(at(&format!("targets[{j}].deployment")), "only letters, digits, `.`, `_` and `-`")
+                );
+            }
+            if targets[..j].iter().any(|t| t.upstream == target.upstream) {
+                return Err(self.invalid(
+                    at(&format!("targets[{j}].upstream")),
+                    format!("`{}` is already a target of this model", target.upstream),
+                ));
             }
             if !(1..=MAX_WEIGHT).contains(&target.weight) {
                 return Err(

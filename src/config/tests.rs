@@ -282,6 +282,13 @@ fn targets_routing_and_upstream_kinds_validate() {
         ("kind = \"azure\"", "kind = \"azure\"\nauth_template = \"Bearer\"", "upstreams[1].auth_template"),
         ("kind = \"azure\"", "kind = \"azure\"\nauth_header = \"bad header\"", "upstreams[1].auth_header"),
         ("max_tokens_cap = 4096", "max_tokens_cap = 4096\nupstream = \"openai\"", "models[0].targets"),
+        ("deployment = \"eu\"", "deployment = \"../x\"", "models[0].targets[1].deployment"),
+        ("upstream = \"azure\", deployment", "upstream = \"openai\", deployment", "models[0].targets[1].upstream"),
+        ("api_version = \"2024-10-21\"", "api_version = \"1?x=2\"", "upstreams[1].api_version"),
+        ("kind = \"azure\"", "kind = \"azure\"\nauth_header = \"content-length\"", "upstreams[1].auth_header"),
+        ("kind = \"azure\"", "kind = \"azure\"\nheaders = { api-key = \"x\" }", "upstreams[1].headers"),
+        ("max_tokens = 1024", "max_tokens = 5000", "models[0].defaults.max_tokens"),
+        ("max_tokens_cap = 4096\n", "", "models[0].max_tokens_over"),
     ] {
         let err = refusal(&text.replace(from, to));
         assert!(err.contains(field), "{field}: {err}");

@@ -35,7 +35,13 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default limit on a whole non-streaming exchange (seconds).
 pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default lifetime of a login token (seconds): 8 hours.
+/// Default HTTP/2 connections per upstream.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+/// Default time between HTTP/2 PINGs on a pooled connection.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Default wait for a PING's answer before the connection is closed.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default lifetime of a login token: 8 hours.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(8 * 3600);
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +82,9 @@ pub(super) struct RawUpstream {
     api_version: Option<String>,
     auth_header: Option<String>,
     auth_template: Option<String>,
+    max_connections: Option<usize>,
+    keepalive_interval: Option<HumanDuration>,
+    keepalive_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -194,6 +203,10 @@ pub struct UpstreamConfig {
     pub auth_template: String,
     /// `kind = "azure"`: deployment paths and `api-version`.
     pub azure: Option<AzureConfig>,
+    /// HTTP/2: connections at most (more streams wait in line).
+    pub max_connections: usize,
+    /// HTTP/2: PING interval and how long an answer may take.
+    pub keepalive: (Duration, Duration),
 }
 
 impl UpstreamConfig {
@@ -237,9 +250,10 @@ impl Validator<'_> {
             Kind::Token => self.token_auth(&at, &raw)?,
         };
         let azure = match (raw.kind, &raw.api_version) {
-            (Kind::Azure, Some(version)) if !version.trim().is_empty() => {
-                Some(AzureConfig { api_version: version.trim().to_string() })
+            (Kind::Azure, Some(version)) if !crate::config::deployment_name_ok(version.trim()) => {
+                return Err(self.invalid(at("api_version"), "only letters, digits, `.`, `_` and `-`"));
             }
+            (Kind::Azure, Some(version)) => Some(AzureConfig { api_version: version.trim().to_string() }),
             (Kind::Azure, _) => return Err(self.invalid(at("api_version"), "kind = \"azure\" needs an api_version")),
             (_, Some(_)) => return Err(self.invalid(at("api_version"), "only kind = \"azure\" takes an api_version")),
             (_, None) => None,
@@ -252,6 +266,23 @@ impl Validator<'_> {
         });
         if !auth_template.contains("{key}") {
             return Err(self.invalid(at("auth_template"), "must contain {key}"));
+        }
+        let framing = [
+            http::header::HOST,
+            http::header::CONTENT_LENGTH,
+            http::header::CONTENT_TYPE,
+            http::header::TRANSFER_ENCODING,
+            http::header::CONNECTION,
+            http::header::TE,
+            http::header::UPGRADE,
+        ];
+        if framing.contains(&auth_header) {
+            return Err(self.invalid(at("auth_header"), "a header HTTP needs for itself cannot carry the key"));
+        }
+        if raw.headers.keys().any(|name| name.eq_ignore_ascii_case(auth_header.as_str())) {
+            return Err(
+                self.invalid(at("headers"), format!("`{auth_header}` carries the key: it cannot be an extra header"))
+            );
         }
         let headers = raw
             .headers
@@ -280,6 +311,19 @@ impl Validator<'_> {
         if breaker_failures == 0 {
             return Err(self.invalid(at("breaker_failures"), "must be at least 1"));
         }
+        let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(self.invalid(at("max_connections"), "must be at least 1"));
+        }
+        let keepalive = (
+            duration(raw.keepalive_interval, DEFAULT_KEEPALIVE_INTERVAL),
+            duration(raw.keepalive_timeout, DEFAULT_KEEPALIVE_TIMEOUT),
+        );
+        if keepalive.0.is_zero() || keepalive.1.is_zero() {
+            return Err(
+                self.invalid(at("keepalive_interval"), "keepalive_interval and keepalive_timeout must be above 0")
+            );
+        }
         Ok(UpstreamConfig {
             name: raw.name,
             base_url,
@@ -302,16 +346,20 @@ impl Validator<'_> {
             auth_header,
             auth_template,
             azure,
+            max_connections,
+            keepalive,
         })
     }
 
     fn absolute_url(&self, field: &str, text: &str) -> Result<http::Uri, ConfigError> {
+        // A query may carry a secret (`?key=...`): errors show what precedes it.
+        let shown = text.split('?').next().unwrap_or_default();
         let url: http::Uri = text
             .trim_end_matches('/')
             .parse()
-            .map_err(|e| self.invalid(field, format!("`{text}` is not a URL: {e}")))?;
+            .map_err(|e| self.invalid(field, format!("`{shown}` is not a URL: {e}")))?;
         if !matches!(url.scheme_str(), Some("http" | "https")) || url.authority().is_none() {
-            return Err(self.invalid(field, format!("`{text}` must be an absolute http:// or https:// URL")));
+            return Err(self.invalid(field, format!("`{shown}` must be an absolute http:// or https:// URL")));
         }
         Ok(url)
     }

@@ -46,6 +46,10 @@ pub struct MockStats {
     pub requests: AtomicU64,
     /// Requests that arrived over HTTP/2.
     pub http2_requests: AtomicU64,
+    /// Requests being answered now (until their headers are sent).
+    pub in_flight: AtomicU64,
+    /// The most requests ever in flight at once.
+    pub peak_in_flight: AtomicU64,
     /// Hits per upstream key (the bearer token), `-` when none.
     pub by_key: Counters,
     /// Hits per path.
@@ -71,6 +75,10 @@ pub struct StatsSnapshot {
     pub http2_requests: u64,
     /// Connections accepted.
     pub connections: u64,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// The most requests in flight at once (headers not yet sent).
+    pub peak_in_flight: u64,
     /// Hits per key.
     pub by_key: HashMap<String, u64>,
     /// Hits per path.
@@ -106,12 +114,14 @@ impl StatsSnapshot {
 
 impl MockStats {
     /// Copies every counter.
-    pub fn snapshot(&self, connections: u64) -> StatsSnapshot {
+    pub fn snapshot(&self, connections: u64, connections_open: u64) -> StatsSnapshot {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         StatsSnapshot {
             requests: load(&self.requests),
             http2_requests: load(&self.http2_requests),
             connections,
+            connections_open,
+            peak_in_flight: load(&self.peak_in_flight),
             by_key: self.by_key.snapshot(),
             by_path: self.by_path.snapshot(),
             by_status: self.by_status.snapshot(),
@@ -127,6 +137,7 @@ impl MockStats {
         for counter in [
             &self.requests,
             &self.http2_requests,
+            &self.peak_in_flight,
             &self.streams_started,
             &self.streams_finished,
             &self.streams_cancelled,

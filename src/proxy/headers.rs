@@ -96,6 +96,15 @@ pub fn to_upstream(headers: &mut HeaderMap, request_id: &HeaderValue, body_rewri
     headers.insert(REQUEST_ID, request_id.clone());
 }
 
+/// Removes a client header named like the header an upstream takes its key
+/// in, when [`to_upstream`] did not already (`auth_header = "x-goog-api-key"`):
+/// a client's value must never travel beside sluice's key.
+pub fn strip_credential(headers: &mut HeaderMap, auth_name: &HeaderName) {
+    if ![header::AUTHORIZATION, X_API_KEY, API_KEY].contains(auth_name) {
+        headers.remove(auth_name);
+    }
+}
+
 /// Adds the client's address to `X-Forwarded-For` and `Forwarded`. What a
 /// trusted proxy (`peer_trusted`) sent is kept and extended; what anyone else
 /// sent is replaced, so a client cannot make up a chain. `own` are the two

@@ -21,7 +21,7 @@ use http::HeaderValue;
 use crate::access::table::{Allowed, Client};
 use crate::config::{CapMode, FallbackSet};
 use crate::error::ProxyError;
-use crate::proxy::sniff::Sniffed;
+use crate::proxy::sniff::{Sniffed, TOKEN_LIMIT_NAMES};
 use crate::proxy::{is_model_endpoint, sniff};
 use crate::routes::{Route, Target};
 use crate::state::Live;
@@ -116,13 +116,16 @@ pub struct Fallback {
     pub model: Arc<ModelMetrics>,
 }
 
-/// Endpoints where `max_tokens_cap` applies, and the member a cap is
-/// inserted as when the request names no limit.
-const CAP_PATHS: [(&str, &[u8]); 3] = [
-    ("/v1/chat/completions", b"max_tokens"),
-    ("/v1/completions", b"max_tokens"),
-    ("/v1/responses", b"max_output_tokens"),
-];
+/// Endpoints where `max_tokens_cap` applies: the limit members each reads
+/// (indexes in [`TOKEN_LIMIT_NAMES`]) and the one a cap is inserted as when
+/// the request names none.
+const CAP_PATHS: [(&str, &[usize], usize); 3] =
+    [("/v1/chat/completions", &[0, 1], 0), ("/v1/completions", &[0], 0), ("/v1/responses", &[2], 2)];
+
+/// Azure endpoints that live under a deployment
+/// (`/openai/deployments/{name}/...`); any other path goes to `/openai/...`.
+const AZURE_DEPLOYMENT_PATHS: [&str; 4] =
+    ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/images/generations"];
 
 /// Endpoints whose answers the response cache keeps.
 pub const CACHE_PATHS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
@@ -237,8 +240,10 @@ pub fn plan_json(
         Some(header) => Some(header.clone()),
         None => HeaderValue::from_str(requested).ok(),
     };
-    // One target (most models): no draw, no allocation.
-    let (first, fallbacks) = if route.targets.len() == 1 {
+    // One target (most models): no draw, no allocation. Only inference is
+    // spread and fallen back: a job, an assistant or a file lives in one
+    // account, the primary's.
+    let (first, fallbacks) = if route.targets.len() == 1 || !INFERENCE_PATHS.contains(&path) {
         (route.primary(), Vec::new())
     } else {
         let order = route.order();
@@ -246,31 +251,42 @@ pub fn plan_json(
         (&route.targets[order[0]], fallbacks)
     };
     let (body, body_rewritten) = body_for(first);
-    // An Azure target without a configured deployment (the wildcard route)
-    // takes the name asked for as its deployment.
-    let deployment = |target: &Target| match &target.deployment {
-        Some(deployment) => Some(Arc::clone(deployment)),
-        None => live.upstreams[target.upstream].azure.is_some().then(|| Arc::from(requested)),
+    // An Azure target's model endpoints go to its deployment: the configured
+    // one, else (the wildcard route) the name asked for, which must be a
+    // plain name: it becomes part of the path.
+    let on_deployment = AZURE_DEPLOYMENT_PATHS.contains(&path);
+    let deployment = |target: &Target| -> Result<Option<Arc<str>>, ProxyError> {
+        if !on_deployment || live.upstreams[target.upstream].azure.is_none() {
+            return Ok(None);
+        }
+        match &target.deployment {
+            Some(deployment) => Ok(Some(Arc::clone(deployment))),
+            None if crate::config::deployment_name_ok(requested) => Ok(Some(Arc::from(requested))),
+            None => Err(ProxyError::BadField {
+                field: "model",
+                reason: "an Azure deployment name has only letters, digits, `.`, `_` and `-`".into(),
+            }),
+        }
     };
     let fallbacks = fallbacks
         .into_iter()
         .map(|target: &Target| {
             let (body, _) = body_for(target);
-            Fallback {
+            Ok(Fallback {
                 upstream: Arc::clone(&live.upstreams[target.upstream]),
                 body,
                 upstream_model: upstream_model(target),
-                deployment: deployment(target),
+                deployment: deployment(target)?,
                 model: Arc::clone(&target.metrics),
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_, ProxyError>>()?;
     Ok(Plan {
         upstream: Arc::clone(&live.upstreams[first.upstream]),
         body: ForwardBody::full(body),
         body_rewritten,
         upstream_model: upstream_model(first),
-        deployment: deployment(first),
+        deployment: deployment(first)?,
         stream: sniffed.stream,
         model: Some(Arc::clone(&first.metrics)),
         replay,
@@ -311,22 +327,29 @@ impl<'r> Edits<'r> {
             edits.inserts.push(INCLUDE_USAGE);
         }
         edits.inserts.extend(defaults.iter().filter(|(bit, _)| sniffed.present & (1 << bit) == 0).map(|(_, m)| &m[..]));
-        if let (Some((cap, mode)), Some((_, member))) =
-            (route.max_tokens_cap, CAP_PATHS.iter().find(|(p, _)| *p == path))
+        if let (Some((cap, mode)), Some((_, reads, insert))) =
+            (route.max_tokens_cap, CAP_PATHS.iter().find(|(p, ..)| *p == path))
         {
-            let over: Vec<&(u64, Range<usize>)> = sniffed.token_limits.iter().filter(|(v, _)| *v > cap).collect();
-            if !over.is_empty() && mode == CapMode::Refuse {
+            // A value that is not a plain integer (`null`, a float, a string)
+            // counts as over the cap: it must not get past it.
+            let limits = sniffed.token_limits.iter().filter(|l| reads.contains(&l.name));
+            let over: Vec<_> = limits.clone().filter(|l| l.value.is_none_or(|v| v > cap)).collect();
+            if let (Some(first), CapMode::Refuse) = (over.first(), mode) {
                 return Err(ProxyError::BadField {
-                    field: "max_tokens",
+                    field: TOKEN_LIMIT_NAMES[first.name],
                     reason: format!("this model takes at most {cap} tokens an answer"),
                 });
             }
             edits.cap_text = Some(cap.to_string());
             edits.capped = (!over.is_empty()).then_some(cap);
-            edits.replace = over.iter().map(|(_, span)| (span.clone(), &b""[..])).collect();
-            if sniffed.token_limits.is_empty() {
-                // No limit asked: the cap is the limit.
-                edits.cap_insert = Some(format!("\"{}\":{cap}", String::from_utf8_lossy(member)));
+            edits.replace = over.iter().map(|l| (l.span.clone(), &b""[..])).collect();
+            if limits.count() == 0 {
+                // No limit asked: the cap is the limit, unless a default for
+                // that member goes in (the config keeps defaults within the cap).
+                let member = format!("\"{}\":", TOKEN_LIMIT_NAMES[*insert]);
+                if !edits.inserts.iter().any(|m| m.starts_with(member.as_bytes())) {
+                    edits.cap_insert = Some(format!("{member}{cap}"));
+                }
             }
         }
         Ok(edits)

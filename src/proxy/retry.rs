@@ -79,6 +79,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
         ctx.upstream = Some(Arc::clone(&upstream.name));
         ctx.upstream_header = Some(upstream.name_header.clone());
         let mut target_headers = if rest.len() == 0 { std::mem::take(&mut headers) } else { headers.clone() };
+        headers::strip_credential(&mut target_headers, &upstream.auth_name);
         upstream.add_extra_headers(&mut target_headers);
         // Boxed: inline, the attempts' state (kilobytes, mostly the send
         // future) would make every request's future that much larger to
@@ -96,6 +97,9 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
         if let (Some(why), true) = (reason, may_resend)
             && fallback_on.contains(why)
             && let Some(next) = rest.next()
+            // A non-streaming request needs time left for the next target to
+            // answer: one sent with none would be generated and billed unread.
+            && (req.stream || remaining_total(&next.upstream, ctx.started) >= min_attempt_wait(&next.upstream))
         {
             ctx.telemetry.metrics.fallen_back(why);
             tracing::info!(

@@ -29,11 +29,27 @@ pub struct Sniffed<'a> {
     /// `stream_options.include_usage`: `None` without a `stream_options`
     /// member, else whether it asks for the usage event.
     pub stream_usage: Option<bool>,
-    /// `max_tokens`, `max_completion_tokens` and `max_output_tokens`, when a
-    /// number: its value and the byte range of the value in the body.
-    pub token_limits: Vec<(u64, Range<usize>)>,
+    /// Every `max_tokens`, `max_completion_tokens` and `max_output_tokens`
+    /// member: which (its index in [`TOKEN_LIMIT_NAMES`]), its value when a
+    /// plain non-negative integer (`None` for `null`, a float, a string...),
+    /// and the byte range of the value in the body.
+    pub token_limits: Vec<TokenLimit>,
     /// Number of top-level members.
     pub members: usize,
+}
+
+/// The members that bound an answer's length.
+pub const TOKEN_LIMIT_NAMES: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+
+/// One answer-length member of a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLimit {
+    /// Its index in [`TOKEN_LIMIT_NAMES`].
+    pub name: usize,
+    /// Its value, when a plain non-negative integer.
+    pub value: Option<u64>,
+    /// The byte range of the value in the body.
+    pub span: Range<usize>,
 }
 
 /// Sniffs `body`, which must be a JSON object. `param_names` are the default
@@ -125,12 +141,11 @@ impl<'de> Visitor<'de> for SniffSeed<'_> {
                         // Rare: read only what metering needs.
                         let options: Option<StreamOptions> = map.next_value()?;
                         out.stream_usage = Some(options.is_some_and(|o| o.include_usage == Some(true)));
-                    } else if matches!(other, "max_tokens" | "max_completion_tokens" | "max_output_tokens") {
+                    } else if let Some(name) = TOKEN_LIMIT_NAMES.iter().position(|n| *n == other) {
                         let raw: &'de RawValue = map.next_value()?;
-                        if let Ok(value) = raw.get().parse::<u64>() {
-                            let start = raw.get().as_ptr() as usize - self.body.as_ptr() as usize;
-                            out.token_limits.push((value, start..start + raw.get().len()));
-                        }
+                        let start = raw.get().as_ptr() as usize - self.body.as_ptr() as usize;
+                        let value = raw.get().parse::<u64>().ok();
+                        out.token_limits.push(TokenLimit { name, value, span: start..start + raw.get().len() });
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -274,9 +289,9 @@ mod tests {
     fn token_limits_are_found_and_replaced() {
         let body = br#"{"max_tokens":9000,"model":"m","max_completion_tokens":"x","max_output_tokens":10}"#;
         let s = sniff(body, &[]).unwrap();
-        let values: Vec<u64> = s.token_limits.iter().map(|(v, _)| *v).collect();
-        assert_eq!(values, [9000, 10], "only numbers count");
-        let replace = [(s.token_limits[0].1.clone(), &b"4096"[..]), (s.model_span.clone().unwrap(), &br#""n""#[..])];
+        let values: Vec<(usize, Option<u64>)> = s.token_limits.iter().map(|l| (l.name, l.value)).collect();
+        assert_eq!(values, [(0, Some(9000)), (1, None), (2, Some(10))], "a value that is no plain integer is None");
+        let replace = [(s.token_limits[0].span.clone(), &b"4096"[..]), (s.model_span.clone().unwrap(), &br#""n""#[..])];
         let out = splice(body, &s, &replace, &[]);
         assert_eq!(&out[..], br#"{"max_tokens":4096,"model":"n","max_completion_tokens":"x","max_output_tokens":10}"#);
     }

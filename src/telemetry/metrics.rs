@@ -44,6 +44,10 @@ pub const LOG_DROPPED: &str = "sluice_request_log_dropped_total";
 pub const CLIENT_REJECTIONS: &str = "sluice_client_rejections_total";
 /// Counter: requests moved on to a model's next target, by `reason`.
 pub const FALLBACKS: &str = "sluice_fallbacks_total";
+/// Gauge: pooled HTTP/2 upstream connections, by `upstream` and `state`.
+pub const UPSTREAM_CONNECTIONS: &str = "sluice_upstream_connections";
+/// Histogram: time requests waited for an HTTP/2 stream slot, by `upstream`.
+pub const UPSTREAM_QUEUE_WAIT: &str = "sluice_upstream_queue_wait_seconds";
 /// Counter: retries the per-upstream retry budget refused, by `upstream`.
 pub const RETRY_BUDGET_REFUSED: &str = "sluice_retry_budget_refused_total";
 /// Counter: answers served from the response cache.
@@ -309,6 +313,12 @@ impl Histogram {
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         self.render_series(name, "", out);
+    }
+
+    /// The series of one label set (`labels` as `a="x",b="y"`, values
+    /// escaped), without the family header.
+    pub fn render_labelled(&self, name: &str, labels: &str, out: &mut String) {
+        self.render_series(name, labels, out);
     }
 
     /// Observations so far.

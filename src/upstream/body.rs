@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 
 use crate::error::{BoxError, ProxyError};
 use crate::upstream::h1::H1Body;
+use crate::upstream::h2pool::H2Body;
 
 /// A request body sent to an upstream. Every variant is `Unpin`.
 pub enum ForwardBody {
@@ -202,6 +203,11 @@ pub enum UpstreamBody {
         /// The connection's body reader.
         inner: H1Body,
     },
+    /// From sluice's HTTP/2 pool.
+    H2 {
+        /// The stream's body.
+        inner: H2Body,
+    },
     /// A failed attempt's answer, read whole so its connection and key were
     /// released before the retry loop waited; kept to answer with if no
     /// attempt does better.
@@ -219,6 +225,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             Self::Hyper { inner } => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             Self::H1 { inner } => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Self::H2 { inner } => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             Self::Buffered { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
@@ -227,6 +234,7 @@ impl Body for UpstreamBody {
         match self {
             Self::Hyper { inner } => inner.is_end_stream(),
             Self::H1 { inner } => inner.is_end_stream(),
+            Self::H2 { inner } => inner.is_end_stream(),
             Self::Buffered { bytes } => bytes.is_none(),
         }
     }
@@ -235,6 +243,7 @@ impl Body for UpstreamBody {
         match self {
             Self::Hyper { inner } => inner.size_hint(),
             Self::H1 { inner } => inner.size_hint(),
+            Self::H2 { inner } => inner.size_hint(),
             Self::Buffered { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

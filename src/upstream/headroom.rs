@@ -8,6 +8,11 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
 
+/// The longest a key rests on the strength of these headers alone: they
+/// may pass through a proxy or be wrong, and a 429 still cools a key for as
+/// long as it says.
+pub const MAX_REST: Duration = Duration::from_secs(60);
+
 /// Static names: a lookup by `&str` would parse the name on every answer.
 const PAIRS: [(HeaderName, HeaderName); 2] = [
     (HeaderName::from_static("x-ratelimit-remaining-requests"), HeaderName::from_static("x-ratelimit-reset-requests")),

@@ -196,6 +196,12 @@ impl UpstreamKey {
         self.fail(Failure::RateLimited);
     }
 
+    /// Cools the key until `until_ms` without counting a failure: it said it
+    /// has nothing left (steering before the 429), it did not fail.
+    pub fn rest_until(&self, until_ms: u64) {
+        self.cooling_until.fetch_max(until_ms, Relaxed);
+    }
+
     /// Disables the key until a reset.
     pub fn disable(&self) {
         self.disabled.store(true, Relaxed);

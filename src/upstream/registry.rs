@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::{ClientConfig, Http2Mode};
 use crate::tasks::Tasks;
 use crate::upstream::body::ForwardBody;
-use crate::upstream::h1;
+use crate::upstream::{h1, h2pool};
 
 /// The pooled hyper-util client type, for TLS, HTTP/2 and streamed uploads.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
@@ -37,13 +37,35 @@ pub struct ClientRegistry {
     tasks: Tasks,
     clients: Mutex<HashMap<ClientKey, HttpClient>>,
     h1_pools: Mutex<HashMap<(Authority, Duration), Arc<h1::Pool>>>,
+    h2_pools: Mutex<HashMap<H2Key, Arc<h2pool::Pool>>>,
+}
+
+/// What makes two upstreams' HTTP/2 pools interchangeable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct H2Key {
+    /// `host:port`.
+    pub authority: Authority,
+    /// TLS (with these extra CAs), or h2c.
+    pub tls: Option<Option<PathBuf>>,
+    /// TCP and TLS connect.
+    pub connect_timeout: Duration,
+    /// Connections at most.
+    pub max_connections: usize,
+    /// PING interval and timeout.
+    pub keepalive: (Duration, Duration),
 }
 
 impl ClientRegistry {
     /// An empty registry; clients are built on first use. Their background
     /// work (idle sweeps, key checks) runs under `tasks`.
     pub fn new(config: ClientConfig, tasks: Tasks) -> Self {
-        Self { config, tasks, clients: Mutex::new(HashMap::new()), h1_pools: Mutex::new(HashMap::new()) }
+        Self {
+            config,
+            tasks,
+            clients: Mutex::new(HashMap::new()),
+            h1_pools: Mutex::new(HashMap::new()),
+            h2_pools: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The settings every client of this registry is built with.
@@ -69,6 +91,35 @@ impl ClientRegistry {
             ))
         });
         Ok(Arc::clone(pool))
+    }
+
+    /// The shared HTTP/2 pool for these settings. Over TLS it offers `h2` and
+    /// `http/1.1` in ALPN; a peer that picks HTTP/1.1 is then reached by the
+    /// hyper-util client instead.
+    pub fn h2_pool(&self, key: H2Key) -> Result<Arc<h2pool::Pool>, String> {
+        let mut pools = self.h2_pools.lock().map_err(|_| "client registry poisoned".to_string())?;
+        if let Some(pool) = pools.get(&key) {
+            return Ok(Arc::clone(pool));
+        }
+        let tls = match &key.tls {
+            None => None,
+            Some(ca_file) => {
+                let mut tls = tls_config(ca_file.as_ref())?;
+                tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                Some(tokio_rustls::TlsConnector::from(Arc::new(tls)))
+            }
+        };
+        let pool = h2pool::Pool::new(h2pool::Settings {
+            authority: key.authority.clone(),
+            tls,
+            connect_timeout: key.connect_timeout,
+            idle_timeout: self.config.pool_idle_timeout,
+            max_connections: key.max_connections,
+            keepalive_interval: key.keepalive.0,
+            keepalive_timeout: key.keepalive.1,
+        });
+        pools.insert(key, Arc::clone(&pool));
+        Ok(pool)
     }
 
     /// The shared hyper-util client for these settings.

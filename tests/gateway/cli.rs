@@ -61,7 +61,7 @@ async fn chat_command_streams_the_answer() {
 fn models_command_prints_the_routes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.toml");
-    let tables = "[[models]]\nname = \"multi\"\ntargets = [{ upstream = \"mock\", upstream_model = \"m-a\", weight = 3 }, { upstream = \"mock\", upstream_model = \"m-b\", priority = 2 }]\n";
+    let tables = "[[upstreams]]\nname = \"other\"\nbase_url = \"http://127.0.0.1:9/v1\"\nkeys = [\"sk-o\"]\n\n[[models]]\nname = \"multi\"\ntargets = [{ upstream = \"mock\", upstream_model = \"m-a\", weight = 3 }, { upstream = \"other\", upstream_model = \"m-b\", priority = 2 }]\n";
     let opts = Opts { tables: tables.into(), ..Opts::default() };
     std::fs::write(&path, config_text("http://127.0.0.1:9/v1", &opts)).unwrap();
     let out = Command::new(BIN).args(["models", "-c"]).arg(&path).output().unwrap();
@@ -75,7 +75,7 @@ fn models_command_prints_the_routes() {
     // Every target on its own line: tier and weight.
     let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
     assert!(stdout.lines().any(|l| words(l) == ["multi", "mock", "m-a", "1", "3"]), "{stdout}");
-    assert!(stdout.lines().any(|l| words(l) == ["mock", "m-b", "2", "1"]), "{stdout}");
+    assert!(stdout.lines().any(|l| words(l) == ["other", "m-b", "2", "1"]), "{stdout}");
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ mod cache;
 mod cli;
 mod edge;
 mod errors;
+mod h2pool;
 mod http2;
 mod keys;
 mod mock;

@@ -78,6 +78,23 @@ macro_rules! per_transport {
     };
 }
 
+/// Like [`per_transport!`] for the HTTP/2 upstream paths only (`h2c`,
+/// `tls_h2`), on the multi-thread runtime.
+#[macro_export]
+macro_rules! per_transport_h2 {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                use $crate::support::Transport;
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn h2c() { super::$name(Transport::H2c).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn tls_h2() { super::$name(Transport::TlsH2).await }
+            }
+        )+
+    };
+}
+
 /// Knobs for a harness.
 pub struct Opts {
     /// How sluice reaches the mock.

@@ -385,3 +385,87 @@ max_tokens_over = "refuse"
     assert_eq!(fleet.requests(0), requests_before, "a refused request is never sent");
     assert_eq!(fleet.chat(r#"{"model":"strict","max_tokens":100,"messages":[]}"#).await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn only_inference_is_spread_or_fallen_back() {
+    let fleet =
+        Fleet::start(Transport::H1Sluice, &[Up("primary", "max_attempts = 1"), Up("fallback", "")], TWO_TIERS).await;
+    fleet.fail_always(0, 500);
+    let request = Request::post(format!("http://{}/v1/assistants", fleet.gateway.addr))
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"model":"m","name":"helper"}"#)))
+        .unwrap();
+    let reply = send(&h1_client(), request).await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "the primary's answer");
+    assert_eq!((fleet.requests(0), fleet.requests(1)), (1, 0), "an assistant lives in one account");
+}
+
+#[tokio::test]
+async fn a_wildcard_azure_name_cannot_reach_outside_its_deployment() {
+    let azure = "kind = \"azure\"\napi_version = \"2024-10-21\"";
+    let fleet =
+        Fleet::start(Transport::H1Sluice, &[Up("azure", azure)], "[[models]]\nname = \"*\"\nupstream = \"azure\"\n")
+            .await;
+    for name in ["../../other", "x?api-version=1", "a#b", "a b", "..", "a/b"] {
+        let body = serde_json::json!({ "model": name, "messages": [] }).to_string();
+        let reply = fleet.chat(&body).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{name}");
+        assert_eq!(reply.json()["error"]["param"], "model");
+    }
+    assert_eq!(fleet.requests(0), 0, "nothing was sent");
+    let seen = fleet.chat_with(r#"{"model":"gpt-4o.eu_1","messages":[]}"#, &[("x-mock-echo", "1")]).await.json();
+    assert_eq!(seen["path"], "/openai/deployments/gpt-4o.eu_1/chat/completions");
+}
+
+#[tokio::test]
+async fn a_client_header_named_like_the_key_header_never_travels() {
+    let vendor = "auth_header = \"x-goog-api-key\"";
+    let fleet =
+        Fleet::start(Transport::H1Sluice, &[Up("vendor", vendor)], "[[models]]\nname = \"m\"\nupstream = \"vendor\"\n")
+            .await;
+    let reply = fleet.chat_with(CHAT, &[("x-mock-echo", "1"), ("x-goog-api-key", "junk")]).await;
+    let seen = reply.json();
+    assert_eq!(seen["headers"]["x-goog-api-key"], "sk-vendor-1", "sluice's key alone: {seen}");
+}
+
+#[tokio::test]
+async fn limits_that_are_no_plain_number_are_capped_too() {
+    let models = r#"
+[[models]]
+name = "m"
+upstream = "u"
+max_tokens_cap = 100
+defaults = { max_tokens = 64 }
+
+[[models]]
+name = "strict"
+upstream = "u"
+max_tokens_cap = 100
+max_tokens_over = "refuse"
+"#;
+    let fleet = Fleet::start(Transport::H1Sluice, &[Up("u", "")], models).await;
+    let sent = |reply: Reply| -> String {
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        reply.json()["body"].as_str().unwrap().to_string()
+    };
+    let echo = [("x-mock-echo", "1")];
+    for limit in ["null", "1e6", "100000.0", "\"9999\"", "-1"] {
+        let body = format!(r#"{{"model":"m","max_tokens":{limit},"messages":[]}}"#);
+        let reply = fleet.chat_with(&body, &echo).await;
+        assert_eq!(header(&reply, "x-sluice-max-tokens-capped"), "100", "{limit}");
+        let text = sent(reply);
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["max_tokens"], 100, "{limit}: {text}");
+        assert_eq!(text.matches("max_tokens").count(), 1, "one member: {text}");
+        let strict = fleet.chat(&body.replace("\"m\"", "\"strict\"")).await;
+        assert_eq!(strict.status, StatusCode::BAD_REQUEST, "{limit}");
+    }
+    // No limit asked: the model's default (within the cap) goes in, once.
+    let text = sent(fleet.chat_with(r#"{"model":"m","messages":[]}"#, &echo).await);
+    assert_eq!(text.matches("max_tokens").count(), 1, "{text}");
+    assert!(text.contains(r#""max_tokens":64"#), "{text}");
+    // A limit member the endpoint does not read does not stand in for one it does.
+    let text = sent(fleet.chat_with(r#"{"model":"m","max_output_tokens":1,"messages":[]}"#, &echo).await);
+    assert!(text.contains(r#""max_tokens":64"#), "{text}");
+}

@@ -150,7 +150,11 @@ pub(super) async fn attempt(
         // multiply its load by max_attempts.
         if attempt == 0 {
             upstream.retry_budget.first_attempt(now_ms());
-        } else if !upstream.retry_budget.try_retry(req.retry_budget, now_ms()) {
+        } else if !matches!(reason, Some(RetryReason::RateLimited | RetryReason::KeyRejected))
+            // Moving off a key that is rate-limited or bad adds no load to a
+            // failing upstream: only the other retries draw on the budget.
+            && !upstream.retry_budget.try_retry(req.retry_budget, now_ms())
+        {
             tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, "retry budget spent; no retry");
             break;
         }
@@ -227,8 +231,8 @@ pub(super) async fn attempt(
                 // Steer before the 429: a key that says it has nothing left
                 // cools until its reset, so the next request takes another.
                 if let Some(reset) = headroom::exhausted(response.headers()) {
-                    let cool = reset.min(upstream.max_cooldown);
-                    lease.key().cool_until(clock::after(cool));
+                    let cool = reset.min(upstream.max_cooldown).min(headroom::MAX_REST);
+                    lease.key().rest_until(clock::after(cool));
                     tracing::debug!(upstream = %upstream.name, key = %lease.key().fingerprint, cool_ms = cool.as_millis() as u64, "key has no requests or tokens left; cooling until its reset");
                 }
                 match status {
@@ -321,7 +325,10 @@ pub(super) async fn attempt(
 fn kept_bytes(body: &UpstreamBody) -> &[u8] {
     match body {
         UpstreamBody::Buffered { bytes: Some(bytes) } => bytes,
-        UpstreamBody::Buffered { bytes: None } | UpstreamBody::Hyper { .. } | UpstreamBody::H1 { .. } => b"",
+        UpstreamBody::Buffered { bytes: None }
+        | UpstreamBody::Hyper { .. }
+        | UpstreamBody::H1 { .. }
+        | UpstreamBody::H2 { .. } => b"",
     }
 }
 

@@ -1,0 +1,130 @@
+//! sluice's HTTP/2 upstream pool against a mock that allows 10 concurrent
+//! streams a connection (as providers set some limit): it opens connections
+//! as streams need them, queues past `max_connections`, closes idle ones
+//! but one, and rides out a GOAWAY. Over h2c and TLS + h2.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use sluice::config::Config;
+use sluice::mock::MockServer;
+use sluice::server::{self, Running};
+use sluice::state::Shared;
+use tokio::net::TcpListener;
+
+use crate::support::{
+    CLIENT_KEY, Opts, Transport, config_text, eventually_async, h1_client, pki, sample, scrape_at, send,
+};
+
+const STREAM_LIMIT: u32 = 10;
+
+async fn limited_mock(t: Transport, addr: SocketAddr) -> MockServer {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let tls =
+        (t == Transport::TlsH2).then(|| tokio_rustls::TlsAcceptor::from(pki::server_config(&[b"h2", b"http/1.1"])));
+    MockServer::serve_limited(listener, tls, STREAM_LIMIT)
+}
+
+async fn gateway(t: Transport, mock: &MockServer, upstream_extra: &'static str) -> Running {
+    let opts = Opts { transport: t, upstream_extra, ..Opts::default() };
+    let text = config_text(&mock.base_url(), &opts)
+        .replace("[client]\n", "[client]\npool_idle_timeout = \"1s\"\n")
+        .replace("header_timeout = \"2s\"", "header_timeout = \"20s\"");
+    let config = Config::from_toml(&text, Path::new("test.toml"), &|_| None).unwrap();
+    server::spawn(Shared::new(config).unwrap()).await.unwrap()
+}
+
+/// `n` concurrent chats that each wait `latency_ms` at the mock; their statuses.
+async fn burst(gateway: &Running, n: usize, latency_ms: u64) -> Vec<u16> {
+    let addr = gateway.addr;
+    let latency = latency_ms.to_string();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let request = Request::post(format!("http://{addr}/v1/chat/completions"))
+                .header("authorization", format!("Bearer {CLIENT_KEY}"))
+                .header("content-type", "application/json")
+                .header("x-mock-latency-ms", latency.as_str())
+                .body(Full::new(Bytes::from_static(br#"{"model":"plain","stream":true,"messages":[]}"#)))
+                .unwrap();
+            tokio::spawn(async move { send(&h1_client(), request).await.status.as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(n);
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    statuses
+}
+
+async fn connections(gateway: &Running, state: &str) -> f64 {
+    sample(&scrape_at(gateway.addr).await, "sluice_upstream_connections", &[("upstream", "mock"), ("state", state)])
+}
+
+async fn streams_open_a_connection_each_ten_and_idle_ones_close(t: Transport) {
+    let mock = limited_mock(t, SocketAddr::from(([127, 0, 0, 1], 0))).await;
+    let gateway = gateway(t, &mock, "").await;
+    assert_eq!(burst(&gateway, 50, 1500).await, [200; 50]);
+    let stats = mock.state.stats();
+    assert_eq!(stats.peak_in_flight, 50, "all 50 were open at the mock at once");
+    assert_eq!(stats.http2_requests, 50);
+    assert!(stats.connections >= 5, "10 streams a connection: at least 5 connections, got {}", stats.connections);
+    // Idle past pool_idle_timeout (1 s), every connection but one warm one closes.
+    eventually_async("extra connections close when idle", || async { mock.state.stats().connections_open == 1 }).await;
+    assert_eq!((connections(&gateway, "idle").await, connections(&gateway, "active").await), (1.0, 0.0));
+    assert_eq!(burst(&gateway, 5, 0).await, [200; 5], "the warm one serves");
+    assert_eq!(mock.state.stats().connections, stats.connections, "no new connection for 5 streams");
+}
+
+async fn past_max_connections_streams_wait_in_line(t: Transport) {
+    let mock = limited_mock(t, SocketAddr::from(([127, 0, 0, 1], 0))).await;
+    let gateway = gateway(t, &mock, "max_connections = 2").await;
+    assert_eq!(burst(&gateway, 50, 1000).await, [200; 50], "none fails before header_timeout");
+    let stats = mock.state.stats();
+    assert_eq!(stats.peak_in_flight, 20, "two connections of ten streams");
+    assert_eq!(stats.connections, 2);
+    let scrape = scrape_at(gateway.addr).await;
+    let waited = sample(&scrape, "sluice_upstream_queue_wait_seconds_count", &[("upstream", "mock")]);
+    assert!(waited >= 30.0, "at least 30 waited in line: {waited}");
+}
+
+async fn a_goaway_under_load_costs_no_request(t: Transport) {
+    let mut first = limited_mock(t, SocketAddr::from(([127, 0, 0, 1], 0))).await;
+    let addr = first.addr;
+    let gateway = Arc::new(gateway(t, &first, "").await);
+    let load = {
+        let gateway = Arc::clone(&gateway);
+        tokio::spawn(async move { burst(&gateway, 20, 400).await })
+    };
+    eventually_async("20 requests in flight at the mock", || async { first.state.stats().requests == 20 }).await;
+    // The mock says GOAWAY on every connection and stops listening; its
+    // streams in flight finish. A new mock takes the address.
+    first.stop();
+    let mut second = None;
+    for _ in 0..200 {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let tls = (t == Transport::TlsH2)
+                    .then(|| tokio_rustls::TlsAcceptor::from(pki::server_config(&[b"h2", b"http/1.1"])));
+                second = Some(MockServer::serve_limited(listener, tls, STREAM_LIMIT));
+                break;
+            }
+            Err(_) => tokio::task::yield_now().await,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let second = second.expect("the address comes free");
+    assert_eq!(load.await.unwrap(), [200; 20], "streams under the GOAWAY finish");
+    assert_eq!(burst(&gateway, 20, 0).await, [200; 20], "new streams go to a new connection");
+    assert_eq!(second.state.stats().requests, 20);
+    assert_eq!(first.state.stats().requests, 20);
+}
+
+crate::per_transport_h2!(
+    streams_open_a_connection_each_ten_and_idle_ones_close,
+    past_max_connections_streams_wait_in_line,
+    a_goaway_under_load_costs_no_request
+);
