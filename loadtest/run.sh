@@ -7,7 +7,9 @@
 # Knobs (environment): DURATION=10 (s per scenario), CONNS=64, RATE=1000 (req/s for
 # the latency scenario), STREAM_CONNS=32, STREAM_CHUNKS=20, SLOW_STREAMS=2000,
 # SOAK_SECONDS=600 (0 skips the soak), SOAK_RATE=2000, TTFB_SAMPLES=200, CACHE_FILL=50000,
-# MOCK_PORT=19001 NGINX_PORT=19002 SLUICE_PORT=19003, SKIP_NGINX=1.
+# MOCK_PORT=19001 NGINX_PORT=19002 SLUICE_PORT=19003, SKIP_NGINX=1; the upstream
+# transport scenarios use ports 19004-19008 (TLS needs openssl for a throwaway
+# certificate; without it those rows are skipped).
 # Every loop is bounded in time or count. Prints a table and writes it to
 # loadtest/results/<date>.md.
 set -euo pipefail
@@ -89,8 +91,9 @@ for _ in $(seq 1 50); do  # the server picks up the CLI's key within 2 s
 done
 CHAT='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 STREAM='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
-url() { case "$1" in direct) echo "http://127.0.0.1:$MOCK_PORT/v1/chat/completions";; nginx) echo "http://127.0.0.1:$NGINX_PORT/v1/chat/completions";; sluice) echo "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions";; esac; }
-proxy_pids() { case "$1" in direct) echo "$mock_pid";; nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')";; sluice) echo "$sluice_pid";; esac; }
+url() { case "$1" in direct) echo "http://127.0.0.1:$MOCK_PORT/v1/chat/completions";; nginx) echo "http://127.0.0.1:$NGINX_PORT/v1/chat/completions";; sluice) echo "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions";; up-*) echo "http://127.0.0.1:${up_port[$1]}/v1/chat/completions";; esac; }
+proxy_pids() { case "$1" in direct) echo "$mock_pid";; nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')";; sluice) echo "$sluice_pid";; up-*) echo "${up_pid[$1]}";; esac; }
+declare -A up_port up_pid
 # "utime stime" in clock ticks, each summed over the given pids.
 cpu_ticks() {
   local u=0 s=0 pu ps
@@ -203,6 +206,58 @@ verdict="within"; [ "$after_fill" -le "$bound_kib" ] || verdict="OVER"
 cache_fill="$fill_total requests ($fill_errors errors): $cache_entries entries, $((cache_bytes / 1024)) KiB held, $cache_evictions evictions; RSS idle ${idle_rss} KiB, before ${before_fill} KiB, after ${after_fill} KiB: $verdict idle + 64 MiB + 10% (${bound_kib} KiB)"
 echo "   $cache_fill"
 
+echo "== 8. upstream transports: sluice to the mock over HTTP/1.1, h2c and TLS + h2 (same config otherwise)"
+# Each from the same config without the store, beside the others; the mock
+# allows 100 streams an HTTP/2 connection, as providers do.
+"$bin" mock --listen "127.0.0.1:19004" --max-streams 100 >"$tmp/mock-h2.log" 2>&1 &
+pids+=("$!")
+transports="up-h1 up-h2c"
+if command -v openssl >/dev/null 2>&1; then
+  # A throwaway CA and a leaf for localhost signed by it (a self-signed leaf
+  # would be a CA used as an end entity, which webpki refuses).
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -days 1 -subj /CN=sluice-loadtest-ca -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
+  openssl req "${ec[@]}" -subj /CN=localhost -keyout "$tmp/mock.key" -out "$tmp/mock.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$tmp/leaf.ext"
+  openssl x509 -req -in "$tmp/mock.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial -days 1 \
+    -extfile "$tmp/leaf.ext" -out "$tmp/mock.pem" 2>/dev/null
+  "$bin" mock --listen "127.0.0.1:19005" --max-streams 100 --tls-cert "$tmp/mock.pem" --tls-key "$tmp/mock.key" >"$tmp/mock-tls.log" 2>&1 &
+  pids+=("$!")
+  transports="$transports up-tls-h2"
+else
+  echo "   openssl not found: the TLS + h2 rows are skipped"
+fi
+port=19006
+for t in $transports; do
+  case "$t" in
+    up-h1) base="http://127.0.0.1:19004/v1"; extra="" ;;
+    up-h2c) base="http://127.0.0.1:19004/v1"; extra='http2 = "prior-knowledge"' ;;
+    up-tls-h2) base="https://localhost:19005/v1"; extra="ca_file = \"$tmp/ca.pem\"" ;;
+  esac
+  fill "$here/sluice.toml" | sed -e '/^\[store\]/,/^$/d' -e "s#^listen = .*#listen = \"127.0.0.1:$port\"#" \
+    -e "s#^base_url = .*#base_url = \"$base\"\n$extra#" -e "s#requests.jsonl#requests-$t.jsonl#" >"$tmp/$t.toml"
+  "$bin" serve -c "$tmp/$t.toml" >"$tmp/$t.log" 2>&1 &
+  up_pid[$t]=$!; pids+=("$!"); up_port[$t]=$port
+  wait_port "$port"
+  port=$((port + 1))
+done
+upstream_rows=()
+for t in $transports; do
+  run_oha "upstream throughput c$CONNS" "$t" -z "${DURATION}s" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CHAT"
+  run_oha "upstream streams c$STREAM_CONNS" "$t" -z "${DURATION}s" -c "$STREAM_CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -H "x-mock-chunks: $STREAM_CHUNKS" -d "$STREAM"
+  before="$(rss_kib "${up_pid[$t]}")"; top="$before"
+  oha --no-tui --output-format json -n "$SLOW_STREAMS" -c "$SLOW_STREAMS" -m POST -H "$KEY" -H 'content-type: application/json' -H 'x-mock-chunks: 20' -H 'x-mock-gap-ms: 250' -d "$STREAM" "$(url "$t")" >"$tmp/slow-$t.json" &
+  oha_pid=$!
+  while kill -0 "$oha_pid" 2>/dev/null; do
+    r="$(rss_kib "${up_pid[$t]}")"; [ "$r" -gt "$top" ] && top="$r"
+    sleep 0.2
+  done
+  wait "$oha_pid" || true
+  read -r _ _ t_p99 t_errors t_total < <(summarize "$tmp/slow-$t.json")
+  upstream_rows+=("| $t | $SLOW_STREAMS slow streams | $t_errors / $t_total errors | p99 $t_p99 ms | +$(( (top - before) / 1024 )) MiB peak |")
+  echo "   $t slow streams: errors $t_errors / $t_total, p99 $t_p99 ms, peak +$(( (top - before) / 1024 )) MiB"
+done
+
 soak="skipped (SOAK_SECONDS=0)"
 if [ "$SOAK_SECONDS" -gt 0 ]; then
   echo "== 6. soak: ${SOAK_SECONDS}s at $SOAK_RATE req/s, 80% plain, 20% streams"
@@ -241,6 +296,10 @@ mkdir -p "$here/results"
   echo "| target | TTFB p50 ms |"
   echo "|---|---|"
   printf '%s\n' "${ttfb[@]}"
+  echo
+  echo "Upstream transports (rows \`up-*\` above: sluice to the mock over HTTP/1.1, h2c, TLS + h2), $SLOW_STREAMS concurrent slow streams each:"
+  echo
+  printf '%s\n' "${upstream_rows[@]}"
   echo
   echo "- Stream bytes through sluice vs direct (ids masked): $bytes_same"
   mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }

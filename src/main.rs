@@ -67,6 +67,15 @@ enum Command {
         /// Address to listen on.
         #[arg(short, long, default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
+        /// Serve TLS with this certificate chain (PEM; with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// HTTP/2 streams a connection may have open at once, as providers limit them.
+        #[arg(long)]
+        max_streams: Option<u32>,
     },
     /// Write a minimal working config for one provider, with a client key and an admin token.
     Init(cli::init::InitArgs),
@@ -108,7 +117,9 @@ fn main() -> ExitCode {
             Ok(config) => run_on(config.server.workers, serve(config)),
             Err(error) => config_failure(&error),
         },
-        Command::Mock { listen } => run(mock(listen)),
+        Command::Mock { listen, tls_cert, tls_key, max_streams } => {
+            run(mock(listen, tls_cert.zip(tls_key), max_streams))
+        }
         Command::Test { config, models, timeout } => match Config::load(&config.config) {
             Ok(config) => run(test(config, models, timeout)),
             Err(error) => config_failure(&error),
@@ -314,10 +325,19 @@ async fn chat(config: Config, model: String, message: String) -> Result<(), Stri
     Ok(())
 }
 
-async fn mock(listen: SocketAddr) -> Result<(), String> {
+async fn mock(listen: SocketAddr, tls: Option<(PathBuf, PathBuf)>, max_streams: Option<u32>) -> Result<(), String> {
     telemetry::init("warn", LogFormat::Text);
-    let mock = MockServer::start(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    println!("sluice mock upstream listening on http://{} (base URL {})", mock.addr, mock.base_url());
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let acceptor = match tls {
+        Some((cert, key)) => {
+            let files = sluice::config::TlsConfig { cert, key, client_ca: None };
+            Some(std::sync::Arc::new(sluice::config::tls::CertStore::load(&files)?).acceptor()?)
+        }
+        None => None,
+    };
+    let mock = MockServer::serve_limited(listener, acceptor, max_streams.unwrap_or(sluice::mock::MOCK_H2_MAX_STREAMS));
+    println!("sluice mock upstream listening on {} (base URL {})", mock.addr, mock.base_url());
     shutdown::first_stop_signal(sluice::tasks::Tasks::default()).await;
     Ok(())
 }
