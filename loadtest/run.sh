@@ -11,7 +11,7 @@
 # transport scenarios use ports 19004-19008 (TLS needs openssl for a throwaway
 # certificate; without it those rows are skipped).
 # Every loop is bounded in time or count. Prints a table and writes it to
-# loadtest/results/<date>.md.
+# loadtest/results/<date>-<HHMM>.md.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -279,7 +279,7 @@ fi
 
 dropped="$(curl -s "http://127.0.0.1:$SLUICE_PORT/metrics" -H "$KEY" | awk '/^sluice_request_log_dropped_total/ {print $2}')"
 machine="$(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
-out="$here/results/$(date +%F).md"
+out="$here/results/$(date +%F-%H%M).md"  # a second run the same day keeps the first
 mkdir -p "$here/results"
 {
   echo "# sluice load test, $(date '+%F %H:%M %Z')"
