@@ -45,16 +45,17 @@ impl Fleet {
                 Transport::TlsH2 | Transport::TlsH1 => format!("ca_file = {:?}", pki::ca_file()),
                 Transport::H1Sluice | Transport::H1Hyper => String::new(),
             };
-            let keys = if extra.contains("keys") {
+            let keys = if extra.contains("keys") || extra.contains("auth_url") {
                 String::new()
             } else {
                 format!("keys = [\"sk-{name}-1\", \"sk-{name}-2\"]")
             };
+            let timeout = if extra.contains("header_timeout") { "" } else { "header_timeout = \"2s\"" };
             // Azure's endpoints hang off the host (`/openai/deployments/...`), not `/v1`.
             let base_url = mock.base_url();
             let base_url = if extra.contains("azure") { base_url.trim_end_matches("/v1") } else { &base_url };
             text.push_str(&format!(
-                "[[upstreams]]\nname = \"{name}\"\nbase_url = \"{base_url}\"\n{keys}\nheader_timeout = \"2s\"\n{transport}\n{extra}\n\n"
+                "[[upstreams]]\nname = \"{name}\"\nbase_url = \"{base_url}\"\n{keys}\n{timeout}\n{transport}\n{extra}\n\n"
             ));
             mocks.push(mock);
         }
@@ -468,4 +469,26 @@ max_tokens_over = "refuse"
     // A limit member the endpoint does not read does not stand in for one it does.
     let text = sent(fleet.chat_with(r#"{"model":"m","max_output_tokens":1,"messages":[]}"#, &echo).await);
     assert!(text.contains(r#""max_tokens":64"#), "{text}");
+}
+
+#[tokio::test]
+async fn a_login_upstream_whose_login_fails_falls_back() {
+    // Nothing listens on port 9 (discard): the login cannot be made.
+    let login = "kind = \"token\"\nauth_url = \"http://127.0.0.1:9/auth/login\"\nusername = \"u\"\npassword = \"p\"";
+    let fleet = Fleet::start(Transport::H1Sluice, &[Up("primary", login), Up("fallback", "")], TWO_TIERS).await;
+    let reply = fleet.chat(CHAT).await;
+    assert_eq!((reply.status, header(&reply, "x-sluice-upstream")), (StatusCode::OK, "fallback"), "{:?}", reply.body);
+    assert_eq!((fleet.requests(0), fleet.requests(1)), (0, 1));
+}
+
+#[tokio::test]
+async fn no_fallback_without_time_left_to_answer() {
+    let slow = "max_attempts = 1\nheader_timeout = \"1s\"\ntotal_timeout = \"1s\"";
+    let fleet =
+        Fleet::start(Transport::H1Sluice, &[Up("primary", slow), Up("fallback", "total_timeout = \"1s\"")], TWO_TIERS)
+            .await;
+    fleet.mocks[0].state.set_faults(Faults { latency_ms: 3000, ..Faults::default() });
+    let reply = fleet.chat(CHAT).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(fleet.requests(1), 0, "the total timeout was spent: nothing is sent that nobody would wait for");
 }

@@ -175,7 +175,15 @@ pub(super) async fn attempt(
             Auth::Keys => (lease.key().auth_header(), 0),
             Auth::Login(source) => match source.cached() {
                 Some(cached) => cached,
-                None => Box::pin(source.header(&upstream.client, upstream.timeouts.header)).await?,
+                None => match Box::pin(source.header(&upstream.client, upstream.timeouts.header)).await {
+                    Ok(header) => header,
+                    // No token, nothing sent: this upstream's share ends (the
+                    // model's next target may take the request).
+                    Err(error) => {
+                        last = Some(Last::Error(error));
+                        break;
+                    }
+                },
             },
         };
         let body = match (&replay, once.take()) {
@@ -253,10 +261,17 @@ pub(super) async fn attempt(
                         Auth::Login(source) if status == 401 && !token_refreshed => {
                             token_refreshed = true;
                             skip_backoff = true;
-                            Box::pin(source.refresh(&upstream.client, upstream.timeouts.header, token_generation))
-                                .await?;
+                            let refreshed =
+                                Box::pin(source.refresh(&upstream.client, upstream.timeouts.header, token_generation))
+                                    .await;
                             last = Some(Box::pin(keep(response, lease, Failure::Rejected, upstream)).await);
-                            retry_if(req.replay.allows(true), RetryReason::TokenRefresh)
+                            match refreshed {
+                                Ok(_) => retry_if(req.replay.allows(true), RetryReason::TokenRefresh),
+                                Err(error) => {
+                                    last = Some(Last::Error(error));
+                                    Verdict::Stop
+                                }
+                            }
                         }
                         Auth::Login(_) => {
                             last = Some(Box::pin(keep(response, lease, Failure::Rejected, upstream)).await);
