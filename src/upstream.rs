@@ -17,6 +17,7 @@ pub mod token;
 
 use std::error::Error as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -274,6 +275,8 @@ impl Upstream {
     /// Sends one attempt: a body sluice holds whole goes over its own HTTP/1.1
     /// client or its HTTP/2 pool when the upstream has one; anything else
     /// (streamed uploads, TLS peers that chose HTTP/1.1) over hyper-util's.
+    /// `sent` turns true when the request starts out to the upstream (not
+    /// while it waits in line for an HTTP/2 stream).
     /// Nothing here re-sends: a failure says whether the request was written
     /// and whether a stale pooled connection was the cause, and the retry loop
     /// decides.
@@ -284,8 +287,10 @@ impl Upstream {
         headers: &HeaderMap,
         auth: HeaderValue,
         body: ForwardBody,
+        sent: &AtomicBool,
     ) -> Result<Response<UpstreamBody>, AttemptError> {
         if let (Some(pool), ForwardBody::Full { bytes }) = (&self.h1, &body) {
+            sent.store(true, Relaxed);
             let path = target.path_and_query().map_or("/", PathAndQuery::as_str);
             let empty = Bytes::new();
             return match pool
@@ -309,13 +314,14 @@ impl Upstream {
             && !pool.is_not_h2()
         {
             let bytes = bytes.clone().unwrap_or_default();
-            match pool.send(method, target, headers, (&self.auth_name, auth.clone()), bytes).await {
+            match pool.send(method, target, headers, (&self.auth_name, auth.clone()), bytes, sent).await {
                 Ok(response) => return Ok(response.map(|inner| UpstreamBody::H2 { inner })),
                 // The peer picked HTTP/1.1 in ALPN: the hyper-util client below.
                 Err(h2pool::SendError::Acquire(h2pool::AcquireError::NotHttp2)) => {}
                 Err(failed) => return Err(self.h2_error(failed)),
             }
         }
+        sent.store(true, Relaxed);
         let mut request = Request::new(body);
         *request.method_mut() = method.clone();
         *request.uri_mut() = target.clone();
@@ -413,7 +419,9 @@ impl Upstream {
         let target = self.uri_for("/v1/models", None, None).ok()?;
         let mut headers = HeaderMap::new();
         self.add_extra_headers(&mut headers);
-        let send = self.send(&Method::GET, &target, &headers, key.auth_header(), ForwardBody::full(Bytes::new()));
+        let sent = AtomicBool::new(false);
+        let send =
+            self.send(&Method::GET, &target, &headers, key.auth_header(), ForwardBody::full(Bytes::new()), &sent);
         let response = tokio::time::timeout(self.timeouts.header.min(KEY_CHECK_TIMEOUT), send).await.ok()?.ok()?;
         Some(response.status().as_u16())
     }

@@ -19,7 +19,7 @@ mod body;
 mod conn;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -96,6 +96,8 @@ pub struct Pool {
     /// ALPN chose HTTP/1.1 once: the upstream is reached by the other client.
     not_h2: AtomicBool,
     next_id: AtomicU64,
+    /// The stream limit of the last connection opened.
+    expected: AtomicUsize,
     /// Counters for `/metrics`.
     pub stats: PoolStats,
 }
@@ -140,6 +142,7 @@ impl Pool {
             state: Mutex::new(State { slots: Vec::new(), connecting: 0, waiters: VecDeque::new() }),
             not_h2: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
+            expected: AtomicUsize::new(100),
             stats: PoolStats::default(),
         })
     }
@@ -163,8 +166,18 @@ impl Pool {
     }
 
     /// A stream slot: on the connection with the most free slots, on a new
-    /// connection, or after a wait in line.
+    /// connection, or after a wait in line. The time spent in line is
+    /// observed once, however often the request was woken.
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, AcquireError> {
+        let mut queued_since = None;
+        let result = self.acquire_in_line(&mut queued_since).await;
+        if let Some(since) = queued_since {
+            self.stats.queue_wait.observe(Instant::elapsed(&since));
+        }
+        result
+    }
+
+    async fn acquire_in_line(self: &Arc<Self>, queued_since: &mut Option<Instant>) -> Result<Lease, AcquireError> {
         loop {
             if self.is_not_h2() {
                 return Err(AcquireError::NotHttp2);
@@ -177,8 +190,11 @@ impl Pool {
                     slot.idle_since = None;
                     return Ok(Lease { pool: Arc::clone(self), conn: Some(Arc::clone(&slot.conn)) });
                 }
-                let open = state.slots.iter().filter(|s| !s.conn.is_closed()).count();
-                if open + state.connecting < self.settings.max_connections {
+                // Open a connection when the ones being opened will not
+                // have room for everyone in line (a cold burst opens one,
+                // not one per request), and the cap allows.
+                let demand = state.waiters.len() + 1;
+                if self.room_to_open(&state) > 0 && state.connecting * self.expected_streams() < demand {
                     state.connecting += 1;
                     None
                 } else if state.waiters.len() >= MAX_QUEUED {
@@ -191,12 +207,10 @@ impl Pool {
             };
             match waiting {
                 Some(rx) => {
-                    let since = Instant::now();
+                    queued_since.get_or_insert_with(Instant::now);
                     self.stats.queued.fetch_add(1, Relaxed);
-                    let handed = Queued(&self.stats).wait(rx).await;
-                    self.stats.queue_wait.observe(since.elapsed());
                     // No lease: the pool woke the line to try again.
-                    if let Some(lease) = handed {
+                    if let Some(lease) = Queued(&self.stats).wait(rx).await {
                         return Ok(lease);
                     }
                 }
@@ -205,30 +219,73 @@ impl Pool {
         }
     }
 
+    /// Connections that may still be opened under `max_connections`.
+    fn room_to_open(&self, state: &State) -> usize {
+        let open = state.slots.iter().filter(|s| !s.conn.is_closed()).count();
+        self.settings.max_connections.saturating_sub(open + state.connecting)
+    }
+
+    /// Streams a new connection is expected to take: the last peer limit
+    /// seen (100, a common limit, before any).
+    fn expected_streams(&self) -> usize {
+        self.expected.load(Relaxed).max(1)
+    }
+
+    /// Wakes as many of the line as there are connections to open for it:
+    /// each woken request opens one (or finds a slot freed meanwhile).
+    fn wake_openers(&self, state: &mut State) {
+        let needed = state.waiters.len().div_ceil(self.expected_streams()).saturating_sub(state.connecting);
+        for _ in 0..needed.min(self.room_to_open(state)) {
+            // Dropping its sender wakes the request with no lease.
+            state.waiters.pop_front();
+        }
+    }
+
     /// Opens a connection for the caller (who counted it as connecting);
-    /// its spare slots go to the line.
+    /// its spare slots go to the line. Cancel-safe: a request dropped while
+    /// it opens gives its place back (the guard) and the connection closes.
     async fn open(self: &Arc<Self>) -> Result<Lease, AcquireError> {
         let id = self.next_id.fetch_add(1, Relaxed);
+        let guard = Opening(self);
         let opened = conn::open(self, id).await;
+        std::mem::forget(guard);
         let mut state = self.lock();
         state.connecting -= 1;
+        let opened = opened.and_then(|conn| {
+            if conn.max_streams() == 0 {
+                conn.close();
+                return Err(conn::OpenError::Failed("the upstream allows no HTTP/2 streams".into()));
+            }
+            Ok(conn)
+        });
         match opened {
             Ok(conn) => {
+                self.expected.store(conn.max_streams(), Relaxed);
                 state.slots.push(Slot { conn: Arc::clone(&conn), active: 1, idle_since: None });
                 let index = state.slots.len() - 1;
                 self.hand_to_waiters(&mut state, index);
+                self.wake_openers(&mut state);
                 Ok(Lease { pool: Arc::clone(self), conn: Some(conn) })
             }
             Err(error) => {
-                // Whoever waits for a slot tries (and likely fails) at once.
-                state.waiters.clear();
+                self.wake_openers(&mut state);
                 if let conn::OpenError::NotHttp2 = error {
                     self.not_h2.store(true, Relaxed);
+                    // Everyone in line goes to the other client.
+                    state.waiters.clear();
                     return Err(AcquireError::NotHttp2);
                 }
                 Err(AcquireError::Connect(error.to_string()))
             }
         }
+    }
+
+    /// A connection stopped taking streams (going away): the line may need
+    /// another one.
+    fn closed(&self) {
+        let mut state = self.lock();
+        state.slots.retain(|s| !s.conn.is_closed() || s.active > 0);
+        self.wake_openers(&mut state);
     }
 
     /// Gives free slots of slot `index` to the line, first come first served.
@@ -286,15 +343,17 @@ impl Pool {
         self.lock().slots.iter().any(|s| s.conn.id() == id)
     }
 
-    /// Called by a connection's task when the connection has ended: the line
-    /// is woken to find (or open) another.
+    /// Called by a connection's task when the connection has ended: as many
+    /// of the line as need one are woken to open another.
     fn forget(&self, id: u64) {
         let mut state = self.lock();
         state.slots.retain(|s| s.conn.id() != id);
-        state.waiters.clear();
+        self.wake_openers(&mut state);
     }
 
-    /// Sends one request with a whole body on a stream of this pool.
+    /// Sends one request with a whole body on a stream of this pool;
+    /// `sent` turns true once a stream slot was had (before that, time went
+    /// on waiting in line, and nothing reached the upstream).
     pub async fn send(
         self: &Arc<Self>,
         method: &Method,
@@ -302,6 +361,7 @@ impl Pool {
         headers: &HeaderMap,
         auth: (&HeaderName, HeaderValue),
         body: Bytes,
+        sent: &AtomicBool,
     ) -> Result<Response<H2Body>, SendError> {
         let lease = self.acquire().await.map_err(SendError::Acquire)?;
         let conn = lease.conn.as_ref().map(Arc::clone).ok_or(SendError::Acquire(AcquireError::QueueFull))?;
@@ -318,13 +378,21 @@ impl Pool {
         }
         out.insert(auth.0.clone(), auth.1);
         *request.headers_mut() = out;
-        let (response, stream) = conn.send(request, body).await.map_err(|e| SendError::Stream(e, false))?;
+        sent.store(true, Relaxed);
+        let (response, stream) = match conn.send(request, body).await {
+            Ok(pair) => pair,
+            Err((error, head_sent)) => {
+                self.closed();
+                return Err(SendError::Stream(error, head_sent));
+            }
+        };
         match response.await {
             Ok(response) => Ok(response.map(|recv| H2Body::new(recv, lease, stream))),
             Err(error) => {
                 let unsent = refused_unprocessed(&error);
                 if error.is_go_away() {
                     conn.close();
+                    self.closed();
                 }
                 Err(SendError::Stream(error, !unsent))
             }
@@ -359,6 +427,19 @@ pub enum SendError {
     Acquire(AcquireError),
     /// The stream failed; whether the request may have been processed.
     Stream(h2::Error, bool),
+}
+
+/// A connection being opened by a request that may be dropped meanwhile:
+/// dropped unfinished, it gives the place under `max_connections` back and
+/// wakes the line.
+struct Opening<'a>(&'a Pool);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.connecting -= 1;
+        self.0.wake_openers(&mut state);
+    }
 }
 
 /// Counts a request in the line while it waits (and stops counting if it

@@ -30,24 +30,42 @@ async fn limited_mock(t: Transport, addr: SocketAddr) -> MockServer {
 }
 
 async fn gateway(t: Transport, mock: &MockServer, upstream_extra: &'static str) -> Running {
+    gateway_waiting(t, mock, upstream_extra, "20s").await
+}
+
+/// A gateway whose upstream waits `header_timeout` for an answer's head.
+async fn gateway_waiting(
+    t: Transport,
+    mock: &MockServer,
+    upstream_extra: &'static str,
+    header_timeout: &str,
+) -> Running {
     let opts = Opts { transport: t, upstream_extra, ..Opts::default() };
     let text = config_text(&mock.base_url(), &opts)
         .replace("[client]\n", "[client]\npool_idle_timeout = \"1s\"\n")
-        .replace("header_timeout = \"2s\"", "header_timeout = \"20s\"");
+        .replace("header_timeout = \"2s\"", &format!("header_timeout = \"{header_timeout}\""));
     let config = Config::from_toml(&text, Path::new("test.toml"), &|_| None).unwrap();
     server::spawn(Shared::new(config).unwrap()).await.unwrap()
 }
 
 /// `n` concurrent chats that each wait `latency_ms` at the mock; their statuses.
 async fn burst(gateway: &Running, n: usize, latency_ms: u64) -> Vec<u16> {
-    let addr = gateway.addr;
     let latency = latency_ms.to_string();
+    burst_with(gateway, n, &[("x-mock-latency-ms", &latency)]).await
+}
+
+/// `n` concurrent streamed chats with `headers` for the mock; their statuses.
+async fn burst_with(gateway: &Running, n: usize, headers: &[(&str, &str)]) -> Vec<u16> {
+    let addr = gateway.addr;
     let tasks: Vec<_> = (0..n)
         .map(|_| {
-            let request = Request::post(format!("http://{addr}/v1/chat/completions"))
+            let mut request = Request::post(format!("http://{addr}/v1/chat/completions"))
                 .header("authorization", format!("Bearer {CLIENT_KEY}"))
-                .header("content-type", "application/json")
-                .header("x-mock-latency-ms", latency.as_str())
+                .header("content-type", "application/json");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let request = request
                 .body(Full::new(Bytes::from_static(br#"{"model":"plain","stream":true,"messages":[]}"#)))
                 .unwrap();
             tokio::spawn(async move { send(&h1_client(), request).await.status.as_u16() })
@@ -71,7 +89,7 @@ async fn streams_open_a_connection_each_ten_and_idle_ones_close(t: Transport) {
     let stats = mock.state.stats();
     assert_eq!(stats.peak_in_flight, 50, "all 50 were open at the mock at once");
     assert_eq!(stats.http2_requests, 50);
-    assert!(stats.connections >= 5, "10 streams a connection: at least 5 connections, got {}", stats.connections);
+    assert!((5..=6).contains(&stats.connections), "10 streams a connection: 5 connections, got {}", stats.connections);
     // Idle past pool_idle_timeout (1 s), every connection but one warm one closes.
     eventually_async("extra connections close when idle", || async { mock.state.stats().connections_open == 1 }).await;
     assert_eq!((connections(&gateway, "idle").await, connections(&gateway, "active").await), (1.0, 0.0));
@@ -123,8 +141,58 @@ async fn a_goaway_under_load_costs_no_request(t: Transport) {
     assert_eq!(first.state.stats().requests, 20);
 }
 
+async fn a_request_timed_out_in_line_was_never_sent_and_the_line_moves_on(t: Transport) {
+    let mock = limited_mock(t, SocketAddr::from(([127, 0, 0, 1], 0))).await;
+    let extra = "max_connections = 1\nbreaker_failures = 1000";
+    let gateway = Arc::new(gateway_waiting(t, &mock, extra, "1s").await);
+    // Ten streams of 20 chunks 250 ms apart hold the one connection's ten
+    // slots for 5 s (their heads came at once: no header_timeout for them).
+    let holding = {
+        let gateway = Arc::clone(&gateway);
+        tokio::spawn(
+            async move { burst_with(&gateway, 10, &[("x-mock-chunks", "20"), ("x-mock-gap-ms", "250")]).await },
+        )
+    };
+    eventually_async("ten streams open", || async { mock.state.stats().requests == 10 }).await;
+    assert_eq!(burst(&gateway, 20, 0).await, [504; 20], "no slot came free within header_timeout");
+    assert_eq!(mock.state.stats().requests, 10, "the 20 that waited in line never reached the mock");
+    assert_eq!(connections(&gateway, "connecting").await, 0.0);
+    let scrape = scrape_at(gateway.addr).await;
+    let charged = sample(&scrape, "sluice_upstream_attempts_total", &[("upstream", "mock"), ("outcome", "timeout")]);
+    assert_eq!(charged, 0.0, "a wait in sluice's own line is no upstream timeout: no key is charged");
+    assert_eq!(holding.await.unwrap(), [200; 10]);
+    assert_eq!(burst(&gateway, 5, 0).await, [200; 5], "the line is not stuck");
+    assert_eq!(mock.state.stats().requests, 15);
+}
+
+async fn a_connection_given_up_while_opening_frees_its_place(t: Transport) {
+    // A peer that accepts and never speaks: the first PING is never answered.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let scheme = if t == Transport::TlsH2 { "https" } else { "http" };
+    let opts = Opts { transport: t, upstream_extra: "max_connections = 1\nbreaker_failures = 1000", ..Opts::default() };
+    let text = config_text(&format!("{scheme}://{addr}/v1"), &opts)
+        .replace("header_timeout = \"2s\"", "header_timeout = \"1s\"\nconnect_timeout = \"30s\"");
+    let config = Config::from_toml(&text, Path::new("test.toml"), &|_| None).unwrap();
+    let gateway = server::spawn(Shared::new(config).unwrap()).await.unwrap();
+    assert_eq!(burst(&gateway, 1, 0).await, [504]);
+    assert_eq!(burst(&gateway, 1, 0).await, [504]);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "the second request could open a connection");
+}
+
 crate::per_transport_h2!(
     streams_open_a_connection_each_ten_and_idle_ones_close,
     past_max_connections_streams_wait_in_line,
-    a_goaway_under_load_costs_no_request
+    a_goaway_under_load_costs_no_request,
+    a_request_timed_out_in_line_was_never_sent_and_the_line_moves_on,
+    a_connection_given_up_while_opening_frees_its_place
 );

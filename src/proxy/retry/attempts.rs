@@ -3,6 +3,7 @@
 //! target in turn; nothing here moves to another upstream.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -193,7 +194,8 @@ pub(super) async fn attempt(
         };
         let wait = header_wait(upstream, req.stream, ctx.started);
         let started = Instant::now();
-        let result = tokio::time::timeout(wait, upstream.send(method, &target, headers, auth, body)).await;
+        let on_its_way = AtomicBool::new(false);
+        let result = tokio::time::timeout(wait, upstream.send(method, &target, headers, auth, body, &on_its_way)).await;
         let waited = started.elapsed();
         ctx.upstream_wait += waited;
         let verdict = match result {
@@ -201,6 +203,15 @@ pub(super) async fn attempt(
             // client's slowness, not the upstream's; nothing is charged.
             Err(_) if upload_unfinished() => {
                 return Err(ProxyError::BodyTimeout(wait.as_secs()));
+            }
+            // Still in line for an HTTP/2 stream of a saturated pool: the
+            // upstream never saw it; sluice's own limit, charged to nothing.
+            Err(_) if !on_its_way.load(Relaxed) => {
+                tracing::warn!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, "no HTTP/2 stream came free within header_timeout (max_connections reached)");
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: upstream.name.to_string(),
+                    after_ms: wait.as_millis() as u64,
+                });
             }
             Err(_) => {
                 sent = true;

@@ -15,10 +15,11 @@ use super::Lease;
 /// A response body read from an h2 stream.
 pub struct H2Body {
     recv: RecvStream,
-    /// Held until the body ends, so its slot counts as taken meanwhile.
-    lease: Option<Lease>,
     /// The request side, kept so the stream is not reset before its answer ends.
-    _send: Option<SendStream<Bytes>>,
+    send: Option<SendStream<Bytes>>,
+    /// Held until the body ends, so its slot counts as taken meanwhile;
+    /// dropped last (fields drop in order), after h2 let go of the stream.
+    lease: Option<Lease>,
     data_done: bool,
 }
 
@@ -30,12 +31,12 @@ impl std::fmt::Debug for H2Body {
 
 impl H2Body {
     pub(super) fn new(recv: RecvStream, lease: Lease, send: SendStream<Bytes>) -> Self {
-        Self { recv, lease: Some(lease), _send: Some(send), data_done: false }
+        Self { recv, send: Some(send), lease: Some(lease), data_done: false }
     }
 
     fn finish(&mut self) {
+        self.send = None;
         self.lease = None;
-        self._send = None;
     }
 }
 

@@ -25,6 +25,8 @@ use super::Pool;
 /// client defaults): long answers are not throttled by the 64 KiB default.
 const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 5 << 20;
+/// Largest response head accepted.
+const MAX_HEAD: u32 = 64 << 10;
 
 /// A connection's send side, shared by the pool and its streams.
 pub struct Conn {
@@ -59,18 +61,23 @@ impl Conn {
 
     /// Opens a stream with `request`'s head and sends `body` whole (h2
     /// buffers it and sends as flow control allows).
+    /// On failure, says whether the request's head may have left (then the
+    /// peer may act on it, unless it refused the stream unprocessed).
     pub(super) async fn send(
         &self,
         request: Request<()>,
         body: Bytes,
-    ) -> Result<(ResponseFuture, SendStream<Bytes>), h2::Error> {
+    ) -> Result<(ResponseFuture, SendStream<Bytes>), (h2::Error, bool)> {
         let mut send = self.send.clone();
         let outcome = async {
-            poll_fn(|cx| send.poll_ready(cx)).await?;
+            poll_fn(|cx| send.poll_ready(cx)).await.map_err(|e| (e, false))?;
             let end = body.is_empty();
-            let (response, mut stream) = send.send_request(request, end)?;
+            let (response, mut stream) = send.send_request(request, end).map_err(|e| (e, false))?;
             if !end {
-                stream.send_data(body, true)?;
+                stream.send_data(body, true).map_err(|e| {
+                    let head_sent = !super::refused_unprocessed(&e);
+                    (e, head_sent)
+                })?;
             }
             Ok((response, stream))
         }
@@ -139,6 +146,9 @@ where
     let shaken = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        // As sluice's HTTP/1.1 client: no pushed streams, heads up to 64 KiB.
+        .enable_push(false)
+        .max_header_list_size(MAX_HEAD)
         .handshake::<_, Bytes>(io);
     let (send, mut connection) = match tokio::time::timeout(settings.connect_timeout, shaken).await {
         Ok(Ok(pair)) => pair,
@@ -207,6 +217,11 @@ impl Driver {
                 }
                 () = self.conn.closing.notified() => {}
                 _ = tick.tick() => {}
+            }
+            // The request that opened it was dropped before the first PONG:
+            // nobody will add it to the pool.
+            if ready.as_ref().is_some_and(oneshot::Sender::is_closed) {
+                break;
             }
             if pinged.is_some_and(|at| at.elapsed() >= timeout) {
                 tracing::debug!(conn = self.conn.id, "upstream HTTP/2 connection did not answer a PING; closing it");
