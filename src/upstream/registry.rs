@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -37,7 +37,9 @@ pub struct ClientRegistry {
     tasks: Tasks,
     clients: Mutex<HashMap<ClientKey, HttpClient>>,
     h1_pools: Mutex<HashMap<(Authority, Duration), Arc<h1::Pool>>>,
-    h2_pools: Mutex<HashMap<H2Key, Arc<h2pool::Pool>>>,
+    /// Held weakly: a pool no upstream of any snapshot uses is dropped, and
+    /// its connections end with it.
+    h2_pools: Mutex<HashMap<H2Key, Weak<h2pool::Pool>>>,
 }
 
 /// What makes two upstreams' HTTP/2 pools interchangeable.
@@ -98,8 +100,9 @@ impl ClientRegistry {
     /// hyper-util client instead.
     pub fn h2_pool(&self, key: H2Key) -> Result<Arc<h2pool::Pool>, String> {
         let mut pools = self.h2_pools.lock().map_err(|_| "client registry poisoned".to_string())?;
-        if let Some(pool) = pools.get(&key) {
-            return Ok(Arc::clone(pool));
+        pools.retain(|_, pool| pool.strong_count() > 0);
+        if let Some(pool) = pools.get(&key).and_then(Weak::upgrade) {
+            return Ok(pool);
         }
         let tls = match &key.tls {
             None => None,
@@ -118,7 +121,7 @@ impl ClientRegistry {
             keepalive_interval: key.keepalive.0,
             keepalive_timeout: key.keepalive.1,
         });
-        pools.insert(key, Arc::clone(&pool));
+        pools.insert(key, Arc::downgrade(&pool));
         Ok(pool)
     }
 
