@@ -3,7 +3,7 @@
 //! [`Replay`] rule, and counts each one by its cause.
 //!
 //! A request tries its model's targets in order (see
-//! [`crate::routes::Route::order`]): on each, [`attempts`] spends that
+//! [`crate::routes::Route::order`]): on each, `attempts` spends that
 //! upstream's budget (`max_attempts`, `max_key_retries`, its retry budget,
 //! what is left of `total_timeout`); when it ends without a usable answer
 //! for a reason in the model's `fallback_on`, and the request may be sent
@@ -12,7 +12,8 @@
 //! outcome decide:
 //! - a usable answer goes to the client at once and is never retried;
 //! - 429 cools the key (for `Retry-After`) and moves on; a key whose answer
-//!   says it has no requests or tokens left cools until its reset;
+//!   says it has no requests or tokens left rests until its reset (at most
+//!   [`crate::upstream::headroom::MAX_REST`]), counted as no failure;
 //! - 401/402/403 move on only when the answer says the key itself is bad
 //!   (the key is disabled); any other such answer is about the request and
 //!   goes back to the client, counting against nothing, while the key is

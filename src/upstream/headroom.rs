@@ -1,8 +1,8 @@
 //! Steering before the 429: OpenAI-style providers say on every answer how
 //! many requests and tokens a key has left (`x-ratelimit-remaining-*`) and
 //! when that resets (`x-ratelimit-reset-*`, as `1s`, `6m0s`, `250ms`). A key
-//! at zero is cooled until its reset, so the next request goes to a key with
-//! headroom instead of drawing a 429.
+//! at zero rests until its reset (at most [`MAX_REST`]), so the next request
+//! goes to a key with headroom instead of drawing a 429.
 
 use std::time::Duration;
 

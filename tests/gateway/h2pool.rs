@@ -196,3 +196,89 @@ crate::per_transport_h2!(
     a_request_timed_out_in_line_was_never_sent_and_the_line_moves_on,
     a_connection_given_up_while_opening_frees_its_place
 );
+
+/// A peer that answers one request, then falls silent with the connection
+/// open (it stops reading, so PINGs go unanswered): the pool's keep-alive
+/// finds it dead and drops it before a request does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_pings_is_dropped() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (silent_tx, silent_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut conn = h2::server::handshake(socket).await.unwrap();
+        let (_request, mut respond) = conn.accept().await.unwrap().unwrap();
+        let head = http::Response::builder().status(200).header("content-type", "application/json").body(()).unwrap();
+        let mut body = respond.send_response(head, false).unwrap();
+        body.send_data(Bytes::from_static(br#"{"id":"x","object":"chat.completion","choices":[]}"#), true).unwrap();
+        // Polled until the client has its answer, then never again.
+        tokio::select! {
+            _ = conn.accept() => {}
+            _ = silent_rx => {}
+        }
+        std::future::pending::<()>().await;
+        drop(conn);
+    });
+    let opts = Opts {
+        transport: Transport::H2c,
+        upstream_extra: "keepalive_interval = \"200ms\"\nkeepalive_timeout = \"300ms\"",
+        ..Opts::default()
+    };
+    let config =
+        Config::from_toml(&config_text(&format!("http://{addr}/v1"), &opts), Path::new("test.toml"), &|_| None)
+            .unwrap();
+    let gateway = server::spawn(Shared::new(config).unwrap()).await.unwrap();
+    let request = Request::post(format!("http://{}/v1/chat/completions", gateway.addr))
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"model":"plain","messages":[]}"#)))
+        .unwrap();
+    assert_eq!(send(&h1_client(), request).await.status, http::StatusCode::OK);
+    assert_eq!(connections(&gateway, "idle").await, 1.0, "kept warm");
+    let _ = silent_tx.send(());
+    eventually_async("the silent connection is dropped", || async {
+        connections(&gateway, "idle").await + connections(&gateway, "active").await == 0.0
+    })
+    .await;
+}
+
+/// A stream the peer refuses unprocessed (`REFUSED_STREAM`) is sent again
+/// at once, even a request that may not be repeated once processed (an
+/// assistant's creation): the peer guarantees it never saw it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_sent_again_even_when_not_repeatable() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&streams);
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut conn = h2::server::handshake(socket).await.unwrap();
+        while let Some(Ok((_request, mut respond))) = conn.accept().await {
+            if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+            let head =
+                http::Response::builder().status(200).header("content-type", "application/json").body(()).unwrap();
+            let mut body = respond.send_response(head, false).unwrap();
+            body.send_data(Bytes::from_static(br#"{"id":"asst_1","object":"assistant"}"#), true).unwrap();
+        }
+    });
+    let opts = Opts { transport: Transport::H2c, ..Opts::default() };
+    let config =
+        Config::from_toml(&config_text(&format!("http://{addr}/v1"), &opts), Path::new("test.toml"), &|_| None)
+            .unwrap();
+    let gateway = server::spawn(Shared::new(config).unwrap()).await.unwrap();
+    let request = Request::post(format!("http://{}/v1/assistants", gateway.addr))
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"model":"plain","name":"helper"}"#)))
+        .unwrap();
+    let reply = send(&h1_client(), request).await;
+    assert_eq!(reply.status, http::StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(streams.load(std::sync::atomic::Ordering::SeqCst), 2, "refused once, then answered");
+    let scrape = scrape_at(gateway.addr).await;
+    assert_eq!(sample(&scrape, "sluice_retries_total", &[("reason", "stale_connection")]), 1.0, "counted");
+}

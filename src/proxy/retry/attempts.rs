@@ -248,7 +248,7 @@ pub(super) async fn attempt(
                 sent = true;
                 let status = response.status().as_u16();
                 // Steer before the 429: a key that says it has nothing left
-                // cools until its reset, so the next request takes another.
+                // rests until its reset (capped), so the next request takes another.
                 if let Some(reset) = headroom::exhausted(response.headers()) {
                     let cool = reset.min(upstream.max_cooldown).min(headroom::MAX_REST);
                     lease.key().rest_until(clock::after(cool));
