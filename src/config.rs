@@ -453,6 +453,17 @@ impl Validator<'_> {
         }
         let routing = self.routing(raw.routing)?;
         let models = self.models(raw.models, &names, routing.fallback_on)?;
+        for (i, model) in models.iter().enumerate() {
+            for (j, target) in model.targets.iter().enumerate() {
+                let azure = upstreams.iter().any(|u| u.name == target.upstream && u.azure.is_some());
+                if target.deployment.is_some() && !azure {
+                    return Err(self.invalid(
+                        format!("models[{i}].targets[{j}].deployment"),
+                        format!("`{}` is not kind = \"azure\": it takes no deployment", target.upstream),
+                    ));
+                }
+            }
+        }
         let default_model = routing.default_model.clone();
         if let Some(default) = &default_model {
             let routed = models.iter().any(|m| m.name == *default || m.name == "*" || m.aliases.contains(default));

@@ -284,6 +284,7 @@ fn targets_routing_and_upstream_kinds_validate() {
         ("max_tokens_cap = 4096", "max_tokens_cap = 4096\nupstream = \"openai\"", "models[0].targets"),
         ("deployment = \"eu\"", "deployment = \"../x\"", "models[0].targets[1].deployment"),
         ("upstream = \"azure\", deployment", "upstream = \"openai\", deployment", "models[0].targets[1].upstream"),
+        ("weight = 3 }", "weight = 3, deployment = \"x\" }", "models[0].targets[0].deployment"),
         ("api_version = \"2024-10-21\"", "api_version = \"1?x=2\"", "upstreams[1].api_version"),
         ("kind = \"azure\"", "kind = \"azure\"\nauth_header = \"content-length\"", "upstreams[1].auth_header"),
         ("kind = \"azure\"", "kind = \"azure\"\nheaders = { api-key = \"x\" }", "upstreams[1].headers"),
