@@ -360,11 +360,40 @@ fn check_path(path: &str) -> Result<(), ProxyError> {
             return Err(ProxyError::BadPath);
         }
     }
+    // A path that only looks like an inference endpoint (other case, `;x`
+    // parameters, encoded spaces) would skip the rules bound to the real one
+    // (the model's `max_tokens_cap`, tenant path grants) while a lenient
+    // upstream might still serve it as that endpoint.
+    if bytes.iter().any(|b| b.is_ascii_uppercase() || matches!(b, b';' | b'%')) && looks_like_inference(path) {
+        return Err(ProxyError::BadPath);
+    }
     if memchr::memchr(b'.', bytes).is_none() {
         return Ok(());
     }
     // `.` or `..` (an encoded dot was refused above).
     if path.split('/').any(|segment| segment == "." || segment == "..") { Err(ProxyError::BadPath) } else { Ok(()) }
+}
+
+/// Whether `path`, lower-cased, cut at `;`, percent-decoded and trimmed, is
+/// an inference endpoint (the caller knows `path` itself is not written so).
+fn looks_like_inference(path: &str) -> bool {
+    let cut = path.split(';').next().unwrap_or_default().as_bytes();
+    let mut decoded = Vec::with_capacity(cut.len());
+    let mut i = 0;
+    while i < cut.len() {
+        match (cut[i], cut.get(i + 1).and_then(hex), cut.get(i + 2).and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push(hi << 4 | lo);
+                i += 3;
+            }
+            (byte, ..) => {
+                decoded.push(byte.to_ascii_lowercase());
+                i += 1;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&decoded);
+    INFERENCE_PATHS.contains(&text.trim())
 }
 
 fn hex(byte: &u8) -> Option<u8> {
@@ -442,6 +471,10 @@ mod tests {
             "/v1/chat%2Dcompletions",
             "/v1/files/%zz",
             "/v1/files/%4",
+            "/v1/chat/completions;x",
+            "/v1/Chat/Completions",
+            "/v1/chat/completions%20",
+            "/V1/EMBEDDINGS",
         ] {
             assert!(matches!(check_path(bad), Err(ProxyError::BadPath)), "{bad}");
         }

@@ -170,12 +170,22 @@ async fn a_connection_given_up_while_opening_frees_its_place(t: Transport) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = Arc::clone(&accepted);
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (seen, ended) = (Arc::clone(&accepted), Arc::clone(&closed));
     tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
+        while let Ok((mut socket, _)) = listener.accept().await {
             seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            held.push(socket);
+            let ended = Arc::clone(&ended);
+            // Reads (and ignores) what comes, never answers; notes the close.
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
         }
     });
     let scheme = if t == Transport::TlsH2 { "https" } else { "http" };
@@ -187,6 +197,9 @@ async fn a_connection_given_up_while_opening_frees_its_place(t: Transport) {
     assert_eq!(burst(&gateway, 1, 0).await, [504]);
     assert_eq!(burst(&gateway, 1, 0).await, [504]);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "the second request could open a connection");
+    // Each half-opened connection closes when its opener gives up, not at the
+    // next keep-alive check.
+    crate::support::eventually("both sockets closed", || closed.load(std::sync::atomic::Ordering::SeqCst) == 2).await;
 }
 
 crate::per_transport_h2!(

@@ -492,3 +492,19 @@ async fn no_fallback_without_time_left_to_answer() {
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(fleet.requests(1), 0, "the total timeout was spent: nothing is sent that nobody would wait for");
 }
+
+#[tokio::test]
+async fn a_path_that_only_looks_like_chat_completions_cannot_skip_the_cap() {
+    let models = "[[models]]\nname = \"m\"\nupstream = \"u\"\nmax_tokens_cap = 100\n";
+    let fleet = Fleet::start(Transport::H1Sluice, &[Up("u", "")], models).await;
+    for path in ["/v1/chat/completions;x", "/v1/Chat/Completions", "/v1/chat/completions%20"] {
+        let request = Request::post(format!("http://{}{path}", fleet.gateway.addr))
+            .header("authorization", format!("Bearer {CLIENT_KEY}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(br#"{"model":"m","max_tokens":5000,"messages":[]}"#)))
+            .unwrap();
+        let reply = send(&h1_client(), request).await;
+        assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::BAD_REQUEST, "invalid_path"), "{path}");
+    }
+    assert_eq!(fleet.requests(0), 0);
+}

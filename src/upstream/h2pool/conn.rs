@@ -216,6 +216,11 @@ impl Driver {
                     }
                 }
                 () = self.conn.closing.notified() => {}
+                // The request that opened it gave up before the first PONG.
+                () = poll_fn(|cx| match ready.as_mut() {
+                    Some(opener) => opener.poll_closed(cx),
+                    None => Poll::Pending,
+                }) => {}
                 _ = tick.tick() => {}
             }
             // The request that opened it was dropped before the first PONG:
