@@ -93,7 +93,18 @@ pub fn to_upstream(headers: &mut HeaderMap, request_id: &HeaderValue, body_rewri
         headers.remove(header::CONTENT_LENGTH);
     }
     headers.remove(header::AUTHORIZATION);
-    headers.insert(REQUEST_ID, request_id.clone());
+    headers.insert(REQUEST_ID, never_indexed(request_id));
+}
+
+/// `value` marked sensitive: HTTP/2's HPACK then never puts it in the
+/// connection's table. A value that differs per request (the request id) or
+/// per client (its address) would otherwise push the headers every request
+/// repeats out of the table, and each would be encoded whole again. No effect
+/// on HTTP/1.1.
+fn never_indexed(value: &HeaderValue) -> HeaderValue {
+    let mut value = value.clone();
+    value.set_sensitive(true);
+    value
 }
 
 /// Removes a client header named like the header an upstream takes its key
@@ -117,7 +128,7 @@ pub fn forwarded(headers: &mut HeaderMap, own: &[HeaderValue; 2], peer_trusted: 
             None => Some(value.clone()),
         };
         if let Some(value) = value {
-            headers.insert(name, value);
+            headers.insert(name, never_indexed(&value));
         }
     }
 }
@@ -169,6 +180,10 @@ mod tests {
         assert_eq!(from_client[header::FORWARDED], "for=203.0.113.7");
         to_upstream(&mut from_client, &HeaderValue::from_static("r"), false);
         assert!(!from_client.contains_key("openai-organization") && !from_client.contains_key("cookie"));
+        // Per-request and per-client values stay out of HPACK's table.
+        for name in [REQUEST_ID, X_FORWARDED_FOR, header::FORWARDED] {
+            assert!(from_client[&name].is_sensitive(), "{name}");
+        }
 
         let mut via_proxy = HeaderMap::new();
         via_proxy.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.9"));
