@@ -113,6 +113,8 @@ pub struct Opts {
     pub server_extra: &'static str,
     /// Tables appended to the config.
     pub tables: String,
+    /// Lines added to `[routing]`.
+    pub routing_extra: &'static str,
 }
 
 impl Default for Opts {
@@ -126,6 +128,7 @@ impl Default for Opts {
             upstream_auth: None,
             server_extra: "",
             tables: String::new(),
+            routing_extra: "",
         }
     }
 }
@@ -186,6 +189,7 @@ upstream = "mock"
 {wildcard}
 [routing]
 default_model = "gpt-4o-mini"
+{routing_extra}
 
 {tables}
 "#,
@@ -193,6 +197,7 @@ default_model = "gpt-4o-mini"
         client = client,
         transport = transport,
         tables = opts.tables,
+        routing_extra = opts.routing_extra,
         max_body = opts.max_body,
         extra = opts.upstream_extra,
     )
