@@ -36,7 +36,9 @@ pub struct ClientRegistry {
     config: ClientConfig,
     tasks: Tasks,
     clients: Mutex<HashMap<ClientKey, HttpClient>>,
-    h1_pools: Mutex<HashMap<(Authority, Duration), Arc<h1::Pool>>>,
+    /// Held weakly, as the HTTP/2 pools: a pool no snapshot uses goes, and
+    /// its idle connections close with it.
+    h1_pools: Mutex<HashMap<(Authority, Duration), Weak<h1::Pool>>>,
     /// Held weakly: a pool no upstream of any snapshot uses is dropped, and
     /// its connections end with it.
     h2_pools: Mutex<HashMap<H2Key, Weak<h2pool::Pool>>>,
@@ -83,16 +85,20 @@ impl ClientRegistry {
     /// The shared HTTP/1.1 pool for this `host:port`.
     pub fn h1_pool(&self, authority: &Authority, connect_timeout: Duration) -> Result<Arc<h1::Pool>, String> {
         let mut pools = self.h1_pools.lock().map_err(|_| "client registry poisoned".to_string())?;
-        let pool = pools.entry((authority.clone(), connect_timeout)).or_insert_with(|| {
-            Arc::new(h1::Pool::new(
-                authority.clone(),
-                connect_timeout,
-                self.config.pool_idle_timeout,
-                self.config.pool_max_idle_per_host,
-                self.tasks.clone(),
-            ))
-        });
-        Ok(Arc::clone(pool))
+        pools.retain(|_, pool| pool.strong_count() > 0);
+        let key = (authority.clone(), connect_timeout);
+        if let Some(pool) = pools.get(&key).and_then(Weak::upgrade) {
+            return Ok(pool);
+        }
+        let pool = Arc::new(h1::Pool::new(
+            authority.clone(),
+            connect_timeout,
+            self.config.pool_idle_timeout,
+            self.config.pool_max_idle_per_host,
+            self.tasks.clone(),
+        ));
+        pools.insert(key, Arc::downgrade(&pool));
+        Ok(pool)
     }
 
     /// The shared HTTP/2 pool for these settings. Over TLS it offers `h2` and
