@@ -381,9 +381,9 @@ impl Pool {
         sent.store(true, Relaxed);
         let (response, stream) = match conn.send(request, body).await {
             Ok(pair) => pair,
-            Err((error, head_sent)) => {
+            Err(error) => {
                 self.closed();
-                return Err(SendError::Stream(error, head_sent));
+                return Err(SendError::Stream(error, false));
             }
         };
         match response.await {

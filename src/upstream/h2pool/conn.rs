@@ -61,23 +61,23 @@ impl Conn {
 
     /// Opens a stream with `request`'s head and sends `body` whole (h2
     /// buffers it and sends as flow control allows).
-    /// On failure, says whether the request's head may have left (then the
-    /// peer may act on it, unless it refused the stream unprocessed).
+    /// It fails only before a stream was opened: nothing reached the peer.
     pub(super) async fn send(
         &self,
         request: Request<()>,
         body: Bytes,
-    ) -> Result<(ResponseFuture, SendStream<Bytes>), (h2::Error, bool)> {
+    ) -> Result<(ResponseFuture, SendStream<Bytes>), h2::Error> {
         let mut send = self.send.clone();
         let outcome = async {
-            poll_fn(|cx| send.poll_ready(cx)).await.map_err(|e| (e, false))?;
+            poll_fn(|cx| send.poll_ready(cx)).await?;
             let end = body.is_empty();
-            let (response, mut stream) = send.send_request(request, end).map_err(|e| (e, false))?;
+            let (response, mut stream) = send.send_request(request, end)?;
             if !end {
-                stream.send_data(body, true).map_err(|e| {
-                    let head_sent = !super::refused_unprocessed(&e);
-                    (e, head_sent)
-                })?;
+                // A peer may answer from the head alone and reset the stream
+                // (NO_ERROR: "keep your body"), even before this line runs:
+                // the body is then refused, but the answer stands. The
+                // response future tells what happened; a dead stream fails it.
+                let _ = stream.send_data(body, true);
             }
             Ok((response, stream))
         }
