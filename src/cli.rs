@@ -131,8 +131,10 @@ fn open(args: &StoreArgs) -> Result<Box<dyn Store>, String> {
             })?
         }
     };
-    let StoreUrl::Sqlite(path) = &url;
-    if !args.create && !path.exists() {
+    if let StoreUrl::Sqlite(path) = &url
+        && !args.create
+        && !path.exists()
+    {
         return Err(format!("no store at {url} (a server creates it on its first start; --create makes it here)"));
     }
     store::open(&url).map_err(|e| format!("{e} ({url})"))

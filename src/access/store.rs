@@ -9,6 +9,7 @@
 //! within a second) it hands a fresh [`Snapshot`] to whoever builds the
 //! in-memory client table.
 
+pub mod postgres;
 pub mod schema;
 pub mod sqlite;
 
@@ -228,6 +229,7 @@ pub trait Store: Send {
 pub fn open(url: &StoreUrl) -> Result<Box<dyn Store>, StoreError> {
     let mut store: Box<dyn Store> = match url {
         StoreUrl::Sqlite(path) => Box::new(sqlite::Sqlite::open(path)?),
+        StoreUrl::Postgres(url) => Box::new(postgres::Postgres::open(url.expose())?),
     };
     store.migrate()?;
     Ok(store)
@@ -262,11 +264,25 @@ pub struct UsageEvent {
 /// Usage counted by requests, waiting to be written: a lock-free queue the
 /// request path pushes to and the store thread drains.
 #[derive(Debug, Default)]
-pub struct UsageQueue(SegQueue<UsageEvent>);
+pub struct UsageQueue(SegQueue<UsageEvent>, std::sync::atomic::AtomicU64);
+
+/// Finished requests kept in memory for the store at most (about 100 bytes
+/// each): minutes of heavy traffic while the database does not answer.
+pub const MAX_QUEUED_EVENTS: usize = 1_000_000;
 
 impl UsageQueue {
     /// Counts one finished request.
     pub fn push(&self, event: UsageEvent) {
+        // A store thread stuck on a database that stopped answering drains
+        // nothing: past the bound, requests are not counted (and said so)
+        // rather than memory growing without end.
+        if self.0.len() >= MAX_QUEUED_EVENTS {
+            let dropped = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if dropped.is_power_of_two() {
+                tracing::error!(dropped = dropped + 1, "the key store takes no usage: requests not counted");
+            }
+            return;
+        }
         self.0.push(event);
     }
 
@@ -307,6 +323,8 @@ enum Message {
 
 /// How often usage is written and other processes' changes looked for.
 pub const STORE_TICK: Duration = Duration::from_secs(1);
+/// Longest wait of an admin call or CLI command for the store's answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often usage past its retention is deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -314,6 +332,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 #[derive(Clone)]
 pub struct StoreHandle {
     jobs: Sender<Message>,
+    /// Whether the database answered the last write or poll.
+    up: Arc<std::sync::atomic::AtomicBool>,
     /// Usage the request path counts.
     pub usage: Arc<UsageQueue>,
 }
@@ -341,11 +361,18 @@ impl StoreHandle {
         let (jobs, receiver) = crossbeam_channel::unbounded();
         let usage = Arc::new(UsageQueue::default());
         let queue = Arc::clone(&usage);
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let health = Arc::clone(&up);
         std::thread::Builder::new()
             .name("sluice-store".into())
-            .spawn(move || run(store, receiver, queue, on_change, keep_usage))
+            .spawn(move || run(store, receiver, queue, on_change, keep_usage, &health))
             .map_err(|e| StoreError::Database(format!("cannot start the store thread: {e}")))?;
-        Ok(Self { jobs, usage })
+        Ok(Self { jobs, usage, up })
+    }
+
+    /// Whether the database answered the store's last write or poll.
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `read` on the store's thread and returns its result.
@@ -379,7 +406,12 @@ impl StoreHandle {
             })
         });
         self.jobs.send(Message::Run(job, wrote)).map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
+            Ok(answer) => answer.map_err(|_| StoreError::Closed)?,
+            // The job stays queued (and runs when the database answers);
+            // the admin call answers 503 now.
+            Err(_) => Err(StoreError::Database(format!("no answer within {CALL_TIMEOUT:?}"))),
+        }
     }
 
     /// Writes the usage still queued and stops the thread (shutdown).
@@ -391,16 +423,20 @@ impl StoreHandle {
     }
 }
 
-fn flush(store: &mut dyn Store, usage: &UsageQueue) {
+/// Writes the usage counted so far; false if the store refused it (it is
+/// kept for the next try).
+fn flush(store: &mut dyn Store, usage: &UsageQueue) -> bool {
     let (rows, last) = usage.drain();
     if rows.is_empty() {
-        return;
+        return true;
     }
     if let Err(error) = store.add_usage(&rows, &last) {
         // Kept in memory: put back, to be tried again next tick.
         tracing::warn!(%error, rows = rows.len(), "could not write usage; keeping it for the next try");
         requeue(usage, rows);
+        return false;
     }
+    true
 }
 
 /// Rows kept in memory while the store refuses writes; past this, the
@@ -434,7 +470,18 @@ fn run(
     usage: Arc<UsageQueue>,
     on_change: OnChange,
     keep_usage: Duration,
+    up: &std::sync::atomic::AtomicBool,
 ) {
+    let set_up = |answered: bool| {
+        if up.swap(answered, std::sync::atomic::Ordering::Relaxed) != answered {
+            match answered {
+                true => tracing::info!("the key store answers again"),
+                false => tracing::warn!(
+                    "the key store does not answer; requests go on with the client table in memory, usage is kept until it is back"
+                ),
+            }
+        }
+    };
     // The marker of other processes' changes is read before the snapshot:
     // a change landing after it is seen on the next poll, never lost.
     let refresh = |store: &mut dyn Store| -> bool {
@@ -458,11 +505,18 @@ fn run(
         // must not hold back the usage writes and the poll.
         if std::time::Instant::now() >= tick {
             tick = std::time::Instant::now() + STORE_TICK;
-            flush(store.as_mut(), &usage);
+            let wrote = flush(store.as_mut(), &usage);
             match store.changed_elsewhere() {
-                Ok(changed) if changed || dirty => dirty = !refresh(store.as_mut()),
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "could not poll the key store"),
+                Ok(changed) => {
+                    set_up(wrote);
+                    if changed || dirty {
+                        dirty = !refresh(store.as_mut());
+                    }
+                }
+                Err(error) => {
+                    set_up(false);
+                    tracing::debug!(%error, "could not poll the key store");
+                }
             }
             if std::time::Instant::now() >= next_prune {
                 next_prune = std::time::Instant::now() + PRUNE_EVERY;

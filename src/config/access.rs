@@ -114,21 +114,54 @@ pub struct StoreConfig {
 pub const DEFAULT_KEEP_USAGE: std::time::Duration = std::time::Duration::from_secs(400 * 86_400);
 
 /// Where the store lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     /// `sqlite://PATH`: a SQLite file (a relative path is anchored at the
     /// config file's folder).
     Sqlite(PathBuf),
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?OPTIONS]` (or
+    /// `postgresql://`): a PostgreSQL database several instances share. The
+    /// text is kept whole for the driver; it may hold a password, so it is
+    /// never printed (see [`std::fmt::Display`]).
+    Postgres(Secret<String>),
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
 }
 
 impl StoreUrl {
-    /// Parses `sqlite://PATH`, anchoring a relative path at `base`.
+    /// Parses `sqlite://PATH` (anchoring a relative path at `base`) or a
+    /// `postgres://` / `postgresql://` URL.
     pub fn parse(text: &str, base: &std::path::Path) -> Result<Self, String> {
         match text.split_once("://") {
             Some(("sqlite", path)) if !path.is_empty() => Ok(Self::Sqlite(base.join(path))),
+            Some(("postgres" | "postgresql", rest)) if !rest.is_empty() => {
+                // The driver's reason names the part, never the URL's text.
+                text.parse::<postgres::Config>().map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+                Ok(Self::Postgres(Secret::new(text.to_string())))
+            }
             // Not echoed: a database URL may hold a password.
-            _ => Err("not a store URL (sqlite://PATH)".to_string()),
+            _ => Err("not a store URL (sqlite://PATH or postgres://USER@HOST/DB)".to_string()),
         }
+    }
+}
+
+/// A URL's text fit to print: `user:password@` cut to `user:***@`, the
+/// query (which may carry `password=`) left out.
+pub fn redact_url(text: &str) -> String {
+    let text = text.split('?').next().unwrap_or(text);
+    let Some((scheme, rest)) = text.split_once("://") else { return text.to_string() };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or("");
+            let hidden = if credentials.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => text.to_string(),
     }
 }
 
@@ -136,6 +169,7 @@ impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact_url(url.expose())),
         }
     }
 }
@@ -227,5 +261,20 @@ impl Validator<'_> {
             return Err(self.invalid("store.keep_usage", "must be at least 1h"));
         }
         Ok(Some(StoreConfig { url, keep_usage }))
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn a_postgres_url_prints_without_its_password() {
+        let url = StoreUrl::parse("postgres://sluice:hunter2@db:5432/gw?password=hunter2", std::path::Path::new("/"))
+            .expect("a valid URL");
+        assert_eq!(url.to_string(), "postgres://sluice:***@db:5432/gw");
+        assert_eq!(format!("{url:?}"), "postgres://sluice:***@db:5432/gw");
+        assert_eq!(redact_url("postgresql://u@h/d"), "postgresql://u@h/d");
+        assert!(StoreUrl::parse("mysql://x", std::path::Path::new("/")).is_err());
     }
 }

@@ -26,6 +26,7 @@ mod reload;
 mod retries;
 mod routing;
 mod store_binary;
+mod store_pg;
 mod streaming;
 mod targets;
 mod tenancy;

@@ -3,6 +3,7 @@
 
 pub mod pki;
 pub mod scripted;
+pub mod servers;
 
 use std::net::SocketAddr;
 use std::path::Path;
