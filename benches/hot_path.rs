@@ -108,7 +108,7 @@ fn limiter(c: &mut Criterion) {
     let text = "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nkeys = [\"sk-sluice-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56\"]\n[[upstreams]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:9\"\nkeys = [\"k\"]\n[[models]]\nname = \"*\"\nupstream = \"u\"\n";
     let config = Config::from_toml(text, Path::new("bench.toml"), &|_| None).expect("config");
     let routes = Routes::new(&config, None);
-    let table = ClientTable::build(&config, &routes, None, None);
+    let table = ClientTable::build(&config, &routes, None, None, None);
     group.bench_function("authenticate_sha256_lookup", |b| {
         b.iter(|| black_box(table.authenticate("/v1/chat/completions", black_box(&headers), None).is_ok()))
     });

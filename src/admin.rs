@@ -48,7 +48,7 @@ pub async fn handle(
             let model = crate::access::manage::Fields::parse(&body)?.model_name()?;
             // By the model's canonical name, which the entries carry.
             let model = model.map(|m| live.routes.get(&m).map_or(m.clone(), |r| r.name.to_string()));
-            let purged = shared.cache.purge(model.as_deref());
+            let purged = shared.cache.purge_everywhere(model.as_deref()).await;
             tracing::info!(purged, model = model.as_deref().unwrap_or("*"), "cache purged by the admin API");
             Ok(json_response(
                 StatusCode::OK,

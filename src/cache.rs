@@ -3,13 +3,16 @@
 //! tokio's clock, so tests can move it), with concurrent identical misses
 //! collapsed into one upstream call ([`flight`]).
 //!
-//! Storage sits behind [`CacheStore`] ([`memory`] here; the scale-out work
-//! puts Redis behind the same trait). A [`Recorder`] rides on the response
+//! Storage sits behind [`CacheStore`] ([`memory`]: in this process). Instances
+//! that share Redis put a [`SharedStore`] behind it: a miss in memory asks
+//! the shared store (one round trip) and keeps what it finds; an answer
+//! stored here is stored there too (in the background). A [`Recorder`] rides on the response
 //! body of a miss, keeps the frames as they pass (up to `max_entry`) and
 //! stores them only when the answer ended complete with 200.
 
 pub mod flight;
 pub mod memory;
+pub mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -107,6 +110,21 @@ pub trait CacheStore: Send + Sync {
     fn evictions(&self) -> u64;
 }
 
+/// A boxed future, as the shared store's calls return them.
+pub type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where entries several instances share live (Redis), behind the store in
+/// memory. Calls never fail: a store that cannot answer answers "none".
+pub trait SharedStore: Send + Sync {
+    /// The fresh entry under `key`, if the shared store has one.
+    fn get(&self, key: CacheKey) -> Pending<'_, Option<Entry>>;
+    /// Stores `entry` under `key` until its TTL ends (in the background).
+    fn put(&self, key: CacheKey, entry: Arc<Entry>);
+    /// Removes every entry (of `model`) and tells the other instances to
+    /// drop their copies in memory; returns how many it removed.
+    fn purge(&self, model: Option<String>) -> Pending<'_, u64>;
+}
+
 /// Counters of `sluice_cache_*_total`.
 #[derive(Debug, Default)]
 pub struct CacheCounters {
@@ -123,6 +141,7 @@ pub struct CacheCounters {
 /// The response cache of the process (it outlives reloads).
 pub struct ResponseCache {
     store: Box<dyn CacheStore>,
+    shared: Option<Box<dyn SharedStore>>,
     flights: Arc<Flights>,
     /// Its counters.
     pub counters: CacheCounters,
@@ -137,7 +156,25 @@ impl std::fmt::Debug for ResponseCache {
 impl ResponseCache {
     /// A cache over `store`.
     pub fn new(store: Box<dyn CacheStore>) -> Arc<Self> {
-        Arc::new(Self { store, flights: Arc::default(), counters: CacheCounters::default() })
+        Arc::new(Self { store, shared: None, flights: Arc::default(), counters: CacheCounters::default() })
+    }
+
+    /// A cache over `store` in front of `shared` (instances sharing Redis).
+    pub fn with_shared(store: Box<dyn CacheStore>, shared: Box<dyn SharedStore>) -> Arc<Self> {
+        Arc::new(Self { store, shared: Some(shared), flights: Arc::default(), counters: CacheCounters::default() })
+    }
+
+    /// Whether a store several instances share stands behind this one.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// A fresh entry from the shared store (after a miss in memory), kept in
+    /// memory for the next request here.
+    pub async fn lookup_shared(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<Arc<Entry>> {
+        let entry = Arc::new(self.shared.as_ref()?.get(*key).await?);
+        self.store.insert(*key, Arc::clone(&entry));
+        entry.fresh(Instant::now(), max_age).then_some(entry)
     }
 
     /// A fresh entry under `key` (an expired one is removed on the way).
@@ -157,9 +194,20 @@ impl ResponseCache {
         &self.flights
     }
 
-    /// Removes every entry (of `model`); returns how many.
+    /// Removes every entry (of `model`) held in this process; returns how many.
     pub fn purge(&self, model: Option<&str>) -> u64 {
         self.store.purge(model)
+    }
+
+    /// Removes every entry (of `model`) here and, when shared, in the shared
+    /// store and the other instances' memory; returns how many went (the
+    /// shared store's count when there is one).
+    pub async fn purge_everywhere(&self, model: Option<&str>) -> u64 {
+        let here = self.store.purge(model);
+        match &self.shared {
+            Some(shared) => shared.purge(model.map(str::to_string)).await,
+            None => here,
+        }
     }
 
     /// Bytes held.
@@ -178,6 +226,9 @@ impl ResponseCache {
     }
 
     fn store(&self, key: CacheKey, entry: Arc<Entry>) {
+        if let Some(shared) = &self.shared {
+            shared.put(key, Arc::clone(&entry));
+        }
         self.store.insert(key, entry);
         self.counters.stores.fetch_add(1, Relaxed);
     }

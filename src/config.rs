@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod cache;
+pub mod cluster;
 pub mod keys;
 pub mod routing;
 pub mod server;
@@ -21,6 +22,8 @@ pub use access::{AuthConfig, ClientConfig as ClientKeyConfig, LimitsConfig, Stor
 use access::{RawAuth, RawClientKey, RawLimits, RawStore};
 use cache::RawCache;
 pub use cache::{CacheConfig, CacheScope};
+use cluster::RawRedis;
+pub use cluster::{OnRedisError, RedisConfig};
 use keys::{Secret, env_lookup, expand_env};
 pub use routing::{CapMode, FallbackOn, FallbackSet, RoutingConfig, TargetConfig, deployment_name_ok};
 use routing::{RawRouting, RawTarget};
@@ -107,6 +110,8 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     cache: RawCache,
+    #[serde(default)]
+    redis: RawRedis,
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
@@ -227,6 +232,8 @@ pub struct Config {
     pub store: Option<StoreConfig>,
     /// The response cache.
     pub cache: CacheConfig,
+    /// The Redis several instances share, if any.
+    pub redis: Option<RedisConfig>,
     /// Application logging.
     pub log: LogConfig,
     /// Bearer token for `/admin/*`; `None` means the admin API is not served.
@@ -406,6 +413,7 @@ impl Validator<'_> {
         let limits = keep(&mut problems, self.limits(raw.limits));
         let store = keep(&mut problems, self.store(raw.store));
         let cache = keep(&mut problems, self.cache(raw.cache));
+        let redis = keep(&mut problems, self.redis(raw.redis));
         let public_health_details = raw.admin.public_health_details.unwrap_or(false);
         let admin_token = keep(&mut problems, self.admin(raw.admin));
         let metrics_token = keep(
@@ -430,10 +438,11 @@ impl Validator<'_> {
             Some(limits),
             Some(store),
             Some(cache),
+            Some(redis),
             Some(admin_token),
             Some(metrics_token),
             Some(level),
-        ) = (server, clients, limits, store, cache, admin_token, metrics_token, level)
+        ) = (server, clients, limits, store, cache, redis, admin_token, metrics_token, level)
         else {
             return Err(ConfigError::of(problems));
         };
@@ -488,6 +497,7 @@ impl Validator<'_> {
             limits,
             store,
             cache,
+            redis,
             admin_token,
             public_health_details,
             metrics_token,

@@ -110,6 +110,10 @@ pub enum ProxyError {
     /// The key store failed or is not configured.
     #[error("key store: {0}")]
     Store(String),
+    /// The limits instances share cannot be checked (Redis is down) and
+    /// `[redis] on_error = "deny"`.
+    #[error("the shared rate limits cannot be checked (Redis is unavailable)")]
+    LimitsUnavailable,
     /// The requested model is not routed by this gateway.
     #[error("the model `{0}` does not exist or is not served by this gateway")]
     UnknownModel(String),
@@ -216,7 +220,7 @@ impl ProxyError {
             Self::BadField { .. } => StatusCode::BAD_REQUEST,
             Self::NoSuchItem(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store(_) | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -254,6 +258,7 @@ impl ProxyError {
             Self::NoSuchItem(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::Store(_) => "store_unavailable",
+            Self::LimitsUnavailable => "limits_unavailable",
             Self::UnknownModel(_) => "model_not_found",
             Self::NoModel => "model_required",
             Self::NotFound(_) => "not_found",
@@ -309,7 +314,7 @@ impl ProxyError {
             | Self::NoAvailableKey { .. }
             | Self::AllKeysRateLimited { .. }
             | Self::UpstreamUnavailable { .. } => ErrorSource::Upstream,
-            Self::Internal(_) | Self::Store(_) => ErrorSource::Internal,
+            Self::Internal(_) | Self::Store(_) | Self::LimitsUnavailable => ErrorSource::Internal,
         }
     }
 
@@ -349,7 +354,7 @@ impl ProxyError {
             | Self::UpstreamLogin { .. }
             | Self::NoAvailableKey { .. }
             | Self::UpstreamUnavailable { .. } => "upstream_error",
-            Self::Internal(_) | Self::Store(_) => "server_error",
+            Self::Internal(_) | Self::Store(_) | Self::LimitsUnavailable => "server_error",
         }
     }
 
@@ -373,6 +378,7 @@ impl ProxyError {
             | Self::NoSuchItem(_)
             | Self::Conflict(_)
             | Self::Store(_)
+            | Self::LimitsUnavailable
             | Self::NotFound(_)
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge(_)
@@ -416,6 +422,7 @@ impl ProxyError {
             | Self::NoSuchItem(_)
             | Self::Conflict(_)
             | Self::Store(_)
+            | Self::LimitsUnavailable
             | Self::UnknownModel(_)
             | Self::NoModel
             | Self::NotFound(_)
@@ -444,6 +451,7 @@ impl ProxyError {
             Self::Internal(_) => "internal error".to_string(),
             // The cause may name files; it goes to the log.
             Self::Store(_) => "the key store is unavailable".to_string(),
+            Self::LimitsUnavailable => self.to_string(),
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::ModelNotString
@@ -589,6 +597,7 @@ mod tests {
             (ProxyError::NoSuchItem("key 3".into()), 404),
             (ProxyError::Conflict("x".into()), 409),
             (ProxyError::Store("x".into()), 503),
+            (ProxyError::LimitsUnavailable, 503),
             (ProxyError::UnknownModel("m".into()), 404),
             (ProxyError::NotFound("/x".into()), 404),
             (ProxyError::MethodNotAllowed { method: http::Method::PUT, allow: "GET, HEAD" }, 405),

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod ids;

@@ -21,6 +21,9 @@ use hyper::body::Incoming;
 use crate::access::limits::openai_duration;
 use crate::access::table::{Allowed, Client};
 use crate::admin;
+use crate::cluster::Cluster;
+use crate::cluster::limits::SharedVerdict;
+use crate::config::OnRedisError;
 use crate::error::{CLIENT_ADDRESS, CLIENT_CLOSED, ProxyError, json_response, printable};
 use crate::ids::REQUEST_ID;
 use crate::proxy::body::SluiceBody;
@@ -223,7 +226,7 @@ async fn handle_inner(
     match path {
         "/" | "/health" | "/v1/health" => {
             only_get(&request)?;
-            admit(shared, &live, &request, ctx)?;
+            admit(shared, &live, &request, ctx).await?;
             // Upstream names, key fingerprints and errors are the operator's.
             let details =
                 live.config.public_health_details || admin::check_admin(&live, path, request.headers()).is_ok();
@@ -234,7 +237,7 @@ async fn handle_inner(
             let scraper =
                 live.config.metrics_token.as_ref().is_some_and(|t| admin::bearer_is(request.headers(), t.expose()));
             if !scraper {
-                operator_only(admit(shared, &live, &request, ctx)?, path)?;
+                operator_only(admit(shared, &live, &request, ctx).await?, path)?;
             }
             only_get(&request)?;
             let mut response = Response::new(SluiceBody::full(admin::metrics::render_metrics(shared, &live)));
@@ -244,12 +247,12 @@ async fn handle_inner(
             Ok(response)
         }
         "/stats" => {
-            operator_only(admit(shared, &live, &request, ctx)?, path)?;
+            operator_only(admit(shared, &live, &request, ctx).await?, path)?;
             only_get(&request)?;
             Ok(json_response(StatusCode::OK, admin::stats::render_stats(shared, &live).to_string().into()))
         }
         "/v1/models" => {
-            let client = admit(shared, &live, &request, ctx)?;
+            let client = admit(shared, &live, &request, ctx).await?;
             only_get(&request)?;
             let models = match client.as_deref().map(|c| &c.allowed) {
                 Some(allowed @ Allowed::Only(_)) => live.routes.models_json_for(|route| allowed.permits(route, route)),
@@ -258,7 +261,7 @@ async fn handle_inner(
             Ok(json_response(StatusCode::OK, models))
         }
         _ if path.starts_with("/v1/models/") && !path.ends_with("/test") => {
-            let client = admit(shared, &live, &request, ctx)?;
+            let client = admit(shared, &live, &request, ctx).await?;
             only_get(&request)?;
             let id = &path["/v1/models/".len()..];
             let permit = |route: &str| client.as_deref().is_none_or(|c| c.allowed.permits(route, route));
@@ -285,7 +288,7 @@ async fn forward(
     request: Request<Incoming>,
     ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
-    let client = admit(shared, live, &request, ctx)?;
+    let client = admit(shared, live, &request, ctx).await?;
     let path = request.uri().path();
     // Files, batches, assistants, stored responses live in the upstream
     // account every client shares: a tenant's key reaches them only when granted.
@@ -415,8 +418,9 @@ fn only_get(request: &Request<Incoming>) -> Result<(), ProxyError> {
 /// The authenticate and admit stages: the client's key (401 when unknown,
 /// revoked or expired), then its limits (429, with `x-ratelimit-*` and
 /// `Retry-After`), or, for a request without a key, its address's limit.
-/// A refused request never reaches an upstream.
-fn admit(
+/// A refused request never reaches an upstream. With `[redis]`, a key's
+/// limits are the ones every instance shares.
+async fn admit(
     shared: &Shared,
     live: &Live,
     request: &Request<Incoming>,
@@ -428,7 +432,11 @@ fn admit(
         Some(client) => {
             ctx.client = Some(Arc::clone(client) as _);
             ctx.tenant = !client.operator;
-            match client.admit() {
+            let verdict = match &shared.cluster {
+                Some(cluster) if client.limits.any() => Box::pin(admit_shared(cluster, client)).await,
+                _ => client.admit(),
+            };
+            match verdict {
                 Ok(rate) => ctx.rate = rate,
                 Err((error, rate)) => {
                     ctx.rate = Some(rate);
@@ -452,6 +460,19 @@ fn admit(
         }
     }
     Ok(client)
+}
+
+/// A key's limits as every instance shares them; while Redis cannot say,
+/// this instance's own counters (`on_error = "local"`) or a 503 (`"deny"`).
+async fn admit_shared(cluster: &Cluster, client: &Client) -> Result<Option<RateHeaders>, (ProxyError, RateHeaders)> {
+    match cluster.admit(client).await {
+        SharedVerdict::Admitted(rate) => Ok(Some(rate)),
+        SharedVerdict::Refused(error, rate) => Err((error, rate)),
+        SharedVerdict::Unavailable => match cluster.config.on_error {
+            OnRedisError::Local => client.admit(),
+            OnRedisError::Deny => Err((ProxyError::LimitsUnavailable, RateHeaders::default())),
+        },
+    }
 }
 
 #[cfg(test)]

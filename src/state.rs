@@ -15,10 +15,14 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::access::ip::IpLimiter;
+use crate::access::limits::TokenTally;
 use crate::access::store::{self, Snapshot, StoreHandle, UsageQueue};
 use crate::access::table::ClientTable;
 use crate::cache::ResponseCache;
 use crate::cache::memory::MemoryStore;
+use crate::cluster::Cluster;
+use crate::cluster::cache::RedisCache;
+use crate::cluster::health::Instance;
 use crate::config::Config;
 use crate::config::keys::Secret;
 use crate::config::tls::CertStore;
@@ -27,6 +31,7 @@ use crate::tasks::Tasks;
 use crate::telemetry::Telemetry;
 use crate::telemetry::accesslog::AccessLog;
 use crate::upstream::keyring::UpstreamKey;
+use crate::upstream::news::KeyEvent;
 use crate::upstream::registry::ClientRegistry;
 use crate::upstream::{Carry, Upstream};
 
@@ -65,6 +70,7 @@ impl Live {
         clients: &ClientRegistry,
         previous: Option<&Live>,
         store: Option<(&Snapshot, &Arc<UsageQueue>)>,
+        shared_tokens: Option<&Arc<TokenTally>>,
     ) -> Result<Self, String> {
         let carry = Previous(previous);
         let upstreams = config
@@ -73,7 +79,7 @@ impl Live {
             .map(|u| Upstream::new(u, clients, &carry).map(Arc::new).map_err(|e| format!("upstream `{}`: {e}", u.name)))
             .collect::<Result<Arc<[_]>, _>>()?;
         let routes = Routes::new(&config, previous.map(|p| p.routes.as_ref()));
-        let table = ClientTable::build(&config, &routes, store, previous.map(|p| p.clients.as_ref()));
+        let table = ClientTable::build(&config, &routes, store, previous.map(|p| p.clients.as_ref()), shared_tokens);
         Ok(Self { routes: Arc::new(routes), clients: Arc::new(table), upstreams, config: Arc::new(config) })
     }
 
@@ -122,6 +128,9 @@ pub struct Shared {
     pub ip_limits: IpLimiter,
     /// The response cache; bounded by the `max_bytes` the process started with.
     pub cache: Arc<ResponseCache>,
+    /// The Redis shared with other instances, when `[redis]` is configured
+    /// (fixed for the process: a reload keeps it).
+    pub cluster: Option<Arc<Cluster>>,
     feed: Arc<StoreFeed>,
     /// Serializes reloads and client-table swaps (SIGHUP, admin calls and the
     /// store's thread may race); never taken by requests.
@@ -182,10 +191,17 @@ impl Shared {
         };
         let snapshot = feed.latest();
         let from_store = snapshot.as_deref().zip(store.as_ref().map(|s| &s.usage));
-        let cache = ResponseCache::new(Box::new(MemoryStore::new(config.cache.max_bytes)));
         let telemetry = Arc::new(Telemetry::new(log));
         telemetry.access_lines.store(config.log.access, Ordering::Relaxed);
-        let live = Live::prepare(config, &clients, None, from_store)?;
+        let cluster = config.redis.clone().map(|redis| Cluster::new(redis, Arc::clone(clients.news()))).transpose()?;
+        let memory = Box::new(MemoryStore::new(config.cache.max_bytes));
+        let cache = match &cluster {
+            Some(cluster) => {
+                ResponseCache::with_shared(memory, Box::new(RedisCache::new(Arc::clone(cluster), tasks.clone())))
+            }
+            None => ResponseCache::new(memory),
+        };
+        let live = Live::prepare(config, &clients, None, from_store, cluster.as_ref().map(|c| &c.tokens))?;
         let shared = Arc::new(Self {
             live: ArcSwap::from_pointee(live),
             clients,
@@ -199,12 +215,16 @@ impl Shared {
             store,
             ip_limits: IpLimiter::default(),
             cache,
+            cluster,
             feed: Arc::clone(&feed),
             reload_lock: Mutex::new(()),
         });
         if feed.owner.set(Arc::downgrade(&shared)).is_ok() && shared.store.is_some() {
             // A change published before the owner was known is picked up here.
             shared.rebuild_clients();
+        }
+        if let Some(cluster) = &shared.cluster {
+            cluster.start(&shared.tasks, Arc::new(ThisInstance(Arc::downgrade(&shared))));
         }
         Ok(shared)
     }
@@ -218,7 +238,13 @@ impl Shared {
         let current = self.live.load_full();
         let snapshot = self.feed.latest();
         let from_store = snapshot.as_deref().zip(self.store.as_ref().map(|s| &s.usage));
-        let table = ClientTable::build(&current.config, &current.routes, from_store, Some(&current.clients));
+        let table = ClientTable::build(
+            &current.config,
+            &current.routes,
+            from_store,
+            Some(&current.clients),
+            self.shared_tokens(),
+        );
         self.live.store(Arc::new(Live {
             config: Arc::clone(&current.config),
             upstreams: Arc::clone(&current.upstreams),
@@ -270,7 +296,7 @@ impl Shared {
         }
         let snapshot = self.feed.latest();
         let from_store = snapshot.as_deref().zip(self.store.as_ref().map(|s| &s.usage));
-        let next = Live::prepare(config, &self.clients, Some(&current), from_store)?;
+        let next = Live::prepare(config, &self.clients, Some(&current), from_store, self.shared_tokens())?;
         self.telemetry.access_lines.store(next.config.log.access, Ordering::Relaxed);
         // The certificate and key are read again (renewed files, same paths);
         // other listener TLS changes need a restart.
@@ -290,8 +316,18 @@ impl Shared {
         Ok(summary)
     }
 
-    /// Clears cooling and disabled keys and closes breakers; returns how many keys were failed.
+    /// Clears cooling and disabled keys and closes breakers, here and (with
+    /// `[redis]`) on every instance; returns how many keys here were failed.
     pub fn reset_failed_keys(&self) -> usize {
+        let reset = self.reset_keys_here();
+        let ids =
+            self.live.load().upstreams.iter().flat_map(|u| u.keys.keys()).map(|k| Arc::clone(&k.shared_id)).collect();
+        self.clients.news().push(KeyEvent::Reset { ids });
+        reset
+    }
+
+    /// Clears cooling and disabled keys and closes breakers of this instance.
+    fn reset_keys_here(&self) -> usize {
         let live = self.live.load();
         live.upstreams
             .iter()
@@ -300,5 +336,33 @@ impl Shared {
                 u.keys.reset()
             })
             .sum()
+    }
+
+    /// Where finished answers' tokens go for the day budgets instances share.
+    fn shared_tokens(&self) -> Option<&Arc<TokenTally>> {
+        self.cluster.as_ref().map(|c| &c.tokens)
+    }
+}
+
+/// The running gateway as the cluster's subscriber sees it (held weakly: the
+/// subscriber must not keep a stopped gateway alive).
+struct ThisInstance(Weak<Shared>);
+
+impl Instance for ThisInstance {
+    fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.0.upgrade().map(|shared| shared.live.load().upstreams.to_vec()).unwrap_or_default()
+    }
+
+    fn reset_keys(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.reset_keys_here();
+        }
+    }
+
+    fn purge_cache(&self, model: Option<&str>) {
+        if let Some(shared) = self.0.upgrade() {
+            let purged = shared.cache.purge(model);
+            tracing::info!(purged, model = model.unwrap_or("*"), "another instance purged the cache; purged here too");
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod h1;
 pub mod h2pool;
 pub mod headroom;
 pub mod keyring;
+pub mod news;
 pub mod registry;
 pub mod retry_after;
 pub mod token;
@@ -34,6 +35,7 @@ use body::{ForwardBody, UpstreamBody};
 use breaker::Breaker;
 use budget::RetryBudget;
 use keyring::{KeyRing, UpstreamKey};
+use news::{KeyEvent, KeyNews};
 use registry::{ClientRegistry, H2Key, HttpClient};
 use token::TokenSource;
 
@@ -123,12 +125,21 @@ pub struct Upstream {
     pub retry_budget: Arc<RetryBudget>,
     /// Where key checks run.
     tasks: Tasks,
+    /// Where changes of its keys' health go for other instances.
+    news: Arc<KeyNews>,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream").field("name", &self.name).field("authority", &self.authority).finish_non_exhaustive()
     }
+}
+
+/// The wall-clock time (unix ms) of clock time `at_ms` (see [`crate::clock`]).
+fn unix_ms_of(at_ms: u64) -> u64 {
+    let unix_now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    unix_now + at_ms.saturating_sub(now_ms())
 }
 
 /// What a new snapshot may take over from the previous one.
@@ -227,7 +238,28 @@ impl Upstream {
             azure: config.azure.clone(),
             retry_budget: previous.map_or_else(Arc::default, |p| Arc::clone(&p.retry_budget)),
             tasks: clients.tasks().clone(),
+            news: Arc::clone(clients.news()),
         })
+    }
+
+    /// Cools `key` after a 429 until clock time `until_ms` (never shortening
+    /// a later deadline), and tells the other instances.
+    pub fn cool_key(&self, key: &UpstreamKey, until_ms: u64) {
+        key.cool_until(until_ms);
+        self.news.push(KeyEvent::Cooled { id: Arc::clone(&key.shared_id), until_unix_ms: unix_ms_of(until_ms) });
+    }
+
+    /// Rests `key` until clock time `until_ms` because it said it has nothing
+    /// left (no failure counted), and tells the other instances.
+    pub fn rest_key(&self, key: &UpstreamKey, until_ms: u64) {
+        key.rest_until(until_ms);
+        self.news.push(KeyEvent::Cooled { id: Arc::clone(&key.shared_id), until_unix_ms: unix_ms_of(until_ms) });
+    }
+
+    /// Disables `key` (the upstream says it is bad), and tells the other instances.
+    pub fn disable_key(&self, key: &UpstreamKey) {
+        key.disable();
+        self.news.push(KeyEvent::Disabled { id: Arc::clone(&key.shared_id) });
     }
 
     /// The upstream URI for a client path under `/v1` and its query (minus
@@ -403,7 +435,7 @@ impl Upstream {
             key.end_check();
             match answer {
                 Some(401..=403) => {
-                    key.disable();
+                    upstream.disable_key(&key);
                     tracing::warn!(upstream = %upstream.name, key = %key.fingerprint, status, "a refused request led to a key check that failed too; key disabled until reset or reload");
                 }
                 Some(checked) => {

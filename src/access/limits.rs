@@ -223,6 +223,34 @@ impl DayBudget {
     }
 }
 
+/// Tokens of finished answers waiting to be added to the day budgets other
+/// instances share (`[redis]`): a lock-free queue the request path pushes to
+/// and the cluster's writer drains a few times a second.
+#[derive(Debug, Default)]
+pub struct TokenTally(crossbeam_queue::SegQueue<(std::sync::Arc<str>, u64, u64)>);
+
+/// Most tallies kept while Redis does not take them; past it the newest are
+/// dropped (this instance still counts them in its own budget).
+const MAX_TALLIES: usize = 100_000;
+
+impl TokenTally {
+    /// Counts `tokens` used by the key named `shared_id` on UTC day `day`.
+    pub fn push(&self, shared_id: &std::sync::Arc<str>, day: u64, tokens: u64) {
+        if self.0.len() < MAX_TALLIES {
+            self.0.push((std::sync::Arc::clone(shared_id), day, tokens));
+        }
+    }
+
+    /// Takes everything queued, summed per key and day.
+    pub fn drain(&self) -> Vec<(std::sync::Arc<str>, u64, u64)> {
+        let mut sums: std::collections::HashMap<(std::sync::Arc<str>, u64), u64> = std::collections::HashMap::new();
+        while let Some((id, day, tokens)) = self.0.pop() {
+            *sums.entry((id, day)).or_default() += tokens;
+        }
+        sums.into_iter().map(|((id, day), tokens)| (id, day, tokens)).collect()
+    }
+}
+
 /// The counters of one client key, kept across rebuilds of the client table
 /// (so a reload or an admin change never resets a limit's count).
 #[derive(Debug, Default)]

@@ -8,12 +8,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::access::auth::presented_key;
-use crate::access::limits::{Exceeded, KeyCounters, KeyLimits, utc_day};
+use crate::access::limits::{Exceeded, KeyCounters, KeyLimits, TokenTally, utc_day};
 use crate::access::store::{Snapshot, UsageEvent, UsageQueue, unix_now};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -101,6 +102,18 @@ pub struct Client {
     /// The operator's own key (`[auth] keys`): may read `/metrics` and
     /// `/stats`, and sees the upstream's own rate-limit headers.
     pub operator: bool,
+    /// How instances sharing Redis name this key's counters: the first 16
+    /// bytes of its hash, in hex (the same on every instance, whatever the
+    /// order of the config).
+    pub shared_id: Arc<str>,
+    /// Where its tokens go for the day budget instances share (a key with a
+    /// budget, when `[redis]` is configured).
+    shared_tokens: Option<Arc<TokenTally>>,
+}
+
+/// A client's [`Client::shared_id`].
+fn shared_id(hash: &KeyHash) -> Arc<str> {
+    Arc::from(hex::encode(&hash[..16]))
 }
 
 impl std::fmt::Debug for Client {
@@ -122,23 +135,27 @@ impl Client {
         let unix = if self.limits.tokens_per_day.is_some() { unix_now().max(0) as u64 } else { 0 };
         match self.counters.admit(&self.limits, now_ms, unix) {
             Ok(rate) => Ok(Some(rate)),
-            Err((exceeded, retry_after, rate)) => {
-                // Whole seconds, rounded up: a client waiting that long gets in.
-                let retry_after = retry_after.as_millis().div_ceil(1000).max(1) as u64;
-                let error = match exceeded {
-                    Exceeded::Rpm | Exceeded::Rph => ProxyError::ClientRateLimited {
-                        scope: "API key",
-                        per: if exceeded == Exceeded::Rpm { "minute" } else { "hour" },
-                        limit: rate.requests.map_or(0, |(limit, ..)| limit),
-                        retry_after,
-                    },
-                    Exceeded::Tokens => {
-                        ProxyError::QuotaExceeded { budget: self.limits.tokens_per_day.unwrap_or(0), retry_after }
-                    }
-                };
-                Err((error, rate))
-            }
+            Err((exceeded, retry_after, rate)) => Err(self.refusal(exceeded, retry_after, rate)),
         }
+    }
+
+    /// The error for a request refused by `exceeded` (here or by the limits
+    /// instances share), with the `x-ratelimit-*` values for its answer.
+    pub fn refusal(&self, exceeded: Exceeded, retry_after: Duration, rate: RateHeaders) -> (ProxyError, RateHeaders) {
+        // Whole seconds, rounded up: a client waiting that long gets in.
+        let retry_after = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+        let error = match exceeded {
+            Exceeded::Rpm | Exceeded::Rph => ProxyError::ClientRateLimited {
+                scope: "API key",
+                per: if exceeded == Exceeded::Rpm { "minute" } else { "hour" },
+                limit: rate.requests.map_or(0, |(limit, ..)| limit),
+                retry_after,
+            },
+            Exceeded::Tokens => {
+                ProxyError::QuotaExceeded { budget: self.limits.tokens_per_day.unwrap_or(0), retry_after }
+            }
+        };
+        (error, rate)
     }
 }
 
@@ -157,7 +174,11 @@ impl Account for Client {
         // Counted with or without a budget: one set later in the day starts
         // from what the key already used.
         if !end.cached && prompt + completion > 0 {
-            self.counters.tokens.add(utc_day(now.max(0) as u64), prompt + completion);
+            let day = utc_day(now.max(0) as u64);
+            self.counters.tokens.add(day, prompt + completion);
+            if let Some(tally) = &self.shared_tokens {
+                tally.push(&self.shared_id, day, prompt + completion);
+            }
         }
         if let Some(user) = &self.user_counters {
             user.requests.fetch_add(1, Relaxed);
@@ -223,6 +244,7 @@ impl ClientTable {
         routes: &Routes,
         store: Option<(&Snapshot, &Arc<UsageQueue>)>,
         previous: Option<&ClientTable>,
+        shared_tokens: Option<&Arc<TokenTally>>,
     ) -> Self {
         // By key, not by label: a label like `config:N` follows list order.
         let carried: HashMap<&KeyHash, &Arc<KeyCounters>> =
@@ -260,6 +282,8 @@ impl ClientTable {
                 usage: None,
                 passthrough: true,
                 operator: true,
+                shared_id: shared_id(&hash),
+                shared_tokens: None,
             };
             by_hash.insert(hash, Arc::new(client));
         }
@@ -283,6 +307,8 @@ impl ClientTable {
                 usage: None,
                 passthrough: client.passthrough,
                 operator: false,
+                shared_id: shared_id(&hash),
+                shared_tokens: key_limits.tokens_per_day.and(shared_tokens.cloned()),
             };
             by_hash.insert(hash, Arc::new(entry));
         }
@@ -333,6 +359,8 @@ impl ClientTable {
                     usage: Some(Arc::clone(usage)),
                     passthrough: key.passthrough,
                     operator: false,
+                    shared_id: shared_id(&hash),
+                    shared_tokens: key_limits.tokens_per_day.and(shared_tokens.cloned()),
                 };
                 by_hash.insert(hash, Arc::new(client));
             }

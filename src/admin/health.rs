@@ -1,8 +1,9 @@
 //! `GET /health` (and `/`, `/v1/health`): status, version, uptime; with the
 //! admin token (or `[admin] public_health_details`) also, per upstream, its
 //! key summary (with fingerprints and cooldowns) and breaker state.
-//! `degraded` when some upstream has no usable key or an open breaker; 503
-//! `draining` once shutdown began.
+//! `degraded` when some upstream has no usable key or an open breaker, or
+//! the shared Redis or the key store does not answer (named under
+//! `"unreachable"`); 503 `draining` once shutdown began.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -68,6 +69,15 @@ pub fn health(shared: &Shared, live: &Live, details: bool) -> Response<SluiceBod
             })
         })
         .collect();
+    // Parts several instances share: named, as they are the operator's to fix.
+    let mut unreachable = Vec::new();
+    if shared.cluster.as_ref().is_some_and(|c| !c.is_up()) {
+        unreachable.push("redis");
+    }
+    if shared.store.as_ref().is_some_and(|s| !s.is_up()) {
+        unreachable.push("store");
+    }
+    degraded |= !unreachable.is_empty();
     let draining = shared.is_draining();
     let status = match (draining, degraded) {
         (true, _) => "draining",
@@ -79,6 +89,9 @@ pub fn health(shared: &Shared, live: &Live, details: bool) -> Response<SluiceBod
         "version": crate::VERSION,
         "uptime_seconds": shared.started.elapsed().as_secs(),
     });
+    if !unreachable.is_empty() {
+        body["unreachable"] = serde_json::json!(unreachable);
+    }
     if details {
         body["upstreams"] = serde_json::Value::Array(upstreams);
     }

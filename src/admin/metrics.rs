@@ -117,6 +117,16 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
         header(&mut out, name, kind, help);
         line(&mut out, name, &[], value);
     }
+    if let Some(cluster) = &shared.cluster {
+        header(&mut out, metrics::REDIS_ERRORS, "counter", "Redis operations that failed or ran past the timeout.");
+        line(&mut out, metrics::REDIS_ERRORS, &[], cluster.errors.load(Relaxed));
+        header(&mut out, metrics::REDIS_UP, "gauge", "1 while the shared Redis answers.");
+        line(&mut out, metrics::REDIS_UP, &[], u64::from(cluster.is_up()));
+    }
+    if let Some(store) = &shared.store {
+        header(&mut out, metrics::STORE_UP, "gauge", "1 while the key store answers.");
+        line(&mut out, metrics::STORE_UP, &[], u64::from(store.is_up()));
+    }
     process_metrics(shared, &mut out);
     header(&mut out, metrics::RELOADS, "counter", "Config reloads by result.");
     line(&mut out, metrics::RELOADS, &[("result", "ok")], shared.reloads[0].load(Relaxed));

@@ -297,3 +297,24 @@ fn targets_routing_and_upstream_kinds_validate() {
     let err = refusal(&text.replace("\"5xx\", \"timeout\"", "\"5xx\", \"sometimes\""));
     assert!(err.contains("sometimes"), "{err}");
 }
+
+#[test]
+fn redis_settings_are_checked_and_the_url_never_echoed() {
+    let with = |redis: &str| parse(&format!("{GOOD}\n[redis]\n{redis}\n"));
+    let config = with("url = \"redis://:hunter2@10.0.0.5:6379/1\"\non_error = \"deny\"").unwrap();
+    let redis = config.redis.unwrap();
+    assert_eq!((redis.timeout, redis.on_error), (Duration::from_millis(50), OnRedisError::Deny));
+    assert!(!format!("{redis:?}").contains("hunter2"));
+    for (bad, field) in [
+        ("url = \"http://:hunter2@x\"", "redis.url"),
+        ("timeout = \"1s\"", "redis.url"),
+        ("url = \"redis://x\"\ntimeout = \"0s\"", "redis.timeout"),
+        ("url = \"redis://x\"\nca_file = \"ca.pem\"", "redis.ca_file"),
+        ("url = \"rediss://x\"\nca_file = \"/no/such/ca.pem\"", "redis.ca_file"),
+        ("url = \"redis://x\"\non_error = \"maybe\"", "expected `local` or `deny`"),
+    ] {
+        let error = with(bad).unwrap_err().to_string();
+        assert!(error.contains(field), "{bad}: {error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+}

@@ -106,6 +106,13 @@ pub async fn stage(
         if let Some(entry) = cache.lookup(&key, controls.ttl) {
             return Ok(Step::Answer(hit(cache, entry, ctx)));
         }
+        // Another instance may have stored it (one round trip, bounded by
+        // `[redis] timeout`).
+        if cache.is_shared()
+            && let Some(entry) = Box::pin(cache.lookup_shared(&key, controls.ttl)).await
+        {
+            return Ok(Step::Answer(hit(cache, entry, ctx)));
+        }
         // Identical non-streaming misses ride on the first one. Streams do
         // not wait: each goes upstream, and the first to end whole is stored.
         if !prepared.plan.stream {

@@ -64,6 +64,12 @@ pub const CACHE_EVICTIONS: &str = "sluice_cache_evictions_total";
 pub const CACHE_BYTES: &str = "sluice_cache_bytes";
 /// Gauge: entries the cache holds.
 pub const CACHE_ENTRIES: &str = "sluice_cache_entries";
+/// Redis operations that failed or ran past `[redis] timeout`.
+pub const REDIS_ERRORS: &str = "sluice_redis_errors_total";
+/// 1 while the shared Redis answers.
+pub const REDIS_UP: &str = "sluice_redis_up";
+/// 1 while the key store answers.
+pub const STORE_UP: &str = "sluice_store_up";
 /// Counter: requests of a user's keys (`[metrics] per_user`).
 pub const USER_REQUESTS: &str = "sluice_user_requests_total";
 /// Counter: tokens of a user's keys by `kind` (`[metrics] per_user`).

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use http::HeaderValue;
+use sha2::{Digest, Sha256};
 
 use crate::clock::now_ms;
 use crate::config::Strategy;
@@ -122,6 +123,10 @@ pub struct UpstreamKey {
     auth_header: HeaderValue,
     /// Safe name for logs and `/health`; shared with request-log lines.
     pub fingerprint: Arc<str>,
+    /// How instances sharing Redis name this key to each other: the first
+    /// 16 bytes of its SHA-256, in hex (one-way, unlike the key; unique,
+    /// unlike the 32-bit fingerprint).
+    pub shared_id: Arc<str>,
     /// Counters.
     pub counters: KeyCounters,
     disabled: AtomicBool,
@@ -147,6 +152,7 @@ impl UpstreamKey {
         auth_header.set_sensitive(true);
         Some(Self {
             fingerprint: Arc::from(fingerprint(secret.expose())),
+            shared_id: Arc::from(hex::encode(&Sha256::digest(secret.expose().as_bytes())[..16])),
             secret,
             auth_header,
             counters: KeyCounters::default(),
@@ -206,6 +212,11 @@ impl UpstreamKey {
     pub fn disable(&self) {
         self.disabled.store(true, Relaxed);
         self.fail(Failure::Rejected);
+    }
+
+    /// Disables the key because another instance saw it refused (counted there).
+    pub fn mark_disabled(&self) {
+        self.disabled.store(true, Relaxed);
     }
 
     /// Counts a failure that leaves the key's health as it is (5xx, connect, timeout).

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::{ClientConfig, Http2Mode};
 use crate::tasks::Tasks;
 use crate::upstream::body::ForwardBody;
+use crate::upstream::news::KeyNews;
 use crate::upstream::{h1, h2pool};
 
 /// The pooled hyper-util client type, for TLS, HTTP/2 and streamed uploads.
@@ -42,6 +43,8 @@ pub struct ClientRegistry {
     /// Held weakly: a pool no upstream of any snapshot uses is dropped, and
     /// its connections end with it.
     h2_pools: Mutex<HashMap<H2Key, Weak<h2pool::Pool>>>,
+    /// Key health news of every upstream, for other instances.
+    news: Arc<KeyNews>,
 }
 
 /// What makes two upstreams' HTTP/2 pools interchangeable.
@@ -69,7 +72,13 @@ impl ClientRegistry {
             clients: Mutex::new(HashMap::new()),
             h1_pools: Mutex::new(HashMap::new()),
             h2_pools: Mutex::new(HashMap::new()),
+            news: Arc::default(),
         }
+    }
+
+    /// Key health news of every upstream built from this registry.
+    pub fn news(&self) -> &Arc<KeyNews> {
+        &self.news
     }
 
     /// The settings every client of this registry is built with.

@@ -13,6 +13,7 @@ mod binary;
 mod breaker;
 mod cache;
 mod cli;
+mod cluster;
 mod edge;
 mod errors;
 mod h2pool;

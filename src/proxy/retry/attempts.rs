@@ -251,7 +251,7 @@ pub(super) async fn attempt(
                 // rests until its reset (capped), so the next request takes another.
                 if let Some(reset) = headroom::exhausted(response.headers()) {
                     let cool = reset.min(upstream.max_cooldown).min(headroom::MAX_REST);
-                    lease.key().rest_until(clock::after(cool));
+                    upstream.rest_key(lease.key(), clock::after(cool));
                     tracing::debug!(upstream = %upstream.name, key = %lease.key().fingerprint, cool_ms = cool.as_millis() as u64, "key has no requests or tokens left; cooling until its reset");
                 }
                 match status {
@@ -263,7 +263,7 @@ pub(super) async fn attempt(
                             .and_then(|v| retry_after::parse(v, SystemTime::now()));
                         let cooldown = asked.unwrap_or(upstream.cooldown).min(upstream.max_cooldown);
                         let key = lease.key();
-                        key.cool_until(clock::after(cooldown));
+                        upstream.cool_key(key, clock::after(cooldown));
                         tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
                         last = Some(Box::pin(keep(response, lease, Failure::RateLimited, upstream)).await);
                         retry_if(req.replay.allows(true), RetryReason::RateLimited)
@@ -295,7 +295,7 @@ pub(super) async fn attempt(
                                 matches!(&kept, Last::Answer(answer, ..) if blames_the_key(kept_bytes(answer.body())));
                             last = Some(kept);
                             if bad_key {
-                                key.disable();
+                                upstream.disable_key(&key);
                                 tracing::warn!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, status, "the upstream says the key is bad; disabled until reset or reload");
                                 retry_if(req.replay.allows(true), RetryReason::KeyRejected)
                             } else {

@@ -65,26 +65,46 @@ fn redis_pongs(port: u16) -> bool {
     stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
 }
 
+/// Whether something accepts connections on `port`.
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok()
+}
+
 /// A `redis-server` of its own.
 pub struct RedisServer {
     binary: PathBuf,
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// `(certificate chain, key)` when it speaks only TLS.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl RedisServer {
     /// Starts one on a free port; panics if it cannot (or is not installed).
     pub fn start() -> Self {
         let binary = find_binary("redis-server", &[PathBuf::from("/usr/bin")]);
-        let mut server = Self { binary, dir: temp_dir("sluice-redis-"), port: free_port(), child: None };
+        let mut server = Self { binary, dir: temp_dir("sluice-redis-"), port: free_port(), child: None, tls: None };
         server.launch();
         server
     }
 
-    /// `redis://127.0.0.1:PORT/0`.
+    /// Starts one that speaks only TLS, with this certificate chain and key
+    /// (for `localhost`).
+    pub fn start_tls(cert_file: &Path, key_file: &Path) -> Self {
+        let binary = find_binary("redis-server", &[PathBuf::from("/usr/bin")]);
+        let tls = Some((cert_file.to_path_buf(), key_file.to_path_buf()));
+        let mut server = Self { binary, dir: temp_dir("sluice-redis-"), port: free_port(), child: None, tls };
+        server.launch();
+        server
+    }
+
+    /// `redis://127.0.0.1:PORT/0`, or `rediss://localhost:PORT/0` over TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     /// The port it listens on (kept across restarts).
@@ -111,8 +131,18 @@ impl RedisServer {
         for _ in 0..START_ATTEMPTS {
             let out = std::fs::File::create(&log).expect("the redis log file");
             let err = out.try_clone().expect("the redis log file");
-            let mut child = Command::new(&self.binary)
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            let mut command = Command::new(&self.binary);
+            match &self.tls {
+                Some((cert, key)) => {
+                    command.args(["--port", "0", "--tls-port", &self.port.to_string(), "--tls-auth-clients", "no"]);
+                    command.arg("--tls-cert-file").arg(cert).arg("--tls-key-file").arg(key);
+                }
+                None => {
+                    command.args(["--port", &self.port.to_string()]);
+                }
+            }
+            let mut child = command
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .arg("--dir")
                 .arg(self.dir.path())
                 .stdin(Stdio::null())
@@ -120,11 +150,12 @@ impl RedisServer {
                 .stderr(err)
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e} (run `{INSTALL}`)", self.binary.display()));
-            let port = self.port;
+            let (port, tls) = (self.port, self.tls.is_some());
             let mut exited = false;
             let ready = wait_until(|| {
                 exited = exited || matches!(child.try_wait(), Ok(Some(_)));
-                exited || redis_pongs(port)
+                // Over TLS, an open port is as far as a plain check goes.
+                exited || if tls { port_open(port) } else { redis_pongs(port) }
             });
             if ready && !exited {
                 self.child = Some(child);

@@ -1,0 +1,198 @@
+//! Client limits every instance shares: one Lua script per admitted request
+//! (one round trip) checks the key's day budget and its minute and hour
+//! windows and counts the request, atomically on the Redis server, so N
+//! instances admit exactly what one would.
+//!
+//! The windows are the in-process limiter's ([`crate::access::limits`]): 60
+//! sub-buckets per window, the oldest counted whole, so no span of 60 s ever
+//! holds more than `rpm`. Each window is one Redis hash (bucket index ->
+//! count) that expires with the window. Time is Redis's own clock (`TIME`),
+//! so instances whose clocks disagree still share one window. The day budget
+//! reads a per-day counter that finished answers add to ([`TokenTally`],
+//! written in batches a few times a second).
+//!
+//! [`TokenTally`]: crate::access::limits::TokenTally
+
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use crate::access::limits::{Exceeded, utc_day};
+use crate::access::store::unix_now;
+use crate::access::table::Client;
+use crate::error::ProxyError;
+use crate::tasks::Tasks;
+use crate::telemetry::account::RateHeaders;
+
+use super::Cluster;
+
+/// KEYS: minute hash, hour hash, today's tokens. ARGV: rpm, rph, budget (0:
+/// none). Returns {verdict (0 admitted, 1 rpm, 2 rph, 3 tokens), minute
+/// remaining, minute reset ms, hour remaining, hour reset ms, tokens used}.
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {0, 0, 0, 0, 0, 0}
+local budget = tonumber(ARGV[3])
+if budget > 0 then
+  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  out[6] = used
+  if used >= budget then out[1] = 3 return out end
+end
+local pending = {}
+for w = 1, 2 do
+  local limit = tonumber(ARGV[w])
+  if limit > 0 then
+    local span = (w == 1) and 60000 or 3600000
+    local width = span / 60
+    local index = math.floor(now / width)
+    local first = index - 60
+    local fields = redis.call('HGETALL', KEYS[w])
+    local total, oldest = 0, nil
+    for i = 1, #fields, 2 do
+      local bucket = tonumber(fields[i])
+      if bucket < first then
+        redis.call('HDEL', KEYS[w], fields[i])
+      else
+        local count = tonumber(fields[i + 1])
+        total = total + count
+        if count > 0 and (oldest == nil or bucket < oldest) then oldest = bucket end
+      end
+    end
+    local slot = 2 * w
+    if total >= limit then
+      out[1] = w
+      out[slot + 1] = ((oldest or index) + 61) * width - now
+      return out
+    end
+    out[slot] = limit - total - 1
+    out[slot + 1] = (index + 61) * width - now
+    pending[#pending + 1] = {KEYS[w], index, span + width}
+  end
+end
+for _, p in ipairs(pending) do
+  redis.call('HINCRBY', p[1], p[2], 1)
+  redis.call('PEXPIRE', p[1], p[3])
+end
+return out
+";
+
+static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ADMIT));
+
+/// How long a day's token counter is kept: the day and the next, for
+/// instances whose clocks straddle midnight.
+const TOKENS_KEPT: Duration = Duration::from_secs(2 * 86_400);
+/// How often finished answers' tokens are written.
+const TOKENS_EVERY: Duration = Duration::from_millis(200);
+
+/// Redis key of a client's day tokens.
+fn tokens_key(shared_id: &str, day: u64) -> String {
+    format!("sluice:tok:{shared_id}:{day}")
+}
+
+/// What the shared limits said.
+#[derive(Debug)]
+pub enum SharedVerdict {
+    /// Admitted, with the `x-ratelimit-*` values.
+    Admitted(RateHeaders),
+    /// Refused, with the error and the values for its answer.
+    Refused(ProxyError, RateHeaders),
+    /// Redis could not say (down, late): `[redis] on_error` decides.
+    Unavailable,
+}
+
+impl Cluster {
+    /// Charges one request of `client` (which has limits) to the limits every
+    /// instance shares.
+    pub async fn admit(&self, client: &Client) -> SharedVerdict {
+        let limits = client.limits;
+        let unix = unix_now().max(0) as u64;
+        let day = utc_day(unix);
+        let id = &client.shared_id;
+        let keys = [format!("sluice:rl:{id}:m"), format!("sluice:rl:{id}:h"), tokens_key(id, day)];
+        let args = [
+            u64::from(limits.rpm.unwrap_or(0)),
+            u64::from(limits.rph.unwrap_or(0)),
+            limits.tokens_per_day.unwrap_or(0),
+        ];
+        let answer: Option<[i64; 6]> = self
+            .run("limits", |mut conn| async move {
+                let mut invocation = SCRIPT.prepare_invoke();
+                invocation.key(&keys[..]).arg(&args[..]);
+                invocation.invoke_async(&mut conn).await
+            })
+            .await;
+        let Some([verdict, minute_left, minute_reset, hour_left, hour_reset, used]) = answer else {
+            return SharedVerdict::Unavailable;
+        };
+        let ms = |v: i64| Duration::from_millis(v.max(1) as u64);
+        let mut rate = RateHeaders::default();
+        if let Some(budget) = limits.tokens_per_day {
+            let until_midnight = Duration::from_secs((day + 1) * 86_400 - unix);
+            rate.tokens = Some((budget, budget.saturating_sub(used.max(0) as u64), until_midnight));
+        }
+        let minute = limits.rpm.map(|rpm| (rpm, minute_left.max(0) as u32, ms(minute_reset)));
+        let hour = limits.rph.map(|rph| (rph, hour_left.max(0) as u32, ms(hour_reset)));
+        let refused = |exceeded, rate: RateHeaders, retry_after| {
+            let (error, rate) = client.refusal(exceeded, retry_after, rate);
+            SharedVerdict::Refused(error, rate)
+        };
+        match verdict {
+            0 => {
+                // The tighter window is the one a client should watch.
+                rate.requests = match (minute, hour) {
+                    (Some(m), Some(h)) => Some(if h.1 < m.1 { h } else { m }),
+                    (m, h) => m.or(h),
+                };
+                SharedVerdict::Admitted(rate)
+            }
+            1 => {
+                rate.requests = minute.map(|(limit, ..)| (limit, 0, ms(minute_reset)));
+                refused(Exceeded::Rpm, rate, ms(minute_reset))
+            }
+            2 => {
+                rate.requests = hour.map(|(limit, ..)| (limit, 0, ms(hour_reset)));
+                refused(Exceeded::Rph, rate, ms(hour_reset))
+            }
+            _ => {
+                let until_midnight = Duration::from_secs((day + 1) * 86_400 - unix);
+                refused(Exceeded::Tokens, rate, until_midnight)
+            }
+        }
+    }
+}
+
+/// Writes the tokens finished answers used to the shared day counters, a
+/// batch (one pipeline) every [`TOKENS_EVERY`]; a batch Redis refuses is
+/// kept for the next try (bounded by the tally's size).
+pub(super) fn start_token_writer(cluster: &Arc<Cluster>, tasks: &Tasks) {
+    let cluster = Arc::clone(cluster);
+    let stop = tasks.clone();
+    tasks.spawn(async move {
+        loop {
+            let stopping = tokio::select! {
+                () = stop.stopped() => true,
+                () = tokio::time::sleep(TOKENS_EVERY) => false,
+            };
+            let batch = cluster.tokens.drain();
+            if !batch.is_empty() {
+                let mut pipe = redis::pipe();
+                for (id, day, tokens) in &batch {
+                    let key = tokens_key(id, *day);
+                    pipe.cmd("INCRBY").arg(&key).arg(*tokens).ignore();
+                    pipe.cmd("EXPIRE").arg(&key).arg(TOKENS_KEPT.as_secs()).ignore();
+                }
+                let written =
+                    cluster.run("token usage", |mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await;
+                if written.is_none() {
+                    for (id, day, tokens) in &batch {
+                        cluster.tokens.push(id, *day, *tokens);
+                    }
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    });
+}

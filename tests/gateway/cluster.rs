@@ -1,0 +1,466 @@
+//! Several instances behaving as one gateway: three gateways in this process
+//! in front of one mock, sharing a real `redis-server` (and, where keys are
+//! made through the admin API, a real PostgreSQL), each started on a free
+//! port in a temp dir. Limits are exact across instances, key health and
+//! cached answers travel between them, and Redis or PostgreSQL going away
+//! costs no request.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use sluice::config::Config;
+use sluice::mock::MockServer;
+use sluice::mock::faults::{Faults, KeyFault};
+use sluice::server::{self, Running};
+use sluice::state::Shared;
+
+use crate::support::pki::Issued;
+use crate::support::servers::{PgServer, RedisServer};
+use crate::support::{
+    ADMIN_TOKEN, CLIENT_KEY, Opts, Reply, Transport, UP_KEYS, config_text, eventually, eventually_async, h1_client,
+    sample, scrape_at, send, start_mock,
+};
+
+/// A tenant key with its own limits, in every instance's config.
+const TENANT: &str = "sk-tenant-cluster";
+const CHAT: &str = r#"{"model":"plain","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Three gateways sharing one Redis (and maybe one PostgreSQL) before one mock.
+struct Cluster {
+    mock: MockServer,
+    gateways: Vec<Running>,
+    redis: RedisServer,
+    _pg: Option<PgServer>,
+}
+
+/// Lines every instance's config adds: `[redis]`, the tenant, and `extra`.
+fn tables(redis: &RedisServer, extra: &str) -> String {
+    format!(
+        "[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\n{extra}\n\n[[clients]]\nname = \"tenant\"\nkey = \"{TENANT}\"\nrpm = 60\n",
+        redis.url()
+    )
+}
+
+impl Cluster {
+    /// Three instances; `redis_extra` goes into `[redis]`, `more` after the tables.
+    async fn start(redis_extra: &str, more: &str, pg: Option<PgServer>) -> Self {
+        Self::start_on(RedisServer::start(), redis_extra, more, pg).await
+    }
+
+    /// Three instances on this Redis.
+    async fn start_on(redis: RedisServer, redis_extra: &str, more: &str, pg: Option<PgServer>) -> Self {
+        let mock = start_mock(Transport::H1Sluice).await;
+        let mut text_tables = tables(&redis, redis_extra);
+        if let Some(pg) = &pg {
+            text_tables.push_str(&format!("\n[store]\nurl = \"{}\"\n", pg.url()));
+        }
+        text_tables.push_str(more);
+        let opts = Opts { tables: text_tables, ..Opts::default() };
+        let text = config_text(&mock.base_url(), &opts);
+        let mut gateways = Vec::new();
+        for _ in 0..3 {
+            let config = Config::from_toml(&text, Path::new("test.toml"), &|_| None).unwrap();
+            gateways.push(server::spawn(Shared::new(config).unwrap()).await.unwrap());
+        }
+        Self { mock, gateways, redis, _pg: pg }
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{path}", self.gateways[i].addr)
+    }
+
+    async fn chat(&self, i: usize, key: &str) -> Reply {
+        self.chat_body(i, key, CHAT, &[]).await
+    }
+
+    async fn chat_body(&self, i: usize, key: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut request = Request::post(self.url(i, "/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        send(&h1_client(), request.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
+    }
+
+    async fn admin(&self, i: usize, method: Method, path: &str, body: Value) -> Reply {
+        let body = if body.is_null() { Bytes::new() } else { Bytes::from(body.to_string()) };
+        let request = Request::builder()
+            .method(method)
+            .uri(self.url(i, path))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .unwrap();
+        send(&h1_client(), request).await
+    }
+
+    async fn health(&self, i: usize) -> Value {
+        self.admin(i, Method::GET, "/health", Value::Null).await.json()
+    }
+
+    /// The state of upstream key `key` in instance `i`'s `/health`.
+    async fn key_state(&self, i: usize, key: &str) -> String {
+        let fingerprint = sluice::config::keys::fingerprint(key);
+        let health = self.health(i).await;
+        health["upstreams"][0]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key"] == fingerprint.as_str())
+            .map(|k| k["state"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Waits until every instance reports Redis answering.
+    async fn all_up(&self) {
+        for i in 0..3 {
+            eventually_async("Redis up on every instance", || async move {
+                self.health(i).await.get("unreachable").is_none()
+            })
+            .await;
+        }
+    }
+
+    fn hits(&self, key: &str) -> u64 {
+        self.mock.state.stats().by_key.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// A synchronous connection to the test's Redis, to look inside it.
+fn redis_keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    redis::cmd("KEYS").arg(pattern).query(&mut conn).unwrap()
+}
+
+/// Sends `n` chats of `key` spread round-robin over the instances, 30 at a
+/// time; returns how many got each status.
+async fn burst(cluster: &Cluster, key: &str, n: usize) -> HashMap<u16, usize> {
+    let urls: Vec<String> = (0..3).map(|i| cluster.url(i, "/v1/chat/completions")).collect();
+    let mut statuses = HashMap::new();
+    for wave in (0..n).collect::<Vec<_>>().chunks(30) {
+        let mut tasks = Vec::new();
+        for i in wave {
+            let url = urls[i % 3].clone();
+            let key = key.to_string();
+            tasks.push(tokio::spawn(async move {
+                let request = Request::post(url)
+                    .header("authorization", format!("Bearer {key}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(CHAT.as_bytes())))
+                    .unwrap();
+                send(&h1_client(), request).await.status.as_u16()
+            }));
+        }
+        for task in tasks {
+            *statuses.entry(task.await.unwrap()).or_insert(0) += 1;
+        }
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_is_exact_across_three_instances() {
+    let cluster = Cluster::start("", "", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    let statuses = burst(cluster, TENANT, 300).await;
+    assert_eq!(statuses.get(&200), Some(&60), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&240), "{statuses:?}");
+    assert_eq!(cluster.mock.state.stats().requests, 60, "only admitted requests reach the upstream");
+    // The refusal is shaped as the in-process limiter's.
+    let refused = cluster.chat(1, TENANT).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "rate_limit_exceeded");
+    assert_eq!(refused.headers["x-ratelimit-limit-requests"], "60");
+    assert_eq!(refused.headers["x-ratelimit-remaining-requests"], "0");
+    assert!(refused.headers.contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooldown_on_one_instance_stops_the_others_using_the_key() {
+    let cluster = Cluster::start("", "", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    let key_a = UP_KEYS[0];
+    let fault = KeyFault { status: 429, retry_after: Some("60".into()), code: None };
+    cluster.mock.state.set_faults(Faults { keys: HashMap::from([(key_a.to_string(), fault)]), ..Faults::default() });
+    // Instance 0 meets the 429 on key-a and moves on to another key.
+    for _ in 0..3 {
+        assert_eq!(cluster.chat(0, CLIENT_KEY).await.status, StatusCode::OK);
+    }
+    assert!(cluster.hits(key_a) >= 1, "instance 0 tried key-a");
+    cluster.mock.state.set_faults(Faults::default());
+    for i in 1..3 {
+        let mut state = String::new();
+        for _ in 0..250 {
+            state = cluster.key_state(i, key_a).await;
+            if state == "cooling" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(state, "cooling", "instance {i} heard of the cooldown");
+    }
+    let before = cluster.hits(key_a);
+    for i in 1..3 {
+        for _ in 0..50 {
+            assert_eq!(cluster.chat(i, CLIENT_KEY).await.status, StatusCode::OK);
+        }
+    }
+    assert_eq!(cluster.hits(key_a), before, "instances 1 and 2 sent nothing to key-a");
+    // An instance that starts later reads the cooldown from Redis.
+    let late = {
+        let text =
+            config_text(&cluster.mock.base_url(), &Opts { tables: tables(&cluster.redis, ""), ..Opts::default() });
+        let config = Config::from_toml(&text, Path::new("test.toml"), &|_| None).unwrap();
+        server::spawn(Shared::new(config).unwrap()).await.unwrap()
+    };
+    let late_state = |addr: std::net::SocketAddr| async move {
+        let request = Request::get(format!("http://{addr}/health"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let health = send(&h1_client(), request).await.json();
+        let fingerprint = sluice::config::keys::fingerprint(key_a);
+        health["upstreams"][0]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["key"] == fingerprint.as_str() && k["state"] == "cooling")
+    };
+    eventually_async("a late instance reads the cooldown", || late_state(late.addr)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_key_and_a_reset_reach_every_instance() {
+    let cluster = Cluster::start("", "", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    let key_b = UP_KEYS[1];
+    let fault = KeyFault { status: 401, retry_after: None, code: Some("invalid_api_key".into()) };
+    cluster.mock.state.set_faults(Faults { keys: HashMap::from([(key_b.to_string(), fault)]), ..Faults::default() });
+    for _ in 0..3 {
+        assert_eq!(cluster.chat(2, CLIENT_KEY).await.status, StatusCode::OK);
+    }
+    cluster.mock.state.set_faults(Faults::default());
+    for i in 0..3 {
+        eventually_async(
+            "key-b disabled everywhere",
+            || async move { cluster.key_state(i, key_b).await == "disabled" },
+        )
+        .await;
+    }
+    let reset = cluster.admin(0, Method::POST, "/admin/reset-failed-keys", Value::Null).await;
+    assert_eq!(reset.status, StatusCode::OK);
+    for i in 0..3 {
+        eventually_async("key-b healthy everywhere after the reset", || async move {
+            cluster.key_state(i, key_b).await == "healthy"
+        })
+        .await;
+    }
+    assert!(redis_keys(&cluster.redis, "sluice:off:*").is_empty(), "the reset cleared Redis too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cached_through_one_instance_is_a_hit_on_another() {
+    let cluster = Cluster::start("", "[cache]\nenabled = true\n", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    let first = cluster.chat(0, CLIENT_KEY).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.headers["x-sluice-cache"], "miss");
+    let redis = &cluster.redis;
+    eventually("the answer is in Redis", || !redis_keys(redis, "sluice:cache:e:*").is_empty()).await;
+    let second = cluster.chat(1, CLIENT_KEY).await;
+    assert_eq!(second.headers["x-sluice-cache"], "hit");
+    assert_eq!(second.body, first.body);
+    assert_eq!(cluster.mock.state.stats().requests, 1, "one upstream call for both");
+    // A purge on one instance empties Redis and the others' memory.
+    let purge = cluster.admin(2, Method::POST, "/admin/cache/purge", json!({})).await;
+    assert_eq!(purge.status, StatusCode::OK, "{:?}", purge.body);
+    assert!(redis_keys(redis, "sluice:cache:*").is_empty());
+    eventually_async("instance 1 dropped its copy", || async move {
+        let scrape = scrape_at(cluster.gateways[1].addr).await;
+        sample(&scrape, "sluice_cache_entries", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(cluster.chat(1, CLIENT_KEY).await.headers["x-sluice-cache"], "miss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopping_costs_no_request_and_shared_limits_resume_when_it_is_back() {
+    let mut cluster = Cluster::start("on_error = \"local\"", "", None).await;
+    cluster.all_up().await;
+    // Requests run on, one after another over the three instances, while
+    // Redis is killed under them.
+    let done = Arc::new(AtomicUsize::new(0));
+    let urls: Vec<String> = (0..3).map(|i| cluster.url(i, "/v1/chat/completions")).collect();
+    let running = {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for i in 0..90 {
+                let request = Request::post(&urls[i % 3])
+                    .header("authorization", format!("Bearer {TENANT}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(CHAT.as_bytes())))
+                    .unwrap();
+                let reply = send(&h1_client(), request).await;
+                if reply.status != StatusCode::OK {
+                    failed.push((i, reply.status, reply.body));
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            failed
+        })
+    };
+    eventually("a third of the requests are through", || done.load(Ordering::Relaxed) >= 30).await;
+    tokio::task::block_in_place(|| cluster.redis.stop());
+    let failed = running.await.unwrap();
+    assert!(failed.is_empty(), "requests failed while Redis went away: {failed:?}");
+    for i in 0..3 {
+        let health = cluster.health(i).await;
+        assert_eq!(health["status"], "degraded", "{health}");
+        assert_eq!(health["unreachable"], json!(["redis"]), "{health}");
+        let scrape = scrape_at(cluster.gateways[i].addr).await;
+        assert_eq!(sample(&scrape, "sluice_redis_up", &[]), 0.0);
+        let errors = sample(&scrape, "sluice_redis_errors_total", &[]);
+        assert!(errors >= 1.0, "instance {i} counted {errors}");
+    }
+    tokio::task::block_in_place(|| cluster.redis.restart());
+    cluster.all_up().await;
+    // A fresh Redis: the window starts empty and is shared again.
+    let statuses = burst(&cluster, TENANT, 90).await;
+    assert_eq!(statuses.get(&200), Some(&60), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&30), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_error_deny_limited_keys_get_503_while_redis_is_down() {
+    let mut cluster = Cluster::start("on_error = \"deny\"", "", None).await;
+    cluster.all_up().await;
+    assert_eq!(cluster.chat(0, TENANT).await.status, StatusCode::OK);
+    tokio::task::block_in_place(|| cluster.redis.stop());
+    let refused = cluster.chat(1, TENANT).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", refused.body);
+    assert_eq!(refused.error_code(), "limits_unavailable");
+    // A key without limits does not need Redis.
+    assert_eq!(cluster.chat(1, CLIENT_KEY).await.status, StatusCode::OK);
+    tokio::task::block_in_place(|| cluster.redis.restart());
+    cluster.all_up().await;
+    assert_eq!(cluster.chat(2, TENANT).await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_budget_spent_through_one_instance_is_spent_on_all() {
+    let more = "\n[[clients]]\nname = \"budget\"\nkey = \"sk-budget\"\ntokens_per_day = 10\n";
+    let cluster = Cluster::start("", more, None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    // The mock's answer reports more than 10 tokens.
+    assert_eq!(cluster.chat(0, "sk-budget").await.status, StatusCode::OK);
+    for i in 1..3 {
+        eventually_async("the budget is spent everywhere", || async move {
+            cluster.chat(i, "sk-budget").await.status == StatusCode::TOO_MANY_REQUESTS
+        })
+        .await;
+    }
+    let refused = cluster.chat(2, "sk-budget").await;
+    assert_eq!(refused.error_code(), "insufficient_quota");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_made_on_one_instance_work_on_all_and_revoked_stop_everywhere() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let cluster = Cluster::start("", "", Some(pg)).await;
+    let cluster = &cluster;
+    let user = cluster.admin(0, Method::POST, "/admin/users", json!({ "name": "alice" })).await;
+    assert_eq!(user.status, StatusCode::CREATED, "{:?}", user.body);
+    let made =
+        cluster.admin(0, Method::POST, "/admin/keys", json!({ "user_id": user.json()["id"], "name": "k" })).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    let (id, key) = (made.json()["id"].as_i64().unwrap(), made.json()["key"].as_str().unwrap().to_string());
+    assert_eq!(cluster.chat(0, &key).await.status, StatusCode::OK, "at once on the instance that made it");
+    for i in 1..3 {
+        let key = key.clone();
+        eventually_async("the key works on the other instances", || {
+            let key = key.clone();
+            let cluster = &cluster;
+            async move { cluster.chat(i, &key).await.status == StatusCode::OK }
+        })
+        .await;
+    }
+    let revoked = cluster.admin(2, Method::DELETE, &format!("/admin/keys/{id}"), Value::Null).await;
+    assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
+    assert_eq!(cluster.chat(2, &key).await.status, StatusCode::UNAUTHORIZED);
+    for i in 0..2 {
+        let key = key.clone();
+        eventually_async("the revoked key is refused everywhere", || {
+            let key = key.clone();
+            let cluster = &cluster;
+            async move { cluster.chat(i, &key).await.status == StatusCode::UNAUTHORIZED }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopping_keeps_known_keys_working_and_loses_no_usage() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let mut cluster = Cluster::start("", "", Some(pg)).await;
+    let user = cluster.admin(0, Method::POST, "/admin/users", json!({ "name": "bob" })).await;
+    let made =
+        cluster.admin(0, Method::POST, "/admin/keys", json!({ "user_id": user.json()["id"], "name": "k" })).await;
+    let (id, key) = (made.json()["id"].as_i64().unwrap(), made.json()["key"].as_str().unwrap().to_string());
+    let pg = cluster._pg.as_mut().unwrap();
+    tokio::task::block_in_place(|| pg.stop());
+    for _ in 0..10 {
+        assert_eq!(cluster.chat(0, &key).await.status, StatusCode::OK, "a known key works without the store");
+    }
+    let write = cluster.admin(0, Method::POST, "/admin/users", json!({ "name": "carol" })).await;
+    assert_eq!(write.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", write.body);
+    assert_eq!(write.error_code(), "store_unavailable");
+    let shared = &cluster;
+    eventually_async("the store is named unreachable", || async move {
+        shared.health(0).await["unreachable"] == json!(["store"])
+    })
+    .await;
+    let pg = cluster._pg.as_mut().unwrap();
+    tokio::task::block_in_place(|| pg.restart());
+    let cluster = &cluster;
+    eventually_async("the usage counted while it was down is written", || async move {
+        let usage = cluster.admin(0, Method::GET, &format!("/admin/keys/{id}/usage"), Value::Null).await;
+        usage.status == StatusCode::OK && usage.json()["total"]["requests"] == 10
+    })
+    .await;
+    eventually_async(
+        "the store is healthy again",
+        || async move { cluster.health(0).await.get("unreachable").is_none() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_a_redis_over_tls() {
+    let issued = Issued::new("sluice test redis");
+    let redis = RedisServer::start_tls(&issued.cert_file, &issued.key_file);
+    assert!(redis.url().starts_with("rediss://"));
+    let ca_line = format!("ca_file = {:?}", issued.ca_file);
+    let cluster = Cluster::start_on(redis, &ca_line, "", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    let statuses = burst(cluster, TENANT, 90).await;
+    assert_eq!(statuses.get(&200), Some(&60), "{statuses:?}");
+    for i in 0..3 {
+        let scrape = scrape_at(cluster.gateways[i].addr).await;
+        assert_eq!(sample(&scrape, "sluice_redis_errors_total", &[]), 0.0, "instance {i} talked TLS without an error");
+    }
+}
