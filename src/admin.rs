@@ -48,7 +48,12 @@ pub async fn handle(
             let model = crate::access::manage::Fields::parse(&body)?.model_name()?;
             // By the model's canonical name, which the entries carry.
             let model = model.map(|m| live.routes.get(&m).map_or(m.clone(), |r| r.name.to_string()));
-            let purged = shared.cache.purge_everywhere(model.as_deref()).await;
+            let (purged, everywhere) = shared.cache.purge_everywhere(model.as_deref()).await;
+            if !everywhere {
+                // This instance's copy is gone; Redis and the others' are not.
+                tracing::warn!(purged, "cache purged here only: Redis did not answer");
+                return Err(ProxyError::RedisUnavailable("the cache was purged on this instance only"));
+            }
             tracing::info!(purged, model = model.as_deref().unwrap_or("*"), "cache purged by the admin API");
             Ok(json_response(
                 StatusCode::OK,

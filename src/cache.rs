@@ -121,8 +121,9 @@ pub trait SharedStore: Send + Sync {
     /// Stores `entry` under `key` until its TTL ends (in the background).
     fn put(&self, key: CacheKey, entry: Arc<Entry>);
     /// Removes every entry (of `model`) and tells the other instances to
-    /// drop their copies in memory; returns how many it removed.
-    fn purge(&self, model: Option<String>) -> Pending<'_, u64>;
+    /// drop their copies in memory; returns how many it removed, `None` if
+    /// it could not (then the other instances may still hold theirs).
+    fn purge(&self, model: Option<String>) -> Pending<'_, Option<u64>>;
 }
 
 /// Counters of `sluice_cache_*_total`.
@@ -199,14 +200,22 @@ impl ResponseCache {
         self.store.purge(model)
     }
 
-    /// Removes every entry (of `model`) here and, when shared, in the shared
-    /// store and the other instances' memory; returns how many went (the
-    /// shared store's count when there is one).
-    pub async fn purge_everywhere(&self, model: Option<&str>) -> u64 {
+    /// Removes every entry (of `model`) from the shared store, then here,
+    /// then (told through the shared store) from the other instances'
+    /// memory; returns how many went (the shared store's count when there is
+    /// one) and whether the shared part was done.
+    pub async fn purge_everywhere(&self, model: Option<&str>) -> (u64, bool) {
+        // The shared store first: a miss here meanwhile must not bring back
+        // an entry the shared store still held.
+        let shared = match &self.shared {
+            Some(shared) => Some(shared.purge(model.map(str::to_string)).await),
+            None => None,
+        };
         let here = self.store.purge(model);
-        match &self.shared {
-            Some(shared) => shared.purge(model.map(str::to_string)).await,
-            None => here,
+        match shared {
+            Some(Some(removed)) => (removed, true),
+            Some(None) => (here, false),
+            None => (here, true),
         }
     }
 

@@ -9,11 +9,14 @@
 //! seeing an upstream fail says little about another's path; a key, by
 //! contrast, is one account's limit wherever it is used.
 //!
-//! Redis is never waited on longer than `[redis] timeout`. Every failed or
-//! late operation marks Redis down (`/health` says `degraded`) and counts in
-//! `sluice_redis_errors_total`; while it is down, requests do not try it at
-//! all (limits follow `on_error`), and a probe every [`PROBE_EVERY`] finds it
-//! back. The connection manager reconnects by itself.
+//! No Redis operation is waited on longer than `[redis] timeout` (a request
+//! makes at most two: its limits, then a cache lookup). Every failed or late
+//! operation counts in `sluice_redis_errors_total`; one on the shared lane
+//! marks Redis down (`/health` says `degraded`); while it is down, requests
+//! do not try it at all (limits follow `on_error`), and a probe every
+//! [`PROBE_EVERY`] makes fresh connections and writes a key until Redis takes
+//! it: a failed-over primary behind the same name is found, and a node that
+//! became a read-only replica counts as down.
 
 pub mod cache;
 pub mod health;
@@ -24,7 +27,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::TcpSettings;
+use tokio::sync::Notify;
 
 use crate::access::limits::TokenTally;
 use crate::config::RedisConfig;
@@ -38,10 +45,24 @@ const PROBE_WHILE_UP: Duration = Duration::from_secs(2);
 /// The channel every instance publishes key health and cache purges on.
 pub const CHANNEL: &str = "sluice:events";
 
+/// Which connection an operation uses. Cached answers (large values) go on
+/// a connection of their own, so they never hold up the limit checks queued
+/// behind them, and a slow one never marks Redis down for the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Limits, token counts, key health: what makes instances one gateway.
+    Shared = 0,
+    /// The response cache.
+    Cache = 1,
+}
+
 /// This process's link to the shared Redis.
 pub struct Cluster {
     client: redis::Client,
-    conn: ConnectionManager,
+    /// One managed connection per [`Lane`]; replaced whole when Redis is
+    /// found down (the manager itself reconnects only after I/O errors: a
+    /// silent old primary or a read-only replica would keep it failing).
+    conns: [ArcSwap<ConnectionManager>; 2],
     /// The `[redis]` settings the process started with.
     pub config: RedisConfig,
     up: AtomicBool,
@@ -51,6 +72,18 @@ pub struct Cluster {
     pub instance: Box<str>,
     /// Key health news of this instance, to publish.
     news: Arc<KeyNews>,
+    /// Set when Redis came back or the subscription was made again: what
+    /// others published meanwhile is read back, after this instance's own
+    /// unsent news went out (so a reset made while Redis was down is not
+    /// undone by the state it resets).
+    resync_due: AtomicBool,
+    /// Told when Redis came back: the subscription is made again.
+    resubscribe: Notify,
+    /// The number of the last reset of failed keys this instance made or
+    /// heard of (resets are numbered in Redis).
+    resets_seen: AtomicU64,
+    /// Whether the shared key health was read back once.
+    synced: AtomicBool,
     /// Tokens of finished answers, to add to the shared day budgets.
     pub tokens: Arc<TokenTally>,
 }
@@ -61,37 +94,44 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// A TCP connection to Redis: small writes go at once, and a peer that
+/// stops acknowledging is given up after this long.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Cluster {
     /// A link to the Redis of `config`; it connects on first use (a Redis
     /// that is down at start leaves the gateway degraded, not stopped).
     pub fn new(config: RedisConfig, news: Arc<KeyNews>) -> Result<Arc<Self>, String> {
         // The driver's reason names the part at fault, never the URL's text.
-        let url = config.url.expose().as_str();
+        let info = config
+            .url
+            .expose()
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("redis.url: {e}"))?
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true).set_user_timeout(TCP_USER_TIMEOUT));
         let client = match &config.ca_file {
             Some(path) => {
                 let root_cert = std::fs::read(path).map_err(|e| format!("redis.ca_file {}: {e}", path.display()))?;
                 let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
-                redis::Client::build_with_tls(url, certificates)
+                redis::Client::build_with_tls(info, certificates)
             }
-            None => redis::Client::open(url),
+            None => redis::Client::open(info),
         }
         .map_err(|e| format!("redis.url: {e}"))?;
-        let settings = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(500))))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(200));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), settings).map_err(|e| format!("redis: {e}"))?;
+        let conns = [connect(&client, &config)?, connect(&client, &config)?].map(ArcSwap::from_pointee);
         news.listen();
         Ok(Arc::new(Self {
             client,
-            conn,
+            conns,
             up: AtomicBool::new(true),
             errors: AtomicU64::new(0),
             instance: format!("{:016x}", crate::ids::next_u64()).into(),
             news,
+            resync_due: AtomicBool::new(false),
+            resubscribe: Notify::new(),
+            resets_seen: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
             tokens: Arc::default(),
             config,
         }))
@@ -102,28 +142,33 @@ impl Cluster {
         self.up.load(Relaxed)
     }
 
-    /// Runs one operation on the shared connection within `[redis] timeout`.
+    /// Runs one operation on `lane`'s connection within `[redis] timeout`.
     /// `None` when Redis is down (not tried), failed or was late; each
-    /// failure is counted and logged once per outage.
-    pub async fn run<T, F>(&self, what: &'static str, op: impl FnOnce(ConnectionManager) -> F) -> Option<T>
+    /// failure is counted, and on the shared lane marks Redis down (logged
+    /// once per outage).
+    pub async fn run<T, F>(&self, lane: Lane, what: &'static str, op: impl FnOnce(ConnectionManager) -> F) -> Option<T>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
         if !self.is_up() {
             return None;
         }
-        self.attempt(what, op).await
+        self.attempt(lane, what, op).await
     }
 
     /// As [`Self::run`], tried even while Redis is marked down (the probe).
-    async fn attempt<T, F>(&self, what: &'static str, op: impl FnOnce(ConnectionManager) -> F) -> Option<T>
+    async fn attempt<T, F>(&self, lane: Lane, what: &'static str, op: impl FnOnce(ConnectionManager) -> F) -> Option<T>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        let error = match tokio::time::timeout(self.config.timeout, op(self.conn.clone())).await {
+        let conn = ConnectionManager::clone(&self.conns[lane as usize].load());
+        let error = match tokio::time::timeout(self.config.timeout, op(conn)).await {
             Ok(Ok(value)) => {
-                if !self.up.swap(true, Relaxed) {
+                if lane == Lane::Shared && !self.up.swap(true, Relaxed) {
                     tracing::info!(what, "Redis answers again; shared limits, key health and cache resume");
+                    self.resync_due.store(true, Relaxed);
+                    self.news.wake();
+                    self.resubscribe.notify_one();
                 }
                 return Some(value);
             }
@@ -131,12 +176,25 @@ impl Cluster {
             Err(_) => format!("no answer within {:?}", self.config.timeout),
         };
         self.errors.fetch_add(1, Relaxed);
-        if self.up.swap(false, Relaxed) {
+        if lane == Lane::Cache {
+            tracing::debug!(what, %error, "a Redis cache operation failed");
+        } else if self.up.swap(false, Relaxed) {
             tracing::warn!(what, %error, on_error = ?self.config.on_error, "Redis failed; limits fall back until it answers again");
         } else {
             tracing::debug!(what, %error, "Redis still failing");
         }
         None
+    }
+
+    /// Fresh connections for both lanes (the old ones close when their last
+    /// operation ends): after a failure, a new connection finds a failed-over
+    /// primary where the old one would keep talking to the old address.
+    fn reconnect(&self) {
+        for conn in &self.conns {
+            if let Ok(fresh) = connect(&self.client, &self.config) {
+                conn.store(Arc::new(fresh));
+            }
+        }
     }
 
     /// A connection of its own for subscribing (pub/sub takes it whole).
@@ -157,29 +215,39 @@ impl Cluster {
     pub fn start(self: &Arc<Self>, tasks: &Tasks, instance: Arc<dyn health::Instance>) {
         let probe = Arc::clone(self);
         let stop = tasks.clone();
-        let on_back = Arc::clone(&instance);
         tasks.spawn(async move {
+            let key = format!("sluice:probe:{}", probe.instance);
             loop {
                 let wait = if probe.is_up() { PROBE_WHILE_UP } else { PROBE_EVERY };
                 tokio::select! {
                     () = stop.stopped() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
-                let was_up = probe.is_up();
-                let ping = probe
-                    .attempt(
-                        "ping",
-                        |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
-                    )
-                    .await;
-                if ping.is_some() && !was_up {
-                    // What other instances published while this one could not
-                    // hear it is read back from the state they keep in Redis.
-                    health::resync(&probe, on_back.as_ref()).await;
+                if !probe.is_up() {
+                    probe.reconnect();
                 }
+                // A write: a node that answers PING but has become a read-only
+                // replica must count as down.
+                let key = key.clone();
+                probe
+                    .attempt(Lane::Shared, "probe", |mut conn| async move {
+                        redis::cmd("SET").arg(key).arg(1).arg("PX").arg(10_000).query_async::<()>(&mut conn).await
+                    })
+                    .await;
             }
         });
         limits::start_token_writer(self, tasks);
         health::start(self, tasks, instance);
     }
+}
+
+/// A managed connection that connects on first use.
+fn connect(client: &redis::Client, config: &RedisConfig) -> Result<ConnectionManager, String> {
+    let settings = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(500))))
+        .set_response_timeout(Some(config.timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(200));
+    ConnectionManager::new_lazy_with_config(client.clone(), settings).map_err(|e| format!("redis: {e}"))
 }

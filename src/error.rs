@@ -114,6 +114,9 @@ pub enum ProxyError {
     /// `[redis] on_error = "deny"`.
     #[error("the shared rate limits cannot be checked (Redis is unavailable)")]
     LimitsUnavailable,
+    /// An admin action on what instances share could not reach Redis.
+    #[error("Redis, which the instances share, did not answer: {0}")]
+    RedisUnavailable(&'static str),
     /// The requested model is not routed by this gateway.
     #[error("the model `{0}` does not exist or is not served by this gateway")]
     UnknownModel(String),
@@ -220,7 +223,7 @@ impl ProxyError {
             Self::BadField { .. } => StatusCode::BAD_REQUEST,
             Self::NoSuchItem(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::Store(_) | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store(_) | Self::LimitsUnavailable | Self::RedisUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -259,6 +262,7 @@ impl ProxyError {
             Self::Conflict(_) => "conflict",
             Self::Store(_) => "store_unavailable",
             Self::LimitsUnavailable => "limits_unavailable",
+            Self::RedisUnavailable(_) => "redis_unavailable",
             Self::UnknownModel(_) => "model_not_found",
             Self::NoModel => "model_required",
             Self::NotFound(_) => "not_found",
@@ -314,7 +318,9 @@ impl ProxyError {
             | Self::NoAvailableKey { .. }
             | Self::AllKeysRateLimited { .. }
             | Self::UpstreamUnavailable { .. } => ErrorSource::Upstream,
-            Self::Internal(_) | Self::Store(_) | Self::LimitsUnavailable => ErrorSource::Internal,
+            Self::Internal(_) | Self::Store(_) | Self::LimitsUnavailable | Self::RedisUnavailable(_) => {
+                ErrorSource::Internal
+            }
         }
     }
 
@@ -354,7 +360,7 @@ impl ProxyError {
             | Self::UpstreamLogin { .. }
             | Self::NoAvailableKey { .. }
             | Self::UpstreamUnavailable { .. } => "upstream_error",
-            Self::Internal(_) | Self::Store(_) | Self::LimitsUnavailable => "server_error",
+            Self::Internal(_) | Self::Store(_) | Self::LimitsUnavailable | Self::RedisUnavailable(_) => "server_error",
         }
     }
 
@@ -379,6 +385,7 @@ impl ProxyError {
             | Self::Conflict(_)
             | Self::Store(_)
             | Self::LimitsUnavailable
+            | Self::RedisUnavailable(_)
             | Self::NotFound(_)
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge(_)
@@ -423,6 +430,7 @@ impl ProxyError {
             | Self::Conflict(_)
             | Self::Store(_)
             | Self::LimitsUnavailable
+            | Self::RedisUnavailable(_)
             | Self::UnknownModel(_)
             | Self::NoModel
             | Self::NotFound(_)
@@ -451,7 +459,7 @@ impl ProxyError {
             Self::Internal(_) => "internal error".to_string(),
             // The cause may name files; it goes to the log.
             Self::Store(_) => "the key store is unavailable".to_string(),
-            Self::LimitsUnavailable => self.to_string(),
+            Self::LimitsUnavailable | Self::RedisUnavailable(_) => self.to_string(),
             Self::BadJson(_)
             | Self::EmptyBody
             | Self::ModelNotString
@@ -598,6 +606,7 @@ mod tests {
             (ProxyError::Conflict("x".into()), 409),
             (ProxyError::Store("x".into()), 503),
             (ProxyError::LimitsUnavailable, 503),
+            (ProxyError::RedisUnavailable("x"), 503),
             (ProxyError::UnknownModel("m".into()), 404),
             (ProxyError::NotFound("/x".into()), 404),
             (ProxyError::MethodNotAllowed { method: http::Method::PUT, allow: "GET, HEAD" }, 405),

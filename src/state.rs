@@ -291,6 +291,9 @@ impl Shared {
         if config.store != current.config.store {
             tracing::warn!("store changed: takes effect on restart only");
         }
+        if config.redis != current.config.redis {
+            tracing::warn!("redis changed: takes effect on restart only");
+        }
         if config.cache.max_bytes != current.config.cache.max_bytes {
             tracing::warn!("cache.max_bytes changed: takes effect on restart only");
         }

@@ -135,13 +135,6 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// The wall-clock time (unix ms) of clock time `at_ms` (see [`crate::clock`]).
-fn unix_ms_of(at_ms: u64) -> u64 {
-    let unix_now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    unix_now + at_ms.saturating_sub(now_ms())
-}
-
 /// What a new snapshot may take over from the previous one.
 pub trait Carry {
     /// The key state of a key with this secret, if the previous snapshot had it.
@@ -246,14 +239,14 @@ impl Upstream {
     /// a later deadline), and tells the other instances.
     pub fn cool_key(&self, key: &UpstreamKey, until_ms: u64) {
         key.cool_until(until_ms);
-        self.news.push(KeyEvent::Cooled { id: Arc::clone(&key.shared_id), until_unix_ms: unix_ms_of(until_ms) });
+        self.news.push(KeyEvent::Cooled { id: Arc::clone(&key.shared_id), for_ms: until_ms.saturating_sub(now_ms()) });
     }
 
     /// Rests `key` until clock time `until_ms` because it said it has nothing
     /// left (no failure counted), and tells the other instances.
     pub fn rest_key(&self, key: &UpstreamKey, until_ms: u64) {
         key.rest_until(until_ms);
-        self.news.push(KeyEvent::Cooled { id: Arc::clone(&key.shared_id), until_unix_ms: unix_ms_of(until_ms) });
+        self.news.push(KeyEvent::Cooled { id: Arc::clone(&key.shared_id), for_ms: until_ms.saturating_sub(now_ms()) });
     }
 
     /// Disables `key` (the upstream says it is bad), and tells the other instances.

@@ -230,7 +230,8 @@ impl DayBudget {
 pub struct TokenTally(crossbeam_queue::SegQueue<(std::sync::Arc<str>, u64, u64)>);
 
 /// Most tallies kept while Redis does not take them; past it the newest are
-/// dropped (this instance still counts them in its own budget).
+/// dropped from the shared count (this instance's own count, which the
+/// shared budget never goes below, still has them).
 const MAX_TALLIES: usize = 100_000;
 
 impl TokenTally {

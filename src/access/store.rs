@@ -306,7 +306,13 @@ impl UsageQueue {
             let used = last.entry(event.key_id).or_insert(event.at);
             *used = (*used).max(event.at);
         }
-        (rows.into_values().collect(), last.into_iter().collect())
+        // In key order: instances writing the same rows at once then lock
+        // them in the same order, and never deadlock.
+        let mut rows: Vec<UsageRow> = rows.into_values().collect();
+        rows.sort_unstable_by(|a, b| (a.key_id, &a.model, a.hour).cmp(&(b.key_id, &b.model, b.hour)));
+        let mut last: Vec<(i64, i64)> = last.into_iter().collect();
+        last.sort_unstable();
+        (rows, last)
     }
 }
 
@@ -400,6 +406,11 @@ impl StoreHandle {
     ) -> Result<T, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |store| {
+            // A caller that gave up (its answer was a 503 already) must not
+            // see its change made later behind its back.
+            if reply.is_closed() {
+                return Box::new(|| {});
+            }
             let result = job(store);
             Box::new(move || {
                 let _ = reply.send(result);
@@ -443,15 +454,18 @@ fn flush(store: &mut dyn Store, usage: &UsageQueue) -> bool {
 /// oldest are dropped (and logged) rather than growing without end.
 const MAX_UNWRITTEN_ROWS: usize = 100_000;
 
-/// Puts aggregated rows back (one event per row, carrying its sums).
+/// Puts aggregated rows back (one event per row, carrying its sums), at
+/// most [`MAX_UNWRITTEN_ROWS`] of them: the events queued meanwhile have
+/// their own bound, and are summed with these at the next try.
 fn requeue(usage: &UsageQueue, rows: Vec<UsageRow>) {
-    let room = MAX_UNWRITTEN_ROWS.saturating_sub(usage.0.len());
+    let room = MAX_UNWRITTEN_ROWS;
     if rows.len() > room {
         let lost: i64 = rows[room..].iter().map(|r| r.requests).sum();
         tracing::error!(rows = rows.len() - room, requests = lost, "the store refuses writes: usage dropped");
     }
     for row in rows.into_iter().take(room) {
-        usage.push(UsageEvent {
+        // Past the events' bound: these are counted already, not new.
+        usage.0.push(UsageEvent {
             key_id: row.key_id,
             model: Arc::from(row.model.as_str()),
             at: row.hour * 3600,

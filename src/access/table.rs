@@ -106,8 +106,9 @@ pub struct Client {
     /// bytes of its hash, in hex (the same on every instance, whatever the
     /// order of the config).
     pub shared_id: Arc<str>,
-    /// Where its tokens go for the day budget instances share (a key with a
-    /// budget, when `[redis]` is configured).
+    /// Where its tokens go for the day budget instances share (a tenant's
+    /// key, when `[redis]` is configured: counted with or without a budget,
+    /// so one set later in the day starts from what the key already used).
     shared_tokens: Option<Arc<TokenTally>>,
 }
 
@@ -308,7 +309,7 @@ impl ClientTable {
                 passthrough: client.passthrough,
                 operator: false,
                 shared_id: shared_id(&hash),
-                shared_tokens: key_limits.tokens_per_day.and(shared_tokens.cloned()),
+                shared_tokens: shared_tokens.cloned(),
             };
             by_hash.insert(hash, Arc::new(entry));
         }
@@ -360,7 +361,7 @@ impl ClientTable {
                     passthrough: key.passthrough,
                     operator: false,
                     shared_id: shared_id(&hash),
-                    shared_tokens: key_limits.tokens_per_day.and(shared_tokens.cloned()),
+                    shared_tokens: shared_tokens.cloned(),
                 };
                 by_hash.insert(hash, Arc::new(client));
             }

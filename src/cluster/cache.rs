@@ -1,25 +1,45 @@
 //! The response cache's shared store on Redis: each entry one string key
 //! (its [wire form](crate::cache::wire)) that Redis expires at the entry's
-//! TTL, and one set per model naming its entries, for purges by model.
-//! Redis's `maxmemory` (with an eviction policy such as `allkeys-lru`)
-//! bounds the bytes; every instance keeps its own bounded copy in memory.
+//! TTL, and per model a sorted set of its entries scored by when they
+//! expire (trimmed on every store, so it holds only live entries), for
+//! purges by model. Every instance keeps its own bounded copy in memory.
+//! Cache traffic has a connection of its own ([`Lane::Cache`]): a large
+//! answer never holds up a limit check, and a failed cache operation never
+//! marks Redis down for the limits.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 
-use super::Cluster;
+use super::{Cluster, Lane};
 use crate::cache::{CacheKey, Entry, Pending, SharedStore};
 use crate::tasks::Tasks;
 
-/// Purge-all deletes in batches of this many keys per round trip.
+/// Purges delete in batches of this many keys per round trip.
 const PURGE_BATCH: usize = 500;
 /// At most this many batches per purge (a purge is an operator's call; a
 /// huge Redis is emptied over several).
 const PURGE_ROUNDS: usize = 2_000;
 
-fn entry_key(key: &CacheKey) -> String {
-    format!("sluice:cache:e:{}", hex::encode(key))
+/// KEYS: the entry, and its model's set (absent without a model). ARGV: the
+/// entry's bytes, its TTL in ms, its name in the set.
+const PUT: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if KEYS[2] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', KEYS[2], math.floor(tonumber(last[2])) + 1)
+end
+return 1
+";
+
+static PUT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PUT));
+
+fn entry_key(hex: &str) -> String {
+    format!("sluice:cache:e:{hex}")
 }
 
 fn model_key(model: &str) -> String {
@@ -46,10 +66,10 @@ impl RedisCache {
 impl SharedStore for RedisCache {
     fn get(&self, key: CacheKey) -> Pending<'_, Option<Entry>> {
         Box::pin(async move {
-            let name = entry_key(&key);
+            let name = entry_key(&hex::encode(key));
             let bytes = self
                 .cluster
-                .run("cache get", |mut conn| async move {
+                .run(Lane::Cache, "cache get", |mut conn| async move {
                     redis::cmd("GET").arg(name).query_async::<Option<Vec<u8>>>(&mut conn).await
                 })
                 .await??;
@@ -60,66 +80,62 @@ impl SharedStore for RedisCache {
     fn put(&self, key: CacheKey, entry: Arc<Entry>) {
         let cluster = Arc::clone(&self.cluster);
         self.tasks.spawn(async move {
-            let ttl_ms = entry.ttl.as_millis().max(1) as u64;
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET").arg(entry_key(&key)).arg(entry.encode(unix_ms())).arg("PX").arg(ttl_ms).ignore();
-            if let Some(model) = &entry.model {
-                // The set lives as long as its newest entry.
-                pipe.cmd("SADD").arg(model_key(model)).arg(hex::encode(key)).ignore();
-                pipe.cmd("PEXPIRE").arg(model_key(model)).arg(ttl_ms).arg("GT").ignore();
-                pipe.cmd("PEXPIRE").arg(model_key(model)).arg(ttl_ms).arg("NX").ignore();
-            }
-            cluster.run("cache put", |mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await;
+            let hex = hex::encode(key);
+            let mut keys = vec![entry_key(&hex)];
+            keys.extend(entry.model.as_deref().map(model_key));
+            let (bytes, ttl_ms) = (entry.encode(unix_ms()), entry.ttl.as_millis().max(1) as u64);
+            cluster
+                .run(Lane::Cache, "cache put", |mut conn| async move {
+                    let mut invocation = PUT_SCRIPT.prepare_invoke();
+                    invocation.key(&keys[..]).arg(bytes).arg(ttl_ms).arg(hex);
+                    invocation.invoke_async::<i64>(&mut conn).await
+                })
+                .await;
         });
     }
 
-    fn purge(&self, model: Option<String>) -> Pending<'_, u64> {
+    fn purge(&self, model: Option<String>) -> Pending<'_, Option<u64>> {
         Box::pin(async move {
             let removed = match &model {
-                Some(model) => purge_model(&self.cluster, model).await,
-                None => purge_all(&self.cluster).await,
+                Some(model) => purge_model(&self.cluster, model).await?,
+                None => purge_all(&self.cluster).await?,
             };
-            self.cluster.publish_purge(model.as_deref()).await;
-            removed
+            self.cluster.publish_purge(model.as_deref()).await.then_some(removed)
         })
     }
 }
 
-/// Deletes the entries a model's set names, and the set.
-async fn purge_model(cluster: &Cluster, model: &str) -> u64 {
+/// Deletes the entries a model's set names, and the set; `None` if Redis failed.
+async fn purge_model(cluster: &Cluster, model: &str) -> Option<u64> {
     let set = model_key(model);
-    let members = {
-        let set = set.clone();
-        cluster
-            .run("cache purge", |mut conn| async move {
-                redis::cmd("SMEMBERS").arg(set).query_async::<Vec<String>>(&mut conn).await
-            })
-            .await
-            .unwrap_or_default()
-    };
     let mut removed = 0;
-    for batch in members.chunks(PURGE_BATCH) {
-        let names: Vec<String> = batch.iter().map(|hex| format!("sluice:cache:e:{hex}")).collect();
-        removed += cluster
-            .run(
-                "cache purge",
-                |mut conn| async move { redis::cmd("DEL").arg(names).query_async::<u64>(&mut conn).await },
-            )
-            .await
-            .unwrap_or(0);
+    for _ in 0..PURGE_ROUNDS {
+        let name = set.clone();
+        let batch = cluster
+            .run(Lane::Cache, "cache purge", |mut conn| async move {
+                redis::cmd("ZRANGE").arg(name).arg(0).arg(PURGE_BATCH - 1).query_async::<Vec<String>>(&mut conn).await
+            })
+            .await?;
+        if batch.is_empty() {
+            break;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(batch.iter().map(|hex| entry_key(hex)).collect::<Vec<_>>());
+        pipe.cmd("ZREM").arg(&set).arg(&batch).ignore();
+        let (deleted,): (u64,) = cluster
+            .run(Lane::Cache, "cache purge", |mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
+        removed += deleted;
     }
-    let _ = cluster
-        .run("cache purge", |mut conn| async move { redis::cmd("DEL").arg(set).query_async::<u64>(&mut conn).await })
-        .await;
-    removed
+    Some(removed)
 }
 
-/// Deletes every cache key, a batch found by `SCAN` at a time.
-async fn purge_all(cluster: &Cluster) -> u64 {
+/// Deletes every cache key, a batch found by `SCAN` at a time; `None` if Redis failed.
+async fn purge_all(cluster: &Cluster) -> Option<u64> {
     let (mut cursor, mut removed) = (0u64, 0u64);
     for _ in 0..PURGE_ROUNDS {
-        let Some((next, names)) = cluster
-            .run("cache purge", |mut conn| async move {
+        let (next, names) = cluster
+            .run(Lane::Cache, "cache purge", |mut conn| async move {
                 redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
@@ -129,23 +145,20 @@ async fn purge_all(cluster: &Cluster) -> u64 {
                     .query_async::<(u64, Vec<String>)>(&mut conn)
                     .await
             })
-            .await
-        else {
-            break;
-        };
+            .await?;
         if !names.is_empty() {
             let entries = names.iter().filter(|n| n.starts_with("sluice:cache:e:")).count() as u64;
-            let deleted = cluster
-                .run("cache purge", |mut conn| async move {
+            cluster
+                .run(Lane::Cache, "cache purge", |mut conn| async move {
                     redis::cmd("DEL").arg(names).query_async::<u64>(&mut conn).await
                 })
-                .await;
-            removed += deleted.map_or(0, |_| entries);
+                .await?;
+            removed += entries;
         }
         cursor = next;
         if cursor == 0 {
             break;
         }
     }
-    removed
+    Some(removed)
 }

@@ -1,25 +1,30 @@
 //! Upstream key health shared by every instance. A 429 cooldown, a key the
 //! upstream refused and an operator's reset are published on [`CHANNEL`] the
-//! moment they happen (every instance subscribes), and kept in Redis under
-//! an expiry so an instance that starts later, or reconnects after missing
-//! messages, reads them back ([`resync`]).
+//! moment they happen (every instance subscribes), and cooldowns and
+//! disabled keys are kept in Redis under an expiry, so an instance that
+//! starts later, or comes back after missing messages, reads them back
+//! ([`resync`]); resets are numbered in Redis, so one missed meanwhile is
+//! made on reading back too. (A cache purge missed meanwhile is not: an
+//! instance's copy in memory then lives out its TTL.)
 //!
-//! A cooldown is stored as the wall-clock time it ends, raised with a
-//! compare-and-set in one script: no instance ever shortens a cooldown
+//! A cooldown travels as a duration, not a time of day (instances' clocks
+//! may disagree): the Redis key expires when it ends, raised by one script
+//! only if the new one ends later, so no instance ever shortens a cooldown
 //! another set, and a receiving instance only ever extends its own
-//! (`fetch_max`). A disabled key is kept for [`DISABLED_KEPT`]; a reset
-//! deletes both. Received news is applied to the keys directly and is never
-//! published again.
+//! (`fetch_max`), never past its upstream's `max_cooldown`. A disabled key
+//! is kept for [`DISABLED_KEPT`]; a reset deletes both. Received news is
+//! applied to the keys directly and is never published again.
 //!
 //! [`CHANNEL`]: super::CHANNEL
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use super::{CHANNEL, Cluster, PROBE_EVERY};
+use super::{CHANNEL, Cluster, Lane, PROBE_EVERY};
 use crate::clock::now_ms;
 use crate::tasks::Tasks;
 use crate::upstream::Upstream;
@@ -29,8 +34,14 @@ use crate::upstream::news::KeyEvent;
 /// How long a disabled key stays disabled for instances that start later
 /// (the instances that saw it keep it disabled until a reset or reload).
 pub const DISABLED_KEPT: Duration = Duration::from_secs(86_400);
-/// Most events kept for a Redis that did not take them; past it the oldest go.
+/// Most events kept for a Redis that did not take them; past it cooldowns
+/// go first (a later one will come), then the oldest.
 const MAX_UNSENT: usize = 1_000;
+/// How often the subscription is checked with a PING (a connection a NAT
+/// or a failover left half-open would otherwise wait forever, silent).
+const SUBSCRIPTION_CHECK: Duration = Duration::from_secs(2);
+/// Longest wait for subscribing or for the check's answer.
+const SUBSCRIPTION_WAIT: Duration = Duration::from_secs(1);
 
 /// What the subscriber acts on: the running instance's keys and cache.
 pub trait Instance: Send + Sync {
@@ -42,14 +53,11 @@ pub trait Instance: Send + Sync {
     fn purge_cache(&self, model: Option<&str>);
 }
 
-/// KEYS: the key's cooldown. ARGV: until (unix ms), the message, the channel.
+/// KEYS: the key's cooldown. ARGV: its length (ms), the message, the channel.
 const COOL: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local until_ms = tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if until_ms > current and until_ms > now then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', until_ms - now)
+local current = redis.call('PTTL', KEYS[1])
+if tonumber(ARGV[1]) > current then
+  redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
 end
 return redis.call('PUBLISH', ARGV[3], ARGV[2])
 ";
@@ -64,21 +72,19 @@ fn off_key(id: &str) -> String {
     format!("sluice:off:{id}")
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+/// The number of the last reset any instance made.
+const RESETS: &str = "sluice:resets";
 
 impl Cluster {
     /// Publishes one event and records it in Redis; false if Redis did not take it.
     async fn publish(&self, event: &KeyEvent) -> bool {
         let me = &self.instance;
         match event {
-            KeyEvent::Cooled { id, until_unix_ms } => {
-                let (key, message) = (cool_key(id), format!("{me} cool {id} {until_unix_ms}"));
-                let until = *until_unix_ms;
-                self.run("key cooldown", |mut conn| async move {
+            KeyEvent::Cooled { id, for_ms } => {
+                let (key, message, for_ms) = (cool_key(id), format!("{me} cool {id} {for_ms}"), (*for_ms).max(1));
+                self.run(Lane::Shared, "key cooldown", |mut conn| async move {
                     let mut invocation = COOL_SCRIPT.prepare_invoke();
-                    invocation.key(key).arg(until).arg(message).arg(CHANNEL);
+                    invocation.key(key).arg(for_ms).arg(message).arg(CHANNEL);
                     invocation.invoke_async::<i64>(&mut conn).await
                 })
                 .await
@@ -88,69 +94,101 @@ impl Cluster {
                 let mut pipe = redis::pipe();
                 pipe.cmd("SET").arg(off_key(id)).arg(1).arg("EX").arg(DISABLED_KEPT.as_secs()).ignore();
                 pipe.cmd("PUBLISH").arg(CHANNEL).arg(format!("{me} off {id}")).ignore();
-                self.run("key disabled", |mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-                    .await
-                    .is_some()
+                self.run(
+                    Lane::Shared,
+                    "key disabled",
+                    |mut conn| async move { pipe.query_async::<()>(&mut conn).await },
+                )
+                .await
+                .is_some()
             }
             KeyEvent::Reset { ids } => {
-                let mut pipe = redis::pipe();
+                let mut pipe = redis::pipe().atomic().clone();
                 for id in ids {
                     pipe.cmd("DEL").arg(cool_key(id)).arg(off_key(id)).ignore();
                 }
-                pipe.cmd("PUBLISH").arg(CHANNEL).arg(format!("{me} reset")).ignore();
-                self.run("key reset", |mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await.is_some()
+                pipe.cmd("INCR").arg(RESETS);
+                let Some((number,)) =
+                    self.run(Lane::Shared, "key reset", |mut conn| async move {
+                        pipe.query_async::<(u64,)>(&mut conn).await
+                    })
+                    .await
+                else {
+                    return false;
+                };
+                self.resets_seen.fetch_max(number, Relaxed);
+                let message = format!("{me} reset {number}");
+                self.run(Lane::Shared, "key reset", |mut conn| async move {
+                    redis::cmd("PUBLISH").arg(CHANNEL).arg(message).query_async::<i64>(&mut conn).await
+                })
+                .await
+                .is_some()
             }
         }
     }
 
-    /// Tells every other instance to purge its copy of the cache.
-    pub async fn publish_purge(&self, model: Option<&str>) {
+    /// Tells every other instance to purge its copy of the cache; false if
+    /// Redis did not take it.
+    pub async fn publish_purge(&self, model: Option<&str>) -> bool {
         let message = format!("{} purge {}", self.instance, model.unwrap_or("*"));
-        self.run("cache purge", |mut conn| async move {
+        self.run(Lane::Shared, "cache purge", |mut conn| async move {
             redis::cmd("PUBLISH").arg(CHANNEL).arg(message).query_async::<i64>(&mut conn).await
         })
-        .await;
+        .await
+        .is_some()
     }
 }
 
-/// Every key of the instance's upstreams, with its shared id.
-fn every_key(instance: &dyn Instance) -> Vec<Arc<UpstreamKey>> {
-    instance.upstreams().iter().flat_map(|u| u.keys.keys().iter().cloned()).collect()
-}
-
-/// Applies a cooldown that ends at `until_unix_ms` to the keys named `id`.
-fn apply_cooldown(keys: &[Arc<UpstreamKey>], id: &str, until_unix_ms: u64) {
-    let now = unix_ms();
-    if until_unix_ms <= now {
-        return;
-    }
-    let until = now_ms() + (until_unix_ms - now);
-    for key in keys.iter().filter(|k| &*k.shared_id == id) {
-        key.rest_until(until);
+/// Cools the keys named `id` for `for_ms` from now, each at most its
+/// upstream's `max_cooldown`.
+fn apply_cooldown(upstreams: &[Arc<Upstream>], id: &str, for_ms: u64) {
+    for upstream in upstreams {
+        let cap = upstream.max_cooldown.as_millis() as u64;
+        for key in upstream.keys.keys().iter().filter(|k| &*k.shared_id == id) {
+            key.rest_until(now_ms().saturating_add(for_ms.min(cap)));
+        }
     }
 }
 
 /// Reads back the health other instances keep in Redis for this instance's
 /// keys (after a (re)connect, when published messages may have been missed).
 pub async fn resync(cluster: &Cluster, instance: &dyn Instance) {
-    let keys = every_key(instance);
+    let upstreams = instance.upstreams();
+    let keys: Vec<&Arc<UpstreamKey>> = upstreams.iter().flat_map(|u| u.keys.keys()).collect();
     if keys.is_empty() {
         return;
     }
-    let names: Vec<String> = keys.iter().flat_map(|k| [cool_key(&k.shared_id), off_key(&k.shared_id)]).collect();
-    let Some(values) = cluster
-        .run("key health", |mut conn| async move {
-            redis::cmd("MGET").arg(&names).query_async::<Vec<Option<u64>>>(&mut conn).await
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET").arg(RESETS);
+    for key in &keys {
+        pipe.cmd("PTTL").arg(cool_key(&key.shared_id));
+        pipe.cmd("EXISTS").arg(off_key(&key.shared_id));
+    }
+    let Some((resets, values)) = cluster
+        .run(Lane::Shared, "key health", |mut conn| async move {
+            let mut values: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+            let resets: Option<u64> = if values.is_empty() { None } else { redis::from_redis_value(values.remove(0))? };
+            Ok((resets.unwrap_or(0), redis::from_redis_value::<Vec<i64>>(redis::Value::Array(values))?))
         })
         .await
     else {
         return;
     };
+    // A reset made while this instance was not listening is made here, then
+    // whatever Redis kept from after it is applied. (At the first reading
+    // back the number is only learnt: the keys are new.)
+    let first = !cluster.synced.swap(true, Relaxed);
+    if resets > cluster.resets_seen.fetch_max(resets, Relaxed) && !first {
+        instance.reset_keys();
+        tracing::info!(resets, "the failed keys were reset elsewhere meanwhile; reset here too");
+    }
     for (key, pair) in keys.iter().zip(values.chunks(2)) {
-        if let Some(until) = pair.first().copied().flatten() {
-            apply_cooldown(std::slice::from_ref(key), &key.shared_id, until);
+        if let Some(&left) = pair.first()
+            && left > 0
+        {
+            apply_cooldown(&upstreams, &key.shared_id, left as u64);
         }
-        if pair.get(1).copied().flatten().is_some() {
+        if pair.get(1).is_some_and(|&off| off > 0) {
             key.mark_disabled();
         }
     }
@@ -167,38 +205,50 @@ fn receive(cluster: &Cluster, instance: &dyn Instance, message: &str) {
     match what {
         "cool" => {
             let mut parts = rest.split(' ');
-            if let (Some(id), Some(until)) = (parts.next(), parts.next().and_then(|u| u.parse().ok())) {
-                apply_cooldown(&every_key(instance), id, until);
+            if let (Some(id), Some(for_ms)) = (parts.next(), parts.next().and_then(|u| u.parse().ok())) {
+                apply_cooldown(&instance.upstreams(), id, for_ms);
             }
         }
         "off" => {
-            for key in every_key(instance).iter().filter(|k| &*k.shared_id == rest) {
+            for key in instance.upstreams().iter().flat_map(|u| u.keys.keys()).filter(|k| &*k.shared_id == rest) {
                 key.mark_disabled();
                 tracing::info!(key = %key.fingerprint, "another instance saw this key refused; disabled here too");
             }
         }
         "reset" => {
-            instance.reset_keys();
-            tracing::info!("another instance reset the failed keys; reset here too");
+            let number = rest.parse().unwrap_or(0);
+            if number == 0 || number > cluster.resets_seen.fetch_max(number, Relaxed) {
+                instance.reset_keys();
+                tracing::info!("another instance reset the failed keys; reset here too");
+            }
         }
         "purge" => instance.purge_cache((rest != "*").then_some(rest)),
         other => tracing::debug!(what = other, "unknown message on the shared channel"),
     }
 }
 
-/// Starts the publisher of this instance's key news and the subscriber to
-/// every other instance's.
+/// Keeps an event for a Redis that did not take it yet.
+fn keep_unsent(unsent: &mut VecDeque<KeyEvent>, event: KeyEvent) {
+    if unsent.len() >= MAX_UNSENT {
+        match unsent.iter().position(|e| matches!(e, KeyEvent::Cooled { .. })) {
+            Some(cooldown) => drop(unsent.remove(cooldown)),
+            None => drop(unsent.pop_front()),
+        }
+    }
+    unsent.push_back(event);
+}
+
+/// Starts the publisher of this instance's key news (which also reads back
+/// the shared state when due) and the subscriber to every other instance's.
 pub(super) fn start(cluster: &Arc<Cluster>, tasks: &Tasks, instance: Arc<dyn Instance>) {
     let publisher = Arc::clone(cluster);
     let stop = tasks.clone();
+    let local = Arc::clone(&instance);
     tasks.spawn(async move {
         let mut unsent: VecDeque<KeyEvent> = VecDeque::new();
         loop {
             while let Some(event) = publisher.news.pop() {
-                if unsent.len() >= MAX_UNSENT {
-                    unsent.pop_front();
-                }
-                unsent.push_back(event);
+                keep_unsent(&mut unsent, event);
             }
             while let Some(event) = unsent.front() {
                 if !publisher.publish(event).await {
@@ -206,12 +256,17 @@ pub(super) fn start(cluster: &Arc<Cluster>, tasks: &Tasks, instance: Arc<dyn Ins
                 }
                 unsent.pop_front();
             }
+            // Only once this instance's own news is out: a reset made while
+            // Redis was down must clear the state before it is read back.
+            if unsent.is_empty() && publisher.resync_due.swap(false, Relaxed) {
+                resync(&publisher, local.as_ref()).await;
+            }
             // Waits for news; with some unsent, tries again when Redis may be back.
-            let retry = if unsent.is_empty() { Duration::MAX } else { PROBE_EVERY };
+            let retry = if unsent.is_empty() { Duration::from_secs(3600) } else { PROBE_EVERY };
             tokio::select! {
                 () = stop.stopped() => return,
                 () = publisher.news.pushed() => {}
-                () = tokio::time::sleep(retry.min(Duration::from_secs(3600))) => {}
+                () = tokio::time::sleep(retry) => {}
             }
         }
     });
@@ -219,27 +274,9 @@ pub(super) fn start(cluster: &Arc<Cluster>, tasks: &Tasks, instance: Arc<dyn Ins
     let stop = tasks.clone();
     tasks.spawn(async move {
         loop {
-            if stop.is_stopping() {
-                return;
-            }
-            if let Some(mut pubsub) = subscriber.subscriber().await
-                && pubsub.subscribe(CHANNEL).await.is_ok()
-            {
-                resync(&subscriber, instance.as_ref()).await;
-                let mut messages = pubsub.on_message();
-                loop {
-                    tokio::select! {
-                        () = stop.stopped() => return,
-                        message = messages.next() => match message {
-                            Some(message) => match message.get_payload::<String>() {
-                                Ok(text) => receive(&subscriber, instance.as_ref(), &text),
-                                Err(error) => tracing::debug!(%error, "unreadable message on the shared channel"),
-                            },
-                            None => break,
-                        },
-                    }
-                }
-                tracing::debug!("the Redis subscription ended; subscribing again");
+            tokio::select! {
+                () = stop.stopped() => return,
+                () = subscribe(&subscriber, instance.as_ref()) => {}
             }
             tokio::select! {
                 () = stop.stopped() => return,
@@ -247,4 +284,37 @@ pub(super) fn start(cluster: &Arc<Cluster>, tasks: &Tasks, instance: Arc<dyn Ins
             }
         }
     });
+}
+
+/// Subscribes and acts on messages until the subscription fails its check,
+/// ends, or Redis came back after an outage (when it is made again).
+async fn subscribe(cluster: &Cluster, instance: &dyn Instance) {
+    let Some(mut pubsub) = cluster.subscriber().await else { return };
+    if !matches!(tokio::time::timeout(SUBSCRIPTION_WAIT, pubsub.subscribe(CHANNEL)).await, Ok(Ok(()))) {
+        return;
+    }
+    // Messages published before this subscription are read back from Redis.
+    cluster.resync_due.store(true, Relaxed);
+    cluster.news.wake();
+    let (mut sink, mut messages) = pubsub.split();
+    let mut check = tokio::time::interval(SUBSCRIPTION_CHECK);
+    check.tick().await;
+    loop {
+        tokio::select! {
+            () = cluster.resubscribe.notified() => return,
+            _ = check.tick() => {
+                if !matches!(tokio::time::timeout(SUBSCRIPTION_WAIT, sink.ping::<String>()).await, Ok(Ok(_))) {
+                    tracing::debug!("the Redis subscription does not answer; subscribing again");
+                    return;
+                }
+            }
+            message = messages.next() => match message {
+                Some(message) => match message.get_payload::<String>() {
+                    Ok(text) => receive(cluster, instance, &text),
+                    Err(error) => tracing::debug!(%error, "unreadable message on the shared channel"),
+                },
+                None => return,
+            },
+        }
+    }
 }

@@ -24,10 +24,11 @@ use crate::error::ProxyError;
 use crate::tasks::Tasks;
 use crate::telemetry::account::RateHeaders;
 
-use super::Cluster;
+use super::{Cluster, Lane};
 
 /// KEYS: minute hash, hour hash, today's tokens. ARGV: rpm, rph, budget (0:
-/// none). Returns {verdict (0 admitted, 1 rpm, 2 rph, 3 tokens), minute
+/// none), the tokens this instance knows the key used today (a floor: what
+/// the store counted before a budget was set or Redis was emptied). Returns {verdict (0 admitted, 1 rpm, 2 rph, 3 tokens), minute
 /// remaining, minute reset ms, hour remaining, hour reset ms, tokens used}.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
@@ -35,7 +36,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {0, 0, 0, 0, 0, 0}
 local budget = tonumber(ARGV[3])
 if budget > 0 then
-  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local used = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(ARGV[4]))
   out[6] = used
   if used >= budget then out[1] = 3 return out end
 end
@@ -114,9 +115,10 @@ impl Cluster {
             u64::from(limits.rpm.unwrap_or(0)),
             u64::from(limits.rph.unwrap_or(0)),
             limits.tokens_per_day.unwrap_or(0),
+            client.counters.tokens.used(day),
         ];
         let answer: Option<[i64; 6]> = self
-            .run("limits", |mut conn| async move {
+            .run(Lane::Shared, "limits", |mut conn| async move {
                 let mut invocation = SCRIPT.prepare_invoke();
                 invocation.key(&keys[..]).arg(&args[..]);
                 invocation.invoke_async(&mut conn).await
@@ -162,32 +164,58 @@ impl Cluster {
     }
 }
 
+/// KEYS: the batch's marker, then the day counters. ARGV: how long the
+/// counters are kept (s), then each counter's tokens. A batch is applied
+/// once, however often it is sent (a reply lost to the timeout is sent again).
+const ADD_TOKENS: &str = r"
+if redis.call('SET', KEYS[1], 1, 'NX', 'EX', 600) then
+  for i = 2, #KEYS do
+    redis.call('INCRBY', KEYS[i], ARGV[i])
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return 1
+";
+
+static ADD_TOKENS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ADD_TOKENS));
+
 /// Writes the tokens finished answers used to the shared day counters, a
-/// batch (one pipeline) every [`TOKENS_EVERY`]; a batch Redis refuses is
-/// kept for the next try (bounded by the tally's size).
+/// batch (one script) every [`TOKENS_EVERY`]; a batch Redis did not confirm
+/// is sent again as it was, under the same marker, before any newer one.
 pub(super) fn start_token_writer(cluster: &Arc<Cluster>, tasks: &Tasks) {
     let cluster = Arc::clone(cluster);
     let stop = tasks.clone();
     tasks.spawn(async move {
+        let mut unsent: Option<(Vec<String>, Vec<u64>)> = None;
+        let mut batches = 0u64;
         loop {
             let stopping = tokio::select! {
                 () = stop.stopped() => true,
                 () = tokio::time::sleep(TOKENS_EVERY) => false,
             };
-            let batch = cluster.tokens.drain();
-            if !batch.is_empty() {
-                let mut pipe = redis::pipe();
-                for (id, day, tokens) in &batch {
-                    let key = tokens_key(id, *day);
-                    pipe.cmd("INCRBY").arg(&key).arg(*tokens).ignore();
-                    pipe.cmd("EXPIRE").arg(&key).arg(TOKENS_KEPT.as_secs()).ignore();
-                }
-                let written =
-                    cluster.run("token usage", |mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await;
-                if written.is_none() {
-                    for (id, day, tokens) in &batch {
-                        cluster.tokens.push(id, *day, *tokens);
+            if unsent.is_none() {
+                let tallies = cluster.tokens.drain();
+                if !tallies.is_empty() {
+                    batches += 1;
+                    let mut keys = vec![format!("sluice:tokbatch:{}:{batches}", cluster.instance)];
+                    let mut args = vec![TOKENS_KEPT.as_secs()];
+                    for (id, day, tokens) in tallies {
+                        keys.push(tokens_key(&id, day));
+                        args.push(tokens);
                     }
+                    unsent = Some((keys, args));
+                }
+            }
+            if let Some((keys, args)) = &unsent {
+                let written = cluster
+                    .run(Lane::Shared, "token usage", |mut conn| async move {
+                        let mut invocation = ADD_TOKENS_SCRIPT.prepare_invoke();
+                        invocation.key(&keys[..]).arg(&args[..]);
+                        invocation.invoke_async::<i64>(&mut conn).await
+                    })
+                    .await;
+                if written.is_some() {
+                    unsent = None;
                 }
             }
             if stopping {

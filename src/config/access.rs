@@ -149,27 +149,35 @@ impl StoreUrl {
     }
 }
 
-/// A URL's text fit to print: `user:password@` cut to `user:***@`, the
-/// query (which may carry `password=`) left out.
-pub fn redact_url(text: &str) -> String {
-    let text = text.split('?').next().unwrap_or(text);
-    let Some((scheme, rest)) = text.split_once("://") else { return text.to_string() };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split(':').next().unwrap_or("");
-            let hidden = if credentials.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{tail}")
-        }
-        None => text.to_string(),
-    }
+/// A PostgreSQL URL fit to print: user, hosts, ports and database as the
+/// driver reads them, never the password (which may hold `/`, `?` or `@`
+/// that a textual cut would get wrong) nor the options.
+fn postgres_display(url: &str) -> String {
+    let Ok(config) = url.parse::<postgres::Config>() else { return "postgres://(unreadable URL)".to_string() };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match config.get_ports().get(i).or(config.get_ports().first()) {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    format!("postgres://{user}{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
 }
 
 impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
-            Self::Postgres(url) => f.write_str(&redact_url(url.expose())),
+            Self::Postgres(url) => f.write_str(&postgres_display(url.expose())),
         }
     }
 }
@@ -270,11 +278,18 @@ mod url_tests {
 
     #[test]
     fn a_postgres_url_prints_without_its_password() {
-        let url = StoreUrl::parse("postgres://sluice:hunter2@db:5432/gw?password=hunter2", std::path::Path::new("/"))
-            .expect("a valid URL");
-        assert_eq!(url.to_string(), "postgres://sluice:***@db:5432/gw");
-        assert_eq!(format!("{url:?}"), "postgres://sluice:***@db:5432/gw");
-        assert_eq!(redact_url("postgresql://u@h/d"), "postgresql://u@h/d");
+        let parse = |text: &str| StoreUrl::parse(text, std::path::Path::new("/")).expect("a valid URL");
+        let url = parse("postgres://sluice:hunter2@db:5432/gw?password=hunter2");
+        assert_eq!(url.to_string(), "postgres://sluice@db:5432/gw");
+        assert_eq!(format!("{url:?}"), "postgres://sluice@db:5432/gw");
+        // The driver takes everything up to the first `@` as credentials.
+        for tricky in ["postgres://u:ab/cd@db/gw", "postgres://u:a?b@db/gw", "postgresql://u:p#q@db/gw"] {
+            let shown = parse(tricky).to_string();
+            assert!(
+                !shown.contains("ab/cd") && !shown.contains("a?b") && !shown.contains("p#q"),
+                "{tricky} -> {shown}"
+            );
+        }
         assert!(StoreUrl::parse("mysql://x", std::path::Path::new("/")).is_err());
     }
 }

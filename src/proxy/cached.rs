@@ -145,11 +145,13 @@ fn scope(scope: CacheScope, client: Option<&Client>) -> String {
     match (scope, client) {
         (CacheScope::Global, _) => "*".to_string(),
         (_, None) => "-".to_string(),
+        // By the key's hash, not its label: `config:N` follows the order of
+        // the config, which a change (or another instance's file) may shift.
         (CacheScope::User, Some(client)) => match client.user() {
             Some(user) => format!("user:{user}"),
-            None => format!("key:{}", client.label()),
+            None => format!("key:{}", client.shared_id),
         },
-        (CacheScope::Key, Some(client)) => format!("key:{}", client.label()),
+        (CacheScope::Key, Some(client)) => format!("key:{}", client.shared_id),
     }
 }
 

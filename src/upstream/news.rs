@@ -15,12 +15,13 @@ use tokio::sync::Notify;
 /// [`shared id`]: super::keyring::UpstreamKey::shared_id
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyEvent {
-    /// Cooling (or resting before a 429) until this wall-clock time.
+    /// Cooling (or resting before a 429) for this long from now (a
+    /// duration, not a time of day: instances' clocks may disagree).
     Cooled {
         /// The key.
         id: Arc<str>,
-        /// Unix milliseconds the key comes back.
-        until_unix_ms: u64,
+        /// Milliseconds until the key comes back.
+        for_ms: u64,
     },
     /// Refused by the upstream: out of service until a reset.
     Disabled {
@@ -34,8 +35,8 @@ pub enum KeyEvent {
     },
 }
 
-/// Most events kept while nobody drains them (Redis slow or down); past it
-/// new ones are dropped: each instance still acts on what it sees itself.
+/// Most events queued while the publisher has not taken them; past it new
+/// ones are dropped (each instance still acts on what it sees itself).
 const MAX_QUEUED: usize = 10_000;
 
 /// The queue of [`KeyEvent`]s; one per process, shared by every upstream.
@@ -65,9 +66,14 @@ impl KeyNews {
         self.queue.pop()
     }
 
-    /// Resolves once an event was pushed since the last wait.
+    /// Resolves once an event was pushed (or [`Self::wake`] called) since the last wait.
     pub async fn pushed(&self) {
         self.wake.notified().await;
+    }
+
+    /// Wakes whoever waits in [`Self::pushed`], with no event.
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 }
 

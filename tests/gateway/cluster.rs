@@ -464,3 +464,63 @@ async fn instances_share_a_redis_over_tls() {
         assert_eq!(sample(&scrape, "sluice_redis_errors_total", &[]), 0.0, "instance {i} talked TLS without an error");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_made_while_redis_was_down_holds_when_it_is_back() {
+    let mut cluster = Cluster::start("", "", None).await;
+    cluster.all_up().await;
+    let key_b = UP_KEYS[1];
+    let fault = KeyFault { status: 401, retry_after: None, code: Some("invalid_api_key".into()) };
+    cluster.mock.state.set_faults(Faults { keys: HashMap::from([(key_b.to_string(), fault)]), ..Faults::default() });
+    for _ in 0..3 {
+        assert_eq!(cluster.chat(0, CLIENT_KEY).await.status, StatusCode::OK);
+    }
+    cluster.mock.state.set_faults(Faults::default());
+    for i in 0..3 {
+        let shared = &cluster;
+        eventually_async("key-b disabled everywhere", || async move { shared.key_state(i, key_b).await == "disabled" })
+            .await;
+    }
+    tokio::task::block_in_place(|| cluster.redis.stop());
+    let reset = cluster.admin(0, Method::POST, "/admin/reset-failed-keys", Value::Null).await;
+    assert_eq!(reset.status, StatusCode::OK);
+    assert_eq!(cluster.key_state(0, key_b).await, "healthy");
+    // Redis comes back empty here; a real one would still hold the disable.
+    // Put it back as it was, to be sure the reset clears it rather than
+    // being undone by it.
+    tokio::task::block_in_place(|| cluster.redis.restart());
+    {
+        let client = redis::Client::open(cluster.redis.url()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let id = sluice::upstream::keyring::UpstreamKey::new(sluice::config::keys::Secret::new(key_b.to_string()))
+            .unwrap()
+            .shared_id
+            .to_string();
+        let _: () = redis::cmd("SET").arg(format!("sluice:off:{id}")).arg(1).query(&mut conn).unwrap();
+    }
+    cluster.all_up().await;
+    let shared = &cluster;
+    for i in 0..3 {
+        eventually_async("key-b healthy everywhere once Redis is back", || async move {
+            shared.key_state(i, key_b).await == "healthy"
+        })
+        .await;
+    }
+    eventually("the disable is gone from Redis", || redis_keys(&shared.redis, "sluice:off:*").is_empty()).await;
+    for i in 0..3 {
+        assert_eq!(shared.key_state(i, key_b).await, "healthy", "instance {i} kept the reset");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_redis_cannot_take_says_so() {
+    let mut cluster = Cluster::start("", "[cache]\nenabled = true\n", None).await;
+    cluster.all_up().await;
+    assert_eq!(cluster.chat(0, CLIENT_KEY).await.headers["x-sluice-cache"], "miss");
+    tokio::task::block_in_place(|| cluster.redis.stop());
+    let purge = cluster.admin(0, Method::POST, "/admin/cache/purge", json!({})).await;
+    assert_eq!(purge.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", purge.body);
+    assert_eq!(purge.error_code(), "redis_unavailable");
+    // This instance's own copy went all the same.
+    assert_eq!(cluster.chat(0, CLIENT_KEY).await.headers["x-sluice-cache"], "miss");
+}
