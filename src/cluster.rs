@@ -245,7 +245,9 @@ impl Cluster {
 fn connect(client: &redis::Client, config: &RedisConfig) -> Result<ConnectionManager, String> {
     let settings = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(500))))
-        .set_response_timeout(Some(config.timeout))
+        // Every operation is bounded by `run` already; a second timer inside
+        // the driver would cost as much again per operation.
+        .set_response_timeout(None)
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(20))
         .set_max_delay(Duration::from_millis(200));

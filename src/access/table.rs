@@ -106,6 +106,8 @@ pub struct Client {
     /// bytes of its hash, in hex (the same on every instance, whatever the
     /// order of the config).
     pub shared_id: Arc<str>,
+    /// The names of its minute and hour windows in Redis, made on first use.
+    pub shared_windows: std::sync::OnceLock<Box<[String; 2]>>,
     /// Where its tokens go for the day budget instances share (a tenant's
     /// key, when `[redis]` is configured: counted with or without a budget,
     /// so one set later in the day starts from what the key already used).
@@ -284,6 +286,7 @@ impl ClientTable {
                 passthrough: true,
                 operator: true,
                 shared_id: shared_id(&hash),
+                shared_windows: std::sync::OnceLock::new(),
                 shared_tokens: None,
             };
             by_hash.insert(hash, Arc::new(client));
@@ -309,6 +312,7 @@ impl ClientTable {
                 passthrough: client.passthrough,
                 operator: false,
                 shared_id: shared_id(&hash),
+                shared_windows: std::sync::OnceLock::new(),
                 shared_tokens: shared_tokens.cloned(),
             };
             by_hash.insert(hash, Arc::new(entry));
@@ -361,6 +365,7 @@ impl ClientTable {
                     passthrough: key.passthrough,
                     operator: false,
                     shared_id: shared_id(&hash),
+                    shared_windows: std::sync::OnceLock::new(),
                     shared_tokens: shared_tokens.cloned(),
                 };
                 by_hash.insert(hash, Arc::new(client));

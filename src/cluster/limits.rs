@@ -6,7 +6,9 @@
 //! The windows are the in-process limiter's ([`crate::access::limits`]): 60
 //! sub-buckets per window, the oldest counted whole, so no span of 60 s ever
 //! holds more than `rpm`. Each window is one Redis hash (bucket index ->
-//! count) that expires with the window. Time is Redis's own clock (`TIME`),
+//! count, with the running total of the buckets still counted and the oldest
+//! of them, so a request reads two fields, not 61) that expires with the
+//! window. Time is Redis's own clock (`TIME`),
 //! so instances whose clocks disagree still share one window. The day budget
 //! reads a per-day counter that finished answers add to ([`TokenTally`],
 //! written in batches a few times a second).
@@ -28,17 +30,18 @@ use super::{Cluster, Lane};
 
 /// KEYS: minute hash, hour hash, today's tokens. ARGV: rpm, rph, budget (0:
 /// none), the tokens this instance knows the key used today (a floor: what
-/// the store counted before a budget was set or Redis was emptied). Returns {verdict (0 admitted, 1 rpm, 2 rph, 3 tokens), minute
+/// the store counted before a budget was set or Redis was emptied), and, for
+/// tests only, the time in ms to use instead of Redis's clock. Returns {verdict (0 admitted, 1 rpm, 2 rph, 3 tokens), minute
 /// remaining, minute reset ms, hour remaining, hour reset ms, tokens used}.
-const ADMIT: &str = r"
+pub const ADMIT: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(ARGV[5]) or (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local out = {0, 0, 0, 0, 0, 0}
 local budget = tonumber(ARGV[3])
 if budget > 0 then
   local used = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(ARGV[4]))
   out[6] = used
-  if used >= budget then out[1] = 3 return out end
+  if used >= budget then out[1] = 3 return table.concat(out, ' ') end
 end
 local pending = {}
 for w = 1, 2 do
@@ -48,23 +51,38 @@ for w = 1, 2 do
     local width = span / 60
     local index = math.floor(now / width)
     local first = index - 60
-    local fields = redis.call('HGETALL', KEYS[w])
-    local total, oldest = 0, nil
-    for i = 1, #fields, 2 do
-      local bucket = tonumber(fields[i])
-      if bucket < first then
-        redis.call('HDEL', KEYS[w], fields[i])
-      else
-        local count = tonumber(fields[i + 1])
-        total = total + count
-        if count > 0 and (oldest == nil or bucket < oldest) then oldest = bucket end
+    -- 't' is the total of buckets f..index; a bucket leaving the window
+    -- is taken off it once, so a request costs a few field reads, not 61.
+    local state = redis.call('HMGET', KEYS[w], 'f', 't')
+    local f, total = tonumber(state[1]), tonumber(state[2]) or 0
+    local was = f
+    if f == nil or f > index or index - f > 121 then
+      if f ~= nil then redis.call('DEL', KEYS[w]) end
+      f, total = first, 0
+    end
+    while f < first do
+      local gone = redis.call('HGET', KEYS[w], f)
+      if gone then
+        total = total - tonumber(gone)
+        redis.call('HDEL', KEYS[w], f)
+      end
+      f = f + 1
+    end
+    if f ~= was then
+      redis.call('HSET', KEYS[w], 'f', f, 't', total)
+      redis.call('PEXPIRE', KEYS[w], span + width)
+    end
+    local oldest = nil
+    if total >= limit then
+      for b = f, index do
+        if redis.call('HEXISTS', KEYS[w], b) == 1 then oldest = b break end
       end
     end
     local slot = 2 * w
     if total >= limit then
       out[1] = w
       out[slot + 1] = ((oldest or index) + 61) * width - now
-      return out
+      return table.concat(out, ' ')
     end
     out[slot] = limit - total - 1
     out[slot + 1] = (index + 61) * width - now
@@ -73,9 +91,10 @@ for w = 1, 2 do
 end
 for _, p in ipairs(pending) do
   redis.call('HINCRBY', p[1], p[2], 1)
+  redis.call('HINCRBY', p[1], 't', 1)
   redis.call('PEXPIRE', p[1], p[3])
 end
-return out
+return table.concat(out, ' ')
 ";
 
 static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ADMIT));
@@ -89,6 +108,18 @@ const TOKENS_EVERY: Duration = Duration::from_millis(200);
 /// Redis key of a client's day tokens.
 fn tokens_key(shared_id: &str, day: u64) -> String {
     format!("sluice:tok:{shared_id}:{day}")
+}
+
+/// The script's six numbers.
+fn six(text: &str) -> Option<[i64; 6]> {
+    // Lua prints whole numbers as such (past 10^14 in exponent form).
+    let mut numbers =
+        text.split(' ').map(|n| n.parse::<i64>().ok().or_else(|| n.parse::<f64>().ok().map(|f| f as i64)));
+    let mut out = [0; 6];
+    for slot in &mut out {
+        *slot = numbers.next()??;
+    }
+    Some(out)
 }
 
 /// What the shared limits said.
@@ -109,22 +140,31 @@ impl Cluster {
         let limits = client.limits;
         let unix = unix_now().max(0) as u64;
         let day = utc_day(unix);
-        let id = &client.shared_id;
-        let keys = [format!("sluice:rl:{id}:m"), format!("sluice:rl:{id}:h"), tokens_key(id, day)];
+        let windows = client.shared_windows.get_or_init(|| {
+            let id = &client.shared_id;
+            Box::new([format!("sluice:rl:{id}:m"), format!("sluice:rl:{id}:h")])
+        });
+        // The day's key only when there is a budget to read it for.
+        let tokens = match limits.tokens_per_day {
+            Some(_) => tokens_key(&client.shared_id, day),
+            None => String::new(),
+        };
         let args = [
             u64::from(limits.rpm.unwrap_or(0)),
             u64::from(limits.rph.unwrap_or(0)),
             limits.tokens_per_day.unwrap_or(0),
             client.counters.tokens.used(day),
         ];
-        let answer: Option<[i64; 6]> = self
+        let answer: Option<String> = self
             .run(Lane::Shared, "limits", |mut conn| async move {
                 let mut invocation = SCRIPT.prepare_invoke();
-                invocation.key(&keys[..]).arg(&args[..]);
+                invocation.key(&windows[0]).key(&windows[1]).key(if tokens.is_empty() { &windows[0] } else { &tokens });
+                invocation.arg(&args[..]);
                 invocation.invoke_async(&mut conn).await
             })
             .await;
-        let Some([verdict, minute_left, minute_reset, hour_left, hour_reset, used]) = answer else {
+        let Some([verdict, minute_left, minute_reset, hour_left, hour_reset, used]) = answer.as_deref().and_then(six)
+        else {
             return SharedVerdict::Unavailable;
         };
         let ms = |v: i64| Duration::from_millis(v.max(1) as u64);

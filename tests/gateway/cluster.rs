@@ -524,3 +524,63 @@ async fn a_purge_redis_cannot_take_says_so() {
     // This instance's own copy went all the same.
     assert_eq!(cluster.chat(0, CLIENT_KEY).await.headers["x-sluice-cache"], "miss");
 }
+
+/// The shared window decides exactly as the in-process one, request by
+/// request, on the same clock (the script takes a test's time instead of
+/// Redis's), and no 60 s span ever holds more than the limit.
+#[test]
+fn the_shared_window_admits_exactly_what_the_in_process_one_does() {
+    use sluice::access::limits::{Verdict, Window};
+    let redis = RedisServer::start();
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let script = redis::Script::new(sluice::cluster::limits::ADMIT);
+    let (limit, span) = (10u32, std::time::Duration::from_secs(60));
+    let local = Window::default();
+    let mut t = 1_764_000_000_000u64;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut admitted_times = Vec::new();
+    for step in 0..3000u64 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        t += match step % 300 {
+            0..=79 => 3_000,
+            80..=159 => rng % 2_000,
+            160 => 59_900,
+            161..=169 => 200_000, // idle past the window: stale buckets go
+            _ => rng % 700,
+        };
+        let verdict = local.take(limit, span, t);
+        let here = matches!(verdict, Verdict::Admitted { .. });
+        let answer: String = script
+            .key("rl:m")
+            .key("rl:h")
+            .key("rl:m")
+            .arg(limit)
+            .arg(0)
+            .arg(0)
+            .arg(0)
+            .arg(t)
+            .invoke(&mut conn)
+            .unwrap();
+        let shared = answer.starts_with("0 ");
+        assert_eq!(shared, here, "step {step} at {t}: Redis said {answer:?}");
+        // A refusal's wait and an admission's reset agree to the millisecond.
+        let wait: u64 = answer.split(' ').nth(2).unwrap().parse().unwrap();
+        match verdict {
+            Verdict::Refused { retry_after } => assert_eq!(wait, retry_after.as_millis() as u64, "step {step}"),
+            Verdict::Admitted { reset, remaining } => {
+                assert_eq!(wait, reset.as_millis() as u64, "step {step}");
+                assert_eq!(answer.split(' ').nth(1).unwrap(), remaining.to_string(), "step {step}");
+            }
+        }
+        if shared {
+            admitted_times.push(t);
+        }
+    }
+    for (i, start) in admitted_times.iter().enumerate() {
+        let inside = admitted_times[i..].iter().take_while(|at| **at < start + 60_000).count();
+        assert!(inside <= limit as usize, "{inside} admitted within 60 s of {start}");
+    }
+    assert!(admitted_times.len() > 300, "admitted too little: {}", admitted_times.len());
+}
