@@ -59,6 +59,8 @@ pub enum Lane {
 /// This process's link to the shared Redis.
 pub struct Cluster {
     client: redis::Client,
+    /// The client of [`Lane::Cache`]: `client` again, or `[redis] cache_url`'s.
+    cache_client: redis::Client,
     /// One managed connection per [`Lane`]; replaced whole when Redis is
     /// found down (the manager itself reconnects only after I/O errors: a
     /// silent old primary or a read-only replica would keep it failing).
@@ -103,26 +105,16 @@ impl Cluster {
     /// that is down at start leaves the gateway degraded, not stopped).
     pub fn new(config: RedisConfig, news: Arc<KeyNews>) -> Result<Arc<Self>, String> {
         // The driver's reason names the part at fault, never the URL's text.
-        let info = config
-            .url
-            .expose()
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| format!("redis.url: {e}"))?
-            .set_tcp_settings(TcpSettings::default().set_nodelay(true).set_user_timeout(TCP_USER_TIMEOUT));
-        let client = match &config.ca_file {
-            Some(path) => {
-                let root_cert = std::fs::read(path).map_err(|e| format!("redis.ca_file {}: {e}", path.display()))?;
-                let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
-                redis::Client::build_with_tls(info, certificates)
-            }
-            None => redis::Client::open(info),
-        }
-        .map_err(|e| format!("redis.url: {e}"))?;
-        let conns = [connect(&client, &config)?, connect(&client, &config)?].map(ArcSwap::from_pointee);
+        let client = open_client(config.url.expose(), &config, "redis.url")?;
+        let cache_client = match &config.cache_url {
+            Some(url) => open_client(url.expose(), &config, "redis.cache_url")?,
+            None => client.clone(),
+        };
+        let conns = [connect(&client, &config)?, connect(&cache_client, &config)?].map(ArcSwap::from_pointee);
         news.listen();
         Ok(Arc::new(Self {
             client,
+            cache_client,
             conns,
             up: AtomicBool::new(true),
             errors: AtomicU64::new(0),
@@ -190,8 +182,8 @@ impl Cluster {
     /// operation ends): after a failure, a new connection finds a failed-over
     /// primary where the old one would keep talking to the old address.
     fn reconnect(&self) {
-        for conn in &self.conns {
-            if let Ok(fresh) = connect(&self.client, &self.config) {
+        for (conn, client) in self.conns.iter().zip([&self.client, &self.cache_client]) {
+            if let Ok(fresh) = connect(client, &self.config) {
                 conn.store(Arc::new(fresh));
             }
         }
@@ -239,6 +231,24 @@ impl Cluster {
         limits::start_token_writer(self, tasks);
         health::start(self, tasks, instance);
     }
+}
+
+/// A client for `url` (TLS with `[redis] ca_file` when given), its TCP
+/// connections with Nagle off and a user timeout.
+fn open_client(url: &str, config: &RedisConfig, field: &str) -> Result<redis::Client, String> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| format!("{field}: {e}"))?
+        .set_tcp_settings(TcpSettings::default().set_nodelay(true).set_user_timeout(TCP_USER_TIMEOUT));
+    match &config.ca_file {
+        Some(path) => {
+            let root_cert = std::fs::read(path).map_err(|e| format!("redis.ca_file {}: {e}", path.display()))?;
+            let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
+            redis::Client::build_with_tls(info, certificates)
+        }
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| format!("{field}: {e}"))
 }
 
 /// A managed connection that connects on first use.

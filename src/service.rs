@@ -179,10 +179,10 @@ fn log_refusal(ctx: &RequestContext, error: &ProxyError) {
     // Only the path: a query may carry `api_key`.
     let (method, path, attempts) = (&ctx.method, &*ctx.path, ctx.attempts);
     // The message may quote the client (a model name): never raw control characters.
-    // A fast refusal while a breaker is open: the breaker said so once, at
-    // WARN, when it opened; a WARN line per refused request would flood the
-    // log under load.
-    let breaker_open = matches!(error, ProxyError::UpstreamUnavailable { .. });
+    // A fast refusal while a breaker is open or Redis is down (`on_error =
+    // "deny"`): each said so once, at WARN, when it happened; a WARN line per
+    // refused request would flood the log under load.
+    let breaker_open = matches!(error, ProxyError::UpstreamUnavailable { .. } | ProxyError::LimitsUnavailable);
     let error = printable(&error.to_string()).into_owned();
     if status.is_server_error() && !breaker_open {
         tracing::warn!(request_id = ctx.request_id.to_str().unwrap_or("-"), %method, path, attempts, status = status.as_u16(), kind, %error, "request failed");

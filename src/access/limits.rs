@@ -225,9 +225,10 @@ impl DayBudget {
 
 /// Tokens of finished answers waiting to be added to the day budgets other
 /// instances share (`[redis]`): a lock-free queue the request path pushes to
-/// and the cluster's writer drains a few times a second.
+/// (waking the cluster's writer, which writes at once whatever it finds, so
+/// the other instances see an answer's tokens a round trip after it ended).
 #[derive(Debug, Default)]
-pub struct TokenTally(crossbeam_queue::SegQueue<(std::sync::Arc<str>, u64, u64)>);
+pub struct TokenTally(crossbeam_queue::SegQueue<(std::sync::Arc<str>, u64, u64)>, tokio::sync::Notify);
 
 /// Most tallies kept while Redis does not take them; past it the newest are
 /// dropped from the shared count (this instance's own count, which the
@@ -239,7 +240,13 @@ impl TokenTally {
     pub fn push(&self, shared_id: &std::sync::Arc<str>, day: u64, tokens: u64) {
         if self.0.len() < MAX_TALLIES {
             self.0.push((std::sync::Arc::clone(shared_id), day, tokens));
+            self.1.notify_one();
         }
+    }
+
+    /// Resolves once tokens were pushed since the last wait.
+    pub async fn pushed(&self) {
+        self.1.notified().await;
     }
 
     /// Takes everything queued, summed per key and day.

@@ -329,8 +329,40 @@ enum Message {
 
 /// How often usage is written and other processes' changes looked for.
 pub const STORE_TICK: Duration = Duration::from_secs(1);
+/// Whether the database answers, as the store's thread saw it.
+#[derive(Debug)]
+struct StoreHealth {
+    /// The last write or poll was answered.
+    up: std::sync::atomic::AtomicBool,
+    /// Unix ms when the call in progress began; 0 when none is.
+    busy_since: std::sync::atomic::AtomicU64,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        Self { up: std::sync::atomic::AtomicBool::new(true), busy_since: std::sync::atomic::AtomicU64::new(0) }
+    }
+}
+
+impl StoreHealth {
+    /// Runs `call` marked as waiting on the database.
+    fn busy<T>(&self, call: impl FnOnce() -> T) -> T {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.busy_since.store(unix_millis().max(1), Relaxed);
+        let out = call();
+        self.busy_since.store(0, Relaxed);
+        out
+    }
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A call waiting on the database this long makes the store count as down.
+pub const STALLED_AFTER: Duration = Duration::from_secs(5);
 /// Longest wait of an admin call or CLI command for the store's answer.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often usage past its retention is deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -338,8 +370,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 #[derive(Clone)]
 pub struct StoreHandle {
     jobs: Sender<Message>,
-    /// Whether the database answered the last write or poll.
-    up: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the database answers.
+    health: Arc<StoreHealth>,
     /// Usage the request path counts.
     pub usage: Arc<UsageQueue>,
 }
@@ -367,18 +399,23 @@ impl StoreHandle {
         let (jobs, receiver) = crossbeam_channel::unbounded();
         let usage = Arc::new(UsageQueue::default());
         let queue = Arc::clone(&usage);
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let health = Arc::clone(&up);
+        let health = Arc::new(StoreHealth::default());
+        let shared = Arc::clone(&health);
         std::thread::Builder::new()
             .name("sluice-store".into())
-            .spawn(move || run(store, receiver, queue, on_change, keep_usage, &health))
+            .spawn(move || run(store, receiver, queue, on_change, keep_usage, &shared))
             .map_err(|e| StoreError::Database(format!("cannot start the store thread: {e}")))?;
-        Ok(Self { jobs, usage, up })
+        Ok(Self { jobs, usage, health })
     }
 
-    /// Whether the database answered the store's last write or poll.
+    /// Whether the database answered the store's last write or poll, and
+    /// no call has been waiting on it for [`STALLED_AFTER`] (a database that
+    /// accepts but never answers leaves the thread waiting, not failing).
     pub fn is_up(&self) -> bool {
-        self.up.load(std::sync::atomic::Ordering::Relaxed)
+        use std::sync::atomic::Ordering::Relaxed;
+        let busy_since = self.health.busy_since.load(Relaxed);
+        let stalled = busy_since != 0 && unix_millis().saturating_sub(busy_since) > STALLED_AFTER.as_millis() as u64;
+        self.health.up.load(Relaxed) && !stalled
     }
 
     /// Runs `read` on the store's thread and returns its result.
@@ -484,8 +521,9 @@ fn run(
     usage: Arc<UsageQueue>,
     on_change: OnChange,
     keep_usage: Duration,
-    up: &std::sync::atomic::AtomicBool,
+    health: &StoreHealth,
 ) {
+    let up = &health.up;
     let set_up = |answered: bool| {
         if up.swap(answered, std::sync::atomic::Ordering::Relaxed) != answered {
             match answered {
@@ -519,8 +557,8 @@ fn run(
         // must not hold back the usage writes and the poll.
         if std::time::Instant::now() >= tick {
             tick = std::time::Instant::now() + STORE_TICK;
-            let wrote = flush(store.as_mut(), &usage);
-            match store.changed_elsewhere() {
+            let (wrote, changed) = health.busy(|| (flush(store.as_mut(), &usage), store.changed_elsewhere()));
+            match changed {
                 Ok(changed) => {
                     set_up(wrote);
                     if changed || dirty {
@@ -545,8 +583,9 @@ fn run(
         match jobs.recv_deadline(tick) {
             Ok(Message::Run(job, wrote)) => {
                 // Usage counted so far is written first, so a read sees it.
-                flush(store.as_mut(), &usage);
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(store.as_mut())));
+                health.busy(|| flush(store.as_mut(), &usage));
+                let run =
+                    health.busy(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(store.as_mut()))));
                 let deliver = match run {
                     Ok(deliver) => deliver,
                     Err(_) => {
@@ -557,7 +596,7 @@ fn run(
                     }
                 };
                 if wrote {
-                    dirty = !refresh(store.as_mut());
+                    dirty = !health.busy(|| refresh(store.as_mut()));
                 }
                 deliver();
             }

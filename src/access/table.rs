@@ -106,6 +106,9 @@ pub struct Client {
     /// bytes of its hash, in hex (the same on every instance, whatever the
     /// order of the config).
     pub shared_id: Arc<str>,
+    /// Who shares cached answers with it under `[cache] scope = "user"`: its
+    /// user by store id (a name may be reused by another tenant later).
+    pub user_scope: Option<Arc<str>>,
     /// The names of its minute and hour windows in Redis, made on first use.
     pub shared_windows: std::sync::OnceLock<Box<[String; 2]>>,
     /// Where its tokens go for the day budget instances share (a tenant's
@@ -286,6 +289,7 @@ impl ClientTable {
                 passthrough: true,
                 operator: true,
                 shared_id: shared_id(&hash),
+                user_scope: None,
                 shared_windows: std::sync::OnceLock::new(),
                 shared_tokens: None,
             };
@@ -312,6 +316,7 @@ impl ClientTable {
                 passthrough: client.passthrough,
                 operator: false,
                 shared_id: shared_id(&hash),
+                user_scope: None,
                 shared_windows: std::sync::OnceLock::new(),
                 shared_tokens: shared_tokens.cloned(),
             };
@@ -365,6 +370,7 @@ impl ClientTable {
                     passthrough: key.passthrough,
                     operator: false,
                     shared_id: shared_id(&hash),
+                    user_scope: key.user_id.map(|id| Arc::from(format!("user:{id}"))),
                     shared_windows: std::sync::OnceLock::new(),
                     shared_tokens: shared_tokens.cloned(),
                 };

@@ -53,8 +53,11 @@ pub trait Instance: Send + Sync {
     fn purge_cache(&self, model: Option<&str>);
 }
 
-/// KEYS: the key's cooldown. ARGV: its length (ms), the message, the channel.
+/// KEYS: the key's cooldown, the reset counter. ARGV: its length (ms), the
+/// message, the channel, the reset it was seen after. News older than the
+/// last reset (made while Redis was away) is dropped: the reset came later.
 const COOL: &str = r"
+if tonumber(redis.call('GET', KEYS[2]) or '0') > tonumber(ARGV[4]) then return 0 end
 local current = redis.call('PTTL', KEYS[1])
 if tonumber(ARGV[1]) > current then
   redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
@@ -62,7 +65,16 @@ end
 return redis.call('PUBLISH', ARGV[3], ARGV[2])
 ";
 
+/// KEYS: the key's disable mark, the reset counter. ARGV: how long it is
+/// kept (s), the message, the channel, the reset it was seen after.
+const OFF: &str = r"
+if tonumber(redis.call('GET', KEYS[2]) or '0') > tonumber(ARGV[4]) then return 0 end
+redis.call('SET', KEYS[1], 1, 'EX', ARGV[1])
+return redis.call('PUBLISH', ARGV[3], ARGV[2])
+";
+
 static COOL_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COOL));
+static OFF_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(OFF));
 
 fn cool_key(id: &str) -> String {
     format!("sluice:cool:{id}")
@@ -76,31 +88,16 @@ fn off_key(id: &str) -> String {
 const RESETS: &str = "sluice:resets";
 
 impl Cluster {
-    /// Publishes one event and records it in Redis; false if Redis did not take it.
-    async fn publish(&self, event: &KeyEvent) -> bool {
+    /// Publishes one event, seen after reset number `epoch`, and records it
+    /// in Redis; false if Redis did not take it.
+    async fn publish(&self, event: &KeyEvent, epoch: u64) -> bool {
         let me = &self.instance;
-        match event {
+        let (script, key, length, message) = match event {
             KeyEvent::Cooled { id, for_ms } => {
-                let (key, message, for_ms) = (cool_key(id), format!("{me} cool {id} {for_ms}"), (*for_ms).max(1));
-                self.run(Lane::Shared, "key cooldown", |mut conn| async move {
-                    let mut invocation = COOL_SCRIPT.prepare_invoke();
-                    invocation.key(key).arg(for_ms).arg(message).arg(CHANNEL);
-                    invocation.invoke_async::<i64>(&mut conn).await
-                })
-                .await
-                .is_some()
+                (&*COOL_SCRIPT, cool_key(id), (*for_ms).max(1), format!("{me} cool {id} {for_ms} {epoch}"))
             }
             KeyEvent::Disabled { id } => {
-                let mut pipe = redis::pipe();
-                pipe.cmd("SET").arg(off_key(id)).arg(1).arg("EX").arg(DISABLED_KEPT.as_secs()).ignore();
-                pipe.cmd("PUBLISH").arg(CHANNEL).arg(format!("{me} off {id}")).ignore();
-                self.run(
-                    Lane::Shared,
-                    "key disabled",
-                    |mut conn| async move { pipe.query_async::<()>(&mut conn).await },
-                )
-                .await
-                .is_some()
+                (&*OFF_SCRIPT, off_key(id), DISABLED_KEPT.as_secs(), format!("{me} off {id} {epoch}"))
             }
             KeyEvent::Reset { ids } => {
                 let mut pipe = redis::pipe().atomic().clone();
@@ -118,13 +115,21 @@ impl Cluster {
                 };
                 self.resets_seen.fetch_max(number, Relaxed);
                 let message = format!("{me} reset {number}");
-                self.run(Lane::Shared, "key reset", |mut conn| async move {
-                    redis::cmd("PUBLISH").arg(CHANNEL).arg(message).query_async::<i64>(&mut conn).await
-                })
-                .await
-                .is_some()
+                return self
+                    .run(Lane::Shared, "key reset", |mut conn| async move {
+                        redis::cmd("PUBLISH").arg(CHANNEL).arg(message).query_async::<i64>(&mut conn).await
+                    })
+                    .await
+                    .is_some();
             }
-        }
+        };
+        self.run(Lane::Shared, "key health", |mut conn| async move {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(key).key(RESETS).arg(length).arg(message).arg(CHANNEL).arg(epoch);
+            invocation.invoke_async::<i64>(&mut conn).await
+        })
+        .await
+        .is_some()
     }
 
     /// Tells every other instance to purge its copy of the cache; false if
@@ -194,6 +199,12 @@ pub async fn resync(cluster: &Cluster, instance: &dyn Instance) {
     }
 }
 
+/// Whether news seen after reset number `epoch` came before a reset this
+/// instance already made or heard of.
+fn stale(cluster: &Cluster, epoch: Option<&str>) -> bool {
+    epoch.and_then(|e| e.parse::<u64>().ok()).is_some_and(|e| e < cluster.resets_seen.load(Relaxed))
+}
+
 /// Acts on one message another instance published.
 fn receive(cluster: &Cluster, instance: &dyn Instance, message: &str) {
     let mut words = message.splitn(3, ' ');
@@ -205,12 +216,20 @@ fn receive(cluster: &Cluster, instance: &dyn Instance, message: &str) {
     match what {
         "cool" => {
             let mut parts = rest.split(' ');
-            if let (Some(id), Some(for_ms)) = (parts.next(), parts.next().and_then(|u| u.parse().ok())) {
+            let (id, for_ms, epoch) = (parts.next(), parts.next().and_then(|u| u.parse().ok()), parts.next());
+            if let (Some(id), Some(for_ms)) = (id, for_ms)
+                && !stale(cluster, epoch)
+            {
                 apply_cooldown(&instance.upstreams(), id, for_ms);
             }
         }
         "off" => {
-            for key in instance.upstreams().iter().flat_map(|u| u.keys.keys()).filter(|k| &*k.shared_id == rest) {
+            let mut parts = rest.split(' ');
+            let (id, epoch) = (parts.next().unwrap_or(""), parts.next());
+            if stale(cluster, epoch) {
+                return;
+            }
+            for key in instance.upstreams().iter().flat_map(|u| u.keys.keys()).filter(|k| &*k.shared_id == id) {
                 key.mark_disabled();
                 tracing::info!(key = %key.fingerprint, "another instance saw this key refused; disabled here too");
             }
@@ -228,9 +247,9 @@ fn receive(cluster: &Cluster, instance: &dyn Instance, message: &str) {
 }
 
 /// Keeps an event for a Redis that did not take it yet.
-fn keep_unsent(unsent: &mut VecDeque<KeyEvent>, event: KeyEvent) {
+fn keep_unsent(unsent: &mut VecDeque<(KeyEvent, u64)>, event: (KeyEvent, u64)) {
     if unsent.len() >= MAX_UNSENT {
-        match unsent.iter().position(|e| matches!(e, KeyEvent::Cooled { .. })) {
+        match unsent.iter().position(|(e, _)| matches!(e, KeyEvent::Cooled { .. })) {
             Some(cooldown) => drop(unsent.remove(cooldown)),
             None => drop(unsent.pop_front()),
         }
@@ -245,14 +264,20 @@ pub(super) fn start(cluster: &Arc<Cluster>, tasks: &Tasks, instance: Arc<dyn Ins
     let stop = tasks.clone();
     let local = Arc::clone(&instance);
     tasks.spawn(async move {
-        let mut unsent: VecDeque<KeyEvent> = VecDeque::new();
+        // Each event with the number of the last reset known when it happened.
+        let mut unsent: VecDeque<(KeyEvent, u64)> = VecDeque::new();
         loop {
             while let Some(event) = publisher.news.pop() {
-                keep_unsent(&mut unsent, event);
+                keep_unsent(&mut unsent, (event, publisher.resets_seen.load(Relaxed)));
             }
-            while let Some(event) = unsent.front() {
-                if !publisher.publish(event).await {
+            while let Some((event, epoch)) = unsent.front() {
+                if !publisher.publish(event, *epoch).await {
                     break;
+                }
+                // News another instance had queued meanwhile may have undone
+                // this reset here before it went out: made again now.
+                if matches!(event, KeyEvent::Reset { .. }) {
+                    local.reset_keys();
                 }
                 unsent.pop_front();
             }
@@ -297,13 +322,14 @@ async fn subscribe(cluster: &Cluster, instance: &dyn Instance) {
     cluster.resync_due.store(true, Relaxed);
     cluster.news.wake();
     let (mut sink, mut messages) = pubsub.split();
+    // (Subscribed, Redis answers PING with an array, not `PONG`: any answer will do.)
     let mut check = tokio::time::interval(SUBSCRIPTION_CHECK);
     check.tick().await;
     loop {
         tokio::select! {
             () = cluster.resubscribe.notified() => return,
             _ = check.tick() => {
-                if !matches!(tokio::time::timeout(SUBSCRIPTION_WAIT, sink.ping::<String>()).await, Ok(Ok(_))) {
+                if !matches!(tokio::time::timeout(SUBSCRIPTION_WAIT, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
                     tracing::debug!("the Redis subscription does not answer; subscribing again");
                     return;
                 }

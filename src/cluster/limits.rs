@@ -102,7 +102,7 @@ static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ADM
 /// How long a day's token counter is kept: the day and the next, for
 /// instances whose clocks straddle midnight.
 const TOKENS_KEPT: Duration = Duration::from_secs(2 * 86_400);
-/// How often finished answers' tokens are written.
+/// How often a batch of tokens Redis did not take is sent again.
 const TOKENS_EVERY: Duration = Duration::from_millis(200);
 
 /// Redis key of a client's day tokens.
@@ -219,9 +219,10 @@ return 1
 
 static ADD_TOKENS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ADD_TOKENS));
 
-/// Writes the tokens finished answers used to the shared day counters, a
-/// batch (one script) every [`TOKENS_EVERY`]; a batch Redis did not confirm
-/// is sent again as it was, under the same marker, before any newer one.
+/// Writes the tokens finished answers used to the shared day counters as
+/// they come (whatever gathered while the last batch was on its way goes in
+/// the next: one script each); a batch Redis did not confirm is sent again
+/// as it was, under the same marker, before any newer one.
 pub(super) fn start_token_writer(cluster: &Arc<Cluster>, tasks: &Tasks) {
     let cluster = Arc::clone(cluster);
     let stop = tasks.clone();
@@ -229,9 +230,13 @@ pub(super) fn start_token_writer(cluster: &Arc<Cluster>, tasks: &Tasks) {
         let mut unsent: Option<(Vec<String>, Vec<u64>)> = None;
         let mut batches = 0u64;
         loop {
+            // At once when tokens come; a batch Redis did not take is tried
+            // again every TOKENS_EVERY.
+            let retry = if unsent.is_some() { TOKENS_EVERY } else { Duration::from_secs(3600) };
             let stopping = tokio::select! {
                 () = stop.stopped() => true,
-                () = tokio::time::sleep(TOKENS_EVERY) => false,
+                () = cluster.tokens.pushed() => false,
+                () = tokio::time::sleep(retry) => false,
             };
             if unsent.is_none() {
                 let tallies = cluster.tokens.drain();

@@ -18,6 +18,7 @@ pub(super) struct RawRedis {
     timeout: Option<HumanDuration>,
     on_error: Option<OnRedisError>,
     ca_file: Option<std::path::PathBuf>,
+    cache_url: Option<String>,
 }
 
 /// What client limits do while Redis cannot be reached.
@@ -46,20 +47,24 @@ pub struct RedisConfig {
     /// For `rediss://`: the CAs (PEM) that sign Redis's certificate, instead
     /// of the system's; relative to the config file.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Another Redis for cached answers, so that what tenants' answers fill
+    /// never evicts (or, under `noeviction`, blocks) the limits' keys.
+    pub cache_url: Option<Secret<String>>,
 }
 
 impl Validator<'_> {
     pub(super) fn redis(&self, raw: RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
         let Some(url) = raw.url else {
-            if raw.timeout.is_some() || raw.on_error.is_some() || raw.ca_file.is_some() {
+            if raw.timeout.is_some() || raw.on_error.is_some() || raw.ca_file.is_some() || raw.cache_url.is_some() {
                 return Err(self.invalid("redis.url", "is required when [redis] sets anything"));
             }
             return Ok(None);
         };
         let url = url.trim().to_string();
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            // Not echoed: the URL may hold a password.
-            return Err(self.invalid("redis.url", "must start with redis:// or rediss://"));
+        self.redis_url("redis.url", &url)?;
+        let cache_url = raw.cache_url.map(|u| u.trim().to_string());
+        if let Some(cache_url) = &cache_url {
+            self.redis_url("redis.cache_url", cache_url)?;
         }
         let timeout = raw.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
         if timeout.is_zero() || timeout > Duration::from_secs(10) {
@@ -74,6 +79,23 @@ impl Validator<'_> {
         {
             return Err(self.invalid("redis.ca_file", format!("{} is not a readable file", path.display())));
         }
-        Ok(Some(RedisConfig { url: Secret::new(url), timeout, on_error: raw.on_error.unwrap_or_default(), ca_file }))
+        Ok(Some(RedisConfig {
+            url: Secret::new(url),
+            timeout,
+            on_error: raw.on_error.unwrap_or_default(),
+            ca_file,
+            cache_url: cache_url.map(Secret::new),
+        }))
+    }
+
+    /// Checks a Redis URL as the driver reads it (so `check` refuses what
+    /// `serve` would); the reason never echoes the URL, which may hold a password.
+    fn redis_url(&self, field: &str, url: &str) -> Result<(), ConfigError> {
+        use redis::IntoConnectionInfo;
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(self.invalid(field, "must start with redis:// or rediss://"));
+        }
+        url.into_connection_info().map_err(|e| self.invalid(field, format!("not a Redis URL ({e})")))?;
+        Ok(())
     }
 }

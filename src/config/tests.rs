@@ -312,6 +312,9 @@ fn redis_settings_are_checked_and_the_url_never_echoed() {
         ("url = \"redis://x\"\nca_file = \"ca.pem\"", "redis.ca_file"),
         ("url = \"rediss://x\"\nca_file = \"/no/such/ca.pem\"", "redis.ca_file"),
         ("url = \"redis://x\"\non_error = \"maybe\"", "expected `local` or `deny`"),
+        ("url = \"redis://:hunter2@x:notaport/0\"", "redis.url"),
+        ("url = \"redis://x/notadb\"", "redis.url"),
+        ("url = \"redis://x\"\ncache_url = \"memcached://:hunter2@y\"", "redis.cache_url"),
     ] {
         let error = with(bad).unwrap_err().to_string();
         assert!(error.contains(field), "{bad}: {error}");

@@ -25,7 +25,6 @@ use crate::config::{CacheConfig, CacheScope};
 use crate::error::ProxyError;
 use crate::proxy::Prepared;
 use crate::proxy::body::SluiceBody;
-use crate::telemetry::account::Account;
 use crate::telemetry::{CacheStatus, RequestContext};
 use crate::upstream::body::ForwardBody;
 
@@ -147,8 +146,9 @@ fn scope(scope: CacheScope, client: Option<&Client>) -> String {
         (_, None) => "-".to_string(),
         // By the key's hash, not its label: `config:N` follows the order of
         // the config, which a change (or another instance's file) may shift.
-        (CacheScope::User, Some(client)) => match client.user() {
-            Some(user) => format!("user:{user}"),
+        // By the user's store id, not its name: a name may be reused.
+        (CacheScope::User, Some(client)) => match &client.user_scope {
+            Some(user) => user.to_string(),
             None => format!("key:{}", client.shared_id),
         },
         (CacheScope::Key, Some(client)) => format!("key:{}", client.shared_id),

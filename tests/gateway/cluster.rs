@@ -584,3 +584,156 @@ fn the_shared_window_admits_exactly_what_the_in_process_one_does() {
     }
     assert!(admitted_times.len() > 300, "admitted too little: {}", admitted_times.len());
 }
+
+/// Subscribers on the shared channel, as Redis counts them.
+fn subscribers(redis: &RedisServer) -> i64 {
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let (_, count): (String, i64) = redis::cmd("PUBSUB").arg("NUMSUB").arg("sluice:events").query(&mut conn).unwrap();
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscriptions_stay_up_through_their_checks() {
+    let cluster = Cluster::start("", "", None).await;
+    let redis = &cluster.redis;
+    eventually("three instances subscribed", || subscribers(redis) == 3).await;
+    // Past two of the subscription's checks (one every 2 s): none of them
+    // may take a healthy subscription down.
+    for _ in 0..250 {
+        assert_eq!(subscribers(redis), 3, "a subscription was dropped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_postgres_is_named_on_health_while_known_keys_work() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let cluster = Cluster::start("", "", Some(pg)).await;
+    let cluster = &cluster;
+    let user = cluster.admin(0, Method::POST, "/admin/users", json!({ "name": "dana" })).await;
+    let body = json!({ "user_id": user.json()["id"], "name": "k", "rpm": 0, "rph": 0 });
+    let made = cluster.admin(0, Method::POST, "/admin/keys", body).await;
+    let key = made.json()["key"].as_str().unwrap().to_string();
+    cluster._pg.as_ref().unwrap().freeze(true);
+    // An admin call now waits on a database that accepts but never answers.
+    let waiting = {
+        let url = cluster.url(0, "/admin/users");
+        tokio::spawn(async move {
+            let request = Request::post(url)
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(br#"{"name":"erin"}"#)))
+                .unwrap();
+            send(&h1_client(), request).await.status
+        })
+    };
+    let mut named = false;
+    for _ in 0..150 {
+        let started = std::time::Instant::now();
+        let reply = cluster.chat(0, &key).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "a known key works without the store: {:?} after {:?}",
+            reply.body,
+            started.elapsed()
+        );
+        if cluster.health(0).await["unreachable"] == json!(["store"]) {
+            named = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let ps = std::process::Command::new("ps").args(["-o", "pid,pgid,stat,cmd", "-u", "postgres"]).output().unwrap();
+    assert!(
+        named,
+        "a stalled store is named on /health: {} {}",
+        cluster.health(0).await,
+        String::from_utf8_lossy(&ps.stdout)
+    );
+    assert_eq!(waiting.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE, "the admin call gives up");
+    cluster._pg.as_ref().unwrap().freeze(false);
+    eventually_async(
+        "the store is healthy again",
+        || async move { cluster.health(0).await.get("unreachable").is_none() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn news_older_than_a_reset_does_not_undo_it_once_redis_is_back() {
+    let mut cluster = Cluster::start("", "", None).await;
+    cluster.all_up().await;
+    let key_b = UP_KEYS[1];
+    tokio::task::block_in_place(|| cluster.redis.stop());
+    // While Redis is away, instance 0 finds key-b bad, then instance 1's
+    // operator resets the failed keys.
+    let fault = KeyFault { status: 401, retry_after: None, code: Some("invalid_api_key".into()) };
+    cluster.mock.state.set_faults(Faults { keys: HashMap::from([(key_b.to_string(), fault)]), ..Faults::default() });
+    for _ in 0..3 {
+        assert_eq!(cluster.chat(0, CLIENT_KEY).await.status, StatusCode::OK);
+    }
+    cluster.mock.state.set_faults(Faults::default());
+    assert_eq!(cluster.key_state(0, key_b).await, "disabled");
+    let reset = cluster.admin(1, Method::POST, "/admin/reset-failed-keys", Value::Null).await;
+    assert_eq!(reset.status, StatusCode::OK);
+    tokio::task::block_in_place(|| cluster.redis.restart());
+    cluster.all_up().await;
+    let shared = &cluster;
+    for i in 0..3 {
+        eventually_async("key-b healthy everywhere once both went out", || async move {
+            shared.key_state(i, key_b).await == "healthy"
+        })
+        .await;
+    }
+    // Both pieces of news are out by now (the reset counter moved), and the
+    // older one did not win anywhere.
+    eventually("the reset reached Redis", || {
+        let mut conn = redis::Client::open(shared.redis.url()).unwrap().get_connection().unwrap();
+        redis::cmd("GET").arg("sluice:resets").query::<Option<u64>>(&mut conn).unwrap().is_some()
+    })
+    .await;
+    for i in 0..3 {
+        assert_eq!(shared.key_state(i, key_b).await, "healthy", "instance {i}");
+    }
+    assert!(redis_keys(&shared.redis, "sluice:off:*").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_budget_holds_for_quick_answers_spread_over_instances() {
+    let per_answer = {
+        let probe = Cluster::start("", "", None).await;
+        probe.chat(0, CLIENT_KEY).await.json()["usage"]["total_tokens"].as_u64().unwrap()
+    };
+    // A fresh cluster whose client may spend ten answers' tokens a day.
+    let more = format!("\n[[clients]]\nname = \"quick\"\nkey = \"sk-quick\"\ntokens_per_day = {}\n", 10 * per_answer);
+    let cluster = Cluster::start("", &more, None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    let mut admitted = 0;
+    for i in 0..60 {
+        // One after another, round-robin: each answer ends before the next asks.
+        match cluster.chat(i % 3, "sk-quick").await.status {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // Ten answers' worth, give or take the one whose tokens were on their way
+    // to Redis when the next request asked (each instance alone would admit ten).
+    assert!((10..=12).contains(&admitted), "{admitted} admitted against a budget of ten answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_answers_can_live_in_a_redis_of_their_own() {
+    let cache_redis = RedisServer::start();
+    let line = format!("cache_url = \"{}\"", cache_redis.url());
+    let cluster = Cluster::start(&line, "[cache]\nenabled = true\n", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    assert_eq!(cluster.chat(0, TENANT).await.headers["x-sluice-cache"], "miss");
+    eventually("the answer is in the cache's Redis", || !redis_keys(&cache_redis, "sluice:cache:e:*").is_empty()).await;
+    assert!(redis_keys(&cluster.redis, "sluice:cache:*").is_empty(), "nothing cached where the limits live");
+    assert!(!redis_keys(&cluster.redis, "sluice:rl:*").is_empty(), "the limits stay in the main Redis");
+    assert_eq!(cluster.chat(2, TENANT).await.headers["x-sluice-cache"], "hit");
+}

@@ -258,10 +258,31 @@ impl PgServer {
             return;
         }
         self.running = false;
+        // A frozen server (see `freeze`) would never stop.
+        if let Ok(pid_file) = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            && let Some(pid) = pid_file.lines().next()
+        {
+            let _ = Command::new("pkill").arg("-CONT").arg("-P").arg(pid.trim()).status();
+            let _ = Command::new("kill").arg("-CONT").arg(pid.trim()).status();
+        }
         let mut stop = self.command(&self.pg_ctl);
         stop.arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "-t", "10", "stop"]);
         let output = stop.output().expect("pg_ctl stop");
         assert!(output.status.success(), "pg_ctl stop failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Freezes (`true`: SIGSTOP) or thaws (`false`: SIGCONT) the server and
+    /// every backend: connections stay open, nothing is answered.
+    pub fn freeze(&self, frozen: bool) {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).expect("postmaster.pid");
+        let pid = pid_file.lines().next().expect("the postmaster's pid").trim().to_string();
+        // Each backend is a session of its own: signal the postmaster's
+        // children by parent, then the postmaster.
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let children = Command::new("pkill").arg(signal).arg("-P").arg(&pid).status().expect("pkill");
+        assert!(children.success(), "pkill {signal} -P {pid} found no backend");
+        let status = Command::new("kill").arg(signal).arg(&pid).status().expect("kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
     }
 
     /// Starts it again on the same port, with the same data.
