@@ -190,6 +190,12 @@ impl ResponseCache {
         None
     }
 
+    /// Drops this process's copy of the entry under `key` (another instance
+    /// stored a newer one in the shared store).
+    pub fn forget(&self, key: &CacheKey) {
+        self.store.remove(key);
+    }
+
     /// The single flights of identical misses.
     pub fn flights(&self) -> &Arc<Flights> {
         &self.flights

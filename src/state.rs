@@ -362,6 +362,14 @@ impl Instance for ThisInstance {
         }
     }
 
+    fn forget_cached(&self, key: &str) {
+        if let (Some(shared), Some(key)) =
+            (self.0.upgrade(), hex::decode(key).ok().and_then(|k| <[u8; 32]>::try_from(k).ok()))
+        {
+            shared.cache.forget(&key);
+        }
+    }
+
     fn purge_cache(&self, model: Option<&str>) {
         if let Some(shared) = self.0.upgrade() {
             let purged = shared.cache.purge(model);

@@ -11,7 +11,7 @@ use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 
-use super::{Cluster, Lane};
+use super::{CHANNEL, Cluster, Lane};
 use crate::cache::{CacheKey, Entry, Pending, SharedStore};
 use crate::tasks::Tasks;
 
@@ -84,13 +84,23 @@ impl SharedStore for RedisCache {
             let mut keys = vec![entry_key(&hex)];
             keys.extend(entry.model.as_deref().map(model_key));
             let (bytes, ttl_ms) = (entry.encode(unix_ms()), entry.ttl.as_millis().max(1) as u64);
-            cluster
+            let message = format!("{} stored {hex}", cluster.instance);
+            let stored = cluster
                 .run(Lane::Cache, "cache put", |mut conn| async move {
                     let mut invocation = PUT_SCRIPT.prepare_invoke();
                     invocation.key(&keys[..]).arg(bytes).arg(ttl_ms).arg(hex);
                     invocation.invoke_async::<i64>(&mut conn).await
                 })
                 .await;
+            // The other instances drop their older copies in memory (the
+            // channel lives on the main Redis, which the cache may not share).
+            if stored.is_some() {
+                cluster
+                    .run(Lane::Shared, "cache stored", |mut conn| async move {
+                        redis::cmd("PUBLISH").arg(CHANNEL).arg(message).query_async::<i64>(&mut conn).await
+                    })
+                    .await;
+            }
         });
     }
 

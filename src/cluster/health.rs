@@ -51,6 +51,8 @@ pub trait Instance: Send + Sync {
     fn reset_keys(&self);
     /// Another instance purged the cache (of one model, or all).
     fn purge_cache(&self, model: Option<&str>);
+    /// Another instance stored a newer answer under this cache key (hex).
+    fn forget_cached(&self, key: &str);
 }
 
 /// KEYS: the key's cooldown, the reset counter. ARGV: its length (ms), the
@@ -242,6 +244,7 @@ fn receive(cluster: &Cluster, instance: &dyn Instance, message: &str) {
             }
         }
         "purge" => instance.purge_cache((rest != "*").then_some(rest)),
+        "stored" => instance.forget_cached(rest),
         other => tracing::debug!(what = other, "unknown message on the shared channel"),
     }
 }

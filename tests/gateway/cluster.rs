@@ -737,3 +737,27 @@ async fn cached_answers_can_live_in_a_redis_of_their_own() {
     assert!(!redis_keys(&cluster.redis, "sluice:rl:*").is_empty(), "the limits stay in the main Redis");
     assert_eq!(cluster.chat(2, TENANT).await.headers["x-sluice-cache"], "hit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_refreshed_on_one_instance_replaces_the_others_copies() {
+    let cluster = Cluster::start("", "[cache]\nenabled = true\n", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    let first = cluster.chat(0, CLIENT_KEY).await;
+    eventually("the answer is in Redis", || !redis_keys(&cluster.redis, "sluice:cache:e:*").is_empty()).await;
+    for i in 1..3 {
+        let copy = cluster.chat(i, CLIENT_KEY).await;
+        assert_eq!((copy.headers["x-sluice-cache"].to_str().unwrap(), &copy.body), ("hit", &first.body));
+    }
+    // A client asks instance 0 for a fresh answer; the mock's ids differ per answer.
+    let fresh = cluster.chat_body(0, CLIENT_KEY, CHAT, &[("cache-control", "no-cache")]).await;
+    assert_ne!(fresh.body, first.body);
+    for i in 1..3 {
+        let fresh = &fresh;
+        eventually_async("the other instances serve the fresh answer", || async move {
+            cluster.chat(i, CLIENT_KEY).await.body == fresh.body
+        })
+        .await;
+    }
+    assert_eq!(cluster.mock.state.stats().requests, 2, "hits all the way, but for the refresh");
+}
