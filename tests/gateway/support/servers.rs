@@ -179,6 +179,21 @@ impl Drop for RedisServer {
     }
 }
 
+/// The pids of the processes whose parent is `parent`, read from /proc.
+fn children_of(parent: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.to_string();
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // After the command name (which may hold spaces): state, then ppid.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_string();
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
 /// Whether this process runs as root (PostgreSQL refuses to).
 fn is_root() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -262,8 +277,9 @@ impl PgServer {
         if let Ok(pid_file) = std::fs::read_to_string(self.data().join("postmaster.pid"))
             && let Some(pid) = pid_file.lines().next()
         {
-            let _ = Command::new("pkill").arg("-CONT").arg("-P").arg(pid.trim()).status();
-            let _ = Command::new("kill").arg("-CONT").arg(pid.trim()).status();
+            let mut pids = children_of(pid.trim());
+            pids.push(pid.trim().to_string());
+            let _ = Command::new("kill").arg("-CONT").args(&pids).status();
         }
         let mut stop = self.command(&self.pg_ctl);
         stop.arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "-t", "10", "stop"]);
@@ -277,12 +293,13 @@ impl PgServer {
         let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).expect("postmaster.pid");
         let pid = pid_file.lines().next().expect("the postmaster's pid").trim().to_string();
         // Each backend is a session of its own: signal the postmaster's
-        // children by parent, then the postmaster.
+        // children (found by parent in /proc), then the postmaster.
         let signal = if frozen { "-STOP" } else { "-CONT" };
-        let children = Command::new("pkill").arg(signal).arg("-P").arg(&pid).status().expect("pkill");
-        assert!(children.success(), "pkill {signal} -P {pid} found no backend");
-        let status = Command::new("kill").arg(signal).arg(&pid).status().expect("kill");
-        assert!(status.success(), "kill {signal} {pid} failed");
+        let mut pids = children_of(&pid);
+        assert!(!pids.is_empty(), "the postmaster {pid} has no backend");
+        pids.push(pid);
+        let status = Command::new("kill").arg(signal).args(&pids).status().expect("kill (util-linux)");
+        assert!(status.success(), "kill {signal} {pids:?} failed");
     }
 
     /// Starts it again on the same port, with the same data.
