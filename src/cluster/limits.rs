@@ -11,7 +11,7 @@
 //! window. Time is Redis's own clock (`TIME`),
 //! so instances whose clocks disagree still share one window. The day budget
 //! reads a per-day counter that finished answers add to ([`TokenTally`],
-//! written in batches a few times a second).
+//! written in batches as they come).
 //!
 //! [`TokenTally`]: crate::access::limits::TokenTally
 
@@ -204,15 +204,16 @@ impl Cluster {
     }
 }
 
-/// KEYS: the batch's marker, then the day counters. ARGV: how long the
-/// counters are kept (s), then each counter's tokens. A batch is applied
-/// once, however often it is sent (a reply lost to the timeout is sent again).
+/// KEYS: this instance's batch counter, then the day counters. ARGV: the
+/// batch's number, how long the counters are kept (s), then each counter's
+/// tokens. A batch is applied once, however often it is sent (a reply lost
+/// to the timeout is sent again): numbers only grow, one key per instance.
 const ADD_TOKENS: &str = r"
-if redis.call('SET', KEYS[1], 1, 'NX', 'EX', 600) then
-  for i = 2, #KEYS do
-    redis.call('INCRBY', KEYS[i], ARGV[i])
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
-  end
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 3600)
+for i = 2, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[i + 1])
+  redis.call('EXPIRE', KEYS[i], ARGV[2])
 end
 return 1
 ";
@@ -242,8 +243,8 @@ pub(super) fn start_token_writer(cluster: &Arc<Cluster>, tasks: &Tasks) {
                 let tallies = cluster.tokens.drain();
                 if !tallies.is_empty() {
                     batches += 1;
-                    let mut keys = vec![format!("sluice:tokbatch:{}:{batches}", cluster.instance)];
-                    let mut args = vec![TOKENS_KEPT.as_secs()];
+                    let mut keys = vec![format!("sluice:tokbatch:{}", cluster.instance)];
+                    let mut args = vec![batches, TOKENS_KEPT.as_secs()];
                     for (id, day, tokens) in tallies {
                         keys.push(tokens_key(&id, day));
                         args.push(tokens);
