@@ -26,6 +26,12 @@ pub fn now_ms() -> u64 {
     tokio::time::Instant::now().into_std().saturating_duration_since(epoch).as_millis() as u64 + 1
 }
 
+/// Wall-clock milliseconds since the Unix epoch: for what other processes
+/// read (stored times, shared state), never for deadlines.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// `now_ms() + d`, saturating.
 pub fn after(d: Duration) -> u64 {
     now_ms().saturating_add(d.as_millis() as u64)

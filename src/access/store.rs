@@ -176,6 +176,35 @@ pub struct KeyPatch {
     pub passthrough: Option<bool>,
 }
 
+impl UserPatch {
+    /// `current` with this patch's changes.
+    pub fn applied_to(&self, current: User) -> User {
+        User {
+            name: self.name.clone().unwrap_or(current.name),
+            email: self.email.clone().unwrap_or(current.email),
+            disabled: self.disabled.unwrap_or(current.disabled),
+            ..current
+        }
+    }
+}
+
+impl KeyPatch {
+    /// `current` with this patch's changes.
+    pub fn applied_to(&self, current: KeyRecord) -> KeyRecord {
+        KeyRecord {
+            name: self.name.clone().unwrap_or(current.name),
+            models: self.models.clone().unwrap_or(current.models),
+            rpm: self.rpm.unwrap_or(current.rpm),
+            rph: self.rph.unwrap_or(current.rph),
+            tokens_per_day: self.tokens_per_day.unwrap_or(current.tokens_per_day),
+            expires_at: self.expires_at.unwrap_or(current.expires_at),
+            disabled: self.disabled.unwrap_or(current.disabled),
+            passthrough: self.passthrough.unwrap_or(current.passthrough),
+            ..current
+        }
+    }
+}
+
 /// What the in-memory client table is built from.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {

@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::{CHANNEL, Cluster, Lane};
 use crate::cache::{CacheKey, Entry, Pending, SharedStore};
+use crate::clock::unix_ms;
 use crate::tasks::Tasks;
 
 /// Purges delete in batches of this many keys per round trip.
@@ -44,10 +45,6 @@ fn entry_key(hex: &str) -> String {
 
 fn model_key(model: &str) -> String {
     format!("sluice:cache:m:{model}")
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The Redis behind every instance's cache.

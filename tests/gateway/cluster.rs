@@ -24,7 +24,7 @@ use crate::support::pki::Issued;
 use crate::support::servers::{PgServer, RedisServer};
 use crate::support::{
     ADMIN_TOKEN, CLIENT_KEY, Opts, Reply, Transport, UP_KEYS, config_text, eventually, eventually_async, h1_client,
-    sample, scrape_at, send, start_mock,
+    key_state_in, sample, scrape_at, send, start_mock,
 };
 
 /// A tenant key with its own limits, in every instance's config.
@@ -107,15 +107,7 @@ impl Cluster {
 
     /// The state of upstream key `key` in instance `i`'s `/health`.
     async fn key_state(&self, i: usize, key: &str) -> String {
-        let fingerprint = sluice::config::keys::fingerprint(key);
-        let health = self.health(i).await;
-        health["upstreams"][0]["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["key"] == fingerprint.as_str())
-            .map(|k| k["state"].as_str().unwrap().to_string())
-            .unwrap_or_default()
+        key_state_in(&self.health(i).await, key)
     }
 
     /// Waits until every instance reports Redis answering.
@@ -228,13 +220,7 @@ async fn a_cooldown_on_one_instance_stops_the_others_using_the_key() {
             .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
             .body(Full::new(Bytes::new()))
             .unwrap();
-        let health = send(&h1_client(), request).await.json();
-        let fingerprint = sluice::config::keys::fingerprint(key_a);
-        health["upstreams"][0]["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|k| k["key"] == fingerprint.as_str() && k["state"] == "cooling")
+        key_state_in(&send(&h1_client(), request).await.json(), key_a) == "cooling"
     };
     eventually_async("a late instance reads the cooldown", || late_state(late.addr)).await;
 }

@@ -372,15 +372,7 @@ impl Harness {
 
     /// The state of one upstream key in `/health` (`healthy`, `cooling`, `disabled`).
     pub async fn key_state(&self, key: &str) -> String {
-        let health = self.health().await;
-        let fingerprint = sluice::config::keys::fingerprint(key);
-        health["upstreams"][0]["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["key"] == fingerprint.as_str())
-            .map(|k| k["state"].as_str().unwrap().to_string())
-            .unwrap_or_else(|| "absent".to_string())
+        key_state_in(&self.health().await, key)
     }
 
     /// POSTs to an admin path with the admin token.
@@ -400,6 +392,19 @@ impl Harness {
         }
         statuses
     }
+}
+
+/// The state of upstream key `key` of the first upstream in a `/health`
+/// answer with details (`healthy`, `cooling`, `disabled`, or `absent`).
+pub fn key_state_in(health: &serde_json::Value, key: &str) -> String {
+    let fingerprint = sluice::config::keys::fingerprint(key);
+    health["upstreams"][0]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key"] == fingerprint.as_str())
+        .map(|k| k["state"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| "absent".to_string())
 }
 
 /// `GET /metrics` of the gateway at `addr`, parsed by a real Prometheus parser.

@@ -20,7 +20,7 @@ use postgres::error::{Severity, SqlState};
 use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Row, Transaction};
 
-use super::schema::{self, MIGRATIONS};
+use super::schema::{self, KEY_COLUMNS, MIGRATIONS, USER_COLUMNS};
 use super::sqlite::{models_list, models_text};
 use super::{KeyPatch, KeyRecord, NewKey, NewUser, Snapshot, Store, StoreError, UsageRow, User, UserPatch};
 
@@ -94,9 +94,6 @@ fn connect(config: &postgres::Config) -> Result<Client, StoreError> {
     config.connect(NoTls).map_err(|e| StoreError::Database(format!("cannot connect to PostgreSQL: {}", message(&e))))
 }
 
-const USER_COLUMNS: &str = "id, name, email, disabled, created_at";
-const KEY_COLUMNS: &str = "id, user_id, name, prefix, key_hash, models, rpm, rph, tokens_per_day, expires_at, \
-                           disabled, revoked_at, created_at, last_used_at, passthrough";
 const USAGE_OF_KEY: &str = "SELECT key_id, model, hour, requests, errors, prompt_tokens, completion_tokens, \
                             cached_tokens FROM key_usage WHERE key_id = $1 AND hour >= $2 AND hour < $3 \
                             ORDER BY hour, model";
@@ -339,13 +336,11 @@ impl Store for Postgres {
 
     fn update_user(&mut self, id: i64, patch: &UserPatch) -> Result<Option<User>, StoreError> {
         let Some(current) = self.user(id)? else { return Ok(None) };
-        let name = patch.name.clone().unwrap_or(current.name);
-        let email = patch.email.clone().unwrap_or(current.email);
-        let disabled = patch.disabled.unwrap_or(current.disabled);
+        let next = patch.applied_to(current);
         self.change(|tx| {
             tx.execute(
                 "UPDATE users SET name = $1, email = $2, disabled = $3 WHERE id = $4",
-                &[&name, &email, &disabled, &id],
+                &[&next.name, &next.email, &next.disabled, &id],
             )
         })?;
         self.user(id)
@@ -391,19 +386,23 @@ impl Store for Postgres {
 
     fn update_key(&mut self, id: i64, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
         let Some(current) = self.key(id)? else { return Ok(None) };
-        let name = patch.name.as_ref().unwrap_or(&current.name);
-        let models = models_text(patch.models.as_ref().unwrap_or(&current.models));
-        let rpm = patch.rpm.unwrap_or(current.rpm);
-        let rph = patch.rph.unwrap_or(current.rph);
-        let tokens_per_day = patch.tokens_per_day.unwrap_or(current.tokens_per_day);
-        let expires_at = patch.expires_at.unwrap_or(current.expires_at);
-        let disabled = patch.disabled.unwrap_or(current.disabled);
-        let passthrough = patch.passthrough.unwrap_or(current.passthrough);
+        let next = patch.applied_to(current);
+        let models = models_text(&next.models);
         self.change(|tx| {
             tx.execute(
                 "UPDATE api_keys SET name = $1, models = $2, rpm = $3, rph = $4, tokens_per_day = $5, \
                  expires_at = $6, disabled = $7, passthrough = $8 WHERE id = $9",
-                &[name, &models, &rpm, &rph, &tokens_per_day, &expires_at, &disabled, &passthrough, &id],
+                &[
+                    &next.name,
+                    &models,
+                    &next.rpm,
+                    &next.rph,
+                    &next.tokens_per_day,
+                    &next.expires_at,
+                    &next.disabled,
+                    &next.passthrough,
+                    &id,
+                ],
             )
         })?;
         self.key(id)

@@ -4,6 +4,13 @@
 //! Version `n` is reached by running every migration up to `n` in order;
 //! `sluice_schema` holds the version reached.
 
+/// The columns a [`User`](super::User) is read from, in its fields' order
+/// (every engine's row readers go by position).
+pub const USER_COLUMNS: &str = "id, name, email, disabled, created_at";
+/// The columns a [`KeyRecord`](super::KeyRecord) is read from, in its fields' order.
+pub const KEY_COLUMNS: &str = "id, user_id, name, prefix, key_hash, models, rpm, rph, tokens_per_day, expires_at, \
+                               disabled, revoked_at, created_at, last_used_at, passthrough";
+
 /// One migration: the statements that take the schema from `version - 1` to `version`.
 pub struct Migration {
     /// The version this migration reaches.

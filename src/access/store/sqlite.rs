@@ -8,7 +8,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::schema::{self, MIGRATIONS};
+use super::schema::{self, KEY_COLUMNS, MIGRATIONS, USER_COLUMNS};
 use super::{KeyPatch, KeyRecord, NewKey, NewUser, Snapshot, Store, StoreError, UsageRow, User, UserPatch};
 
 /// A SQLite store.
@@ -37,10 +37,6 @@ fn db(error: rusqlite::Error) -> StoreError {
 fn sql(portable: &str) -> String {
     portable.replace('$', "?")
 }
-
-const USER_COLUMNS: &str = "id, name, email, disabled, created_at";
-const KEY_COLUMNS: &str = "id, user_id, name, prefix, key_hash, models, rpm, rph, tokens_per_day, expires_at, \
-                           disabled, revoked_at, created_at, last_used_at, passthrough";
 
 fn user(row: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User { id: row.get(0)?, name: row.get(1)?, email: row.get(2)?, disabled: row.get(3)?, created_at: row.get(4)? })
@@ -230,13 +226,11 @@ impl Store for Sqlite {
 
     fn update_user(&mut self, id: i64, patch: &UserPatch) -> Result<Option<User>, StoreError> {
         let Some(current) = self.user(id)? else { return Ok(None) };
-        let name = patch.name.clone().unwrap_or(current.name);
-        let email = patch.email.clone().unwrap_or(current.email);
-        let disabled = patch.disabled.unwrap_or(current.disabled);
+        let next = patch.applied_to(current);
         self.change(|tx| {
             tx.execute(
                 &sql("UPDATE users SET name = $1, email = $2, disabled = $3 WHERE id = $4"),
-                params![name, email, disabled, id],
+                params![next.name, next.email, next.disabled, id],
             )
         })?;
         self.user(id)
@@ -300,20 +294,20 @@ impl Store for Sqlite {
 
     fn update_key(&mut self, id: i64, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
         let Some(current) = self.key(id)? else { return Ok(None) };
-        let models = patch.models.as_ref().unwrap_or(&current.models);
+        let next = patch.applied_to(current);
         self.change(|tx| {
             tx.execute(
                 &sql("UPDATE api_keys SET name = $1, models = $2, rpm = $3, rph = $4, tokens_per_day = $5, \
                       expires_at = $6, disabled = $7, passthrough = $8 WHERE id = $9"),
                 params![
-                    patch.name.as_ref().unwrap_or(&current.name),
-                    models_text(models),
-                    patch.rpm.unwrap_or(current.rpm),
-                    patch.rph.unwrap_or(current.rph),
-                    patch.tokens_per_day.unwrap_or(current.tokens_per_day),
-                    patch.expires_at.unwrap_or(current.expires_at),
-                    patch.disabled.unwrap_or(current.disabled),
-                    patch.passthrough.unwrap_or(current.passthrough),
+                    next.name,
+                    models_text(&next.models),
+                    next.rpm,
+                    next.rph,
+                    next.tokens_per_day,
+                    next.expires_at,
+                    next.disabled,
+                    next.passthrough,
                     id
                 ],
             )

@@ -4,12 +4,13 @@
 //! It records whether the database answers, for `/health` and `/metrics`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::usage::{UsageEvent, UsageQueue};
 use super::{Snapshot, Store, StoreError, UsageRow, unix_now};
+use crate::clock::unix_ms;
 
 /// A job for the store's thread. It returns how to deliver its answer, so a
 /// write's caller hears back only after the client table was rebuilt.
@@ -43,15 +44,11 @@ impl StoreHealth {
     /// Runs `call` marked as waiting on the database.
     fn busy<T>(&self, call: impl FnOnce() -> T) -> T {
         use std::sync::atomic::Ordering::Relaxed;
-        self.busy_since.store(unix_millis().max(1), Relaxed);
+        self.busy_since.store(unix_ms().max(1), Relaxed);
         let out = call();
         self.busy_since.store(0, Relaxed);
         out
     }
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A call waiting on the database this long makes the store count as down.
@@ -109,7 +106,7 @@ impl StoreHandle {
     pub fn is_up(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let busy_since = self.health.busy_since.load(Relaxed);
-        let stalled = busy_since != 0 && unix_millis().saturating_sub(busy_since) > STALLED_AFTER.as_millis() as u64;
+        let stalled = busy_since != 0 && unix_ms().saturating_sub(busy_since) > STALLED_AFTER.as_millis() as u64;
         self.health.up.load(Relaxed) && !stalled
     }
 
