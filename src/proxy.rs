@@ -56,13 +56,7 @@ pub async fn prepare(
     ctx: &mut RequestContext,
 ) -> Result<Prepared, ProxyError> {
     let allowed = client.map(|c| &c.allowed);
-    let (mut parts, body) = request.into_parts();
-    if let Some(watch) = &ctx.watch {
-        let peer = watch.conn.peer.ip();
-        let trusted = live.config.server.trusted_proxies.iter().any(|block| block.contains(peer));
-        let own = watch.forwarded.get_or_init(|| headers::forwarded_values(peer));
-        headers::forwarded(&mut parts.headers, own, trusted);
-    }
+    let (parts, body) = request.into_parts();
     let max_body = live.config.server.max_body;
     let read = match read::plan(&parts, body, max_body)? {
         read::Plan::Done(read) => read,
@@ -87,4 +81,16 @@ pub async fn prepare(
         read::Read::Upload(body) => plan::plan_opaque(live, &parts.method, body, allowed)?,
     };
     Ok(Prepared { plan, method: parts.method, uri: parts.uri, headers: parts.headers, fill: None })
+}
+
+/// Adds the client's address to `X-Forwarded-For` and `Forwarded` (kept from
+/// the client only behind `[server] trusted_proxies`). Done once the request
+/// is known to go upstream: an answer from the cache needs neither.
+pub fn mark_forwarded(live: &Live, prepared: &mut Prepared, ctx: &RequestContext) {
+    if let Some(watch) = &ctx.watch {
+        let peer = watch.conn.peer.ip();
+        let trusted = live.config.server.trusted_proxies.iter().any(|block| block.contains(peer));
+        let own = watch.forwarded.get_or_init(|| headers::forwarded_values(peer));
+        headers::forwarded(&mut prepared.headers, own, trusted);
+    }
 }

@@ -274,7 +274,9 @@ async fn handle_inner(
             || path.starts_with("/api/v1/admin/")
             || (path.starts_with("/v1/models/") && path.ends_with("/test")) =>
         {
-            admin::handle(shared, &live, request).await
+            // Boxed: the admin API's future is larger than a proxied
+            // request's, and every request's future would carry its size.
+            Box::pin(admin::handle(shared, &live, request)).await
         }
         _ if path.starts_with("/v1/") => forward(shared, &live, request, ctx).await,
         _ => Err(ProxyError::NotFound(path.to_string())),
@@ -298,13 +300,19 @@ async fn forward(
     if proxy::is_model_endpoint(path) && request.method() != Method::POST {
         return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
     }
-    let prepared = proxy::prepare(live, request, client.as_deref(), ctx).await?;
+    let mut prepared = proxy::prepare(live, request, client.as_deref(), ctx).await?;
+    // The retry loop's future is boxed: inline, every request's future (a
+    // cache hit's too) would carry its size, and be copied with it.
     if !(live.config.cache.enabled && prepared.plan.cacheable) {
-        return retry::send(prepared, ctx).await;
+        proxy::mark_forwarded(live, &mut prepared, ctx);
+        return Box::pin(retry::send(prepared, ctx)).await;
     }
     match cached::stage(&shared.cache, &live.config.cache, Box::new(prepared), client.as_deref(), ctx).await? {
         Step::Answer(response) => Ok(response),
-        Step::Forward(prepared) => retry::send(*prepared, ctx).await,
+        Step::Forward(mut prepared) => {
+            proxy::mark_forwarded(live, &mut prepared, ctx);
+            Box::pin(retry::send(*prepared, ctx)).await
+        }
     }
 }
 

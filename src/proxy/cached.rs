@@ -10,6 +10,7 @@
 //! `x-sluice-cache-ttl: SECONDS` stores with a shorter TTL and accepts only
 //! entries younger than that.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -34,7 +35,6 @@ pub const CACHE_TTL: HeaderName = HeaderName::from_static("x-sluice-cache-ttl");
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-sluice-cache");
 
 /// What the stage decided.
-#[expect(clippy::large_enum_variant, reason = "one per cacheable request, returned at once")]
 pub enum Step {
     /// Send it upstream (with a fill when its answer is to be stored).
     Forward(Box<Prepared>),
@@ -140,18 +140,18 @@ pub async fn stage(
 }
 
 /// Who shares an entry: everyone, a user's keys, or one key.
-fn scope(scope: CacheScope, client: Option<&Client>) -> String {
+fn scope(scope: CacheScope, client: Option<&Client>) -> Cow<'static, str> {
     match (scope, client) {
-        (CacheScope::Global, _) => "*".to_string(),
-        (_, None) => "-".to_string(),
+        (CacheScope::Global, _) => Cow::Borrowed("*"),
+        (_, None) => Cow::Borrowed("-"),
         // By the key's hash, not its label: `config:N` follows the order of
         // the config, which a change (or another instance's file) may shift.
         // By the user's store id, not its name: a name may be reused.
         (CacheScope::User, Some(client)) => match &client.user_scope {
-            Some(user) => user.to_string(),
-            None => format!("key:{}", client.shared_id),
+            Some(user) => Cow::Owned(user.to_string()),
+            None => Cow::Owned(format!("key:{}", client.shared_id)),
         },
-        (CacheScope::Key, Some(client)) => format!("key:{}", client.shared_id),
+        (CacheScope::Key, Some(client)) => Cow::Owned(format!("key:{}", client.shared_id)),
     }
 }
 

@@ -4,6 +4,8 @@
 //! read when the length is declared. The request's `Content-Type` is looked
 //! at once, here.
 
+use std::future::Future as _;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -101,10 +103,19 @@ fn declared_length(parts: &Parts) -> Option<u64> {
 /// Reads the whole body under the cap and the read timeout.
 pub async fn read_whole(body: Incoming, max_body: u64) -> Result<Bytes, ProxyError> {
     let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
-    match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
-        Err(_) => Err(ProxyError::BodyTimeout(BODY_READ_TIMEOUT.as_secs())),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) => Err(client_body_error(error.as_ref(), max_body)),
+    let mut collect = std::pin::pin!(limited.collect());
+    // A small body usually came in with the head: take it without arming
+    // the timer (a clock read, a timer-wheel insert and removal per request).
+    let read = match std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await {
+        Poll::Ready(read) => read,
+        Poll::Pending => match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
+            Err(_) => return Err(ProxyError::BodyTimeout(BODY_READ_TIMEOUT.as_secs())),
+            Ok(read) => read,
+        },
+    };
+    match read {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => Err(client_body_error(error.as_ref(), max_body)),
     }
 }
 

@@ -57,5 +57,8 @@ pub fn respond(
         let header = |name| parts.headers.get(name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
         meter = meter.record(fill.record(header(CONTENT_TYPE), header(CONTENT_ENCODING), sse));
     }
-    Response::from_parts(parts, SluiceBody::Upstream { inner: MeteredBody::new(incoming, sse, timing, meter) })
+    Response::from_parts(
+        parts,
+        SluiceBody::Upstream { inner: Box::new(MeteredBody::new(incoming, sse, timing, meter)) },
+    )
 }

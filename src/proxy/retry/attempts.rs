@@ -52,7 +52,6 @@ enum Verdict {
 }
 
 /// How one upstream's share of a request went.
-#[expect(clippy::large_enum_variant, reason = "one per target tried, returned at once")]
 pub(super) enum Tried {
     /// An answer is on its way to the client.
     Answer(Response<SluiceBody>),
