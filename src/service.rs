@@ -307,11 +307,11 @@ async fn forward(
         proxy::mark_forwarded(live, &mut prepared, ctx);
         return Box::pin(retry::send(prepared, ctx)).await;
     }
-    match cached::stage(&shared.cache, &live.config.cache, Box::new(prepared), client.as_deref(), ctx).await? {
+    match cached::stage(&shared.cache, &live.config.cache, &mut prepared, client.as_deref(), ctx).await? {
         Step::Answer(response) => Ok(response),
-        Step::Forward(mut prepared) => {
+        Step::Forward => {
             proxy::mark_forwarded(live, &mut prepared, ctx);
-            Box::pin(retry::send(*prepared, ctx)).await
+            Box::pin(retry::send(prepared, ctx)).await
         }
     }
 }

@@ -36,8 +36,8 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-sluice-cache");
 
 /// What the stage decided.
 pub enum Step {
-    /// Send it upstream (with a fill when its answer is to be stored).
-    Forward(Box<Prepared>),
+    /// Send it upstream (with a fill set on it when its answer is to be stored).
+    Forward,
     /// Answered from the cache.
     Answer(Response<SluiceBody>),
 }
@@ -74,19 +74,19 @@ impl Controls {
 pub async fn stage(
     cache: &Arc<ResponseCache>,
     config: &CacheConfig,
-    mut prepared: Box<Prepared>,
+    prepared: &mut Prepared,
     client: Option<&Client>,
     ctx: &mut RequestContext,
 ) -> Result<Step, ProxyError> {
     if !config.enabled || !prepared.plan.cacheable {
-        return Ok(Step::Forward(prepared));
+        return Ok(Step::Forward);
     }
     let controls = Controls::of(&prepared.headers)?;
-    let ForwardBody::Full { bytes } = &prepared.plan.body else { return Ok(Step::Forward(prepared)) };
+    let ForwardBody::Full { bytes } = &prepared.plan.body else { return Ok(Step::Forward) };
     if controls.no_store {
         ctx.cache = Some(CacheStatus::Bypass);
         cache.counters.bypasses.fetch_add(1, Relaxed);
-        return Ok(Step::Forward(prepared));
+        return Ok(Step::Forward);
     }
     let key = KeyBuilder::default()
         .part(scope(config.scope, client).as_bytes())
@@ -136,7 +136,7 @@ pub async fn stage(
     let ttl = controls.ttl.map_or(config.ttl, |ttl| ttl.min(config.ttl));
     let model = prepared.plan.model.as_ref().map(|m| Arc::clone(&m.model));
     prepared.fill = Some(Fill::new(Arc::clone(cache), key, ttl, config.max_entry, model, guard));
-    Ok(Step::Forward(prepared))
+    Ok(Step::Forward)
 }
 
 /// Who shares an entry: everyone, a user's keys, or one key.
