@@ -2,8 +2,8 @@
 //! thread from a bounded lock-free queue. The request path only pushes (one CAS,
 //! no lock, and no wake-up of the writer: waking a thread per request cost ~20 µs
 //! of CPU per request under load); the writer drains the queue every
-//! [`DRAIN_INTERVAL`], or at once when the queue passes half full (one wake-up
-//! per drain at most). When the queue is full, lines are dropped and counted.
+//! [`DRAIN_INTERVAL`], or at once when the queue passes [`WAKE_AT`] (one
+//! wake-up per drain at most). When the queue is full, lines are dropped and counted.
 //! Files rotate by size: `requests.jsonl` -> `requests.jsonl.1` -> ... `.keep`.
 //! An outside rotation (logrotate moving the file away) is noticed within a
 //! second by the file's inode, or at once on [`AccessLog::reopen`] (SIGUSR1).
@@ -26,9 +26,14 @@ use http::{HeaderValue, Method};
 
 /// Lines buffered between the request path and the writer. Every slot is
 /// allocated and touched up front, so this is idle RSS: 4096 slots cost 1 MiB.
-/// With the writer woken at half full, 1024 absorb any rate the writer keeps
-/// up with; a burst the writer cannot follow is dropped and counted.
+/// With the writer woken at a quarter full, 1024 absorb any rate the writer
+/// keeps up with; a burst the writer cannot follow is dropped and counted.
 pub const QUEUE_CAPACITY: usize = 1024;
+/// Lines queued at which the request path wakes the writer before its
+/// timer: a quarter of the queue, so three quarters are left for the time
+/// the woken thread waits for a core (at half, 512 lines at ~80k a second
+/// left it ~6 ms, and a busy 2-core machine dropped lines).
+pub const WAKE_AT: usize = QUEUE_CAPACITY / 4;
 /// How often the writer drains the queue (a line reaches the file within about this).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -133,7 +138,7 @@ impl AccessLog {
     pub fn log(&self, record: Record) -> bool {
         let queue = &self.shared.queue;
         let queued = queue.push(record).is_ok();
-        if queue.len() >= QUEUE_CAPACITY / 2 && !self.shared.woken.swap(true, Ordering::AcqRel) {
+        if queue.len() >= WAKE_AT && !self.shared.woken.swap(true, Ordering::AcqRel) {
             self.writer.unpark();
         }
         queued
@@ -400,16 +405,16 @@ mod tests {
     }
 
     #[test]
-    fn a_half_full_queue_wakes_the_writer_once_per_drain() {
+    fn a_quarter_full_queue_wakes_the_writer_once_per_drain() {
         // No writer thread: this thread stands in for it and drains by hand.
         let log = AccessLog { shared: Arc::new(Handoff::new()), writer: std::thread::current() };
         let woken = || log.shared.woken.load(Ordering::Acquire);
-        for n in 1..QUEUE_CAPACITY / 2 {
+        for n in 1..WAKE_AT {
             assert!(log.log(record(n as u16)));
         }
-        assert!(!woken(), "below half full the timer drains");
+        assert!(!woken(), "below a quarter full the timer drains");
         assert!(log.log(record(0)));
-        assert!(woken(), "half full wakes the writer");
+        assert!(woken(), "a quarter full wakes the writer");
         // Until the writer drains, further lines add no wake-ups.
         assert!(log.log(record(1)) && woken());
         // The writer's drain: clear the flag, empty the queue.
