@@ -104,8 +104,9 @@ fn declared_length(parts: &Parts) -> Option<u64> {
 pub async fn read_whole(body: Incoming, max_body: u64) -> Result<Bytes, ProxyError> {
     let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
     let mut collect = std::pin::pin!(limited.collect());
-    // A small body usually came in with the head: take it without arming
-    // the timer (a clock read, a timer-wheel insert and removal per request).
+    // A small body usually came in with the head: take it without making
+    // the timer (a clock read for its deadline, a handle to the runtime, and
+    // on drop the timer driver's lock, which every worker shares).
     let read = match std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await {
         Poll::Ready(read) => read,
         Poll::Pending => match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {

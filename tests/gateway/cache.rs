@@ -45,6 +45,30 @@ async fn identical_requests_go_upstream_once(t: Transport) {
     assert_eq!(chats(&h), 2);
 }
 
+/// The forwarding headers are added once a request is known to go upstream
+/// (after the cache stage): a miss, `no-store` and `no-cache` carry them.
+#[tokio::test]
+async fn requests_sent_past_the_cache_carry_the_forwarding_headers() {
+    let h = Harness::start_with(Opts { tables: "[cache]\nenabled = true\n".into(), ..Opts::default() }).await;
+    let echo = |control: Option<&'static str>| {
+        let mut request =
+            h.post("/v1/chat/completions").header("x-mock-echo", "1").header("x-forwarded-for", "6.6.6.6");
+        if let Some(control) = control {
+            request = request.header("cache-control", control);
+        }
+        request.body(Full::new(Bytes::from(CHAT))).unwrap()
+    };
+    for (control, expected) in [(None, "miss"), (Some("no-store"), "bypass"), (Some("no-cache"), "bypass")] {
+        let reply = h.send(echo(control)).await;
+        assert_eq!((reply.status, label(&reply)), (StatusCode::OK, expected), "{control:?}");
+        let headers = &reply.json()["headers"];
+        assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{control:?}: {headers}");
+        assert_eq!(headers["forwarded"], "for=127.0.0.1", "{control:?}: {headers}");
+    }
+    assert_eq!(label(&h.send(echo(None)).await), "hit");
+    assert_eq!(chats(&h), 3, "the hit sent nothing");
+}
+
 async fn a_stream_is_replayed_frame_by_frame_with_its_bytes(t: Transport) {
     let h = cached(t, "").await;
     // A gap between events, so each arrives (and is stored) as a frame of its own.

@@ -68,8 +68,9 @@ fn optional(out: &mut Vec<u8>, value: Option<&str>) {
     }
 }
 
-/// Header bytes as text: UTF-8 as it is, anything else decoded lossily
-/// (a header value may hold any byte but a control character).
+/// Header bytes as text: UTF-8 as it is, anything else decoded lossily (a
+/// header value may hold any byte but DEL and the control characters other
+/// than tab).
 fn bytes(out: &mut Vec<u8>, value: &[u8]) {
     match std::str::from_utf8(value) {
         Ok(text) => string(out, text),
