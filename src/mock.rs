@@ -347,6 +347,14 @@ async fn respond(
         Ok(collected) => collected.to_bytes(),
         Err(_) => return error(StatusCode::BAD_REQUEST, "mock: could not read body"),
     };
+    if let Some(limit) = faults.max_request_bytes.filter(|limit| body.len() as u64 > *limit) {
+        let message = format!(
+            "Request too large for mock in organization org-mock on tokens per min (TPM): Limit {limit}, \
+             Requested {}. The input or output tokens must be reduced in order to run successfully.",
+            body.len()
+        );
+        return json(StatusCode::TOO_MANY_REQUESTS, error_json(&message, "tokens", None, "rate_limit_exceeded"));
+    }
     match (method, path) {
         (Method::POST, "/v1/chat/completions") => {
             let Ok(chat) = serde_json::from_slice::<ChatRequest>(&body) else {

@@ -59,6 +59,10 @@ pub struct Faults {
     pub quota: HashMap<String, u64>,
     /// `x-ratelimit-reset-requests` of quota answers (default `60s`).
     pub quota_reset: Option<String>,
+    /// A request body larger than this (bytes, standing in for tokens) is
+    /// refused as OpenAI refuses a request over the account's tokens-per-minute
+    /// limit by itself: 429, `type: "tokens"`, "Request too large ...", on any key.
+    pub max_request_bytes: Option<u64>,
 }
 
 /// The shape of one answer, after the request's own `x-mock-*` headers.

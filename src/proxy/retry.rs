@@ -11,9 +11,11 @@
 //! first, then tried ones after a jittered backoff), sends, and lets the
 //! outcome decide:
 //! - a usable answer goes to the client at once and is never retried;
-//! - 429 cools the key (for `Retry-After`) and moves on; a key whose answer
-//!   says it has no requests or tokens left rests until its reset (at most
-//!   [`crate::upstream::headroom::MAX_REST`]), counted as no failure;
+//! - 429 cools the key (for `Retry-After`) and moves on, unless the answer
+//!   says the request alone is over the account's limit ("Request too
+//!   large"): that goes back to the client and cools nothing; a key whose
+//!   answer says it has no requests or tokens left rests until its reset (at
+//!   most [`crate::upstream::headroom::MAX_REST`]), counted as no failure;
 //! - 401/402/403 move on only when the answer says the key itself is bad
 //!   (the key is disabled); any other such answer is about the request and
 //!   goes back to the client, counting against nothing, while the key is

@@ -80,6 +80,28 @@ pub fn blames_the_key(answer: &[u8]) -> bool {
     [detail.code, detail.kind].into_iter().flatten().any(|code| KEY_ERROR_CODES.contains(&code.as_ref()))
 }
 
+/// Whether a 429 answer says the *request* is over the limit by itself, not
+/// that the key has used its share: OpenAI (and vendors that copy its
+/// wording) answer a request asking for more tokens than the account's
+/// per-minute limit with 429, `type: "tokens"` and a message beginning
+/// "Request too large". Waiting does not help it, and cooling the key for it
+/// would let one client's oversized requests rest every key all clients share.
+pub fn blames_the_request(answer: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow)]
+        error: Option<Detail<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail<'a> {
+        #[serde(borrow, default)]
+        message: Option<std::borrow::Cow<'a, str>>,
+    }
+    const TOO_LARGE: &str = "request too large";
+    let Ok(Answer { error: Some(detail) }) = serde_json::from_slice::<Answer<'_>>(answer) else { return false };
+    detail.message.is_some_and(|m| m.get(..TOO_LARGE.len()).is_some_and(|head| head.eq_ignore_ascii_case(TOO_LARGE)))
+}
+
 /// A key's health at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
@@ -283,6 +305,11 @@ impl KeyLease {
         &self.key
     }
 
+    /// The leased key, to keep past the lease.
+    pub fn shared(&self) -> &Arc<UpstreamKey> {
+        &self.key
+    }
+
     /// Its position in the ring.
     pub fn index(&self) -> usize {
         self.index
@@ -457,6 +484,24 @@ mod tests {
         assert!(!blames_the_key(br#"{"error":{"message":"org mismatch","type":"invalid_request_error","code":null}}"#));
         assert!(!blames_the_key(b"Forbidden"));
         assert!(!blames_the_key(b""));
+    }
+
+    #[test]
+    fn only_a_request_over_the_limit_by_itself_blames_the_request() {
+        let too_large = br#"{"error":{"message":"Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
+        assert!(blames_the_request(too_large));
+        assert!(blames_the_request(br#"{"error":{"message":"request too large for model m"}}"#));
+        // The key's (or account's) share used up: cool the key.
+        assert!(!blames_the_request(
+            br#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-x on requests per min (RPM): Limit 3, Used 3, Requested 1.","type":"requests","code":"rate_limit_exceeded"}}"#
+        ));
+        assert!(!blames_the_request(
+            br#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","code":"insufficient_quota"}}"#
+        ));
+        assert!(!blames_the_request(br#"{"error":{"message":"Request"}}"#));
+        assert!(!blames_the_request(br#"{"error":{"type":"tokens"}}"#));
+        assert!(!blames_the_request(b"Request too large"), "not JSON: not understood, so the usual cooldown");
+        assert!(!blames_the_request(b""));
     }
 
     #[test]

@@ -43,6 +43,7 @@ per_transport!(
     a_refusal_that_names_no_cause_is_confirmed_before_the_key_is_disabled,
     every_key_rate_limited_gives_429_with_retry_after,
     requests_reach_the_mock_over_the_transport,
+    a_request_too_large_for_the_rate_limit_cools_no_key,
 );
 
 async fn requests_reach_the_mock_over_the_transport(t: Transport) {
@@ -115,6 +116,23 @@ async fn a_refusal_about_the_request_leaves_every_key_healthy(t: Transport) {
     }
     assert_eq!(h.chats(3, CHAT).await, [200; 3]);
     assert_eq!(h.health().await["status"], "ok");
+}
+
+async fn a_request_too_large_for_the_rate_limit_cools_no_key(t: Transport) {
+    let h = harness(t).await;
+    h.mock.state.set_faults(Faults { max_request_bytes: Some(2000), ..Faults::default() });
+    let big = format!(r#"{{"model":"plain","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(4000));
+    for _ in 0..3 {
+        let reply = h.send(h.post("/v1/chat/completions").body(Full::new(Bytes::from(big.clone()))).unwrap()).await;
+        assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"));
+        let message = reply.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.starts_with("Request too large"), "the upstream's own answer: {message}");
+    }
+    assert_eq!(h.stats().path("/v1/chat/completions"), 3, "one attempt each, never a walk over the keys");
+    for key in crate::support::UP_KEYS {
+        assert_eq!(h.key_state(key).await, "healthy", "{key}");
+    }
+    assert_eq!(h.chats(3, CHAT).await, [200; 3], "every key still serves the others");
 }
 
 async fn a_refusal_that_names_no_cause_is_confirmed_before_the_key_is_disabled(t: Transport) {

@@ -22,7 +22,7 @@ use crate::telemetry::RequestContext;
 use crate::telemetry::metrics::RetryReason;
 use crate::upstream::body::{ForwardBody, UpstreamBody};
 use crate::upstream::breaker::Admission;
-use crate::upstream::keyring::{Failure, KeyLease, blames_the_key};
+use crate::upstream::keyring::{Failure, KeyLease, blames_the_key, blames_the_request};
 use crate::upstream::{Auth, Upstream, headroom, retry_after};
 
 /// Largest failed-attempt answer kept whole (error bodies are small JSON).
@@ -260,12 +260,23 @@ pub(super) async fn attempt(
                             .get(RETRY_AFTER)
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| retry_after::parse(v, SystemTime::now()));
-                        let cooldown = asked.unwrap_or(upstream.cooldown).min(upstream.max_cooldown);
-                        let key = lease.key();
-                        upstream.cool_key(key, clock::after(cooldown));
-                        tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
-                        last = Some(Box::pin(keep(response, lease, Failure::RateLimited, upstream)).await);
-                        retry_if(req.replay.allows(true), RetryReason::RateLimited)
+                        let key = Arc::clone(lease.shared());
+                        let kept = Box::pin(keep(response, lease, Failure::RateLimited, upstream)).await;
+                        let too_large =
+                            matches!(&kept, Last::Answer(answer, ..) if blames_the_request(kept_bytes(answer.body())));
+                        last = Some(kept);
+                        if too_large {
+                            // Over the account's per-minute limit by itself: the
+                            // client's to shrink. No key is cooled, no other key
+                            // of this account asked (each would say the same).
+                            tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, "the upstream refused the request as larger than its rate limit; no key cooled");
+                            Verdict::Stop
+                        } else {
+                            let cooldown = asked.unwrap_or(upstream.cooldown).min(upstream.max_cooldown);
+                            upstream.cool_key(&key, clock::after(cooldown));
+                            tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, key = %key.fingerprint, cooldown_ms = cooldown.as_millis() as u64, "key rate-limited; cooling down");
+                            retry_if(req.replay.allows(true), RetryReason::RateLimited)
+                        }
                     }
                     401..=403 => match &upstream.auth {
                         Auth::Login(source) if status == 401 && !token_refreshed => {
