@@ -21,7 +21,10 @@
 //!   goes back to the client, counting against nothing, while the key is
 //!   checked in the background (see [`Upstream::verify_key`]);
 //! - 5xx, connect errors, resets and timeouts count against the key and are
-//!   retried when the request may be sent again;
+//!   retried when the request may be sent again; but a timeout while the
+//!   upstream answered other requests is this request's own length (a long
+//!   generation): a 504 that counts against no key and no breaker, and is
+//!   not re-sent;
 //! - a failure of the client's own upload ends the request with the client's
 //!   error (413, 400, 499) and touches no key and no breaker.
 //!
@@ -131,6 +134,9 @@ fn fallback_reason(upstream: &Upstream, failed: &Failed) -> Option<FallbackOn> {
         None => Some(FallbackOn::NoKey),
         Some(Last::Error(ProxyError::UpstreamTimeout { .. })) => Some(FallbackOn::Timeout),
         Some(Last::Error(_)) => Some(FallbackOn::Connect),
+        // A long request: another target would take as long, and this one
+        // is likely still generating (and billing) it.
+        Some(Last::Slow(_)) => None,
         Some(Last::Answer(_, Failure::ServerError, _)) => Some(FallbackOn::ServerError),
         Some(Last::Answer(_, Failure::RateLimited, _)) => Some(FallbackOn::RateLimited),
         // Every key refused as bad: the upstream has none left.
@@ -145,6 +151,8 @@ fn fallback_reason(upstream: &Upstream, failed: &Failed) -> Option<FallbackOn> {
 fn record(upstream: &Upstream, failed: &Failed) {
     match &failed.last {
         Some(Last::Error(_) | Last::Answer(_, Failure::ServerError, _)) => upstream.breaker.record_failure(now_ms()),
+        // Neither up nor down: the upstream answered others meanwhile.
+        Some(Last::Slow(_)) => {}
         Some(Last::Answer(..)) => upstream.breaker.record_success(),
         None => {}
     }
@@ -167,7 +175,7 @@ fn answer(
     let usable = upstream.keys.any_usable(now);
     match failed.last {
         None => Err(ProxyError::NoAvailableKey { upstream: name, retry_after }),
-        Some(Last::Error(error)) => Err(error),
+        Some(Last::Error(error) | Last::Slow(error)) => Err(error),
         Some(Last::Answer(_, Failure::RateLimited, _)) if !usable => {
             Err(ProxyError::AllKeysRateLimited { upstream: name, retry_after })
         }

@@ -5,15 +5,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::StatusCode;
+use http_body_util::Full;
 use sluice::mock::{Faults, RateFault};
 
 use crate::per_transport;
-use crate::support::{Harness, Opts, Transport, advance_clock};
+use crate::support::{Harness, Opts, Transport, advance_clock, eventually};
 
 const CHAT: &str = r#"{"model":"plain","messages":[]}"#;
 
-per_transport!(breaker_opens_fails_fast_and_a_probe_closes_it);
+per_transport!(breaker_opens_fails_fast_and_a_probe_closes_it, one_clients_long_requests_open_no_breaker);
 
 async fn breaker_opens_fails_fast_and_a_probe_closes_it(t: Transport) {
     let extra = "max_attempts = 1\nbreaker_failures = 2\nbreaker_cooldown = \"5s\"";
@@ -70,4 +72,55 @@ async fn breaker_stops_traffic_to_a_dead_port() {
     assert_eq!(after_two, 4, "two requests, two attempts each");
     assert_eq!(h.chats(5, CHAT).await, [503; 5]);
     assert_eq!(connections.load(Ordering::SeqCst), after_two, "no traffic while open");
+}
+
+/// Requests that outlast `header_timeout` while the upstream answers others
+/// (one client's long generations) are that client's 504s: they open no
+/// breaker and cool no key, so everyone else keeps being served.
+async fn one_clients_long_requests_open_no_breaker(t: Transport) {
+    // header_timeout = 2 s in the harness.
+    let extra = "max_attempts = 3\nbreaker_failures = 2";
+    let h = Harness::start_with(Opts { transport: t, upstream_extra: extra, ..Opts::default() }).await;
+    let long = || {
+        let request = h
+            .post("/v1/chat/completions")
+            .header("x-mock-latency-ms", "2500")
+            .body(Full::new(Bytes::from(CHAT)))
+            .unwrap();
+        h.send(request)
+    };
+    let others = async {
+        // Once the long ones are with the upstream, another client is answered.
+        eventually("the long requests reached the mock", || h.stats().requests >= 3).await;
+        h.chat(CHAT).await.status
+    };
+    let (a, b, c, other) = tokio::join!(long(), long(), long(), others);
+    assert_eq!(other, StatusCode::OK);
+    for reply in [a, b, c] {
+        assert_eq!((reply.status, reply.error_code().as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"));
+    }
+    assert_eq!(h.stats().requests, 4, "no long request was sent twice");
+    assert_eq!(h.health().await["upstreams"][0]["breaker"], "closed");
+    assert_eq!(h.chats(3, CHAT).await, [200; 3]);
+}
+
+/// The other side: when the upstream answers nobody, its timeouts are its
+/// own and open the breaker as before.
+#[tokio::test]
+async fn timeouts_of_an_upstream_that_answers_nobody_open_the_breaker() {
+    // header_timeout = 2 s in the harness.
+    let extra = "max_attempts = 1\nbreaker_failures = 2";
+    let h = Harness::start_with(Opts { upstream_extra: extra, ..Opts::default() }).await;
+    let slow = || {
+        let request = h
+            .post("/v1/chat/completions")
+            .header("x-mock-latency-ms", "2500")
+            .body(Full::new(Bytes::from(CHAT)))
+            .unwrap();
+        h.send(request)
+    };
+    let (a, b) = tokio::join!(slow(), slow());
+    assert_eq!((a.status, b.status), (StatusCode::GATEWAY_TIMEOUT, StatusCode::GATEWAY_TIMEOUT));
+    assert_eq!(h.health().await["upstreams"][0]["breaker"], "open");
+    assert_eq!(h.chat(CHAT).await.status, StatusCode::SERVICE_UNAVAILABLE);
 }

@@ -38,6 +38,10 @@ pub(super) enum Last {
     Answer(Response<UpstreamBody>, Failure, Arc<str>),
     /// No answer: connect error, reset, timeout.
     Error(ProxyError),
+    /// No answer in time while the upstream answered other requests: this
+    /// request is slow by itself (a long generation), which counts against
+    /// no key and no breaker, and is neither retried nor moved elsewhere.
+    Slow(ProxyError),
 }
 
 /// What one attempt's outcome means for the loop.
@@ -192,6 +196,7 @@ pub(super) async fn attempt(
             (None, None) => break,
         };
         let wait = header_wait(upstream, req.stream, ctx.started);
+        let sent_at = now_ms();
         let started = Instant::now();
         let on_its_way = AtomicBool::new(false);
         let result = tokio::time::timeout(wait, upstream.send(method, &target, headers, auth, body, &on_its_way)).await;
@@ -214,11 +219,22 @@ pub(super) async fn attempt(
             }
             Err(_) => {
                 sent = true;
-                lease.key().fail(Failure::Timeout);
                 let after_ms = wait.as_millis() as u64;
-                last = Some(Last::Error(ProxyError::UpstreamTimeout { upstream: upstream.name.to_string(), after_ms }));
-                // A request that timed out was sent: the upstream may be working on it.
-                retry_if(req.replay.allows(true), RetryReason::Timeout)
+                let timeout = ProxyError::UpstreamTimeout { upstream: upstream.name.to_string(), after_ms };
+                if upstream.breaker.answered_since(sent_at) {
+                    // Others got answers meanwhile: the upstream is up, and
+                    // this request is long (the upstream is likely still
+                    // generating it). Charging it to the key or the breaker
+                    // would let one client's long requests shut out everyone.
+                    tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, after_ms, "no answer within header_timeout while the upstream answered others; counted against nothing");
+                    last = Some(Last::Slow(timeout));
+                    Verdict::Stop
+                } else {
+                    lease.key().fail(Failure::Timeout);
+                    last = Some(Last::Error(timeout));
+                    // A request that timed out was sent: the upstream may be working on it.
+                    retry_if(req.replay.allows(true), RetryReason::Timeout)
+                }
             }
             Ok(Err(failed)) => {
                 if let Some(client_error) = watch.as_ref().and_then(|(watch, max)| watch.failure(*max)) {
@@ -245,6 +261,7 @@ pub(super) async fn attempt(
             }
             Ok(Ok(response)) => {
                 sent = true;
+                upstream.breaker.note_answer(now_ms());
                 let status = response.status().as_u16();
                 // Steer before the 429: a key that says it has nothing left
                 // rests until its reset (capped), so the next request takes another.
