@@ -21,10 +21,10 @@
 //!   goes back to the client, counting against nothing, while the key is
 //!   checked in the background (see [`Upstream::verify_key`]);
 //! - 5xx, connect errors, resets and timeouts count against the key and are
-//!   retried when the request may be sent again; but a timeout while the
-//!   upstream answered other requests is this request's own length (a long
-//!   generation): a 504 that counts against no key and no breaker, and is
-//!   not re-sent;
+//!   retried when the request may be sent again; but a non-streaming
+//!   request's timeout while its target answered other requests is its own
+//!   length (a long generation): a 504 that counts against no key and no
+//!   breaker, and is not re-sent;
 //! - a failure of the client's own upload ends the request with the client's
 //!   error (413, 400, 499) and touches no key and no breaker.
 //!

@@ -44,8 +44,6 @@ pub struct Breaker {
     state: AtomicU8,
     consecutive: AtomicU32,
     opened_at: AtomicU64,
-    /// Clock ms of the upstream's latest answer (any status) to any request.
-    answered_at: AtomicU64,
 }
 
 /// What the breaker says about a new request.
@@ -98,23 +96,7 @@ impl Breaker {
             state: AtomicU8::new(CLOSED),
             consecutive: AtomicU32::new(0),
             opened_at: AtomicU64::new(0),
-            answered_at: AtomicU64::new(0),
         }
-    }
-
-    /// The upstream answered a request (any status) at clock time `now`.
-    /// Stored at most once a millisecond: a load per answer, rarely a store.
-    pub fn note_answer(&self, now: u64) {
-        if self.answered_at.load(Relaxed) < now {
-            self.answered_at.store(now, Relaxed);
-        }
-    }
-
-    /// Whether the upstream answered any request after clock time `since`:
-    /// then a request of `since` that got no answer in time was slow by
-    /// itself (a long generation), not the sign of an upstream in trouble.
-    pub fn answered_since(&self, since: u64) -> bool {
-        self.answered_at.load(Relaxed) > since
     }
 
     /// Whether this breaker was built with these settings (a reload keeps it then).
@@ -181,17 +163,6 @@ mod tests {
 
     fn breaker() -> Arc<Breaker> {
         Arc::new(Breaker::new(3, Duration::from_millis(100)))
-    }
-
-    #[test]
-    fn an_answer_after_a_send_means_the_upstream_was_up() {
-        let b = breaker();
-        assert!(!b.answered_since(0), "no answer yet");
-        b.note_answer(10);
-        assert!(b.answered_since(9));
-        assert!(!b.answered_since(10), "an answer in the same millisecond proves nothing");
-        b.note_answer(5);
-        assert!(b.answered_since(9), "an older answer never moves the time back");
     }
 
     #[test]

@@ -74,7 +74,7 @@ async fn breaker_stops_traffic_to_a_dead_port() {
     assert_eq!(connections.load(Ordering::SeqCst), after_two, "no traffic while open");
 }
 
-/// Requests that outlast `header_timeout` while the upstream answers others
+/// Requests that outlast `header_timeout` while their target answers others
 /// (one client's long generations) are that client's 504s: they open no
 /// breaker and cool no key, so everyone else keeps being served.
 async fn one_clients_long_requests_open_no_breaker(t: Transport) {

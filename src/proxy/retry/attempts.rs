@@ -38,7 +38,7 @@ pub(super) enum Last {
     Answer(Response<UpstreamBody>, Failure, Arc<str>),
     /// No answer: connect error, reset, timeout.
     Error(ProxyError),
-    /// No answer in time while the upstream answered other requests: this
+    /// No answer in time while the target answered other requests: this
     /// request is slow by itself (a long generation), which counts against
     /// no key and no breaker, and is neither retried nor moved elsewhere.
     Slow(ProxyError),
@@ -221,12 +221,18 @@ pub(super) async fn attempt(
                 sent = true;
                 let after_ms = wait.as_millis() as u64;
                 let timeout = ProxyError::UpstreamTimeout { upstream: upstream.name.to_string(), after_ms };
-                if upstream.breaker.answered_since(sent_at) {
-                    // Others got answers meanwhile: the upstream is up, and
-                    // this request is long (the upstream is likely still
-                    // generating it). Charging it to the key or the breaker
+                // A stream's headers come at once, and a breaker's probe must
+                // settle the breaker: only a routed non-streaming request can
+                // be this slow by itself.
+                let answered_meanwhile = !req.stream
+                    && probe.is_none()
+                    && ctx.model.as_deref().is_some_and(|target| target.answered_since(sent_at));
+                if answered_meanwhile {
+                    // Others got answers from this target meanwhile: it is
+                    // up, and this request is long (likely still being
+                    // generated). Charging it to the key or the breaker
                     // would let one client's long requests shut out everyone.
-                    tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, after_ms, "no answer within header_timeout while the upstream answered others; counted against nothing");
+                    tracing::info!(request_id = ctx.request_id.to_str().unwrap_or("-"), upstream = %upstream.name, after_ms, "no answer within header_timeout while the target answered others; counted against nothing");
                     last = Some(Last::Slow(timeout));
                     Verdict::Stop
                 } else {
@@ -261,8 +267,12 @@ pub(super) async fn attempt(
             }
             Ok(Ok(response)) => {
                 sent = true;
-                upstream.breaker.note_answer(now_ms());
                 let status = response.status().as_u16();
+                if status < 500
+                    && let Some(target) = ctx.model.as_deref()
+                {
+                    target.note_answer(now_ms());
+                }
                 // Steer before the 429: a key that says it has nothing left
                 // rests until its reset (capped), so the next request takes another.
                 if let Some(reset) = headroom::exhausted(response.headers()) {
