@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use http::header::{ACCEPT_ENCODING, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE};
+use http::header::{AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 use tokio::time::Instant;
 
@@ -93,8 +93,7 @@ pub async fn stage(
         .part(prepared.plan.upstream.name.as_bytes())
         .part(prepared.uri.path().as_bytes())
         .part(prepared.uri.query().unwrap_or("").as_bytes())
-        // The stored bytes are as the upstream encoded them for this client.
-        .part(prepared.headers.get(ACCEPT_ENCODING).map_or(&b""[..], HeaderValue::as_bytes))
+        // No Accept-Encoding: sluice asks every upstream for uncompressed answers.
         .part(bytes.as_deref().unwrap_or_default())
         .finish();
     let mut guard = None;

@@ -74,8 +74,9 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Prepares client request headers for the upstream: hop-by-hop and `Host`
 /// removed (the client sets it from the upstream URI), client credentials
 /// and what belongs to them removed (each attempt adds the upstream's),
-/// request id set, and `Content-Length` dropped when the body was rewritten
-/// (the new length comes from the body itself).
+/// answers asked for uncompressed, request id set, and `Content-Length`
+/// dropped when the body was rewritten (the new length comes from the body
+/// itself).
 pub fn to_upstream(headers: &mut HeaderMap, request_id: &HeaderValue, body_rewritten: bool) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
@@ -93,6 +94,11 @@ pub fn to_upstream(headers: &mut HeaderMap, request_id: &HeaderValue, body_rewri
         headers.remove(header::CONTENT_LENGTH);
     }
     headers.remove(header::AUTHORIZATION);
+    // Answers uncompressed: sluice reads them (`usage` for token budgets,
+    // error codes that decide a key's health, cache entries), and a client
+    // asking for gzip or br would otherwise hide all three, a token budget
+    // included. LLM answers are small; the client link is sluice's.
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     headers.insert(REQUEST_ID, never_indexed(request_id));
 }
 

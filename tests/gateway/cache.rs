@@ -67,6 +67,10 @@ async fn requests_sent_past_the_cache_carry_the_forwarding_headers() {
     }
     assert_eq!(label(&h.send(echo(None)).await), "hit");
     assert_eq!(chats(&h), 3, "the hit sent nothing");
+    // Answers are fetched uncompressed: what the client accepts does not split entries.
+    let gzip = h.post("/v1/chat/completions").header("accept-encoding", "gzip").body(Full::new(Bytes::from(CHAT)));
+    assert_eq!(label(&h.send(gzip.unwrap()).await), "hit");
+    assert_eq!(chats(&h), 3);
 }
 
 async fn a_stream_is_replayed_frame_by_frame_with_its_bytes(t: Transport) {

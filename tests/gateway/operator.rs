@@ -169,6 +169,22 @@ async fn client_only_headers_stay_home_and_forwarding_is_added() {
     assert_eq!(headers["forwarded"], "for=127.0.0.1");
 }
 
+/// sluice reads answers (usage for token budgets, error codes for key
+/// health, cache entries): it asks for them uncompressed whatever the
+/// client accepts.
+#[tokio::test]
+async fn upstreams_are_asked_for_uncompressed_answers() {
+    let h = Harness::start().await;
+    for accepted in [Some("gzip, deflate, br, zstd"), None] {
+        let mut request = h.post("/v1/chat/completions").header("x-mock-echo", "1");
+        if let Some(accepted) = accepted {
+            request = request.header("accept-encoding", accepted);
+        }
+        let echoed = h.send(request.body(Full::new(Bytes::from_static(br#"{"model":"plain"}"#))).unwrap()).await.json();
+        assert_eq!(echoed["headers"]["accept-encoding"], "identity", "client sent {accepted:?}");
+    }
+}
+
 #[tokio::test]
 async fn one_model_is_answered_from_the_routing_table() {
     let h = Harness::start().await;
