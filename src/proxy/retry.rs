@@ -24,7 +24,8 @@
 //!   retried when the request may be sent again; but a non-streaming
 //!   request's timeout while its target answered other requests is its own
 //!   length (a long generation): a 504 that counts against no key and no
-//!   breaker, and is not re-sent;
+//!   breaker, and is not re-sent; and no timeout counts against the breaker
+//!   while the upstream answered other requests (it is up);
 //! - a failure of the client's own upload ends the request with the client's
 //!   error (413, 400, 499) and touches no key and no breaker.
 //!
@@ -132,7 +133,7 @@ fn fallback_reason(upstream: &Upstream, failed: &Failed) -> Option<FallbackOn> {
     }
     match &failed.last {
         None => Some(FallbackOn::NoKey),
-        Some(Last::Error(ProxyError::UpstreamTimeout { .. })) => Some(FallbackOn::Timeout),
+        Some(Last::Error(ProxyError::UpstreamTimeout { .. }) | Last::Stalled(_)) => Some(FallbackOn::Timeout),
         Some(Last::Error(_)) => Some(FallbackOn::Connect),
         // A long request: another target would take as long, and this one
         // is likely still generating (and billing) it.
@@ -152,7 +153,7 @@ fn record(upstream: &Upstream, failed: &Failed) {
     match &failed.last {
         Some(Last::Error(_) | Last::Answer(_, Failure::ServerError, _)) => upstream.breaker.record_failure(now_ms()),
         // Neither up nor down: the upstream answered others meanwhile.
-        Some(Last::Slow(_)) => {}
+        Some(Last::Slow(_) | Last::Stalled(_)) => {}
         Some(Last::Answer(..)) => upstream.breaker.record_success(),
         None => {}
     }
@@ -175,7 +176,7 @@ fn answer(
     let usable = upstream.keys.any_usable(now);
     match failed.last {
         None => Err(ProxyError::NoAvailableKey { upstream: name, retry_after }),
-        Some(Last::Error(error) | Last::Slow(error)) => Err(error),
+        Some(Last::Error(error) | Last::Slow(error) | Last::Stalled(error)) => Err(error),
         Some(Last::Answer(_, Failure::RateLimited, _)) if !usable => {
             Err(ProxyError::AllKeysRateLimited { upstream: name, retry_after })
         }

@@ -220,8 +220,8 @@ pub struct ModelMetrics {
     pub duration: [Histogram; 2],
     /// Time to the upstream's headers, by `stream`.
     pub ttfb: [Histogram; 2],
-    /// Clock ms of the latest answer below 500 from this target, which the
-    /// retry loop reads to tell a long request from a target in trouble.
+    /// Clock ms of this target's latest successful answer, which the retry
+    /// loop reads to tell a long request from a target in trouble.
     answered_at: AtomicU64,
 }
 
@@ -240,8 +240,7 @@ impl ModelMetrics {
         }
     }
 
-    /// This target answered a request (any status below 500) at clock time
-    /// `now`. A load per answer; a store at most once a millisecond, and
+    /// This target answered a request successfully at clock time `now`. A load per answer; a store at most once a millisecond, and
     /// never backwards when two threads race.
     pub fn note_answer(&self, now: u64) {
         if self.answered_at.load(Relaxed) < now {

@@ -124,3 +124,56 @@ async fn timeouts_of_an_upstream_that_answers_nobody_open_the_breaker() {
     assert_eq!(h.health().await["upstreams"][0]["breaker"], "open");
     assert_eq!(h.chat(CHAT).await.status, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+/// A model that is slow beside another of the same upstream that answers:
+/// the upstream is up, so its breaker (which every model shares) stays
+/// closed, while the slow model's requests still end as timeouts.
+#[tokio::test]
+async fn a_slow_model_beside_an_answering_one_opens_no_breaker() {
+    // header_timeout = 2 s in the harness.
+    let extra = "max_attempts = 1\nbreaker_failures = 2";
+    let h = Harness::start_with(Opts { upstream_extra: extra, ..Opts::default() }).await;
+    let slow = || {
+        let request = h
+            .post("/v1/chat/completions")
+            .header("x-mock-latency-ms", "2500")
+            .body(Full::new(Bytes::from_static(br#"{"model":"mini","messages":[]}"#)))
+            .unwrap();
+        h.send(request)
+    };
+    let others = async {
+        eventually("the slow requests reached the mock", || h.stats().requests >= 2).await;
+        h.chat(CHAT).await.status
+    };
+    let (a, b, other) = tokio::join!(slow(), slow(), others);
+    assert_eq!(other, StatusCode::OK);
+    assert_eq!((a.status, b.status), (StatusCode::GATEWAY_TIMEOUT, StatusCode::GATEWAY_TIMEOUT));
+    assert_eq!(h.health().await["upstreams"][0]["breaker"], "closed");
+    assert_eq!(h.chats(3, CHAT).await, [200; 3]);
+}
+
+/// Fast refusals (one client's malformed requests) prove nothing about an
+/// upstream whose generations hang: its timeouts still open the breaker.
+#[tokio::test]
+async fn fast_refusals_do_not_hide_a_hung_upstream() {
+    let extra = "max_attempts = 1\nbreaker_failures = 2";
+    let h = Harness::start_with(Opts { upstream_extra: extra, ..Opts::default() }).await;
+    let slow = || {
+        let request = h
+            .post("/v1/chat/completions")
+            .header("x-mock-latency-ms", "2500")
+            .body(Full::new(Bytes::from(CHAT)))
+            .unwrap();
+        h.send(request)
+    };
+    let refused = async {
+        eventually("the slow requests reached the mock", || h.stats().requests >= 2).await;
+        let request =
+            h.post("/v1/chat/completions").header("x-mock-status", "400").body(Full::new(Bytes::from(CHAT))).unwrap();
+        h.send(request).await.status
+    };
+    let (a, b, refusal) = tokio::join!(slow(), slow(), refused);
+    assert_eq!(refusal, StatusCode::BAD_REQUEST);
+    assert_eq!((a.status, b.status), (StatusCode::GATEWAY_TIMEOUT, StatusCode::GATEWAY_TIMEOUT));
+    assert_eq!(h.health().await["upstreams"][0]["breaker"], "open");
+}

@@ -42,6 +42,10 @@ pub(super) enum Last {
     /// request is slow by itself (a long generation), which counts against
     /// no key and no breaker, and is neither retried nor moved elsewhere.
     Slow(ProxyError),
+    /// No answer in time while the upstream answered other requests (of
+    /// other models): the upstream is up, so its breaker is not told, but
+    /// this target may be in trouble: retried and fallen back as a timeout.
+    Stalled(ProxyError),
 }
 
 /// What one attempt's outcome means for the loop.
@@ -221,13 +225,14 @@ pub(super) async fn attempt(
                 sent = true;
                 let after_ms = wait.as_millis() as u64;
                 let timeout = ProxyError::UpstreamTimeout { upstream: upstream.name.to_string(), after_ms };
-                // A stream's headers come at once, and a breaker's probe must
-                // settle the breaker: only a routed non-streaming request can
-                // be this slow by itself.
-                let answered_meanwhile = !req.stream
-                    && probe.is_none()
+                // A breaker's probe must settle the breaker, and a stream's
+                // headers come at once: only a routed non-streaming request
+                // can be this slow by itself.
+                let upstream_answered = probe.is_none() && upstream.breaker.answered_since(sent_at);
+                let target_answered = upstream_answered
+                    && !req.stream
                     && ctx.model.as_deref().is_some_and(|target| target.answered_since(sent_at));
-                if answered_meanwhile {
+                if target_answered {
                     // Others got answers from this target meanwhile: it is
                     // up, and this request is long (likely still being
                     // generated). Charging it to the key or the breaker
@@ -237,7 +242,7 @@ pub(super) async fn attempt(
                     Verdict::Stop
                 } else {
                     lease.key().fail(Failure::Timeout);
-                    last = Some(Last::Error(timeout));
+                    last = Some(if upstream_answered { Last::Stalled(timeout) } else { Last::Error(timeout) });
                     // A request that timed out was sent: the upstream may be working on it.
                     retry_if(req.replay.allows(true), RetryReason::Timeout)
                 }
@@ -268,10 +273,14 @@ pub(super) async fn attempt(
             Ok(Ok(response)) => {
                 sent = true;
                 let status = response.status().as_u16();
-                if status < 500
-                    && let Some(target) = ctx.model.as_deref()
-                {
-                    target.note_answer(now_ms());
+                // Only a success proves the upstream generates: a fast 4xx
+                // (a client's malformed request) or 5xx says nothing of it.
+                if (200..300).contains(&status) {
+                    let now = now_ms();
+                    upstream.breaker.note_answer(now);
+                    if let Some(target) = ctx.model.as_deref() {
+                        target.note_answer(now);
+                    }
                 }
                 // Steer before the 429: a key that says it has nothing left
                 // rests until its reset (capped), so the next request takes another.
