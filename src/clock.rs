@@ -6,6 +6,7 @@
 //! paused runtime it is the plain monotonic clock.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -37,9 +38,50 @@ pub fn after(d: Duration) -> u64 {
     now_ms().saturating_add(d.as_millis() as u64)
 }
 
+/// The latest of the clock times noted into it (0: none yet), shared across
+/// threads: when something last happened (an upstream's or a target's last
+/// successful answer). Noting is a load, and a store at most once a
+/// millisecond; racing threads never move it back.
+#[derive(Debug, Default)]
+pub struct Latest(AtomicU64);
+
+impl Latest {
+    /// It happened at clock time `now`.
+    pub fn note(&self, now: u64) {
+        if self.0.load(Relaxed) < now {
+            self.0.fetch_max(now, Relaxed);
+        }
+    }
+
+    /// Whether it happened after clock time `since` (the same millisecond
+    /// proves nothing).
+    pub fn after(&self, since: u64) -> bool {
+        self.0.load(Relaxed) > since
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latest_moves_only_forward() {
+        let latest = Latest::default();
+        assert!(!latest.after(0), "nothing noted yet");
+        latest.note(10);
+        assert!(latest.after(9));
+        assert!(!latest.after(10), "the same millisecond proves nothing");
+        latest.note(5);
+        assert!(latest.after(9), "an older time never moves it back");
+        // Two threads noting at once: the later time wins.
+        std::thread::scope(|scope| {
+            for now in [20, 30] {
+                let latest = &latest;
+                scope.spawn(move || latest.note(now));
+            }
+        });
+        assert!(latest.after(29));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn follows_a_paused_tokio_clock() {

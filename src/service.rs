@@ -301,19 +301,17 @@ async fn forward(
         return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
     }
     let mut prepared = proxy::prepare(live, request, client.as_deref(), ctx).await?;
+    if live.config.cache.enabled
+        && prepared.plan.cacheable
+        && let Step::Answer(response) =
+            cached::stage(&shared.cache, &live.config.cache, &mut prepared, client.as_deref(), ctx).await?
+    {
+        return Ok(response);
+    }
+    proxy::mark_forwarded(live, &mut prepared, ctx);
     // The retry loop's future is boxed: inline, every request's future (a
     // cache hit's too) would carry its size, and be copied with it.
-    if !(live.config.cache.enabled && prepared.plan.cacheable) {
-        proxy::mark_forwarded(live, &mut prepared, ctx);
-        return Box::pin(retry::send(prepared, ctx)).await;
-    }
-    match cached::stage(&shared.cache, &live.config.cache, &mut prepared, client.as_deref(), ctx).await? {
-        Step::Answer(response) => Ok(response),
-        Step::Forward => {
-            proxy::mark_forwarded(live, &mut prepared, ctx);
-            Box::pin(retry::send(prepared, ctx)).await
-        }
-    }
+    Box::pin(retry::send(prepared, ctx)).await
 }
 
 /// The address a request without a key is limited under: the peer's, or

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
+use crate::clock::Latest;
 use crate::config::FallbackOn;
 use std::time::Duration;
 
@@ -220,9 +221,10 @@ pub struct ModelMetrics {
     pub duration: [Histogram; 2],
     /// Time to the upstream's headers, by `stream`.
     pub ttfb: [Histogram; 2],
-    /// Clock ms of this target's latest successful answer, which the retry
-    /// loop reads to tell a long request from a target in trouble.
-    answered_at: AtomicU64,
+    /// When this target last answered a request successfully: the retry
+    /// loop reads it to tell a long request (the target answered others
+    /// meanwhile) from a target in trouble.
+    pub answered: Latest,
 }
 
 impl ModelMetrics {
@@ -236,23 +238,8 @@ impl ModelMetrics {
             completion_tokens: AtomicU64::new(0),
             duration: Default::default(),
             ttfb: Default::default(),
-            answered_at: AtomicU64::new(0),
+            answered: Latest::default(),
         }
-    }
-
-    /// This target answered a request successfully at clock time `now`. A load per answer; a store at most once a millisecond, and
-    /// never backwards when two threads race.
-    pub fn note_answer(&self, now: u64) {
-        if self.answered_at.load(Relaxed) < now {
-            self.answered_at.fetch_max(now, Relaxed);
-        }
-    }
-
-    /// Whether this target answered any request after clock time `since`:
-    /// then a request of `since` that got no headers in time is slow by
-    /// itself (a long generation), not a sign of the target in trouble.
-    pub fn answered_since(&self, since: u64) -> bool {
-        self.answered_at.load(Relaxed) > since
     }
 
     /// This model's series of a histogram family, one per `stream` value
@@ -542,25 +529,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_answer_after_a_send_means_the_target_was_up() {
-        let target = ModelMetrics::new("m", "u");
-        assert!(!target.answered_since(0), "no answer yet");
-        target.note_answer(10);
-        assert!(target.answered_since(9));
-        assert!(!target.answered_since(10), "an answer in the same millisecond proves nothing");
-        target.note_answer(5);
-        assert!(target.answered_since(9), "an older answer never moves the time back");
-        // Two threads noting at once: the later time wins.
-        std::thread::scope(|scope| {
-            for now in [20, 30] {
-                let target = &target;
-                scope.spawn(move || target.note_answer(now));
-            }
-        });
-        assert!(target.answered_since(29));
-    }
 
     #[test]
     fn routes_and_statuses_are_closed_sets() {

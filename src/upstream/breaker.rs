@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::clock::Latest;
+
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
 const HALF_OPEN: u8 = 2;
@@ -44,8 +46,9 @@ pub struct Breaker {
     state: AtomicU8,
     consecutive: AtomicU32,
     opened_at: AtomicU64,
-    /// Clock ms of the upstream's latest successful answer to any request.
-    answered_at: AtomicU64,
+    /// When the upstream last answered any request successfully: then it
+    /// is up, whatever became of a request sent before.
+    pub answered: Latest,
 }
 
 /// What the breaker says about a new request.
@@ -98,22 +101,8 @@ impl Breaker {
             state: AtomicU8::new(CLOSED),
             consecutive: AtomicU32::new(0),
             opened_at: AtomicU64::new(0),
-            answered_at: AtomicU64::new(0),
+            answered: Latest::default(),
         }
-    }
-
-    /// The upstream answered a request successfully at clock time `now`. A
-    /// load per answer; a store at most once a millisecond, never backwards.
-    pub fn note_answer(&self, now: u64) {
-        if self.answered_at.load(Relaxed) < now {
-            self.answered_at.fetch_max(now, Relaxed);
-        }
-    }
-
-    /// Whether the upstream answered any request successfully after clock
-    /// time `since`: then it is up, whatever became of a request of `since`.
-    pub fn answered_since(&self, since: u64) -> bool {
-        self.answered_at.load(Relaxed) > since
     }
 
     /// Whether this breaker was built with these settings (a reload keeps it then).
@@ -180,17 +169,6 @@ mod tests {
 
     fn breaker() -> Arc<Breaker> {
         Arc::new(Breaker::new(3, Duration::from_millis(100)))
-    }
-
-    #[test]
-    fn an_answer_after_a_send_means_the_upstream_was_up() {
-        let b = breaker();
-        assert!(!b.answered_since(0), "no answer yet");
-        b.note_answer(10);
-        assert!(b.answered_since(9));
-        assert!(!b.answered_since(10), "an answer in the same millisecond proves nothing");
-        b.note_answer(5);
-        assert!(b.answered_since(9), "an older answer never moves the time back");
     }
 
     #[test]

@@ -59,25 +59,35 @@ impl Failure {
 pub const KEY_ERROR_CODES: [&str; 4] =
     ["invalid_api_key", "account_deactivated", "invalid_authentication", "authentication_error"];
 
+/// The `error` object of a provider's answer, as far as key health reads it.
+/// Fields are kept as any JSON value: a vendor's numeric `code` must not hide
+/// the `message` beside it (read on error answers only).
+#[derive(serde::Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    code: serde_json::Value,
+    #[serde(default, rename = "type")]
+    kind: serde_json::Value,
+    #[serde(default)]
+    message: serde_json::Value,
+}
+
+/// `answer`'s `error` object, if it is JSON with one.
+fn error_detail(answer: &[u8]) -> Option<ErrorDetail> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Option<ErrorDetail>,
+    }
+    serde_json::from_slice::<Answer>(answer).ok()?.error
+}
+
 /// Whether a 401/402/403 answer says the key itself is bad: its
 /// `error.code` (or `error.type`) is one of [`KEY_ERROR_CODES`]. Anything else
 /// (no JSON, another code) is taken as a refusal of the request, which must
 /// not disable a key that every other client shares.
 pub fn blames_the_key(answer: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Answer<'a> {
-        #[serde(borrow)]
-        error: Option<Detail<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Detail<'a> {
-        #[serde(borrow, default)]
-        code: Option<std::borrow::Cow<'a, str>>,
-        #[serde(borrow, default, rename = "type")]
-        kind: Option<std::borrow::Cow<'a, str>>,
-    }
-    let Ok(Answer { error: Some(detail) }) = serde_json::from_slice::<Answer<'_>>(answer) else { return false };
-    [detail.code, detail.kind].into_iter().flatten().any(|code| KEY_ERROR_CODES.contains(&code.as_ref()))
+    let Some(detail) = error_detail(answer) else { return false };
+    [&detail.code, &detail.kind].into_iter().filter_map(|v| v.as_str()).any(|code| KEY_ERROR_CODES.contains(&code))
 }
 
 /// Whether a 429 answer says the *request* is over the limit by itself, not
@@ -87,19 +97,10 @@ pub fn blames_the_key(answer: &[u8]) -> bool {
 /// "Request too large". Waiting does not help it, and cooling the key for it
 /// would let one client's oversized requests rest every key all clients share.
 pub fn blames_the_request(answer: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Answer<'a> {
-        #[serde(borrow)]
-        error: Option<Detail<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Detail<'a> {
-        #[serde(borrow, default)]
-        message: Option<std::borrow::Cow<'a, str>>,
-    }
     const TOO_LARGE: &str = "request too large";
-    let Ok(Answer { error: Some(detail) }) = serde_json::from_slice::<Answer<'_>>(answer) else { return false };
-    detail.message.is_some_and(|m| m.get(..TOO_LARGE.len()).is_some_and(|head| head.eq_ignore_ascii_case(TOO_LARGE)))
+    let Some(detail) = error_detail(answer) else { return false };
+    let message = detail.message.as_str().unwrap_or_default();
+    message.get(..TOO_LARGE.len()).is_some_and(|head| head.eq_ignore_ascii_case(TOO_LARGE))
 }
 
 /// A key's health at one instant.
@@ -491,6 +492,7 @@ mod tests {
         let too_large = br#"{"error":{"message":"Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
         assert!(blames_the_request(too_large));
         assert!(blames_the_request(br#"{"error":{"message":"request too large for model m"}}"#));
+        assert!(blames_the_request(br#"{"error":{"code":429,"message":"Request too large for m"}}"#), "a numeric code");
         // The key's (or account's) share used up: cool the key.
         assert!(!blames_the_request(
             br#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-x on requests per min (RPM): Limit 3, Used 3, Requested 1.","type":"requests","code":"rate_limit_exceeded"}}"#

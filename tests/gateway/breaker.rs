@@ -14,6 +14,15 @@ use crate::per_transport;
 use crate::support::{Harness, Opts, Transport, advance_clock, eventually};
 
 const CHAT: &str = r#"{"model":"plain","messages":[]}"#;
+/// Another model of the same upstream.
+const MINI: &str = r#"{"model":"mini","messages":[]}"#;
+
+/// A chat the mock answers after 2.5 s: past the harness's 2 s `header_timeout`.
+async fn slow_chat(h: &Harness, body: &'static str) -> crate::support::Reply {
+    let request =
+        h.post("/v1/chat/completions").header("x-mock-latency-ms", "2500").body(Full::new(Bytes::from(body))).unwrap();
+    h.send(request).await
+}
 
 per_transport!(breaker_opens_fails_fast_and_a_probe_closes_it, one_clients_long_requests_open_no_breaker);
 
@@ -81,14 +90,7 @@ async fn one_clients_long_requests_open_no_breaker(t: Transport) {
     // header_timeout = 2 s in the harness.
     let extra = "max_attempts = 3\nbreaker_failures = 2";
     let h = Harness::start_with(Opts { transport: t, upstream_extra: extra, ..Opts::default() }).await;
-    let long = || {
-        let request = h
-            .post("/v1/chat/completions")
-            .header("x-mock-latency-ms", "2500")
-            .body(Full::new(Bytes::from(CHAT)))
-            .unwrap();
-        h.send(request)
-    };
+    let long = || slow_chat(&h, CHAT);
     let others = async {
         // Once the long ones are with the upstream, another client is answered.
         eventually("the long requests reached the mock", || h.stats().requests >= 3).await;
@@ -111,14 +113,7 @@ async fn timeouts_of_an_upstream_that_answers_nobody_open_the_breaker() {
     // header_timeout = 2 s in the harness.
     let extra = "max_attempts = 1\nbreaker_failures = 2";
     let h = Harness::start_with(Opts { upstream_extra: extra, ..Opts::default() }).await;
-    let slow = || {
-        let request = h
-            .post("/v1/chat/completions")
-            .header("x-mock-latency-ms", "2500")
-            .body(Full::new(Bytes::from(CHAT)))
-            .unwrap();
-        h.send(request)
-    };
+    let slow = || slow_chat(&h, CHAT);
     let (a, b) = tokio::join!(slow(), slow());
     assert_eq!((a.status, b.status), (StatusCode::GATEWAY_TIMEOUT, StatusCode::GATEWAY_TIMEOUT));
     assert_eq!(h.health().await["upstreams"][0]["breaker"], "open");
@@ -133,14 +128,7 @@ async fn a_slow_model_beside_an_answering_one_opens_no_breaker() {
     // header_timeout = 2 s in the harness.
     let extra = "max_attempts = 1\nbreaker_failures = 2";
     let h = Harness::start_with(Opts { upstream_extra: extra, ..Opts::default() }).await;
-    let slow = || {
-        let request = h
-            .post("/v1/chat/completions")
-            .header("x-mock-latency-ms", "2500")
-            .body(Full::new(Bytes::from_static(br#"{"model":"mini","messages":[]}"#)))
-            .unwrap();
-        h.send(request)
-    };
+    let slow = || slow_chat(&h, MINI);
     let others = async {
         eventually("the slow requests reached the mock", || h.stats().requests >= 2).await;
         h.chat(CHAT).await.status
@@ -158,14 +146,7 @@ async fn a_slow_model_beside_an_answering_one_opens_no_breaker() {
 async fn fast_refusals_do_not_hide_a_hung_upstream() {
     let extra = "max_attempts = 1\nbreaker_failures = 2";
     let h = Harness::start_with(Opts { upstream_extra: extra, ..Opts::default() }).await;
-    let slow = || {
-        let request = h
-            .post("/v1/chat/completions")
-            .header("x-mock-latency-ms", "2500")
-            .body(Full::new(Bytes::from(CHAT)))
-            .unwrap();
-        h.send(request)
-    };
+    let slow = || slow_chat(&h, CHAT);
     let refused = async {
         eventually("the slow requests reached the mock", || h.stats().requests >= 2).await;
         let request =

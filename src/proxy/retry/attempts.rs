@@ -228,10 +228,10 @@ pub(super) async fn attempt(
                 // A breaker's probe must settle the breaker, and a stream's
                 // headers come at once: only a routed non-streaming request
                 // can be this slow by itself.
-                let upstream_answered = probe.is_none() && upstream.breaker.answered_since(sent_at);
+                let upstream_answered = probe.is_none() && upstream.breaker.answered.after(sent_at);
                 let target_answered = upstream_answered
                     && !req.stream
-                    && ctx.model.as_deref().is_some_and(|target| target.answered_since(sent_at));
+                    && ctx.model.as_deref().is_some_and(|target| target.answered.after(sent_at));
                 if target_answered {
                     // Others got answers from this target meanwhile: it is
                     // up, and this request is long (likely still being
@@ -277,9 +277,9 @@ pub(super) async fn attempt(
                 // (a client's malformed request) or 5xx says nothing of it.
                 if (200..300).contains(&status) {
                     let now = now_ms();
-                    upstream.breaker.note_answer(now);
+                    upstream.breaker.answered.note(now);
                     if let Some(target) = ctx.model.as_deref() {
-                        target.note_answer(now);
+                        target.answered.note(now);
                     }
                 }
                 // Steer before the 429: a key that says it has nothing left
