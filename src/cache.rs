@@ -178,13 +178,13 @@ impl ResponseCache {
         entry.fresh(Instant::now(), max_age).then_some(entry)
     }
 
-    /// A fresh entry under `key` (an expired one is removed on the way).
-    pub fn lookup(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<Arc<Entry>> {
+    /// A fresh entry under `key` at `now` (an expired one is removed on the way).
+    pub fn lookup(&self, key: &CacheKey, max_age: Option<Duration>, now: Instant) -> Option<Arc<Entry>> {
         let entry = self.store.get(key)?;
-        if entry.fresh(Instant::now(), max_age) {
+        if entry.fresh(now, max_age) {
             return Some(entry);
         }
-        if !entry.fresh(Instant::now(), None) {
+        if !entry.fresh(now, None) {
             self.store.remove(key);
         }
         None
@@ -377,7 +377,7 @@ mod tests {
             recorder.saw(&Bytes::copy_from_slice(part));
         }
         recorder.finish(Some((1, 2)));
-        cache.lookup(&[1; 32], None).unwrap()
+        cache.lookup(&[1; 32], None, Instant::now()).unwrap()
     }
 
     #[tokio::test(start_paused = true)]
@@ -399,7 +399,7 @@ mod tests {
         recorder.saw(&Bytes::from_static(b"12345"));
         recorder.saw(&Bytes::from_static(b"6789"));
         recorder.finish(None);
-        assert!(cache.lookup(&[2; 32], None).is_none());
+        assert!(cache.lookup(&[2; 32], None, Instant::now()).is_none());
         assert_eq!(cache.counters.stores.load(Relaxed), 0);
     }
 

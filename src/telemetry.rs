@@ -111,18 +111,18 @@ impl Telemetry {
             access_line(ctx, &end, model, duration);
         }
         let Some(log) = &self.log else { return };
-        // Shared handles only: the writer thread formats the line.
+        // Borrowed: the line is formatted here, on this thread.
         let record = Record {
             arrived: ctx.arrived,
-            request_id: ctx.request_id.clone(),
-            client: ctx.client.as_ref().map(|c| Arc::clone(c.label())),
-            user: ctx.client.as_ref().and_then(|c| c.user().cloned()),
-            method: ctx.method.clone(),
-            path: Arc::clone(&ctx.path),
-            model: ctx.model.as_ref().map(|m| Arc::clone(&m.model)),
-            upstream: ctx.upstream.clone(),
-            upstream_model: ctx.upstream_model.clone(),
-            key: end.key.cloned(),
+            request_id: &ctx.request_id,
+            client: ctx.client.as_ref().map(|c| &**c.label()),
+            user: ctx.client.as_ref().and_then(|c| c.user()).map(|user| &**user),
+            method: &ctx.method,
+            path: &ctx.path,
+            model: ctx.model.as_ref().map(|m| &*m.model),
+            upstream: ctx.upstream.as_deref(),
+            upstream_model: ctx.upstream_model.as_ref(),
+            key: end.key.map(|key| &**key),
             status: end.status,
             attempts: ctx.attempts,
             duration_ms: duration.as_secs_f64() * 1e3,
@@ -135,7 +135,7 @@ impl Telemetry {
             cache: ctx.cache.map(CacheStatus::label),
             error: end.error,
         };
-        if !log.log(record) {
+        if !log.log(&record) {
             metrics.log_dropped.fetch_add(1, Relaxed);
         }
     }

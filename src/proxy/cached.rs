@@ -101,15 +101,17 @@ pub async fn stage(
         ctx.cache = Some(CacheStatus::Bypass);
         cache.counters.bypasses.fetch_add(1, Relaxed);
     } else {
-        if let Some(entry) = cache.lookup(&key, controls.ttl) {
-            return Ok(Step::Answer(hit(cache, entry, ctx)));
+        // One clock read for the freshness and the age.
+        let now = Instant::now();
+        if let Some(entry) = cache.lookup(&key, controls.ttl, now) {
+            return Ok(Step::Answer(hit(cache, entry, now, ctx)));
         }
         // Another instance may have stored it (one round trip, bounded by
         // `[redis] timeout`).
         if cache.is_shared()
             && let Some(entry) = Box::pin(cache.lookup_shared(&key, controls.ttl)).await
         {
-            return Ok(Step::Answer(hit(cache, entry, ctx)));
+            return Ok(Step::Answer(hit(cache, entry, Instant::now(), ctx)));
         }
         // Identical non-streaming misses ride on the first one. Streams do
         // not wait: each goes upstream, and the first to end whole is stored.
@@ -123,7 +125,7 @@ pub async fn stage(
                     let answer = follower.wait(upstream.timeouts.header.min(left)).await;
                     ctx.upstream_wait += started.elapsed();
                     if let Some(entry) = answer {
-                        return Ok(Step::Answer(hit(cache, entry, ctx)));
+                        return Ok(Step::Answer(hit(cache, entry, Instant::now(), ctx)));
                     }
                     // The leader failed: this request goes upstream itself.
                 }
@@ -155,12 +157,12 @@ fn scope(scope: CacheScope, client: Option<&Client>) -> Cow<'static, str> {
 }
 
 /// The answer from a stored entry: its status and type, its frames as they
-/// came, and how old it is.
-fn hit(cache: &ResponseCache, entry: Arc<Entry>, ctx: &mut RequestContext) -> Response<SluiceBody> {
+/// came, and how old it is at `now`.
+fn hit(cache: &ResponseCache, entry: Arc<Entry>, now: Instant, ctx: &mut RequestContext) -> Response<SluiceBody> {
     cache.counters.hits.fetch_add(1, Relaxed);
     ctx.cache = Some(CacheStatus::Hit);
     ctx.cached_tokens = entry.tokens;
-    let age = Instant::now().saturating_duration_since(entry.stored_at).as_secs();
+    let age = now.saturating_duration_since(entry.stored_at).as_secs();
     let mut response = Response::new(SluiceBody::Replay { entry: Arc::clone(&entry), next: 0 });
     let headers = response.headers_mut();
     if let Some(content_type) = &entry.content_type {

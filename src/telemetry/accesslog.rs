@@ -1,68 +1,71 @@
-//! The request log: one JSON line per finished request, written by a dedicated
-//! thread from a bounded lock-free queue. The request path only pushes (one CAS,
-//! no lock, and no wake-up of the writer: waking a thread per request cost ~20 µs
-//! of CPU per request under load); the writer drains the queue every
-//! [`DRAIN_INTERVAL`], or at once when the queue passes [`WAKE_AT`] (one
-//! wake-up per drain at most). When the queue is full, lines are dropped and counted.
+//! The request log: one JSON line per finished request. The request path
+//! formats its line on its own thread (from borrowed fields: no reference
+//! count of a shared name is touched on another core) and appends it to a
+//! shared buffer bounded in bytes, under a lock held for one copy. A
+//! dedicated thread swaps that buffer for an empty one every
+//! [`DRAIN_INTERVAL`], or at once when it passes [`WAKE_AT`] bytes (one
+//! wake-up per drain at most), and writes it to the file: the request path
+//! never waits for the disk. When the buffer is full, lines are dropped and
+//! counted.
+//!
 //! Files rotate by size: `requests.jsonl` -> `requests.jsonl.1` -> ... `.keep`.
 //! An outside rotation (logrotate moving the file away) is noticed within a
 //! second by the file's inode, or at once on [`AccessLog::reopen`] (SIGUSR1).
 //! A file that cannot be reopened is retried once a second, never renamed
 //! again meanwhile.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod line;
 
-use crossbeam_queue::ArrayQueue;
 use http::{HeaderValue, Method};
 
-/// Lines buffered between the request path and the writer. Every slot is
-/// allocated and touched up front, so this is idle RSS: 4096 slots cost 1 MiB.
-/// With the writer woken at a quarter full, 1024 absorb any rate the writer
-/// keeps up with; a burst the writer cannot follow is dropped and counted.
-pub const QUEUE_CAPACITY: usize = 1024;
-/// Lines queued at which the request path wakes the writer before its
-/// timer: a quarter of the queue, so three quarters are left for the time
-/// the woken thread waits for a core (at half, 512 lines at ~80k a second
-/// left it ~6 ms, and a busy 2-core machine dropped lines).
-pub const WAKE_AT: usize = QUEUE_CAPACITY / 4;
-/// How often the writer drains the queue (a line reaches the file within about this).
+/// Bytes of lines the buffer holds before lines are dropped: ~3000 lines of
+/// ~350 bytes, ~35 ms of the fastest rate measured here (88k lines a
+/// second). Grown as needed, not allocated up front; the writer keeps a
+/// second buffer of the same size at most.
+pub const MAX_PENDING: usize = 1 << 20;
+/// Bytes buffered at which the request path wakes the writer before its
+/// timer: an eighth of the buffer, so the rest is left for the time the
+/// woken thread waits for a core (a queue of 1024 lines woken at a quarter
+/// full dropped lines on a busy 2-core machine).
+pub const WAKE_AT: usize = MAX_PENDING / 8;
+/// How often the writer drains the buffer (a line reaches the file within about this).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
-/// One finished request, made of shared handles (reference counts, no string
-/// copies) so the request path only moves it into the queue; the writer
-/// thread turns it into a JSON line.
+/// One finished request, borrowed from its context and formatted at once on
+/// the request's thread.
 #[derive(Debug)]
-pub struct Record {
+pub struct Record<'a> {
     /// When the request arrived.
     pub arrived: SystemTime,
     /// `x-request-id`.
-    pub request_id: HeaderValue,
+    pub request_id: &'a HeaderValue,
     /// The authenticated client by its label (`key:ID`, `client:NAME`,
     /// `config:N`), if one was presented.
-    pub client: Option<Arc<str>>,
+    pub client: Option<&'a str>,
     /// The client key's user, if it has one.
-    pub user: Option<Arc<str>>,
+    pub user: Option<&'a str>,
     /// HTTP method.
-    pub method: Method,
+    pub method: &'a Method,
     /// The request path; never the query (it may carry `api_key`).
-    pub path: Arc<str>,
+    pub path: &'a str,
     /// Model as routed.
-    pub model: Option<Arc<str>>,
+    pub model: Option<&'a str>,
     /// Upstream name.
-    pub upstream: Option<Arc<str>>,
+    pub upstream: Option<&'a str>,
     /// The model name sent there (after renames and fallbacks).
-    pub upstream_model: Option<HeaderValue>,
+    pub upstream_model: Option<&'a HeaderValue>,
     /// Fingerprint of the upstream key of the answer.
-    pub key: Option<Arc<str>>,
+    pub key: Option<&'a str>,
     /// Status sent to the client.
     pub status: u16,
     /// Upstream attempts made.
@@ -89,7 +92,8 @@ pub struct Record {
 
 /// What the request path and the writer share.
 struct Handoff {
-    queue: ArrayQueue<Record>,
+    /// Whole lines waiting for the writer.
+    pending: Mutex<Vec<u8>>,
     /// Flushes asked for and flushes done, for [`AccessLog::flush`].
     flush_asked: AtomicU64,
     flush_done: AtomicU64,
@@ -104,7 +108,7 @@ struct Handoff {
 impl Handoff {
     fn new() -> Self {
         Self {
-            queue: ArrayQueue::new(QUEUE_CAPACITY),
+            pending: Mutex::new(Vec::new()),
             flush_asked: AtomicU64::new(0),
             flush_done: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -112,6 +116,23 @@ impl Handoff {
             reopen: AtomicBool::new(false),
         }
     }
+
+    /// Appends one line unless the buffer is full; returns whether it went
+    /// in, and the bytes now buffered.
+    fn append(&self, line: &[u8]) -> (bool, usize) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if pending.len() + line.len() > MAX_PENDING {
+            return (false, pending.len());
+        }
+        pending.extend_from_slice(line);
+        (true, pending.len())
+    }
+}
+
+thread_local! {
+    /// The line being formatted and the timestamp text of the current
+    /// second, per thread: formatting takes no lock and allocates nothing.
+    static SCRATCH: RefCell<(Vec<u8>, Timestamps)> = RefCell::new((Vec::with_capacity(512), Timestamps::default()));
 }
 
 /// Handle to the writer thread; dropping it lets the writer drain and stop.
@@ -134,11 +155,16 @@ impl AccessLog {
         Ok(Self { shared, writer: handle.thread().clone() })
     }
 
-    /// Queues a line; false if the queue is full (the line is dropped).
-    pub fn log(&self, record: Record) -> bool {
-        let queue = &self.shared.queue;
-        let queued = queue.push(record).is_ok();
-        if queue.len() >= WAKE_AT && !self.shared.woken.swap(true, Ordering::AcqRel) {
+    /// Formats `record` and buffers its line; false if the buffer is full
+    /// (the line is dropped).
+    pub fn log(&self, record: &Record<'_>) -> bool {
+        let (queued, buffered) = SCRATCH.with_borrow_mut(|(line, clock)| {
+            line.clear();
+            line::write(line, record, clock.format(record.arrived));
+            line.push(b'\n');
+            self.shared.append(line)
+        });
+        if buffered >= WAKE_AT && !self.shared.woken.swap(true, Ordering::AcqRel) {
             self.writer.unpark();
         }
         queued
@@ -151,7 +177,7 @@ impl AccessLog {
         self.writer.unpark();
     }
 
-    /// Waits (up to 5 s) until every line queued so far is on disk (shutdown, tests).
+    /// Waits (up to 5 s) until every line buffered so far is on disk (shutdown, tests).
     pub fn flush(&self) {
         let ticket = self.shared.flush_asked.fetch_add(1, Ordering::SeqCst) + 1;
         self.writer.unpark();
@@ -173,11 +199,6 @@ fn open(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// Bytes of lines gathered per write to the file: ~180 lines of ~350
-/// bytes (the default 8 KiB made a write per 23 lines, half the writer's CPU
-/// under load in the kernel).
-const WRITE_BUFFER: usize = 64 * 1024;
-
 /// How often the writer checks that its file is still the one at its path.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -189,7 +210,7 @@ struct Writer {
     opener: Opener,
     max_size: u64,
     keep: usize,
-    out: BufWriter<File>,
+    out: File,
     written: u64,
     /// The inode of the open file, to notice an outside rotation.
     inode: u64,
@@ -198,9 +219,9 @@ struct Writer {
     /// A reopen failed; it is retried every [`CHECK_EVERY`], and no rotation
     /// starts meanwhile.
     reopen_due: bool,
-    /// One line's JSON, reused: no allocation per line.
-    line: Vec<u8>,
-    clock: Timestamps,
+    /// The lines taken from the buffer, swapped with it at each drain (two
+    /// buffers in all, each keeping its capacity).
+    chunk: Vec<u8>,
 }
 
 impl Writer {
@@ -212,19 +233,18 @@ impl Writer {
             opener,
             max_size: max_size.max(1),
             keep,
-            out: BufWriter::with_capacity(WRITE_BUFFER, file),
+            out: file,
             written: meta.len(),
             inode: meta.ino(),
             checked: Instant::now(),
             reopen_due: false,
-            line: Vec::with_capacity(512),
-            clock: Timestamps::default(),
+            chunk: Vec::new(),
         })
     }
 
     fn run(mut self, shared: &Handoff) {
         loop {
-            // Read the flush ticket first: every line queued before it is drained below.
+            // Read the flush ticket first: every line buffered before it is written below.
             let asked = shared.flush_asked.load(Ordering::SeqCst);
             let closed = shared.closed.load(Ordering::SeqCst);
             shared.woken.store(false, Ordering::Release);
@@ -236,10 +256,11 @@ impl Writer {
                     self.reopen();
                 }
             }
-            while let Some(record) = shared.queue.pop() {
-                self.write(&record);
-            }
-            let _ = self.out.flush();
+            std::mem::swap(&mut *shared.pending.lock().unwrap_or_else(PoisonError::into_inner), &mut self.chunk);
+            let chunk = std::mem::take(&mut self.chunk);
+            self.write(&chunk);
+            self.chunk = chunk;
+            self.chunk.clear();
             shared.flush_done.store(asked, Ordering::SeqCst);
             if closed {
                 return;
@@ -248,19 +269,28 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, record: &Record) {
-        let line = &mut self.line;
-        line.clear();
-        let ts = self.clock.format(record.arrived);
-        line::write(line, record, ts);
-        line.push(b'\n');
-        if let Err(error) = self.out.write_all(line) {
-            tracing::error!(%error, path = %self.path.display(), "request log write failed");
-            return;
-        }
-        self.written += line.len() as u64;
-        if self.written >= self.max_size && !self.reopen_due {
-            self.rotate();
+    /// Writes whole lines, rotating after the line that brings the file to
+    /// `max_size` (a line is never split between two files).
+    fn write(&mut self, mut lines: &[u8]) {
+        while !lines.is_empty() {
+            let room = self.max_size.saturating_sub(self.written);
+            let take = if self.reopen_due || (lines.len() as u64) < room {
+                lines.len()
+            } else {
+                // The line holding byte `room - 1` reaches the size: up to its end.
+                let from = usize::try_from(room.saturating_sub(1)).unwrap_or(usize::MAX).min(lines.len());
+                memchr::memchr(b'\n', &lines[from..]).map_or(lines.len(), |i| from + i + 1)
+            };
+            let (now, rest) = lines.split_at(take);
+            lines = rest;
+            if let Err(error) = self.out.write_all(now) {
+                tracing::error!(%error, path = %self.path.display(), "request log write failed");
+                return;
+            }
+            self.written += now.len() as u64;
+            if self.written >= self.max_size && !self.reopen_due {
+                self.rotate();
+            }
         }
     }
 
@@ -272,14 +302,13 @@ impl Writer {
     /// Opens the file at the path again; on failure, lines keep going to the
     /// file still open and the reopen is retried later.
     fn reopen(&mut self) {
-        let _ = self.out.flush();
         let opened = (self.opener)(&self.path).and_then(|file| Ok((file.metadata()?, file)));
         match opened {
             Ok((meta, file)) => {
                 if self.reopen_due {
                     tracing::info!(path = %self.path.display(), "request log reopened");
                 }
-                self.out = BufWriter::with_capacity(WRITE_BUFFER, file);
+                self.out = file;
                 self.written = meta.len();
                 self.inode = meta.ino();
                 self.reopen_due = false;
@@ -295,7 +324,6 @@ impl Writer {
     }
 
     fn rotate(&mut self) {
-        let _ = self.out.flush();
         let numbered = |n: usize| PathBuf::from(format!("{}.{n}", self.path.display()));
         let moved = if self.keep == 0 {
             std::fs::remove_file(&self.path)
@@ -378,18 +406,26 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 mod tests {
     use super::*;
 
-    fn record(n: u16) -> Record {
+    static POST: Method = Method::POST;
+    static UPSTREAM_MODEL: HeaderValue = HeaderValue::from_static("m-2024");
+
+    /// A request id per line, so a test can find its lines.
+    fn id(n: u16) -> HeaderValue {
+        HeaderValue::from_str(&format!("req-{n}")).unwrap()
+    }
+
+    fn record(request_id: &HeaderValue) -> Record<'_> {
         Record {
             arrived: SystemTime::now(),
-            request_id: HeaderValue::from_str(&format!("req-{n}")).unwrap(),
-            client: Some(Arc::from("key:7")),
-            user: Some(Arc::from("alice")),
-            method: Method::POST,
-            path: Arc::from("/v1/chat/completions"),
-            model: Some("m".into()),
-            upstream: Some("u".into()),
-            upstream_model: Some(HeaderValue::from_static("m-2024")),
-            key: Some("sk-u…00000000".into()),
+            request_id,
+            client: Some("key:7"),
+            user: Some("alice"),
+            method: &POST,
+            path: "/v1/chat/completions",
+            model: Some("m"),
+            upstream: Some("u"),
+            upstream_model: Some(&UPSTREAM_MODEL),
+            key: Some("sk-u…00000000"),
             status: 200,
             attempts: 1,
             duration_ms: 1.5,
@@ -404,26 +440,45 @@ mod tests {
         }
     }
 
+    /// Line `n` as the request path formats it.
+    fn line(n: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        line::write(&mut out, &record(&id(n)), "2026-12-02T10:00:00.123Z");
+        out.push(b'\n');
+        out
+    }
+
     #[test]
-    fn a_quarter_full_queue_wakes_the_writer_once_per_drain() {
+    fn an_eighth_full_buffer_wakes_the_writer_once_per_drain() {
         // No writer thread: this thread stands in for it and drains by hand.
         let log = AccessLog { shared: Arc::new(Handoff::new()), writer: std::thread::current() };
         let woken = || log.shared.woken.load(Ordering::Acquire);
-        for n in 1..WAKE_AT {
-            assert!(log.log(record(n as u16)));
+        let buffered = || log.shared.pending.lock().unwrap().len();
+        let mut n = 0;
+        while buffered() + line(n).len() < WAKE_AT {
+            assert!(log.log(&record(&id(n))));
+            n += 1;
         }
-        assert!(!woken(), "below a quarter full the timer drains");
-        assert!(log.log(record(0)));
-        assert!(woken(), "a quarter full wakes the writer");
+        assert!(!woken(), "below an eighth full the timer drains");
+        assert!(log.log(&record(&id(n))));
+        assert!(woken(), "an eighth full wakes the writer");
         // Until the writer drains, further lines add no wake-ups.
-        assert!(log.log(record(1)) && woken());
-        // The writer's drain: clear the flag, empty the queue.
+        assert!(log.log(&record(&id(1))) && woken());
+        // The writer's drain: clear the flag, take the lines.
         log.shared.woken.store(false, Ordering::Release);
-        while log.shared.queue.pop().is_some() {}
-        assert!(log.log(record(2)) && !woken());
-        // A full queue drops and says so.
-        while log.shared.queue.push(record(3)).is_ok() {}
-        assert!(!log.log(record(4)));
+        let taken = std::mem::take(&mut *log.shared.pending.lock().unwrap());
+        assert!(log.log(&record(&id(2))) && !woken());
+        // Whole lines, each the request path's format, in order.
+        let lines: Vec<&[u8]> = taken.split_inclusive(|&b| b == b'\n').collect();
+        assert_eq!(lines.len(), usize::from(n) + 2);
+        assert!(lines.iter().all(|l| serde_json::from_slice::<serde_json::Value>(l).is_ok()));
+        assert!(String::from_utf8_lossy(lines[usize::from(n)]).contains(&format!("\"req-{n}\"")));
+        // A full buffer drops and says so, and holds no part of the line.
+        while log.log(&record(&id(3))) {}
+        let full = buffered();
+        assert!(full <= MAX_PENDING && full + line(4).len() > MAX_PENDING);
+        assert!(!log.log(&record(&id(4))));
+        assert_eq!(buffered(), full);
     }
 
     #[test]
@@ -448,7 +503,7 @@ mod tests {
         // Each line is ~350 bytes: rotate about every third line, keep two old files.
         let log = AccessLog::start(path.clone(), 1000, 2).unwrap();
         for n in 0..20 {
-            assert!(log.log(record(n)));
+            assert!(log.log(&record(&id(n))));
         }
         log.flush();
         let current = std::fs::read_to_string(&path).unwrap();
@@ -464,6 +519,29 @@ mod tests {
         assert!(current.lines().chain(rotated.lines()).any(|l| l.contains("\"req-19\"")));
     }
 
+    #[test]
+    fn a_drained_chunk_rotates_after_the_line_that_reaches_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.jsonl");
+        // Lines of ~350 bytes; 1000 bytes a file: three lines each, the
+        // third one passing the size, however the chunk is cut.
+        let mut writer = Writer::new(path.clone(), 1000, 5, open).unwrap();
+        let chunk: Vec<u8> = (0..10).flat_map(line).collect();
+        writer.write(&chunk);
+        let read = |p: &Path| std::fs::read(p).unwrap_or_default();
+        let files: Vec<Vec<u8>> =
+            (1..=3).rev().map(|n| read(&dir.path().join(format!("requests.jsonl.{n}")))).chain([read(&path)]).collect();
+        assert_eq!(files.iter().map(|f| f.split_inclusive(|&b| b == b'\n').count()).collect::<Vec<_>>(), [3, 3, 3, 1]);
+        for file in &files[..3] {
+            let last = file.split_inclusive(|&b| b == b'\n').next_back().unwrap();
+            assert!(
+                file.len() >= 1000 && file.len() - last.len() < 1000,
+                "rotated exactly after the line reaching the size"
+            );
+        }
+        assert_eq!(files.concat(), chunk, "every line once, in order, none split");
+    }
+
     /// Lines in `path` (0 if it does not exist).
     fn lines(path: &Path) -> usize {
         std::fs::read_to_string(path).map_or(0, |text| text.lines().count())
@@ -474,19 +552,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("requests.jsonl");
         let log = AccessLog::start(path.clone(), 1 << 20, 2).unwrap();
-        assert!(log.log(record(1)));
+        assert!(log.log(&record(&id(1))));
         log.flush();
         // logrotate's default: move the file away, then signal.
         std::fs::rename(&path, dir.path().join("requests.jsonl-old")).unwrap();
         log.reopen();
-        assert!(log.log(record(2)));
+        assert!(log.log(&record(&id(2))));
         log.flush();
         assert_eq!((lines(&path), lines(&dir.path().join("requests.jsonl-old"))), (1, 1));
         // No signal this time: the writer notices the new inode by itself
         // (it checks once a second; bounded wait of 5 s).
         std::fs::rename(&path, dir.path().join("requests.jsonl-older")).unwrap();
         for n in 0..500 {
-            assert!(log.log(record(n)));
+            assert!(log.log(&record(&id(n))));
             log.flush();
             if lines(&path) > 0 {
                 break;
@@ -511,22 +589,20 @@ mod tests {
         let mut writer = Writer::new(path.clone(), 1000, 3, refusing_open).unwrap();
         REFUSE.store(true, Ordering::SeqCst);
         for n in 0..3 {
-            writer.write(&record(n));
+            writer.write(&line(n));
         }
         assert!(numbered(1).exists() && !path.exists(), "rotated, and the new file could not be opened");
         // Every later line goes to the file still open; no further rename
         // shifts (and so deletes) the rotated files.
         for n in 3..30 {
-            writer.write(&record(n));
+            writer.write(&line(n));
         }
-        let _ = writer.out.flush();
         assert!(!numbered(2).exists(), "a rename chain ran again while the reopen was failing");
         assert_eq!(lines(&numbered(1)), 30, "no line was lost");
         // The reopen is retried (once a second in `run`), and works again.
         REFUSE.store(false, Ordering::SeqCst);
         writer.reopen();
-        writer.write(&record(30));
-        let _ = writer.out.flush();
+        writer.write(&line(30));
         assert_eq!(lines(&path), 1);
     }
 }

@@ -10,31 +10,31 @@ use serde_json::ser::{CompactFormatter, Formatter as _};
 use super::Record;
 
 /// Appends `record`'s JSON object (without a newline) to `out`.
-pub(super) fn write(out: &mut Vec<u8>, r: &Record, ts: &str) {
+pub(super) fn write(out: &mut Vec<u8>, r: &Record<'_>, ts: &str) {
     out.extend_from_slice(b"{\"ts\":");
     string(out, ts);
     out.extend_from_slice(b",\"request_id\":");
     bytes(out, r.request_id.as_bytes());
     out.extend_from_slice(b",\"client\":");
-    optional(out, r.client.as_deref());
-    if let Some(user) = &r.user {
+    optional(out, r.client);
+    if let Some(user) = r.user {
         out.extend_from_slice(b",\"user\":");
         string(out, user);
     }
     out.extend_from_slice(b",\"method\":");
     string(out, r.method.as_str());
     out.extend_from_slice(b",\"path\":");
-    string(out, &r.path);
+    string(out, r.path);
     out.extend_from_slice(b",\"model\":");
-    optional(out, r.model.as_deref());
+    optional(out, r.model);
     out.extend_from_slice(b",\"upstream\":");
-    optional(out, r.upstream.as_deref());
-    if let Some(model) = &r.upstream_model {
+    optional(out, r.upstream);
+    if let Some(model) = r.upstream_model {
         out.extend_from_slice(b",\"upstream_model\":");
         bytes(out, model.as_bytes());
     }
     out.extend_from_slice(b",\"key\":");
-    optional(out, r.key.as_deref());
+    optional(out, r.key);
     out.extend_from_slice(b",\"status\":");
     number(out, u64::from(r.status));
     out.extend_from_slice(b",\"attempts\":");
@@ -149,7 +149,6 @@ fn float(out: &mut Vec<u8>, value: Option<f64>) {
 #[cfg(test)]
 mod tests {
     use std::borrow::Cow;
-    use std::sync::Arc;
     use std::time::SystemTime;
 
     use http::{HeaderValue, Method};
@@ -187,22 +186,21 @@ mod tests {
     }
 
     impl<'a> Line<'a> {
-        fn of(r: &'a Record, ts: &'a str) -> Self {
+        fn of(r: &'a Record<'a>, ts: &'a str) -> Self {
             Line {
                 ts,
                 request_id: String::from_utf8_lossy(r.request_id.as_bytes()),
-                client: r.client.as_deref(),
-                user: r.user.as_deref(),
+                client: r.client,
+                user: r.user,
                 method: r.method.as_str(),
-                path: &r.path,
-                model: r.model.as_deref(),
-                upstream: r.upstream.as_deref(),
+                path: r.path,
+                model: r.model,
+                upstream: r.upstream,
                 // ASCII (the usual model name) is borrowed; anything else decoded.
                 upstream_model: r
                     .upstream_model
-                    .as_ref()
                     .map(|v| v.to_str().map_or_else(|_| String::from_utf8_lossy(v.as_bytes()), Cow::Borrowed)),
-                key: r.key.as_deref(),
+                key: r.key,
                 status: r.status,
                 attempts: r.attempts,
                 duration_ms: r.duration_ms,
@@ -218,18 +216,22 @@ mod tests {
         }
     }
 
-    fn record() -> Record {
+    static POST: Method = Method::POST;
+    static REQUEST_ID: HeaderValue = HeaderValue::from_static("req-1");
+    static UPSTREAM_MODEL: HeaderValue = HeaderValue::from_static("gpt-4o-2024");
+
+    fn record() -> Record<'static> {
         Record {
             arrived: SystemTime::now(),
-            request_id: HeaderValue::from_static("req-1"),
-            client: Some(Arc::from("key:7")),
-            user: Some(Arc::from("alice")),
-            method: Method::POST,
-            path: Arc::from("/v1/chat/completions"),
-            model: Some("gpt-4o".into()),
-            upstream: Some("openai".into()),
-            upstream_model: Some(HeaderValue::from_static("gpt-4o-2024")),
-            key: Some("sk-u…00000000".into()),
+            request_id: &REQUEST_ID,
+            client: Some("key:7"),
+            user: Some("alice"),
+            method: &POST,
+            path: "/v1/chat/completions",
+            model: Some("gpt-4o"),
+            upstream: Some("openai"),
+            upstream_model: Some(&UPSTREAM_MODEL),
+            key: Some("sk-u…00000000"),
             status: 200,
             attempts: 1,
             duration_ms: 1.234567,
@@ -244,33 +246,34 @@ mod tests {
         }
     }
 
-    fn by_hand(r: &Record) -> String {
+    fn by_hand(r: &Record<'_>) -> String {
         let mut out = Vec::new();
         write(&mut out, r, "2026-12-02T10:00:00.123Z");
         String::from_utf8(out).unwrap()
     }
 
-    fn by_serde(r: &Record) -> String {
+    fn by_serde(r: &Record<'_>) -> String {
         serde_json::to_string(&Line::of(r, "2026-12-02T10:00:00.123Z")).unwrap()
     }
 
     #[test]
     fn lines_match_the_serde_written_ones() {
         let full = record();
+        let purge = Method::from_bytes(b"PURGE").unwrap();
         let mut bare = record();
         (bare.client, bare.user, bare.model, bare.upstream, bare.upstream_model, bare.key) =
             (None, None, None, None, None, None);
         (bare.upstream_ttfb_ms, bare.prompt_tokens, bare.cache, bare.error) = (None, None, None, Some("timeout"));
-        (bare.stream, bare.duration_ms, bare.method) = (false, 0.0, Method::from_bytes(b"PURGE").unwrap());
-        let mut odd = record();
+        (bare.stream, bare.duration_ms, bare.method) = (false, 0.0, &purge);
         // Every control character, quotes, backslashes, non-ASCII, a DEL.
         let controls: String = (0u8..0x20).map(char::from).collect();
-        odd.path = Arc::from(format!("/v1/\"quoted\"\\back{controls}\u{7f}é中🦀/end"));
-        odd.model = Some(Arc::from("\u{0}"));
-        odd.client = Some(Arc::from(""));
+        let path = format!("/v1/\"quoted\"\\back{controls}\u{7f}é中🦀/end");
         // Header values: not UTF-8 (decoded lossily), and a tab.
-        odd.request_id = HeaderValue::from_bytes(b"id-\xff\xfe-x").unwrap();
-        odd.upstream_model = Some(HeaderValue::from_bytes(b"m\tx\x80").unwrap());
+        let request_id = HeaderValue::from_bytes(b"id-\xff\xfe-x").unwrap();
+        let upstream_model = HeaderValue::from_bytes(b"m\tx\x80").unwrap();
+        let mut odd = record();
+        (odd.path, odd.model, odd.client) = (&path, Some("\u{0}"), Some(""));
+        (odd.request_id, odd.upstream_model) = (&request_id, Some(&upstream_model));
         (odd.duration_ms, odd.upstream_ttfb_ms) = (f64::NAN, Some(f64::INFINITY));
         (odd.attempts, odd.status, odd.bytes_in) = (u32::MAX, 499, u64::MAX);
         let mut tiny = record();
