@@ -34,10 +34,14 @@ use http::{HeaderValue, Method};
 /// second buffer of the same size at most.
 pub const MAX_PENDING: usize = 1 << 20;
 /// Bytes buffered at which the request path wakes the writer before its
-/// timer: an eighth of the buffer, so the rest is left for the time the
-/// woken thread waits for a core (a queue of 1024 lines woken at a quarter
-/// full dropped lines on a busy 2-core machine).
-pub const WAKE_AT: usize = MAX_PENDING / 8;
+/// timer (~180 lines): a sixteenth of the buffer, so the rest is left for
+/// the time the woken thread waits for a core (a queue of 1024 lines woken
+/// at a quarter full dropped lines on a busy 2-core machine).
+pub const WAKE_AT: usize = MAX_PENDING / 16;
+/// The capacity a buffer keeps after a drain: what a busy period fills
+/// between two wake-ups. A burst's larger buffer is given back, so bursts
+/// leave no RSS behind.
+const RETAIN: usize = 2 * WAKE_AT;
 /// How often the writer drains the buffer (a line reaches the file within about this).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -256,17 +260,24 @@ impl Writer {
                     self.reopen();
                 }
             }
-            std::mem::swap(&mut *shared.pending.lock().unwrap_or_else(PoisonError::into_inner), &mut self.chunk);
-            let chunk = std::mem::take(&mut self.chunk);
-            self.write(&chunk);
-            self.chunk = chunk;
-            self.chunk.clear();
+            self.drain(shared);
             shared.flush_done.store(asked, Ordering::SeqCst);
             if closed {
                 return;
             }
             std::thread::park_timeout(DRAIN_INTERVAL);
         }
+    }
+
+    /// Takes the buffered lines (leaving this writer's empty buffer in their
+    /// place), writes them, and keeps at most [`RETAIN`] of the buffer.
+    fn drain(&mut self, shared: &Handoff) {
+        std::mem::swap(&mut *shared.pending.lock().unwrap_or_else(PoisonError::into_inner), &mut self.chunk);
+        let chunk = std::mem::take(&mut self.chunk);
+        self.write(&chunk);
+        self.chunk = chunk;
+        self.chunk.clear();
+        self.chunk.shrink_to(RETAIN);
     }
 
     /// Writes whole lines, rotating after the line that brings the file to
@@ -449,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn an_eighth_full_buffer_wakes_the_writer_once_per_drain() {
+    fn a_sixteenth_full_buffer_wakes_the_writer_once_per_drain() {
         // No writer thread: this thread stands in for it and drains by hand.
         let log = AccessLog { shared: Arc::new(Handoff::new()), writer: std::thread::current() };
         let woken = || log.shared.woken.load(Ordering::Acquire);
@@ -459,9 +470,9 @@ mod tests {
             assert!(log.log(&record(&id(n))));
             n += 1;
         }
-        assert!(!woken(), "below an eighth full the timer drains");
+        assert!(!woken(), "below a sixteenth full the timer drains");
         assert!(log.log(&record(&id(n))));
-        assert!(woken(), "an eighth full wakes the writer");
+        assert!(woken(), "a sixteenth full wakes the writer");
         // Until the writer drains, further lines add no wake-ups.
         assert!(log.log(&record(&id(1))) && woken());
         // The writer's drain: clear the flag, take the lines.
@@ -517,6 +528,24 @@ mod tests {
             assert_eq!(v["upstream_model"], "m-2024");
         }
         assert!(current.lines().chain(rotated.lines()).any(|l| l.contains("\"req-19\"")));
+    }
+
+    #[test]
+    fn a_burst_leaves_no_large_buffer_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.jsonl");
+        let shared = Handoff::new();
+        let mut writer = Writer::new(path.clone(), 1 << 30, 1, open).unwrap();
+        // A burst fills the buffer to the top; two drains cycle both buffers.
+        let mut n = 0;
+        while shared.append(&line(n)).0 {
+            n += 1;
+        }
+        assert!(shared.pending.lock().unwrap().capacity() > RETAIN);
+        writer.drain(&shared);
+        writer.drain(&shared);
+        assert!(writer.chunk.capacity() <= RETAIN && shared.pending.lock().unwrap().capacity() <= RETAIN);
+        assert_eq!(lines(&path), usize::from(n), "every buffered line written");
     }
 
     #[test]
