@@ -86,16 +86,16 @@ pub struct Telemetry {
 impl Telemetry {
     /// Telemetry with the request log at `requests` (if set).
     pub fn new(log: Option<AccessLog>) -> Self {
-        Self {
-            metrics: Metrics::default(),
-            connections: Arc::default(),
-            access_lines: std::sync::atomic::AtomicBool::new(false),
-            log,
+        let mut metrics = Metrics::default();
+        if let Some(log) = &log {
+            // The log counts its own drops, the writer's among them.
+            metrics.log_dropped = log.dropped();
         }
+        Self { metrics, connections: Arc::default(), access_lines: std::sync::atomic::AtomicBool::new(false), log }
     }
 
     /// Records one finished request: counters, histograms, tokens, and a
-    /// request-log line (dropped and counted if the writer is behind). The
+    /// request-log line (dropped and counted by the log if the writer is behind). The
     /// in-flight gauge is the context's [`InFlight`] token.
     pub fn finish(&self, ctx: &RequestContext, end: End<'_>) {
         let metrics = &self.metrics;
@@ -135,9 +135,7 @@ impl Telemetry {
             cache: ctx.cache.map(CacheStatus::label),
             error: end.error,
         };
-        if !log.log(&record) {
-            metrics.log_dropped.fetch_add(1, Relaxed);
-        }
+        log.log(&record);
     }
 
     /// Reopens the request log by its path (after an outside rotation).

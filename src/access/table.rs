@@ -176,10 +176,14 @@ impl Account for Client {
 
     fn finished(&self, end: &Finished<'_>) {
         let (prompt, completion) = end.tokens.unwrap_or((0, 0));
+        // The wall clock, read once and only when something is recorded (a
+        // request's tokens and its usage row fall on the same day).
+        let mut now = None;
+        let mut now = || *now.get_or_insert_with(unix_now);
         // Counted with or without a budget: one set later in the day starts
         // from what the key already used.
         if !end.cached && prompt + completion > 0 {
-            let day = utc_day(unix_now().max(0) as u64);
+            let day = utc_day(now().max(0) as u64);
             self.counters.tokens.add(day, prompt + completion);
             if let Some(tally) = &self.shared_tokens {
                 tally.push(&self.shared_id, day, prompt + completion);
@@ -197,7 +201,7 @@ impl Account for Client {
             usage.push(UsageEvent {
                 key_id,
                 model,
-                at: unix_now(),
+                at: now(),
                 requests: 1,
                 errors: u64::from(end.failed),
                 prompt_tokens: prompt,

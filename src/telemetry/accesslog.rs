@@ -1,12 +1,14 @@
 //! The request log: one JSON line per finished request. The request path
 //! formats its line on its own thread (from borrowed fields: no reference
 //! count of a shared name is touched on another core) and appends it to a
-//! shared buffer bounded in bytes, under a lock held for one copy. A
-//! dedicated thread swaps that buffer for an empty one every
-//! [`DRAIN_INTERVAL`], or at once when it passes [`WAKE_AT`] bytes (one
-//! wake-up per drain at most), and writes it to the file: the request path
-//! never waits for the disk. When the buffer is full, lines are dropped and
-//! counted.
+//! shared buffer bounded in bytes, under a lock held for one copy (and, in
+//! a burst past the buffer's capacity, for its growth). A dedicated thread
+//! swaps that buffer for an empty one every [`DRAIN_INTERVAL`], or at once
+//! when it passes [`WAKE_AT`] bytes (one wake-up per drain at most), and
+//! writes it to the file: the request path never waits for the disk. When
+//! the buffer is full, lines are dropped and counted. Lines a failing write
+//! (a full disk) could not take are kept for the next drain, up to the same
+//! bound, never torn; past it they are dropped and counted.
 //!
 //! Files rotate by size: `requests.jsonl` -> `requests.jsonl.1` -> ... `.keep`.
 //! An outside rotation (logrotate moving the file away) is noticed within a
@@ -30,8 +32,8 @@ use http::{HeaderValue, Method};
 
 /// Bytes of lines the buffer holds before lines are dropped: ~3000 lines of
 /// ~350 bytes, ~35 ms of the fastest rate measured here (88k lines a
-/// second). Grown as needed, not allocated up front; the writer keeps a
-/// second buffer of the same size at most.
+/// second). Grown as needed (its capacity never past this), not allocated up
+/// front, and given back after a burst (see [`RETAIN`]).
 pub const MAX_PENDING: usize = 1 << 20;
 /// Bytes buffered at which the request path wakes the writer before its
 /// timer (~180 lines): a sixteenth of the buffer, so the rest is left for
@@ -39,8 +41,8 @@ pub const MAX_PENDING: usize = 1 << 20;
 /// at a quarter full dropped lines on a busy 2-core machine).
 pub const WAKE_AT: usize = MAX_PENDING / 16;
 /// The capacity a buffer keeps after a drain: what a busy period fills
-/// between two wake-ups. A burst's larger buffer is given back, so bursts
-/// leave no RSS behind.
+/// between two wake-ups. A burst's larger buffer is given back, so a burst
+/// leaves at most two buffers of this size behind.
 const RETAIN: usize = 2 * WAKE_AT;
 /// How often the writer drains the buffer (a line reaches the file within about this).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
@@ -107,12 +109,15 @@ struct Handoff {
     woken: AtomicBool,
     /// Set by [`AccessLog::reopen`]; the writer reopens the file and clears it.
     reopen: AtomicBool,
+    /// Lines dropped: the buffer full, or kept too long by a failing disk.
+    dropped: Arc<AtomicU64>,
 }
 
 impl Handoff {
     fn new() -> Self {
         Self {
             pending: Mutex::new(Vec::new()),
+            dropped: Arc::default(),
             flush_asked: AtomicU64::new(0),
             flush_done: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -125,8 +130,15 @@ impl Handoff {
     /// in, and the bytes now buffered.
     fn append(&self, line: &[u8]) -> (bool, usize) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        if pending.len() + line.len() > MAX_PENDING {
+        let needed = pending.len() + line.len();
+        if needed > MAX_PENDING {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             return (false, pending.len());
+        }
+        if needed > pending.capacity() {
+            // Doubling, but never to a capacity past the bound.
+            let additional = (2 * pending.capacity()).clamp(needed, MAX_PENDING) - pending.len();
+            pending.reserve_exact(additional);
         }
         pending.extend_from_slice(line);
         (true, pending.len())
@@ -135,7 +147,9 @@ impl Handoff {
 
 thread_local! {
     /// The line being formatted and the timestamp text of the current
-    /// second, per thread: formatting takes no lock and allocates nothing.
+    /// second, per thread: formatting takes no lock, and allocates only for
+    /// a longer line than any before on this thread (and the timestamp text
+    /// once a second).
     static SCRATCH: RefCell<(Vec<u8>, Timestamps)> = RefCell::new((Vec::with_capacity(512), Timestamps::default()));
 }
 
@@ -160,18 +174,28 @@ impl AccessLog {
     }
 
     /// Formats `record` and buffers its line; false if the buffer is full
-    /// (the line is dropped).
+    /// (the line is dropped, and counted in [`AccessLog::dropped`]).
     pub fn log(&self, record: &Record<'_>) -> bool {
-        let (queued, buffered) = SCRATCH.with_borrow_mut(|(line, clock)| {
+        let format = |(line, clock): &mut (Vec<u8>, Timestamps)| {
             line.clear();
             line::write(line, record, clock.format(record.arrived));
             line.push(b'\n');
             self.shared.append(line)
-        });
+        };
+        // A thread tearing down its locals (a body dropped with its runtime)
+        // formats into a buffer of its own.
+        let (queued, buffered) = SCRATCH
+            .try_with(|scratch| format(&mut scratch.borrow_mut()))
+            .unwrap_or_else(|_| format(&mut (Vec::new(), Timestamps::default())));
         if buffered >= WAKE_AT && !self.shared.woken.swap(true, Ordering::AcqRel) {
             self.writer.unpark();
         }
         queued
+    }
+
+    /// The count of lines dropped so far (`sluice_request_log_dropped_total`).
+    pub fn dropped(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.shared.dropped)
     }
 
     /// Asks the writer to reopen the file by its path (after an outside
@@ -199,6 +223,21 @@ impl Drop for AccessLog {
     }
 }
 
+/// Writes what it can of `bytes`: the bytes written, and the error that
+/// stopped it short, if one did.
+fn write_some(out: &mut impl Write, bytes: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut done = 0;
+    while done < bytes.len() {
+        match out.write(&bytes[done..]) {
+            Ok(0) => return (done, Some(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return (done, Some(error)),
+        }
+    }
+    (done, None)
+}
+
 fn open(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
@@ -224,8 +263,12 @@ struct Writer {
     /// starts meanwhile.
     reopen_due: bool,
     /// The lines taken from the buffer, swapped with it at each drain (two
-    /// buffers in all, each keeping its capacity).
+    /// buffers in all, each shrunk back to [`RETAIN`] after a drain).
     chunk: Vec<u8>,
+    /// Lines a failing write could not take, written first at the next drain.
+    unwritten: Vec<u8>,
+    /// The last write failed (said once, at ERROR, until one works again).
+    failing: bool,
 }
 
 impl Writer {
@@ -243,6 +286,8 @@ impl Writer {
             checked: Instant::now(),
             reopen_due: false,
             chunk: Vec::new(),
+            unwritten: Vec::new(),
+            failing: false,
         })
     }
 
@@ -270,19 +315,37 @@ impl Writer {
     }
 
     /// Takes the buffered lines (leaving this writer's empty buffer in their
-    /// place), writes them, and keeps at most [`RETAIN`] of the buffer.
+    /// place) and writes them after any a failing write left, and keeps at
+    /// most [`RETAIN`] of the buffer. What a failing write leaves is kept up
+    /// to [`MAX_PENDING`] bytes; lines past that are dropped and counted.
     fn drain(&mut self, shared: &Handoff) {
         std::mem::swap(&mut *shared.pending.lock().unwrap_or_else(PoisonError::into_inner), &mut self.chunk);
-        let chunk = std::mem::take(&mut self.chunk);
-        self.write(&chunk);
+        let mut chunk = std::mem::take(&mut self.chunk);
+        if !self.unwritten.is_empty() {
+            if self.unwritten.len() + chunk.len() <= MAX_PENDING {
+                self.unwritten.extend_from_slice(&chunk);
+            } else {
+                let lost = memchr::memchr_iter(b'\n', &chunk).count();
+                shared.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+            }
+            std::mem::swap(&mut self.unwritten, &mut chunk);
+            self.unwritten.clear();
+        }
+        let done = self.write(&chunk);
+        self.unwritten.extend_from_slice(&chunk[done..]);
+        self.unwritten.shrink_to(RETAIN);
+        chunk.clear();
+        chunk.shrink_to(RETAIN);
         self.chunk = chunk;
-        self.chunk.clear();
-        self.chunk.shrink_to(RETAIN);
     }
 
-    /// Writes whole lines, rotating after the line that brings the file to
-    /// `max_size` (a line is never split between two files).
-    fn write(&mut self, mut lines: &[u8]) {
+    /// Writes whole lines (`lines` ends with a newline), rotating after the
+    /// line that brings the file to `max_size` (a line is never split
+    /// between two files). Returns the bytes written: all, or up to where a
+    /// write failed.
+    fn write(&mut self, mut lines: &[u8]) -> usize {
+        debug_assert!(lines.is_empty() || lines.ends_with(b"\n"), "whole lines only");
+        let total = lines.len();
         while !lines.is_empty() {
             let room = self.max_size.saturating_sub(self.written);
             let take = if self.reopen_due || (lines.len() as u64) < room {
@@ -293,16 +356,23 @@ impl Writer {
                 memchr::memchr(b'\n', &lines[from..]).map_or(lines.len(), |i| from + i + 1)
             };
             let (now, rest) = lines.split_at(take);
-            lines = rest;
-            if let Err(error) = self.out.write_all(now) {
-                tracing::error!(%error, path = %self.path.display(), "request log write failed");
-                return;
+            let (done, failed) = write_some(&mut self.out, now);
+            self.written += done as u64;
+            if let Some(error) = failed {
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::error!(%error, path = %self.path.display(), "request log write failed; lines are kept and retried");
+                }
+                return total - lines.len() + done;
             }
-            self.written += now.len() as u64;
+            if std::mem::replace(&mut self.failing, false) {
+                tracing::info!(path = %self.path.display(), "request log writable again");
+            }
+            lines = rest;
             if self.written >= self.max_size && !self.reopen_due {
                 self.rotate();
             }
         }
+        total
     }
 
     /// Whether the file at the path is not the one open (moved away or gone).
@@ -473,7 +543,7 @@ mod tests {
         assert!(!woken(), "below a sixteenth full the timer drains");
         assert!(log.log(&record(&id(n))));
         assert!(woken(), "a sixteenth full wakes the writer");
-        // Until the writer drains, further lines add no wake-ups.
+        // Until the writer drains, the flag stays set: further lines skip the wake-up.
         assert!(log.log(&record(&id(1))) && woken());
         // The writer's drain: clear the flag, take the lines.
         log.shared.woken.store(false, Ordering::Release);
@@ -541,11 +611,46 @@ mod tests {
         while shared.append(&line(n)).0 {
             n += 1;
         }
-        assert!(shared.pending.lock().unwrap().capacity() > RETAIN);
+        let capacity = shared.pending.lock().unwrap().capacity();
+        assert!(capacity > RETAIN && capacity <= MAX_PENDING, "grown, never past the bound: {capacity}");
         writer.drain(&shared);
         writer.drain(&shared);
         assert!(writer.chunk.capacity() <= RETAIN && shared.pending.lock().unwrap().capacity() <= RETAIN);
         assert_eq!(lines(&path), usize::from(n), "every buffered line written");
+    }
+
+    /// A file on a disk with no room left.
+    fn full_disk(_: &Path) -> std::io::Result<File> {
+        OpenOptions::new().write(true).open("/dev/full")
+    }
+
+    #[test]
+    fn lines_a_full_disk_refused_are_kept_whole_and_dropped_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.jsonl");
+        let shared = Handoff::new();
+        let mut writer = Writer::new(path.clone(), 1 << 30, 1, full_disk).unwrap();
+        let kept: Vec<u8> = (0..3).flat_map(line).collect();
+        assert!(shared.append(&kept).0);
+        writer.drain(&shared);
+        assert_eq!(writer.unwritten, kept, "refused lines are kept for the next drain");
+        // The disk stays full while the buffer fills to the top: those lines
+        // go past the bound, and are dropped and counted, not kept.
+        let mut n = 3;
+        while shared.append(&line(n)).0 {
+            n += 1;
+        }
+        let refused_at_append = shared.dropped.load(Ordering::Relaxed);
+        assert_eq!(refused_at_append, 1);
+        writer.drain(&shared);
+        assert_eq!(writer.unwritten, kept);
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), refused_at_append + u64::from(n - 3));
+        // Room again: the kept lines go first, whole, then the new ones.
+        writer.out = open(&path).unwrap();
+        assert!(shared.append(&line(9999)).0);
+        writer.drain(&shared);
+        assert!(writer.unwritten.is_empty());
+        assert_eq!(std::fs::read(&path).unwrap(), [kept, line(9999)].concat());
     }
 
     #[test]

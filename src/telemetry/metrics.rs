@@ -371,7 +371,7 @@ pub struct Metrics {
     /// Retries on another key.
     pub failovers: AtomicU64,
     /// Request-log lines dropped.
-    pub log_dropped: AtomicU64,
+    pub log_dropped: Arc<AtomicU64>,
     /// Requests turned away by their client key or its limits, by reason.
     pub rejections: Rejections,
     /// Requests moved on to a model's next target, by [`FallbackOn`] (its position).
@@ -408,7 +408,7 @@ impl Default for Metrics {
             streams_open: AtomicI64::new(0),
             retries: Default::default(),
             failovers: AtomicU64::new(0),
-            log_dropped: AtomicU64::new(0),
+            log_dropped: Arc::default(),
             rejections: Rejections::default(),
             fallbacks: Default::default(),
         }
