@@ -109,7 +109,8 @@ struct Handoff {
     woken: AtomicBool,
     /// Set by [`AccessLog::reopen`]; the writer reopens the file and clears it.
     reopen: AtomicBool,
-    /// Lines dropped: the buffer full, or kept too long by a failing disk.
+    /// Lines dropped: the buffer full, or past the bound of what a failing
+    /// disk left unwritten.
     dropped: Arc<AtomicU64>,
 }
 
@@ -165,8 +166,9 @@ impl AccessLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let writer = Writer::new(path, max_size, keep, open)?;
+        let mut writer = Writer::new(path, max_size, keep, open)?;
         let shared = Arc::new(Handoff::new());
+        writer.dropped = Arc::clone(&shared.dropped);
         let for_writer = Arc::clone(&shared);
         let handle =
             std::thread::Builder::new().name("sluice-request-log".into()).spawn(move || writer.run(&for_writer))?;
@@ -205,7 +207,8 @@ impl AccessLog {
         self.writer.unpark();
     }
 
-    /// Waits (up to 5 s) until every line buffered so far is on disk (shutdown, tests).
+    /// Waits (up to 5 s) until every line buffered so far is written (or,
+    /// while the disk refuses writes, kept for the next try) (shutdown, tests).
     pub fn flush(&self) {
         let ticket = self.shared.flush_asked.fetch_add(1, Ordering::SeqCst) + 1;
         self.writer.unpark();
@@ -267,6 +270,11 @@ struct Writer {
     chunk: Vec<u8>,
     /// Lines a failing write could not take, written first at the next drain.
     unwritten: Vec<u8>,
+    /// The open file ends inside a line (a write stopped part way): its
+    /// rest, at the start of `unwritten`, must go to this file.
+    torn: bool,
+    /// Lines dropped (shared with [`Handoff::dropped`]).
+    dropped: Arc<AtomicU64>,
     /// The last write failed (said once, at ERROR, until one works again).
     failing: bool,
 }
@@ -287,6 +295,8 @@ impl Writer {
             reopen_due: false,
             chunk: Vec::new(),
             unwritten: Vec::new(),
+            torn: false,
+            dropped: Arc::default(),
             failing: false,
         })
     }
@@ -308,6 +318,15 @@ impl Writer {
             self.drain(shared);
             shared.flush_done.store(asked, Ordering::SeqCst);
             if closed {
+                if !self.unwritten.is_empty() {
+                    tracing::warn!(
+                        lines = memchr::memchr_iter(b'\n', &self.unwritten).count(),
+                        path = %self.path.display(),
+                        "request log: lines the disk refused are lost at shutdown"
+                    );
+                    let lost = std::mem::take(&mut self.unwritten);
+                    self.drop_lines(&lost);
+                }
                 return;
             }
             std::thread::park_timeout(DRAIN_INTERVAL);
@@ -315,28 +334,45 @@ impl Writer {
     }
 
     /// Takes the buffered lines (leaving this writer's empty buffer in their
-    /// place) and writes them after any a failing write left, and keeps at
-    /// most [`RETAIN`] of the buffer. What a failing write leaves is kept up
-    /// to [`MAX_PENDING`] bytes; lines past that are dropped and counted.
+    /// place) and writes them after any an earlier write could not take,
+    /// and keeps at most [`RETAIN`] of the buffer. While writes fail (a full
+    /// disk), what they could not take is kept, whole lines up to
+    /// [`MAX_PENDING`] bytes; lines past that are dropped and counted.
     fn drain(&mut self, shared: &Handoff) {
         std::mem::swap(&mut *shared.pending.lock().unwrap_or_else(PoisonError::into_inner), &mut self.chunk);
         let mut chunk = std::mem::take(&mut self.chunk);
-        if !self.unwritten.is_empty() {
-            if self.unwritten.len() + chunk.len() <= MAX_PENDING {
-                self.unwritten.extend_from_slice(&chunk);
-            } else {
-                let lost = memchr::memchr_iter(b'\n', &chunk).count();
-                shared.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-            }
-            std::mem::swap(&mut self.unwritten, &mut chunk);
-            self.unwritten.clear();
+        let mut kept = std::mem::take(&mut self.unwritten);
+        if !kept.is_empty() {
+            let done = self.write(&kept);
+            kept.drain(..done);
         }
-        let done = self.write(&chunk);
-        self.unwritten.extend_from_slice(&chunk[done..]);
-        self.unwritten.shrink_to(RETAIN);
+        if kept.is_empty() {
+            let done = self.write(&chunk);
+            kept.extend_from_slice(&chunk[done..]);
+        } else {
+            // Still failing: keep the new lines that fit, whole.
+            let room = MAX_PENDING.saturating_sub(kept.len());
+            let fits = if chunk.len() <= room {
+                chunk.len()
+            } else {
+                memchr::memrchr(b'\n', &chunk[..room]).map_or(0, |i| i + 1)
+            };
+            self.drop_lines(&chunk[fits..]);
+            kept.extend_from_slice(&chunk[..fits]);
+        }
+        // Nothing kept: its buffer is given back.
+        self.unwritten = if kept.is_empty() { Vec::new() } else { kept };
         chunk.clear();
         chunk.shrink_to(RETAIN);
         self.chunk = chunk;
+    }
+
+    /// Counts the lines in `bytes` as dropped.
+    fn drop_lines(&self, bytes: &[u8]) {
+        let lost = memchr::memchr_iter(b'\n', bytes).count() as u64;
+        if lost > 0 {
+            self.dropped.fetch_add(lost, Ordering::Relaxed);
+        }
     }
 
     /// Writes whole lines (`lines` ends with a newline), rotating after the
@@ -358,6 +394,9 @@ impl Writer {
             let (now, rest) = lines.split_at(take);
             let (done, failed) = write_some(&mut self.out, now);
             self.written += done as u64;
+            if done > 0 {
+                self.torn = now[done - 1] != b'\n';
+            }
             if let Some(error) = failed {
                 if !std::mem::replace(&mut self.failing, true) {
                     tracing::error!(%error, path = %self.path.display(), "request log write failed; lines are kept and retried");
@@ -375,6 +414,21 @@ impl Writer {
         total
     }
 
+    /// Before another file takes over: the rest of a line a write stopped
+    /// inside goes to the file holding its start; if the disk still refuses
+    /// it, the line is dropped and counted (and that file ends with its part).
+    fn end_torn_line(&mut self) {
+        if !std::mem::take(&mut self.torn) {
+            return;
+        }
+        let end = memchr::memchr(b'\n', &self.unwritten).map_or(self.unwritten.len(), |i| i + 1);
+        let (done, _) = write_some(&mut self.out, &self.unwritten[..end]);
+        if done < end {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.unwritten.drain(..end);
+    }
+
     /// Whether the file at the path is not the one open (moved away or gone).
     fn moved(&self) -> bool {
         std::fs::metadata(&self.path).map_or(true, |meta| meta.ino() != self.inode)
@@ -386,6 +440,7 @@ impl Writer {
         let opened = (self.opener)(&self.path).and_then(|file| Ok((file.metadata()?, file)));
         match opened {
             Ok((meta, file)) => {
+                self.end_torn_line();
                 if self.reopen_due {
                     tracing::info!(path = %self.path.display(), "request log reopened");
                 }
@@ -630,6 +685,7 @@ mod tests {
         let path = dir.path().join("requests.jsonl");
         let shared = Handoff::new();
         let mut writer = Writer::new(path.clone(), 1 << 30, 1, full_disk).unwrap();
+        writer.dropped = Arc::clone(&shared.dropped);
         let kept: Vec<u8> = (0..3).flat_map(line).collect();
         assert!(shared.append(&kept).0);
         writer.drain(&shared);
@@ -643,14 +699,38 @@ mod tests {
         let refused_at_append = shared.dropped.load(Ordering::Relaxed);
         assert_eq!(refused_at_append, 1);
         writer.drain(&shared);
-        assert_eq!(writer.unwritten, kept);
-        assert_eq!(shared.dropped.load(Ordering::Relaxed), refused_at_append + u64::from(n - 3));
+        // Kept first, then whole new lines up to the bound; the rest counted.
+        let held = writer.unwritten.clone();
+        assert!(held.starts_with(&kept) && held.ends_with(b"\n") && held.len() <= MAX_PENDING);
+        let lines_held = held.iter().filter(|&&b| b == b'\n').count() as u64;
+        let dropped_at_drain = shared.dropped.load(Ordering::Relaxed) - refused_at_append;
+        assert!(dropped_at_drain > 0, "the buffer was full: not all of it fits beside the kept lines");
+        assert_eq!(lines_held + dropped_at_drain, u64::from(n), "every line held or counted");
         // Room again: the kept lines go first, whole, then the new ones.
         writer.out = open(&path).unwrap();
         assert!(shared.append(&line(9999)).0);
         writer.drain(&shared);
-        assert!(writer.unwritten.is_empty());
-        assert_eq!(std::fs::read(&path).unwrap(), [kept, line(9999)].concat());
+        assert!(writer.unwritten.is_empty() && writer.unwritten.capacity() == 0);
+        assert_eq!(std::fs::read(&path).unwrap(), [held, line(9999)].concat());
+    }
+
+    #[test]
+    fn a_line_a_failing_write_cut_is_ended_in_its_own_file_before_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, moved) = (dir.path().join("requests.jsonl"), dir.path().join("requests.jsonl-old"));
+        let mut writer = Writer::new(path.clone(), 1 << 30, 1, open).unwrap();
+        // A write stopped 10 bytes into a line: its start is in the file, its rest kept.
+        let cut = line(5);
+        assert_eq!(write_some(&mut writer.out, &cut[..10]).0, 10);
+        (writer.torn, writer.unwritten) = (true, cut[10..].to_vec());
+        // logrotate moves the file away; the writer follows the path.
+        std::fs::rename(&path, &moved).unwrap();
+        writer.reopen();
+        let shared = Handoff::new();
+        assert!(shared.append(&line(6)).0);
+        writer.drain(&shared);
+        assert_eq!(std::fs::read(&moved).unwrap(), cut, "the cut line ends in the file it began in");
+        assert_eq!(std::fs::read(&path).unwrap(), line(6), "the new file starts on a whole line");
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub const TOKENS: &str = "sluice_tokens_total";
 pub const RELOADS: &str = "sluice_reloads_total";
 /// Build information.
 pub const BUILD_INFO: &str = "sluice_build_info";
-/// Request-log lines dropped because the writer fell behind.
+/// Request-log lines dropped: the writer fell behind, or the disk refused them past the bound.
 pub const LOG_DROPPED: &str = "sluice_request_log_dropped_total";
 /// Counter: requests turned away by their client key or limits, by `reason`.
 pub const CLIENT_REJECTIONS: &str = "sluice_client_rejections_total";
@@ -519,7 +519,12 @@ impl Metrics {
                 model.completion_tokens.load(Relaxed),
             );
         }
-        header(out, LOG_DROPPED, "counter", "Request-log lines dropped because the writer fell behind.");
+        header(
+            out,
+            LOG_DROPPED,
+            "counter",
+            "Request-log lines dropped: the writer fell behind, or the disk refused them past the bound.",
+        );
         line(out, LOG_DROPPED, &[], self.log_dropped.load(Relaxed));
         header(out, BUILD_INFO, "gauge", "Build information.");
         line(out, BUILD_INFO, &[("version", crate::VERSION)], 1);
