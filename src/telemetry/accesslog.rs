@@ -146,11 +146,14 @@ impl Handoff {
     }
 }
 
+/// The capacity a thread's line buffer keeps: any usual line fits.
+const SCRATCH_KEEP: usize = 4096;
+
 thread_local! {
     /// The line being formatted and the timestamp text of the current
     /// second, per thread: formatting takes no lock, and allocates only for
-    /// a longer line than any before on this thread (and the timestamp text
-    /// once a second).
+    /// a line longer than [`SCRATCH_KEEP`] (given back after it) and the
+    /// timestamp text once a second.
     static SCRATCH: RefCell<(Vec<u8>, Timestamps)> = RefCell::new((Vec::with_capacity(512), Timestamps::default()));
 }
 
@@ -182,7 +185,13 @@ impl AccessLog {
             line.clear();
             line::write(line, record, clock.format(record.arrived));
             line.push(b'\n');
-            self.shared.append(line)
+            let appended = self.shared.append(line);
+            // A rare long line (a long path) leaves no large buffer per thread.
+            if line.capacity() > SCRATCH_KEEP {
+                line.clear();
+                line.shrink_to(SCRATCH_KEEP);
+            }
+            appended
         };
         // A thread tearing down its locals (a body dropped with its runtime)
         // formats into a buffer of its own.
@@ -653,6 +662,18 @@ mod tests {
             assert_eq!(v["upstream_model"], "m-2024");
         }
         assert!(current.lines().chain(rotated.lines()).any(|l| l.contains("\"req-19\"")));
+    }
+
+    #[test]
+    fn a_long_line_leaves_no_large_buffer_on_its_thread() {
+        let log = AccessLog { shared: Arc::new(Handoff::new()), writer: std::thread::current() };
+        let path = format!("/v1/files/{}", "a".repeat(100_000));
+        let request_id = id(1);
+        assert!(log.log(&Record { path: &path, ..record(&request_id) }));
+        let capacity = SCRATCH.with_borrow(|(line, _)| line.capacity());
+        assert!(capacity <= SCRATCH_KEEP, "kept {capacity} bytes");
+        let buffered = log.shared.pending.lock().unwrap().clone();
+        assert!(buffered.windows(100_000).any(|w| w.iter().all(|&b| b == b'a')), "the long line is logged whole");
     }
 
     #[test]
