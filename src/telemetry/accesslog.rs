@@ -8,7 +8,10 @@
 //! writes it to the file: the request path never waits for the disk. When
 //! the buffer is full, lines are dropped and counted. Lines a failing write
 //! (a full disk) could not take are kept for the next drain, up to the same
-//! bound, never torn; past it they are dropped and counted.
+//! bound (past it they are dropped and counted); a line a write cut part
+//! way is ended in the file it began in before another file is opened.
+//! (After a restart, the first line follows such a fragment: the file is
+//! opened for appending only, its last byte is not read.)
 //!
 //! Files rotate by size: `requests.jsonl` -> `requests.jsonl.1` -> ... `.keep`.
 //! An outside rotation (logrotate moving the file away) is noticed within a
