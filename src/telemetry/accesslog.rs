@@ -330,14 +330,10 @@ impl Writer {
             self.drain(shared);
             shared.flush_done.store(asked, Ordering::SeqCst);
             if closed {
-                if !self.unwritten.is_empty() {
-                    tracing::warn!(
-                        lines = memchr::memchr_iter(b'\n', &self.unwritten).count(),
-                        path = %self.path.display(),
-                        "request log: lines the disk refused are lost at shutdown"
-                    );
-                    let lost = std::mem::take(&mut self.unwritten);
-                    self.drop_lines(&lost);
+                let lost = std::mem::take(&mut self.unwritten);
+                let lines = self.drop_lines(&lost);
+                if lines > 0 {
+                    tracing::warn!(lines, path = %self.path.display(), "request log: lines the disk refused are lost at shutdown");
                 }
                 return;
             }
@@ -379,12 +375,13 @@ impl Writer {
         self.chunk = chunk;
     }
 
-    /// Counts the lines in `bytes` as dropped.
-    fn drop_lines(&self, bytes: &[u8]) {
+    /// Counts the lines in `bytes` as dropped; returns how many.
+    fn drop_lines(&self, bytes: &[u8]) -> u64 {
         let lost = memchr::memchr_iter(b'\n', bytes).count() as u64;
         if lost > 0 {
             self.dropped.fetch_add(lost, Ordering::Relaxed);
         }
+        lost
     }
 
     /// Writes whole lines (`lines` ends with a newline), rotating after the
