@@ -11,6 +11,7 @@ use sluice::config::{Config, LogFormat};
 use sluice::mock::MockServer;
 use sluice::server::{self, Drain};
 use sluice::state::Shared;
+use sluice::tasks::loops::EventLoops;
 use sluice::{shutdown, telemetry};
 
 #[global_allocator]
@@ -252,8 +253,13 @@ async fn serve(config: Config) -> Result<(), String> {
     telemetry::init(&config.log.level, config.log.format);
     let (listen, backlog) = (config.server.listen, config.server.backlog);
     let grace = config.server.shutdown_grace;
+    let event_loops = config.server.event_loops;
     let shared = Shared::new(config)?;
     let listener = server::bind(listen, backlog).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let loops = match event_loops {
+        0 => None,
+        count => Some(EventLoops::start(count).map_err(|e| format!("cannot start {count} event loops: {e}"))?),
+    };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let scheme = if shared.certs.is_some() { "https" } else { "http" };
     println!("sluice {} listening on {scheme}://{addr}", sluice::VERSION);
@@ -266,12 +272,16 @@ async fn serve(config: Config) -> Result<(), String> {
         stop_signal.await;
         sluice::notify::stopping();
     };
-    let drain = server::serve(listener, std::sync::Arc::clone(&shared), stop, grace).await;
+    let drain = server::serve(listener, std::sync::Arc::clone(&shared), stop, grace, loops.as_ref()).await;
     if let Drain::TimedOut(left) = drain {
         tracing::warn!(connections = left, "exiting with connections cut at the end of the grace period");
     }
     shared.close_store().await;
     shared.telemetry.flush();
+    // Last: a connection to the store or Redis opened on a loop is driven there.
+    if let Some(loops) = loops {
+        loops.stop().await;
+    }
     Ok(())
 }
 
@@ -435,7 +445,7 @@ Mock counters: curl -s http://{mock}/_stats    Stop: Ctrl-C"#,
         store = store_path.display(),
     );
     let stop = shutdown::first_stop_signal(shared.tasks.clone());
-    server::serve(listener, std::sync::Arc::clone(&shared), stop, grace).await;
+    server::serve(listener, std::sync::Arc::clone(&shared), stop, grace, None).await;
     shared.close_store().await;
     Ok(())
 }

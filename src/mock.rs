@@ -144,6 +144,7 @@ impl MockServer {
             || {},
             Duration::from_secs(1),
             Limits { max_streams, max_pending_resets: MOCK_H2_MAX_STREAMS as usize, ..Limits::default() },
+            None,
         ));
         Self { addr, state, scheme, stop: Some(stop) }
     }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -24,6 +24,7 @@ use crate::config::server::{
 use crate::error::BoxError;
 use crate::service::Gateway;
 use crate::state::Shared;
+use crate::tasks::loops::EventLoops;
 use crate::telemetry::ConnWatch;
 use crate::telemetry::metrics::ConnStats;
 use connection::{Listening, Protocols};
@@ -110,11 +111,15 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// `[server] drain_delay` sluice goes on accepting and serving, so a load
 /// balancer checking `/health` takes it out of rotation before the listener
 /// closes; then it stops accepting and waits for what is in flight.
+/// Connections are served on `loops` when given (`[server] event_loops`);
+/// their owner stops them after whatever may still use their sockets (the
+/// store, the cluster) is closed.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    loops: Option<&EventLoops>,
 ) -> Drain {
     let stats = Arc::clone(&shared.telemetry.connections);
     let live = shared.live.load_full();
@@ -144,7 +149,7 @@ pub async fn serve(
             tokio::time::sleep(drain_delay).await;
         }
     };
-    let drain = serve_service(listener, tls, gateway, stats, shutdown, || {}, grace, limits).await;
+    let drain = serve_service(listener, tls, gateway, stats, shutdown, || {}, grace, limits, loops).await;
     // Background work (key checks, sweepers, signal handlers) stops with the listener.
     shared.tasks.shutdown(grace).await;
     drain
@@ -154,7 +159,8 @@ pub async fn serve(
 /// `make_service` builds the service of each connection from its watch (which
 /// holds its facts). With `tls`, every connection is a TLS one. After `shutdown`
 /// resolves: stop accepting, call `on_stop`, ask every connection to finish
-/// gracefully, and wait up to `grace` for them.
+/// gracefully, and wait up to `grace` for them. With `loops`, each connection
+/// is served on one of them, in turn; without, on the runtime's workers.
 #[expect(clippy::too_many_arguments, reason = "one accept loop for the gateway and the mock, set up by its caller")]
 pub async fn serve_service<S, B, F>(
     listener: TcpListener,
@@ -165,6 +171,7 @@ pub async fn serve_service<S, B, F>(
     on_stop: impl FnOnce(),
     grace: Duration,
     limits: Limits,
+    loops: Option<&EventLoops>,
 ) -> Drain
 where
     F: Fn(Arc<ConnWatch>) -> S + Send + Sync + 'static,
@@ -230,8 +237,9 @@ where
         }
         stats.open.fetch_add(1, Ordering::Relaxed);
         stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot { stats: Arc::clone(&stats), _held: held, _permit: permit };
         let (listening, stop, cut) = (Arc::clone(&listening), stop_rx.clone(), cut.clone());
-        connections.spawn(async move {
+        let serve_one = move |stream: TcpStream| async move {
             tokio::select! {
                 served = connection::serve(&listening, stream, peer, stop) => {
                     if let Err(error) = served {
@@ -243,9 +251,21 @@ where
                 // the runtime, before the process writes its last usage.
                 () = cut.cancelled() => {}
             }
-            listening.stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop((held, permit));
-        });
+            drop(slot);
+        };
+        match loops {
+            Some(loops) => {
+                // Counted as running from here: the drain waits for it too.
+                let running = connections.token();
+                loops.hand_over(stream, move |stream| async move {
+                    serve_one(stream).await;
+                    drop(running);
+                });
+            }
+            None => {
+                connections.spawn(serve_one(stream));
+            }
+        }
     }
 
     let _ = stopping.send(true);
@@ -271,6 +291,20 @@ where
             }
             Drain::TimedOut(left)
         }
+    }
+}
+
+/// What an accepted connection holds until it closes: its place under
+/// `max_connections` and its address's limit, and its count in `open`.
+struct Slot {
+    stats: Arc<ConnStats>,
+    _held: Held,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -341,21 +375,35 @@ impl Running {
     }
 }
 
-/// Binds `shared`'s listen address and serves in a background task.
+/// Binds `shared`'s listen address and serves in a background task, on
+/// `[server] event_loops` loops if it asks for them (stopped after the drain).
 pub async fn spawn(shared: Arc<Shared>) -> std::io::Result<Running> {
     let config = shared.live.load().config.clone();
     let listener = bind(config.server.listen, config.server.backlog)?;
     let addr = listener.local_addr()?;
+    let loops = match config.server.event_loops {
+        0 => None,
+        count => Some(EventLoops::start(count)?),
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let grace = config.server.shutdown_grace;
-    let task = tokio::spawn(serve(
-        listener,
-        Arc::clone(&shared),
-        async move {
-            let _ = stopped.await;
-        },
-        grace,
-    ));
+    let serving = Arc::clone(&shared);
+    let task = tokio::spawn(async move {
+        let drain = serve(
+            listener,
+            serving,
+            async move {
+                let _ = stopped.await;
+            },
+            grace,
+            loops.as_ref(),
+        )
+        .await;
+        if let Some(loops) = loops {
+            loops.stop().await;
+        }
+        drain
+    });
     Ok(Running { addr, shared, stop: Some(stop), task })
 }
 

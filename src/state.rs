@@ -164,7 +164,7 @@ impl Shared {
     /// Builds the shared state from a validated config.
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let tasks = Tasks::default();
-        let clients = ClientRegistry::new(config.client.clone(), tasks.clone());
+        let clients = ClientRegistry::new(config.client.clone(), config.server.event_loops, tasks.clone());
         let log = match &config.log.requests {
             Some(path) => Some(
                 AccessLog::start(path.clone(), config.log.requests_max_size, config.log.requests_keep)
@@ -287,6 +287,10 @@ impl Shared {
         let config = Config::load(&path).map_err(|e| e.to_string())?;
         if config.server.listen != current.config.server.listen {
             tracing::warn!(old = %current.config.server.listen, new = %config.server.listen, "server.listen changed: takes effect on restart only");
+        }
+        let (old, new) = (&current.config.server, &config.server);
+        if (new.workers, new.event_loops) != (old.workers, old.event_loops) {
+            tracing::warn!("server.workers or server.event_loops changed: takes effect on restart only");
         }
         if config.store != current.config.store {
             tracing::warn!("store changed: takes effect on restart only");

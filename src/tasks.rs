@@ -2,6 +2,10 @@
 //! checks, idle-pool sweepers, the SIGHUP handler, store and cluster work) is
 //! spawned here: tracked, so shutdown can wait for it, and handed the stop
 //! signal, so a task that would run forever ends when the drain begins.
+//! [`loops`] runs the event loops that may serve client connections instead
+//! of the runtime's workers.
+
+pub mod loops;
 
 use std::future::Future;
 use std::time::Duration;

@@ -486,7 +486,7 @@ mod tests {
             "[auth]\nrequire_api_key = false\n[[upstreams]]\nname = \"u\"\nbase_url = \"{base}\"\nkeys = [\"sk-1\"]\n{extra}\n"
         );
         let config = Config::from_toml(&text, std::path::Path::new("t.toml"), &|_| None).unwrap();
-        let registry = ClientRegistry::new(config.client.clone(), crate::tasks::Tasks::default());
+        let registry = ClientRegistry::new(config.client.clone(), 0, crate::tasks::Tasks::default());
         Upstream::new(&config.upstreams[0], &registry, &Nothing).unwrap()
     }
 

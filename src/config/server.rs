@@ -32,6 +32,8 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time a new connection gets for its TLS handshake, or to show
 /// which protocol it speaks (seconds).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most event loops `[server] event_loops` may ask for (a thread each).
+pub const MAX_EVENT_LOOPS: usize = 256;
 /// File descriptors kept back from `max_connections` for upstream
 /// connections, logs and the store, when it is derived from the fd limit.
 const FDS_KEPT_BACK: u64 = 64;
@@ -40,6 +42,7 @@ const FDS_KEPT_BACK: u64 = 64;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServer {
     workers: Option<usize>,
+    event_loops: Option<usize>,
     overhead_header: Option<bool>,
     listen: Option<String>,
     shutdown_grace: Option<HumanDuration>,
@@ -77,6 +80,10 @@ pub struct ServerConfig {
     pub overhead_header: bool,
     /// Runtime worker threads; 0 = one per core.
     pub workers: usize,
+    /// Single-threaded event loops that serve client connections (each
+    /// connection stays on one, handed out in turn); 0 = connections run on
+    /// the runtime's workers.
+    pub event_loops: usize,
     /// Listen backlog asked of the kernel (it caps it at `somaxconn`).
     pub backlog: u32,
     /// Client connections held at once; past it, new ones wait in the backlog.
@@ -205,9 +212,14 @@ impl Validator<'_> {
         if backlog == 0 {
             return Err(self.invalid("server.backlog", "must be at least 1"));
         }
+        let event_loops = raw.event_loops.unwrap_or(0);
+        if event_loops > MAX_EVENT_LOOPS {
+            return Err(self.invalid("server.event_loops", format!("at most {MAX_EVENT_LOOPS}")));
+        }
         let tls = raw.tls.map(|tls| self.tls(tls)).transpose()?;
         Ok(ServerConfig {
             workers: raw.workers.unwrap_or(0),
+            event_loops,
             overhead_header: raw.overhead_header.unwrap_or(false),
             listen,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),

@@ -47,6 +47,8 @@ fn good_config_validates() {
     let config = parse(GOOD).unwrap();
     assert_eq!(config.server.max_body, 1 << 20);
     assert_eq!(config.server.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(config.server.event_loops, 0, "connections on the runtime's workers unless asked");
+    assert_eq!(parse(&GOOD.replace("[server]", "[server]\nevent_loops = 2")).unwrap().server.event_loops, 2);
     assert_eq!(config.auth.keys.len(), 2);
     assert!(config.auth.require_api_key);
     let upstream = &config.upstreams[0];
@@ -125,6 +127,7 @@ fn bad_values_refused_with_field() {
     for (from, to, field) in [
         ("\"127.0.0.1:0\"", "\"localhost-ish\"", "server.listen"),
         ("\"1MiB\"", "\"0\"", "server.max_body"),
+        ("max_body = \"1MiB\"", "max_body = \"1MiB\"\nevent_loops = 257", "server.event_loops"),
         ("https://api.openai.com/v1/", "ftp://x", "upstreams[0].base_url"),
         ("default_model = \"mini\"", "default_model = \"gpt-9\"", "routing.default_model"),
         ("aliases = [\"mini\"]", "aliases = [\"gpt-4o-mini\"]", "models[0].name"),

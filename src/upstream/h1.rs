@@ -38,7 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::tasks::Tasks;
+use crate::tasks::{Tasks, loops};
 pub use body::H1Body;
 
 /// First read buffer of a connection; it doubles (up to [`MAX_READ`]) while
@@ -179,7 +179,11 @@ pub struct Pool {
     host: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    idle: ArrayQueue<Idle>,
+    /// Idle connections, one queue per event loop plus one for the runtime's
+    /// workers: a socket's readiness is reported to the loop that opened it,
+    /// so a request reuses only connections of its own loop (never waking
+    /// another core to learn that its answer arrived).
+    idle: Box<[ArrayQueue<Idle>]>,
     opened: AtomicU64,
     /// Whether the task that closes expired and dead idle connections runs.
     sweeping: AtomicBool,
@@ -194,14 +198,19 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool for `authority` (port 80 when it has none); its sweeper runs under `tasks`.
+    /// A pool for `authority` (port 80 when it has none) keeping at most
+    /// `max_idle` idle connections, split evenly over `event_loops` loops and
+    /// the runtime's workers; its sweeper runs under `tasks`.
     pub fn new(
         authority: Authority,
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
+        event_loops: usize,
         tasks: Tasks,
     ) -> Self {
+        let shards = event_loops + 1;
+        let per_shard = max_idle.div_ceil(shards).max(1);
         let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
         let host = match authority.port() {
             Some(port) => format!("{}:{}", authority.host(), port),
@@ -212,7 +221,7 @@ impl Pool {
             host,
             connect_timeout,
             idle_timeout,
-            idle: ArrayQueue::new(max_idle.max(1)),
+            idle: (0..shards).map(|_| ArrayQueue::new(per_shard)).collect(),
             opened: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
             tasks,
@@ -226,7 +235,12 @@ impl Pool {
 
     /// Connections idle in the pool now.
     pub fn idle(&self) -> usize {
-        self.idle.len()
+        self.idle.iter().map(ArrayQueue::len).sum()
+    }
+
+    /// The idle connections of the calling thread's event loop.
+    fn idle_here(&self) -> &ArrayQueue<Idle> {
+        &self.idle[loops::current() % self.idle.len()]
     }
 
     /// Sends one request and returns once the response head is in; the body
@@ -280,7 +294,8 @@ impl Pool {
 
     fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
-        while let Some(idle) = self.idle.pop() {
+        let idle_here = self.idle_here();
+        while let Some(idle) = idle_here.pop() {
             if idle.usable(now, self.idle_timeout) {
                 return Some(idle.conn);
             }
@@ -315,7 +330,7 @@ impl Pool {
             conn.buf = BytesMut::new();
         }
         conn.next_read = MIN_READ;
-        if self.idle.push(Idle { conn, since: Instant::now() }).is_err() {
+        if self.idle_here().push(Idle { conn, since: Instant::now() }).is_err() {
             return;
         }
         if !self.sweeping.swap(true, Relaxed) {
@@ -350,21 +365,25 @@ impl Pool {
     /// puts back those still usable; the expired and dead ones close.
     fn sweep(&self) {
         let now = Instant::now();
-        let mut keep = Vec::with_capacity(self.idle.len());
-        while let Some(idle) = self.idle.pop() {
-            if idle.usable(now, self.idle_timeout) {
-                keep.push(idle);
+        for shard in &self.idle {
+            let mut keep = Vec::with_capacity(shard.len());
+            while let Some(idle) = shard.pop() {
+                if idle.usable(now, self.idle_timeout) {
+                    keep.push(idle);
+                }
             }
-        }
-        // Oldest first back in, so they are checked out (and re-timed) first.
-        keep.sort_by_key(|idle| idle.since);
-        for idle in keep {
-            let _ = self.idle.push(idle);
+            // Oldest first back in, so they are checked out (and re-timed) first.
+            keep.sort_by_key(|idle| idle.since);
+            for idle in keep {
+                let _ = shard.push(idle);
+            }
         }
     }
 
     fn clear(&self) {
-        while self.idle.pop().is_some() {}
+        for shard in &self.idle {
+            while shard.pop().is_some() {}
+        }
     }
 }
 

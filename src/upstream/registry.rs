@@ -35,6 +35,8 @@ struct ClientKey {
 /// only while a snapshot is built, never per request.
 pub struct ClientRegistry {
     config: ClientConfig,
+    /// `[server] event_loops`: the HTTP/1.1 pools keep idle connections per loop.
+    event_loops: usize,
     tasks: Tasks,
     clients: Mutex<HashMap<ClientKey, HttpClient>>,
     /// Held weakly, as the HTTP/2 pools: a pool no snapshot uses goes, and
@@ -64,10 +66,12 @@ pub struct H2Key {
 
 impl ClientRegistry {
     /// An empty registry; clients are built on first use. Their background
-    /// work (idle sweeps, key checks) runs under `tasks`.
-    pub fn new(config: ClientConfig, tasks: Tasks) -> Self {
+    /// work (idle sweeps, key checks) runs under `tasks`; requests may come
+    /// from `event_loops` event loops besides the runtime's workers.
+    pub fn new(config: ClientConfig, event_loops: usize, tasks: Tasks) -> Self {
         Self {
             config,
+            event_loops,
             tasks,
             clients: Mutex::new(HashMap::new()),
             h1_pools: Mutex::new(HashMap::new()),
@@ -104,6 +108,7 @@ impl ClientRegistry {
             connect_timeout,
             self.config.pool_idle_timeout,
             self.config.pool_max_idle_per_host,
+            self.event_loops,
             self.tasks.clone(),
         ));
         pools.insert(key, Arc::downgrade(&pool));

@@ -17,8 +17,12 @@ use crate::support::{CLIENT_KEY, Opts, config_text, h1_client};
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
 fn write_config(dir: &Path, base_url: &str) -> std::path::PathBuf {
+    write_config_with(dir, base_url, &Opts::default())
+}
+
+fn write_config_with(dir: &Path, base_url: &str, opts: &Opts) -> std::path::PathBuf {
     let path = dir.join("sluice.toml");
-    std::fs::write(&path, config_text(base_url, &Opts::default())).unwrap();
+    std::fs::write(&path, config_text(base_url, opts)).unwrap();
     path
 }
 
@@ -54,9 +58,24 @@ fn stream_request(addr: SocketAddr, chunks: &str) -> Request<Full<Bytes>> {
 
 #[tokio::test]
 async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
+    sigterm_drains("").await;
+}
+
+/// The same on event loops: the stream lives on a loop, which the process
+/// stops (and joins) only after the drain and the last writes.
+#[tokio::test]
+async fn sigterm_drains_a_stream_on_an_event_loop_then_exits_zero() {
+    sigterm_drains("workers = 1\nevent_loops = 2").await;
+}
+
+/// A stream open when SIGTERM comes finishes whole, the process exits 0, and
+/// the stream's line is in the request log.
+async fn sigterm_drains(server_extra: &'static str) {
     let mock = MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = start_binary(&write_config(dir.path(), &mock.base_url())).await;
+    let log = dir.path().join("requests.jsonl");
+    let opts = Opts { server_extra, tables: format!("[log]\nrequests = {log:?}\n"), ..Opts::default() };
+    let (mut child, addr) = start_binary(&write_config_with(dir.path(), &mock.base_url(), &opts)).await;
 
     let response = h1_client().request(stream_request(addr, "20")).await.unwrap();
     let mut body = response.into_body();
@@ -77,6 +96,9 @@ async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
     assert_eq!(status.code(), Some(0));
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
     assert_eq!(mock.state.stats().streams_finished, 1);
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let line: serde_json::Value = serde_json::from_str(lines.trim_end()).expect("one request line");
+    assert_eq!((line["status"].as_u64(), line["stream"].as_bool()), (Some(200), Some(true)), "{line}");
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ mod cli;
 mod cluster;
 mod edge;
 mod errors;
+mod event_loops;
 mod h2pool;
 mod http2;
 mod keys;

@@ -60,7 +60,7 @@ impl Scripted {
 
     fn pool_idle_for(&self, idle_timeout: Duration) -> Arc<Pool> {
         let authority = self.addr.to_string().parse().unwrap();
-        Arc::new(Pool::new(authority, Duration::from_secs(2), idle_timeout, 8, Tasks::default()))
+        Arc::new(Pool::new(authority, Duration::from_secs(2), idle_timeout, 8, 0, Tasks::default()))
     }
 
     fn requests(&self) -> Vec<String> {
@@ -319,7 +319,7 @@ async fn a_large_body_arrives_whole_and_refused_connects_say_so() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let authority = closed.local_addr().unwrap().to_string().parse().unwrap();
     drop(closed);
-    let pool = Arc::new(Pool::new(authority, Duration::from_secs(2), Duration::from_secs(60), 8, Tasks::default()));
+    let pool = Arc::new(Pool::new(authority, Duration::from_secs(2), Duration::from_secs(60), 8, 0, Tasks::default()));
     let error = send(&pool, b"{}").await.unwrap_err();
     assert!(error.is_connect(), "{error}");
 }
@@ -360,6 +360,7 @@ async fn an_early_answer_to_a_large_body_is_the_response() {
             Duration::from_secs(2),
             Duration::from_secs(60),
             8,
+            0,
             Tasks::default(),
         ));
         let sent = tokio::time::timeout(Duration::from_secs(10), send(&pool, body)).await;
@@ -373,7 +374,7 @@ async fn an_early_answer_to_a_large_body_is_the_response() {
 #[test]
 fn the_host_header_never_carries_user_info() {
     let pool = |authority: &str| {
-        Pool::new(authority.parse().unwrap(), Duration::from_secs(1), Duration::from_secs(1), 1, Tasks::default())
+        Pool::new(authority.parse().unwrap(), Duration::from_secs(1), Duration::from_secs(1), 1, 0, Tasks::default())
     };
     assert_eq!(pool("user:pw@10.0.0.5:8000").host, "10.0.0.5:8000");
     assert_eq!(pool("api.example").host, "api.example");
