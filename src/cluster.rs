@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 
 use crate::access::limits::TokenTally;
 use crate::config::RedisConfig;
-use crate::tasks::Tasks;
+use crate::tasks::{Tasks, loops};
 use crate::upstream::news::KeyNews;
 
 /// How often Redis is pinged while it is down (and, less often, while up).
@@ -61,10 +61,13 @@ pub struct Cluster {
     client: redis::Client,
     /// The client of [`Lane::Cache`]: `client` again, or `[redis] cache_url`'s.
     cache_client: redis::Client,
-    /// One managed connection per [`Lane`]; replaced whole when Redis is
-    /// found down (the manager itself reconnects only after I/O errors: a
-    /// silent old primary or a read-only replica would keep it failing).
-    conns: [ArcSwap<ConnectionManager>; 2],
+    /// One managed connection per [`Lane`], for the runtime's workers and
+    /// for each event loop: a connection is driven by the runtime or loop
+    /// that first uses it, so each loop has its own (a busy loop never holds
+    /// up another's Redis answers). Replaced whole when Redis is found down
+    /// (the manager itself reconnects only after I/O errors: a silent old
+    /// primary or a read-only replica would keep it failing).
+    conns: Box<[[ArcSwap<ConnectionManager>; 2]]>,
     /// The `[redis]` settings the process started with.
     pub config: RedisConfig,
     up: AtomicBool,
@@ -101,16 +104,19 @@ impl std::fmt::Debug for Cluster {
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Cluster {
-    /// A link to the Redis of `config`; it connects on first use (a Redis
-    /// that is down at start leaves the gateway degraded, not stopped).
-    pub fn new(config: RedisConfig, news: Arc<KeyNews>) -> Result<Arc<Self>, String> {
+    /// A link to the Redis of `config` for the runtime's workers and
+    /// `event_loops` loops; it connects on first use (a Redis that is down at
+    /// start leaves the gateway degraded, not stopped).
+    pub fn new(config: RedisConfig, event_loops: usize, news: Arc<KeyNews>) -> Result<Arc<Self>, String> {
         // The driver's reason names the part at fault, never the URL's text.
         let client = open_client(config.url.expose(), &config, "redis.url")?;
         let cache_client = match &config.cache_url {
             Some(url) => open_client(url.expose(), &config, "redis.cache_url")?,
             None => client.clone(),
         };
-        let conns = [connect(&client, &config)?, connect(&cache_client, &config)?].map(ArcSwap::from_pointee);
+        let conns = (0..=event_loops)
+            .map(|_| Ok([connect(&client, &config)?, connect(&cache_client, &config)?].map(ArcSwap::from_pointee)))
+            .collect::<Result<_, String>>()?;
         news.listen();
         Ok(Arc::new(Self {
             client,
@@ -153,7 +159,8 @@ impl Cluster {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = ConnectionManager::clone(&self.conns[lane as usize].load());
+        let here = &self.conns[loops::current() % self.conns.len()];
+        let conn = ConnectionManager::clone(&here[lane as usize].load());
         let error = match tokio::time::timeout(self.config.timeout, op(conn)).await {
             Ok(Ok(value)) => {
                 if lane == Lane::Shared && !self.up.swap(true, Relaxed) {
@@ -182,9 +189,11 @@ impl Cluster {
     /// operation ends): after a failure, a new connection finds a failed-over
     /// primary where the old one would keep talking to the old address.
     fn reconnect(&self) {
-        for (conn, client) in self.conns.iter().zip([&self.client, &self.cache_client]) {
-            if let Ok(fresh) = connect(client, &self.config) {
-                conn.store(Arc::new(fresh));
+        for lanes in &self.conns {
+            for (conn, client) in lanes.iter().zip([&self.client, &self.cache_client]) {
+                if let Ok(fresh) = connect(client, &self.config) {
+                    conn.store(Arc::new(fresh));
+                }
             }
         }
     }

@@ -278,7 +278,8 @@ async fn serve(config: Config) -> Result<(), String> {
     }
     shared.close_store().await;
     shared.telemetry.flush();
-    // Last: a connection to the store or Redis opened on a loop is driven there.
+    // Last: work spawned from requests (cache writes to Redis, key checks)
+    // and connections opened on a loop (Redis, upstreams) are driven there.
     if let Some(loops) = loops {
         loops.stop().await;
     }

@@ -8,7 +8,7 @@ pub mod connection;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -24,7 +24,7 @@ use crate::config::server::{
 use crate::error::BoxError;
 use crate::service::Gateway;
 use crate::state::Shared;
-use crate::tasks::loops::EventLoops;
+use crate::tasks::{self, loops::EventLoops};
 use crate::telemetry::ConnWatch;
 use crate::telemetry::metrics::ConnStats;
 use connection::{Listening, Protocols};
@@ -112,8 +112,8 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// balancer checking `/health` takes it out of rotation before the listener
 /// closes; then it stops accepting and waits for what is in flight.
 /// Connections are served on `loops` when given (`[server] event_loops`);
-/// their owner stops them after whatever may still use their sockets (the
-/// store, the cluster) is closed.
+/// their owner stops them after this returns (the background work that ends
+/// here may run on them, and so may its connections).
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -192,6 +192,9 @@ where
         stats: Arc::clone(&stats),
         limits,
     });
+    if let Some(loops) = loops {
+        stats.per_loop.get_or_init(|| (0..loops.count()).map(|_| AtomicUsize::new(0)).collect());
+    }
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let per_ip = Arc::new(PerIp::default());
     let connections = TaskTracker::new();
@@ -248,7 +251,7 @@ where
                 }
                 // Past the grace period: the connection (and every answer on
                 // it, which records itself as it is dropped) ends here, on
-                // the runtime, before the process writes its last usage.
+                // its runtime or loop, before the process writes its last usage.
                 () = cut.cancelled() => {}
             }
             drop(slot);
@@ -257,10 +260,19 @@ where
             Some(loops) => {
                 // Counted as running from here: the drain waits for it too.
                 let running = connections.token();
-                loops.hand_over(stream, move |stream| async move {
+                let dealt = Arc::clone(&stats);
+                let handed = loops.hand_over(stream, move |stream| async move {
+                    // Counted on the loop, before the connection is served.
+                    let here = tasks::loops::current().wrapping_sub(1);
+                    if let Some(count) = dealt.per_loop.get().and_then(|counts| counts.get(here)) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
                     serve_one(stream).await;
                     drop(running);
                 });
+                if let Err(error) = handed {
+                    tracing::warn!(%peer, %error, "cannot move a connection to an event loop; closed");
+                }
             }
             None => {
                 connections.spawn(serve_one(stream));

@@ -193,7 +193,11 @@ impl Shared {
         let from_store = snapshot.as_deref().zip(store.as_ref().map(|s| &s.usage));
         let telemetry = Arc::new(Telemetry::new(log));
         telemetry.access_lines.store(config.log.access, Ordering::Relaxed);
-        let cluster = config.redis.clone().map(|redis| Cluster::new(redis, Arc::clone(clients.news()))).transpose()?;
+        let cluster = config
+            .redis
+            .clone()
+            .map(|redis| Cluster::new(redis, config.server.event_loops, Arc::clone(clients.news())))
+            .transpose()?;
         let memory = Box::new(MemoryStore::new(config.cache.max_bytes));
         let cache = match &cluster {
             Some(cluster) => {

@@ -3,7 +3,9 @@
 //! spawned here: tracked, so shutdown can wait for it, and handed the stop
 //! signal, so a task that would run forever ends when the drain begins.
 //! [`loops`] runs the event loops that may serve client connections instead
-//! of the runtime's workers.
+//! of the runtime's workers. A task is spawned where its spawner runs: work a
+//! request starts (a cache write, a key check, an idle-pool sweeper) lives
+//! on that request's loop, so the loops stop after these tasks.
 
 pub mod loops;
 

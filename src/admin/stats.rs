@@ -77,7 +77,19 @@ pub fn render_stats(shared: &Shared, live: &Live) -> serde_json::Value {
         "retries": metrics.retries_total(),
         "failovers": metrics.failovers.load(Relaxed),
         "cache": cache_stats(&shared.cache, live.config.cache.enabled),
+        "connections": connection_stats(&shared.telemetry.connections),
         "upstreams": upstreams,
+    })
+}
+
+/// Client connections: open now, accepted, refused for their address, and
+/// (on event loops) how many each loop was dealt.
+fn connection_stats(c: &crate::telemetry::metrics::ConnStats) -> serde_json::Value {
+    serde_json::json!({
+        "open": c.open.load(Relaxed),
+        "accepted": c.accepted.load(Relaxed),
+        "refused_per_ip": c.refused_per_ip.load(Relaxed),
+        "per_loop": c.per_loop.get().map(|counts| counts.iter().map(|n| n.load(Relaxed)).collect::<Vec<_>>()),
     })
 }
 

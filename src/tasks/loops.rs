@@ -28,6 +28,10 @@ use tokio::sync::oneshot;
 /// How long a stopping loop waits for its blocking work (a DNS lookup in
 /// flight) before it is left behind.
 const BLOCKING_WAIT: Duration = Duration::from_secs(1);
+/// Threads a loop may start for blocking work (DNS lookups of upstream and
+/// Redis hosts); tokio's default of 512 a runtime is far more than a loop's
+/// lookups need, times the loops.
+const BLOCKING_THREADS: usize = 16;
 
 thread_local! {
     /// 0 off the event loops; `n + 1` on loop `n`.
@@ -61,14 +65,24 @@ impl std::fmt::Debug for EventLoops {
 }
 
 impl EventLoops {
-    /// Starts `count` loops, threads named `sluice-loop-N`.
+    /// Starts `count` loops (at least one), threads named `sluice-loop-N`.
     pub fn start(count: usize) -> std::io::Result<Self> {
-        let mut loops = Vec::with_capacity(count);
-        for n in 0..count {
-            let runtime = Builder::new_current_thread().enable_all().build()?;
-            let handle = runtime.handle().clone();
+        let mut loops = Vec::with_capacity(count.max(1));
+        for n in 0..count.max(1) {
             let (stop, stopped) = oneshot::channel::<()>();
+            let (started, handle) = std::sync::mpsc::sync_channel(1);
+            // The runtime is built on its own thread and dropped there: a
+            // runtime dropped on the caller's (async) thread would panic.
             let thread = std::thread::Builder::new().name(format!("sluice-loop-{n}")).spawn(move || {
+                let runtime =
+                    match Builder::new_current_thread().enable_all().max_blocking_threads(BLOCKING_THREADS).build() {
+                        Ok(runtime) => runtime,
+                        Err(error) => {
+                            let _ = started.send(Err(error));
+                            return;
+                        }
+                    };
+                let _ = started.send(Ok(runtime.handle().clone()));
                 CURRENT.with(|current| current.set(n + 1));
                 // A dropped sender stops the loop as well as a sent stop.
                 let _ = runtime.block_on(stopped);
@@ -76,47 +90,36 @@ impl EventLoops {
                 // finished or cut every connection before the stop).
                 runtime.shutdown_timeout(BLOCKING_WAIT);
             })?;
+            let handle = handle.recv().map_err(|_| std::io::Error::other("an event loop thread ended at start"))??;
             loops.push(Loop { handle, stop: Some(stop), thread: Some(thread) });
         }
         Ok(Self { loops, next: AtomicUsize::new(0) })
     }
 
     /// How many loops there are.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.loops.len()
     }
 
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.loops.is_empty()
-    }
-
     /// Hands `stream` to the next loop in turn, where `serve` runs with it
-    /// (registered with that loop's reactor). If the stream cannot move
-    /// (it fails to leave this runtime or to join the loop's), `serve` is
-    /// dropped unrun and the failure logged.
-    pub fn hand_over<F, Fut>(&self, stream: TcpStream, serve: F)
+    /// (registered with that loop's reactor), and returns that loop's index
+    /// (`serve` sees it as [`current`] - 1). If the stream cannot leave this
+    /// runtime, `serve` is dropped unrun and the failure returned; if it
+    /// cannot join the loop's, that is logged there.
+    pub fn hand_over<F, Fut>(&self, stream: TcpStream, serve: F) -> std::io::Result<usize>
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let Some(target) = self.loops.get(self.next.fetch_add(1, Relaxed) % self.loops.len().max(1)) else {
-            tracing::error!("no event loop to serve a connection on");
-            return;
-        };
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "cannot move a connection to an event loop; closed");
-                return;
-            }
-        };
-        target.handle.spawn(async move {
+        let index = self.next.fetch_add(1, Relaxed) % self.loops.len();
+        let stream = stream.into_std()?;
+        self.loops[index].handle.spawn(async move {
             match TcpStream::from_std(stream) {
                 Ok(stream) => serve(stream).await,
                 Err(error) => tracing::warn!(%error, "an event loop cannot take a connection; closed"),
             }
         });
+        Ok(index)
     }
 
     /// Stops every loop (dropping whatever still runs on it) and waits for
@@ -170,10 +173,11 @@ mod tests {
             let _client = TcpStream::connect(addr).await.unwrap();
             let (stream, _) = listener.accept().await.unwrap();
             let seen_tx = seen_tx.clone();
-            loops.hand_over(stream, move |stream| async move {
+            let dealt = loops.hand_over(stream, move |stream| async move {
                 let thread = std::thread::current();
                 let _ = seen_tx.send((i, current(), thread.name().map(str::to_owned), stream.peer_addr().is_ok()));
             });
+            assert_eq!(dealt.unwrap(), i % 2);
         }
         let mut got = Vec::new();
         for _ in 0..4 {

@@ -88,6 +88,9 @@ pub struct ConnStats {
     /// Connections closed at accept because their address held
     /// `max_connections_per_ip`.
     pub refused_per_ip: AtomicUsize,
+    /// Connections dealt to each event loop since start (set when the
+    /// listener runs on `[server] event_loops`).
+    pub per_loop: std::sync::OnceLock<Box<[AtomicUsize]>>,
 }
 
 /// Why the retry loop made another attempt: a closed set, the `reason`

@@ -46,6 +46,9 @@ pub use body::H1Body;
 const MIN_READ: usize = 2 * 1024;
 /// Largest read buffer reservation.
 const MAX_READ: usize = 64 * 1024;
+/// Idle connections the runtime's workers keep per host when connections
+/// are served on event loops (the workers then only run background checks).
+const RUNTIME_IDLE_WITH_LOOPS: usize = 4;
 /// Request bodies up to this size are copied behind the head: one `write`.
 const INLINE_BODY: usize = 16 * 1024;
 
@@ -169,7 +172,7 @@ impl Idle {
     }
 }
 
-/// Keep-alive connections to one `host:port`, in a bounded lock-free queue:
+/// Keep-alive connections to one `host:port`, in bounded lock-free queues:
 /// a checkout and a return are one CAS each, and the readiness check of an
 /// idle connection (a syscall at most) runs outside any lock, by whoever holds
 /// that connection.
@@ -198,9 +201,10 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool for `authority` (port 80 when it has none) keeping at most
-    /// `max_idle` idle connections, split evenly over `event_loops` loops and
-    /// the runtime's workers; its sweeper runs under `tasks`.
+    /// A pool for `authority` (port 80 when it has none) keeping up to
+    /// `max_idle` idle connections; with `event_loops`, each loop its share
+    /// of them (rounded up), and the runtime's workers, which then only make
+    /// background checks, a few. Its sweeper runs under `tasks`.
     pub fn new(
         authority: Authority,
         connect_timeout: Duration,
@@ -209,8 +213,11 @@ impl Pool {
         event_loops: usize,
         tasks: Tasks,
     ) -> Self {
-        let shards = event_loops + 1;
-        let per_shard = max_idle.div_ceil(shards).max(1);
+        let max_idle = max_idle.max(1);
+        let (runtime_share, loop_share) = match event_loops {
+            0 => (max_idle, 0),
+            loops => (max_idle.min(RUNTIME_IDLE_WITH_LOOPS), max_idle.div_ceil(loops)),
+        };
         let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
         let host = match authority.port() {
             Some(port) => format!("{}:{}", authority.host(), port),
@@ -221,7 +228,10 @@ impl Pool {
             host,
             connect_timeout,
             idle_timeout,
-            idle: (0..shards).map(|_| ArrayQueue::new(per_shard)).collect(),
+            idle: std::iter::once(runtime_share)
+                .chain(std::iter::repeat_n(loop_share, event_loops))
+                .map(ArrayQueue::new)
+                .collect(),
             opened: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
             tasks,
@@ -283,7 +293,7 @@ impl Pool {
             Err(Failed { error, written, answered }) => {
                 if reused && !answered {
                     // Closed while idle (a race the readiness check cannot see):
-                    // the idle ones behind it are likely stale too.
+                    // the idle ones behind it on this loop are likely stale too.
                     tracing::debug!(upstream = %self.addr, %error, "pooled connection failed before any answer");
                     self.clear();
                 }
@@ -380,10 +390,10 @@ impl Pool {
         }
     }
 
+    /// Closes this loop's idle connections (other loops find out their own).
     fn clear(&self) {
-        for shard in &self.idle {
-            while shard.pop().is_some() {}
-        }
+        let idle_here = self.idle_here();
+        while idle_here.pop().is_some() {}
     }
 }
 

@@ -55,13 +55,24 @@ impl Cluster {
 
     /// Three instances on this Redis.
     async fn start_on(redis: RedisServer, redis_extra: &str, more: &str, pg: Option<PgServer>) -> Self {
+        Self::start_serving(redis, redis_extra, more, pg, "").await
+    }
+
+    /// Three instances on this Redis, `server_extra` in their `[server]`.
+    async fn start_serving(
+        redis: RedisServer,
+        redis_extra: &str,
+        more: &str,
+        pg: Option<PgServer>,
+        server_extra: &'static str,
+    ) -> Self {
         let mock = start_mock(Transport::H1Sluice).await;
         let mut text_tables = tables(&redis, redis_extra);
         if let Some(pg) = &pg {
             text_tables.push_str(&format!("\n[store]\nurl = \"{}\"\n", pg.url()));
         }
         text_tables.push_str(more);
-        let opts = Opts { tables: text_tables, ..Opts::default() };
+        let opts = Opts { tables: text_tables, server_extra, ..Opts::default() };
         let text = config_text(&mock.base_url(), &opts);
         let mut gateways = Vec::new();
         for _ in 0..3 {
@@ -174,6 +185,28 @@ async fn a_limit_is_exact_across_three_instances() {
     assert_eq!(refused.headers["x-ratelimit-limit-requests"], "60");
     assert_eq!(refused.headers["x-ratelimit-remaining-requests"], "0");
     assert!(refused.headers.contains_key("retry-after"));
+}
+
+/// The same on event loops: each loop talks to Redis over connections of its
+/// own, and the limit stays exact over both loops of all three instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_is_exact_across_instances_served_on_event_loops() {
+    let cluster = Cluster::start_serving(RedisServer::start(), "", "", None, "event_loops = 2").await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    let statuses = burst(cluster, TENANT, 300).await;
+    assert_eq!(statuses.get(&200), Some(&60), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&240), "{statuses:?}");
+    assert_eq!(cluster.mock.state.stats().requests, 60);
+    for i in 0..3 {
+        let request = Request::get(cluster.url(i, "/stats")).header("authorization", format!("Bearer {CLIENT_KEY}"));
+        let stats = send(&h1_client(), request.body(Full::new(Bytes::new())).unwrap()).await.json();
+        let per_loop = &stats["connections"]["per_loop"];
+        assert!(
+            per_loop.as_array().is_some_and(|n| n.len() == 2 && n.iter().all(|n| n.as_u64() > Some(10))),
+            "{stats}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

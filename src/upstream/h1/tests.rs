@@ -15,8 +15,9 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{H1Error, H1Failure, Pool};
+use super::{H1Error, H1Failure, Pool, RUNTIME_IDLE_WITH_LOOPS};
 use crate::tasks::Tasks;
+use crossbeam_queue::ArrayQueue;
 
 /// What the scripted upstream does with one request.
 #[derive(Clone, Copy)]
@@ -379,4 +380,18 @@ fn the_host_header_never_carries_user_info() {
     assert_eq!(pool("user:pw@10.0.0.5:8000").host, "10.0.0.5:8000");
     assert_eq!(pool("api.example").host, "api.example");
     assert_eq!(pool("api.example").addr, "api.example:80");
+}
+
+#[test]
+fn idle_connections_are_shared_out_between_the_loops() {
+    let capacities = |max_idle, loops| {
+        let authority = "127.0.0.1:9".parse().unwrap();
+        let pool =
+            Pool::new(authority, Duration::from_secs(1), Duration::from_secs(1), max_idle, loops, Tasks::default());
+        pool.idle.iter().map(ArrayQueue::capacity).collect::<Vec<_>>()
+    };
+    assert_eq!(capacities(256, 0), [256], "no loops: one queue for the workers");
+    assert_eq!(capacities(256, 2), [RUNTIME_IDLE_WITH_LOOPS, 128, 128], "each loop its share, the workers a few");
+    assert_eq!(capacities(5, 2), [RUNTIME_IDLE_WITH_LOOPS, 3, 3], "shares round up");
+    assert_eq!(capacities(1, 4), [1, 1, 1, 1, 1]);
 }
