@@ -9,7 +9,7 @@
 #
 # Knobs (environment): ROUNDS=3, DURATION=8 (s per target and round),
 # CONNS=64, WORKERS=1 (sluice's runtime threads; 0 = one per core, as the
-# mock runs), MOCK_PORT=19151, SLUICE_PORT=19153 (and the next port for the
+# mock runs), EVENT_LOOPS=2 (0: connections on the runtime's workers), MOCK_PORT=19151, SLUICE_PORT=19153 (and the next port for the
 # bare sluice). Prints per target the median req/s and server CPU µs per
 # request (user + kernel) over the rounds. Every loop is bounded.
 set -euo pipefail
@@ -20,6 +20,7 @@ ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-8}"
 CONNS="${CONNS:-64}"
 WORKERS="${WORKERS:-1}"
+EVENT_LOOPS="${EVENT_LOOPS:-2}"
 MOCK_PORT="${MOCK_PORT:-19151}"
 SLUICE_PORT="${SLUICE_PORT:-19153}"
 BARE_PORT=$((SLUICE_PORT + 1))
@@ -36,11 +37,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The load-test config without its [store] table, at WORKERS threads; the
-# bare one also without client keys, request log and metrics.
+# The load-test config without its [store] table, at WORKERS threads and
+# EVENT_LOOPS loops; the bare one also without client keys, request log and
+# metrics.
 config() {
   sed -e "s#__TMP__#$tmp#g" -e "s#__MOCK_PORT__#$MOCK_PORT#g" -e "s#__SLUICE_PORT__#$1#g" \
-    -e '/^\[store\]/,/^$/d' -e "s#^workers = 1#workers = $WORKERS#" "$here/sluice.toml"
+    -e '/^\[store\]/,/^$/d' -e "s#^workers = 1#workers = $WORKERS#" \
+    -e "s#^event_loops = 2#event_loops = $EVENT_LOOPS#" "$here/sluice.toml"
 }
 config "$SLUICE_PORT" >"$tmp/full.toml"
 config "$BARE_PORT" | sed -e '/^requests = /d' -e 's/^keys = \["sk-load-client"\]/require_api_key = false/' \
@@ -93,10 +96,10 @@ for round in $(seq 1 "$ROUNDS"); do
   run sluice-bare "$BARE_PORT" "$bare_pid"
 done
 
-python3 - "$tmp/rows" "$WORKERS" <<'PY'
+python3 - "$tmp/rows" "$WORKERS" "$EVENT_LOOPS" <<'PY'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
-print(f"cache hits c64, sluice workers = {sys.argv[2]}, medians over the rounds:")
+print(f"cache hits c64, sluice workers = {sys.argv[2]}, event_loops = {sys.argv[3]}, medians over the rounds:")
 print("| target | req/s | x direct | server CPU µs/req (user + kernel) |")
 print("|---|---|---|---|")
 direct = statistics.median(float(r[1]) for r in rows if r[0] == "direct")
