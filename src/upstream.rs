@@ -101,8 +101,8 @@ pub struct Upstream {
     pub client: HttpClient,
     /// sluice's own HTTP/1.1 client, for cleartext upstreams not in h2c mode.
     pub h1: Option<Arc<h1::Pool>>,
-    /// sluice's HTTP/2 pool, when the upstream is reached over HTTP/2.
-    pub h2: Option<Arc<h2pool::Pool>>,
+    /// sluice's HTTP/2 pools (one per event loop), when the upstream is reached over HTTP/2.
+    pub h2: Option<Arc<h2pool::Pools>>,
     /// Key choice.
     pub strategy: Strategy,
     /// Retry budget.
@@ -335,7 +335,8 @@ impl Upstream {
                 }
             };
         }
-        if let (Some(pool), ForwardBody::Full { bytes }) = (&self.h2, &body)
+        if let (Some(pools), ForwardBody::Full { bytes }) = (&self.h2, &body)
+            && let pool = pools.here()
             && !pool.is_not_h2()
         {
             let bytes = bytes.clone().unwrap_or_default();

@@ -69,7 +69,7 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
     for upstream in live.upstreams.iter() {
         if let Some(pool) = &upstream.h2 {
             let labels = format!("upstream=\"{}\"", metrics::escape(&upstream.name));
-            pool.stats.queue_wait.render_labelled(metrics::UPSTREAM_QUEUE_WAIT, &labels, &mut out);
+            pool.stats().queue_wait.render_labelled(metrics::UPSTREAM_QUEUE_WAIT, &labels, &mut out);
         }
     }
     header(&mut out, metrics::BREAKER_STATE, "gauge", "Circuit breaker: 0 closed, 1 open, 2 half-open.");

@@ -17,6 +17,7 @@
 
 mod body;
 mod conn;
+mod pools;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 
 pub use body::H2Body;
 pub use conn::Conn;
+pub use pools::Pools;
 
 use crate::telemetry::metrics::Histogram;
 
@@ -98,8 +100,8 @@ pub struct Pool {
     next_id: AtomicU64,
     /// The stream limit of the last connection opened.
     expected: AtomicUsize,
-    /// Counters for `/metrics`.
-    pub stats: PoolStats,
+    /// Counters for `/metrics`, shared with the other loops' pools.
+    pub stats: Arc<PoolStats>,
 }
 
 struct State {
@@ -135,15 +137,15 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    /// An empty pool; connections open on demand.
-    pub fn new(settings: Settings) -> Arc<Self> {
+    /// An empty pool adding to `stats`; connections open on demand.
+    pub fn new(settings: Settings, stats: Arc<PoolStats>) -> Arc<Self> {
         Arc::new(Self {
             settings,
             state: Mutex::new(State { slots: Vec::new(), connecting: 0, waiters: VecDeque::new() }),
             not_h2: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             expected: AtomicUsize::new(100),
-            stats: PoolStats::default(),
+            stats,
         })
     }
 

@@ -35,7 +35,7 @@ struct ClientKey {
 /// only while a snapshot is built, never per request.
 pub struct ClientRegistry {
     config: ClientConfig,
-    /// `[server] event_loops`: the HTTP/1.1 pools keep idle connections per loop.
+    /// `[server] event_loops`: the HTTP/1.1 and HTTP/2 pools keep connections per loop.
     event_loops: usize,
     tasks: Tasks,
     clients: Mutex<HashMap<ClientKey, HttpClient>>,
@@ -44,7 +44,7 @@ pub struct ClientRegistry {
     h1_pools: Mutex<HashMap<(Authority, Duration), Weak<h1::Pool>>>,
     /// Held weakly: a pool no upstream of any snapshot uses is dropped, and
     /// its connections end with it.
-    h2_pools: Mutex<HashMap<H2Key, Weak<h2pool::Pool>>>,
+    h2_pools: Mutex<HashMap<H2Key, Weak<h2pool::Pools>>>,
     /// Key health news of every upstream, for other instances.
     news: Arc<KeyNews>,
 }
@@ -115,10 +115,10 @@ impl ClientRegistry {
         Ok(pool)
     }
 
-    /// The shared HTTP/2 pool for these settings. Over TLS it offers `h2` and
-    /// `http/1.1` in ALPN; a peer that picks HTTP/1.1 is then reached by the
-    /// hyper-util client instead.
-    pub fn h2_pool(&self, key: H2Key) -> Result<Arc<h2pool::Pool>, String> {
+    /// The shared HTTP/2 pools for these settings (one per event loop). Over
+    /// TLS they offer `h2` and `http/1.1` in ALPN; a peer that picks HTTP/1.1
+    /// is then reached by the hyper-util client instead.
+    pub fn h2_pool(&self, key: H2Key) -> Result<Arc<h2pool::Pools>, String> {
         let mut pools = self.h2_pools.lock().map_err(|_| "client registry poisoned".to_string())?;
         pools.retain(|_, pool| pool.strong_count() > 0);
         if let Some(pool) = pools.get(&key).and_then(Weak::upgrade) {
@@ -132,7 +132,7 @@ impl ClientRegistry {
                 Some(tokio_rustls::TlsConnector::from(Arc::new(tls)))
             }
         };
-        let pool = h2pool::Pool::new(h2pool::Settings {
+        let settings = h2pool::Settings {
             authority: key.authority.clone(),
             tls,
             connect_timeout: key.connect_timeout,
@@ -140,7 +140,8 @@ impl ClientRegistry {
             max_connections: key.max_connections,
             keepalive_interval: key.keepalive.0,
             keepalive_timeout: key.keepalive.1,
-        });
+        };
+        let pool = Arc::new(h2pool::Pools::new(&settings, self.event_loops));
         pools.insert(key, Arc::downgrade(&pool));
         Ok(pool)
     }

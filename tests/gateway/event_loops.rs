@@ -200,3 +200,18 @@ async fn each_loop_reuses_only_its_own_upstream_connections() {
     assert_eq!(h.stats().path("/v1/chat/completions"), 7);
     assert_eq!(per_loop(&h).await, [2, 1], "two connections, then the look at /stats");
 }
+
+/// The HTTP/2 upstream pools are kept per loop too: each loop opens and
+/// drives its own connection to the upstream and reuses it.
+async fn each_loop_has_its_own_http2_upstream_connection(t: Transport) {
+    let h = on_loops(t).await;
+    let (mut first, mut second) = (Connection::open(&h).await, Connection::open(&h).await);
+    for _ in 0..3 {
+        assert_eq!(first.send(chat()).await.status, StatusCode::OK);
+        assert_eq!(second.send(chat()).await.status, StatusCode::OK);
+    }
+    let stats = h.stats();
+    assert_eq!((stats.connections, stats.http2_requests), (2, 6), "one HTTP/2 connection a loop, each reused");
+}
+
+crate::per_transport_h2!(each_loop_has_its_own_http2_upstream_connection);
