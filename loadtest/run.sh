@@ -9,7 +9,8 @@
 # SOAK_SECONDS=600 (0 skips the soak), SOAK_RATE=2000, TTFB_SAMPLES=200, CACHE_FILL=50000,
 # MOCK_PORT=19001 NGINX_PORT=19002 SLUICE_PORT=19003, SKIP_NGINX=1; the upstream
 # transport scenarios use ports 19004-19008 (TLS needs openssl for a throwaway
-# certificate; without it those rows are skipped).
+# certificate; without it those rows are skipped), the fresh cache fill 19009
+# (FRESH_PORT).
 # Every loop is bounded in time or count. Prints a table and writes it to
 # loadtest/results/<date>-<HHMM>.md.
 set -euo pipefail
@@ -31,6 +32,7 @@ CACHE_FILL="${CACHE_FILL:-50000}"
 MOCK_PORT="${MOCK_PORT:-19001}"
 NGINX_PORT="${NGINX_PORT:-19002}"
 SLUICE_PORT="${SLUICE_PORT:-19003}"
+FRESH_PORT="${FRESH_PORT:-19009}"
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -205,6 +207,26 @@ bound_kib=$(( idle_rss + 64 * 1024 * 110 / 100 ))
 verdict="within"; [ "$after_fill" -le "$bound_kib" ] || verdict="OVER"
 cache_fill="$fill_total requests ($fill_errors errors): $cache_entries entries, $((cache_bytes / 1024)) KiB held, $cache_evictions evictions; RSS idle ${idle_rss} KiB, before ${before_fill} KiB, after ${after_fill} KiB: $verdict idle + 64 MiB + 10% (${bound_kib} KiB)"
 echo "   $cache_fill"
+# The same fill into a sluice that has served nothing before: the bound from
+# its own idle RSS. (The line above counts from this run's start, so whatever
+# the earlier scenarios left in the allocator counts against the cache too.)
+mkdir -p "$tmp/fresh"
+sed -e "s#__TMP__#$tmp/fresh#g" -e "s#__MOCK_PORT__#$MOCK_PORT#g" -e "s#__SLUICE_PORT__#$FRESH_PORT#g" \
+  -e '/^\[store\]/,/^$/d' "$here/sluice.toml" >"$tmp/fresh.toml"
+"$bin" serve -c "$tmp/fresh.toml" >"$tmp/fresh.log" 2>&1 &
+fresh_pid=$!; pids+=("$fresh_pid")
+wait_port "$FRESH_PORT"
+sleep 1
+fresh_idle="$(rss_kib "$fresh_pid")"
+oha --no-tui --output-format json -n "$CACHE_FILL" -c 32 --rand-regex-url "http://127.0.0.1:$FRESH_PORT/v1/chat/completions\\?n=[0-9]{12}" \
+  -m POST -H "$KEY" -H 'content-type: application/json' -H 'x-mock-chunks: 20' -d "$CACHED_STREAM" >"$tmp/fresh-fill.json"
+read -r _ _ _ fresh_errors fresh_total < <(summarize "$tmp/fresh-fill.json")
+fresh_after="$(rss_kib "$fresh_pid")"
+kill "$fresh_pid" 2>/dev/null || true
+fresh_bound=$(( fresh_idle + 64 * 1024 * 110 / 100 ))
+fresh_verdict="within"; [ "$fresh_after" -le "$fresh_bound" ] || fresh_verdict="OVER"
+fresh_fill="$fresh_total requests ($fresh_errors errors); RSS idle ${fresh_idle} KiB, after ${fresh_after} KiB: $fresh_verdict idle + 64 MiB + 10% (${fresh_bound} KiB)"
+echo "   fresh sluice: $fresh_fill"
 
 echo "== 8. upstream transports: sluice to the mock over HTTP/1.1, h2c and TLS + h2 (same config otherwise)"
 # Each from the same config without the store, beside the others; the mock
@@ -305,6 +327,7 @@ mkdir -p "$here/results"
   mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
   echo "- Memory: idle RSS $(mib "$idle_rss") MiB; with $SLOW_STREAMS concurrent slow streams peak $(mib "$peak") MiB (+$(mib $((peak - idle_rss))) MiB, $(( (peak - idle_rss) * 1024 / SLOW_STREAMS )) bytes a stream); errors $slow_errors / $slow_total"
   echo "- Cache fill: $cache_fill"
+  echo "- Cache fill into a fresh sluice (nothing served before): $fresh_fill"
   echo "- Soak: $soak"
   echo "- Request-log lines dropped: ${dropped:-?}"
 } >"$out"
