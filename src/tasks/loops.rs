@@ -5,15 +5,17 @@
 //! worker, and an idle worker is woken whenever work appears somewhere: on a
 //! small box shared with other processes those wake-ups cost more than they
 //! balance. On an event loop a connection lives its whole life on one
-//! thread: its task, its timers and its sockets' readiness never cross cores,
+//! thread: its task, its timers and its socket's readiness never cross cores,
 //! and a loop with nothing to do sleeps in `epoll_wait` until its own sockets
 //! wake it. New connections are dealt out in turn, which balances many
 //! similar connections well and a few very unequal ones poorly (the reason
 //! the work-stealing runtime stays the default).
 //!
 //! Each loop thread knows its number ([`current`]), so per-thread resources
-//! (idle upstream connections, whose readiness is reported to the loop that
-//! opened them) can be kept per loop.
+//! can be kept per loop: sluice's HTTP/1.1 and HTTP/2 upstream pools and the
+//! Redis connections are (a socket's readiness is reported to the loop that
+//! opened it). hyper-util's client (TLS HTTP/1.1 upstreams, streamed
+//! uploads) is still one for all loops.
 
 use std::cell::Cell;
 use std::future::Future;
