@@ -216,16 +216,20 @@ sed -e "s#__TMP__#$tmp/fresh#g" -e "s#__MOCK_PORT__#$MOCK_PORT#g" -e "s#__SLUICE
 "$bin" serve -c "$tmp/fresh.toml" >"$tmp/fresh.log" 2>&1 &
 fresh_pid=$!; pids+=("$fresh_pid")
 wait_port "$FRESH_PORT"
+kill -0 "$fresh_pid" 2>/dev/null || { echo "the fresh sluice did not start (port $FRESH_PORT taken?)" >&2; exit 1; }
 sleep 1
 fresh_idle="$(rss_kib "$fresh_pid")"
 oha --no-tui --output-format json -n "$CACHE_FILL" -c 32 --rand-regex-url "http://127.0.0.1:$FRESH_PORT/v1/chat/completions\\?n=[0-9]{12}" \
   -m POST -H "$KEY" -H 'content-type: application/json' -H 'x-mock-chunks: 20' -d "$CACHED_STREAM" >"$tmp/fresh-fill.json"
 read -r _ _ _ fresh_errors fresh_total < <(summarize "$tmp/fresh-fill.json")
 fresh_after="$(rss_kib "$fresh_pid")"
+fresh_entries="$(curl -s "http://127.0.0.1:$FRESH_PORT/stats" -H "$KEY" | python3 -c 'import json,sys; c=json.load(sys.stdin)["cache"]; print(c["entries"], c["bytes"] // 1024)')"
 kill "$fresh_pid" 2>/dev/null || true
+wait "$fresh_pid" 2>/dev/null || true
 fresh_bound=$(( fresh_idle + 64 * 1024 * 110 / 100 ))
 fresh_verdict="within"; [ "$fresh_after" -le "$fresh_bound" ] || fresh_verdict="OVER"
-fresh_fill="$fresh_total requests ($fresh_errors errors); RSS idle ${fresh_idle} KiB, after ${fresh_after} KiB: $fresh_verdict idle + 64 MiB + 10% (${fresh_bound} KiB)"
+[ "$fresh_errors" = 0 ] || fresh_verdict="NOT MEASURED (errors) vs"
+fresh_fill="$fresh_total requests ($fresh_errors errors), entries and KiB held: $fresh_entries, without [store]; RSS idle ${fresh_idle} KiB, after ${fresh_after} KiB: $fresh_verdict idle + 64 MiB + 10% (${fresh_bound} KiB)"
 echo "   fresh sluice: $fresh_fill"
 
 echo "== 8. upstream transports: sluice to the mock over HTTP/1.1, h2c and TLS + h2 (same config otherwise)"

@@ -36,8 +36,9 @@ pub use pools::Pools;
 
 use crate::telemetry::metrics::Histogram;
 
-/// Requests that may wait for a stream slot at once, per pool; past it a
-/// request fails at once (not written) rather than queue without bound.
+/// Requests that may wait for a stream slot at once, per pool (per loop);
+/// past it a request fails at once (not written) rather than queue without
+/// bound.
 pub const MAX_QUEUED: usize = 10_000;
 
 /// How a pool reaches its peer and how long it keeps connections.
@@ -52,7 +53,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// A connection without streams this long closes, except the last one.
     pub idle_timeout: Duration,
-    /// Connections at most.
+    /// Connections at most (each loop's pool).
     pub max_connections: usize,
     /// A PING this often on every connection.
     pub keepalive_interval: Duration,
@@ -91,12 +92,14 @@ pub struct ConnCounts {
     pub connecting: usize,
 }
 
-/// One upstream authority's HTTP/2 connections.
+/// One upstream authority's HTTP/2 connections on one event loop (or the
+/// runtime's workers): see [`Pools`].
 pub struct Pool {
     settings: Settings,
     state: Mutex<State>,
-    /// ALPN chose HTTP/1.1 once: the upstream is reached by the other client.
-    not_h2: AtomicBool,
+    /// ALPN chose HTTP/1.1 once (on any loop's pool: shared by them): the
+    /// upstream is reached by the other client.
+    not_h2: Arc<AtomicBool>,
     next_id: AtomicU64,
     /// The stream limit of the last connection opened.
     expected: AtomicUsize,
@@ -137,12 +140,13 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    /// An empty pool adding to `stats`; connections open on demand.
-    pub fn new(settings: Settings, stats: Arc<PoolStats>) -> Arc<Self> {
+    /// An empty pool adding to `stats` and sharing what ALPN told (`not_h2`)
+    /// with the other loops' pools; connections open on demand.
+    pub fn new(settings: Settings, stats: Arc<PoolStats>, not_h2: Arc<AtomicBool>) -> Arc<Self> {
         Arc::new(Self {
             settings,
             state: Mutex::new(State { slots: Vec::new(), connecting: 0, waiters: VecDeque::new() }),
-            not_h2: AtomicBool::new(false),
+            not_h2,
             next_id: AtomicU64::new(1),
             expected: AtomicUsize::new(100),
             stats,

@@ -115,7 +115,8 @@ impl ClientRegistry {
         Ok(pool)
     }
 
-    /// The shared HTTP/2 pools for these settings (one per event loop). Over
+    /// The shared HTTP/2 pools for these settings (one per event loop and
+    /// one for the runtime's workers). Over
     /// TLS they offer `h2` and `http/1.1` in ALPN; a peer that picks HTTP/1.1
     /// is then reached by the hyper-util client instead.
     pub fn h2_pool(&self, key: H2Key) -> Result<Arc<h2pool::Pools>, String> {

@@ -2,9 +2,11 @@
 //! runtime's workers. A connection's task runs on the loop that opened it,
 //! so a request on another loop would wake that loop to send its frames and
 //! be woken from there for every answer; each loop uses its own connections
-//! instead. The counters are shared, so `/metrics` shows one pool.
+//! instead. The counters are shared, so `/metrics` shows one pool, and so
+//! is what TLS told of the peer (a peer that picks HTTP/1.1 is learnt once).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use super::{ConnCounts, Pool, PoolStats, Settings};
 use crate::tasks::loops;
@@ -20,12 +22,19 @@ impl Pools {
     /// opening up to `settings.max_connections` connections.
     pub fn new(settings: &Settings, event_loops: usize) -> Self {
         let stats = Arc::new(PoolStats::default());
-        Self { shards: (0..=event_loops).map(|_| Pool::new(settings.clone(), Arc::clone(&stats))).collect() }
+        let not_h2 = Arc::new(AtomicBool::new(false));
+        Self {
+            shards: (0..=event_loops)
+                .map(|_| Pool::new(settings.clone(), Arc::clone(&stats), Arc::clone(&not_h2)))
+                .collect(),
+        }
     }
 
     /// The pool of the calling thread's event loop.
     pub fn here(&self) -> &Arc<Pool> {
-        &self.shards[loops::current() % self.shards.len()]
+        let here = loops::current();
+        debug_assert!(here < self.shards.len(), "loop {here} has no pool of its own");
+        &self.shards[here % self.shards.len()]
     }
 
     /// Connections by state, over every loop's pool.
