@@ -54,10 +54,13 @@ pub struct Entry {
 
 /// What an entry costs beyond its body and frame table: the entry in its
 /// `Arc` (256 bytes as the allocator rounds it), its header copies, the
-/// store's slot and key, and the allocator rounding the body up to its size
-/// class. Measured: 50k streamed answers of ~3.5 KiB into 64 MiB grew the
-/// process by 4.3 KiB an entry held, 700 bytes above body and frame table.
-const ENTRY_OVERHEAD: u64 = 768;
+/// store's slot and key, the allocator rounding the body up to its size
+/// class, and the holes evictions leave in the allocator's pages. Measured
+/// (2026-12-02, loadtest's fill: 50k streamed answers of ~3.6 KiB into
+/// 64 MiB, 35k of them evicted on the way): the process grew by 940 bytes
+/// an entry held above body and frame table on one worker, 990 on two
+/// event loops.
+const ENTRY_OVERHEAD: u64 = 1024;
 
 impl Entry {
     /// Bytes it holds, as the bound counts them.
