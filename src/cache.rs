@@ -57,9 +57,8 @@ pub struct Entry {
 /// store's slot and key, the allocator rounding the body up to its size
 /// class, and the holes evictions leave in the allocator's pages. Measured
 /// (2026-12-02, loadtest's fill: 50k streamed answers of ~3.6 KiB into
-/// 64 MiB, 35k of them evicted on the way): the process grew by 940 bytes
-/// an entry held above body and frame table on one worker, 990 on two
-/// event loops.
+/// 64 MiB, 35k of them evicted on the way): the process grew by 830-1100
+/// bytes an entry held above body and frame table, by process and run.
 const ENTRY_OVERHEAD: u64 = 1024;
 
 impl Entry {

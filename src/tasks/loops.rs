@@ -92,6 +92,8 @@ impl EventLoops {
                 // finished or cut every connection before the stop).
                 runtime.shutdown_timeout(BLOCKING_WAIT);
             })?;
+            // A blocking wait, at start-up only: the thread answers as soon
+            // as its runtime is built.
             let handle = handle.recv().map_err(|_| std::io::Error::other("an event loop thread ended at start"))??;
             loops.push(Loop { handle, stop: Some(stop), thread: Some(thread) });
         }
@@ -107,7 +109,8 @@ impl EventLoops {
     /// (registered with that loop's reactor), and returns that loop's index
     /// (`serve` sees it as [`current`] - 1). If the stream cannot leave this
     /// runtime, `serve` is dropped unrun and the failure returned; if it
-    /// cannot join the loop's, that is logged there.
+    /// cannot join the loop's, that is logged there; if the loop has already
+    /// stopped (only after the drain), the task is dropped unrun.
     pub fn hand_over<F, Fut>(&self, stream: TcpStream, serve: F) -> std::io::Result<usize>
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
