@@ -159,8 +159,7 @@ impl Cluster {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        let here = &self.conns[loops::current() % self.conns.len()];
-        let conn = ConnectionManager::clone(&here[lane as usize].load());
+        let conn = ConnectionManager::clone(&loops::here(&self.conns)[lane as usize].load());
         let error = match tokio::time::timeout(self.config.timeout, op(conn)).await {
             Ok(Ok(value)) => {
                 if lane == Lane::Shared && !self.up.swap(true, Relaxed) {

@@ -46,6 +46,14 @@ pub fn current() -> usize {
     CURRENT.with(Cell::get)
 }
 
+/// The calling thread's own of `per_loop`: a resource kept once for the
+/// runtime's workers (index 0) and once for each loop (`n + 1`).
+pub fn here<T>(per_loop: &[T]) -> &T {
+    let here = current();
+    debug_assert!(here < per_loop.len(), "loop {here} has nothing of its own here");
+    &per_loop[here % per_loop.len()]
+}
+
 /// One loop: where to spawn on it, how to stop it, its thread.
 struct Loop {
     handle: Handle,
@@ -127,19 +135,20 @@ impl EventLoops {
         Ok(index)
     }
 
+    /// Tells every loop to stop (whatever still runs on it is dropped).
+    fn signal_stop(&mut self) {
+        for l in &mut self.loops {
+            if let Some(stop) = l.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
     /// Stops every loop (dropping whatever still runs on it) and waits for
     /// their threads to end.
     pub async fn stop(mut self) {
-        let threads: Vec<JoinHandle<()>> = self
-            .loops
-            .iter_mut()
-            .filter_map(|l| {
-                if let Some(stop) = l.stop.take() {
-                    let _ = stop.send(());
-                }
-                l.thread.take()
-            })
-            .collect();
+        self.signal_stop();
+        let threads: Vec<JoinHandle<()>> = self.loops.iter_mut().filter_map(|l| l.thread.take()).collect();
         let joined = tokio::task::spawn_blocking(move || {
             threads.into_iter().map(JoinHandle::join).filter(Result::is_err).count()
         })
@@ -154,11 +163,7 @@ impl EventLoops {
 
 impl Drop for EventLoops {
     fn drop(&mut self) {
-        for l in &mut self.loops {
-            if let Some(stop) = l.stop.take() {
-                let _ = stop.send(());
-            }
-        }
+        self.signal_stop();
     }
 }
 

@@ -250,7 +250,7 @@ impl Pool {
 
     /// The idle connections of the calling thread's event loop.
     fn idle_here(&self) -> &ArrayQueue<Idle> {
-        &self.idle[loops::current() % self.idle.len()]
+        loops::here(&self.idle)
     }
 
     /// Sends one request and returns once the response head is in; the body

@@ -32,9 +32,7 @@ impl Pools {
 
     /// The pool of the calling thread's event loop.
     pub fn here(&self) -> &Arc<Pool> {
-        let here = loops::current();
-        debug_assert!(here < self.shards.len(), "loop {here} has no pool of its own");
-        &self.shards[here % self.shards.len()]
+        loops::here(&self.shards)
     }
 
     /// Connections by state, over every loop's pool.
