@@ -8,10 +8,12 @@
 //! the shared store (one round trip) and keeps what it finds; an answer
 //! stored here is stored there too (in the background). A [`Recorder`] rides on the response
 //! body of a miss, keeps the frames as they pass (up to `max_entry`) and
-//! stores them only when the answer ended complete with 200.
+//! stores them only when the answer ended complete with 200. Hot requests
+//! find their entry by the bytes the client sent ([`shortcut`]).
 
 pub mod flight;
 pub mod memory;
+pub mod shortcut;
 pub mod wire;
 
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use flight::{FlightGuard, Flights};
+use shortcut::{RawKey, Shortcut, Shortcuts};
 
 /// The SHA-256 of everything that makes two requests the same.
 pub type CacheKey = [u8; 32];
@@ -139,6 +142,8 @@ pub struct CacheCounters {
     pub stores: AtomicU64,
     /// Cacheable requests the client asked to skip the cache for.
     pub bypasses: AtomicU64,
+    /// Hits found by a shortcut, without planning the request (part of `hits`).
+    pub shortcut_hits: AtomicU64,
 }
 
 /// The response cache of the process (it outlives reloads).
@@ -146,6 +151,7 @@ pub struct ResponseCache {
     store: Box<dyn CacheStore>,
     shared: Option<Box<dyn SharedStore>>,
     flights: Arc<Flights>,
+    shortcuts: Shortcuts,
     /// Its counters.
     pub counters: CacheCounters,
 }
@@ -157,14 +163,41 @@ impl std::fmt::Debug for ResponseCache {
 }
 
 impl ResponseCache {
-    /// A cache over `store`.
-    pub fn new(store: Box<dyn CacheStore>) -> Arc<Self> {
-        Arc::new(Self { store, shared: None, flights: Arc::default(), counters: CacheCounters::default() })
+    /// A cache over `store`, with `shortcuts` for its hot requests.
+    pub fn new(store: Box<dyn CacheStore>, shortcuts: Shortcuts) -> Arc<Self> {
+        Self::build(store, shortcuts, None)
     }
 
     /// A cache over `store` in front of `shared` (instances sharing Redis).
-    pub fn with_shared(store: Box<dyn CacheStore>, shared: Box<dyn SharedStore>) -> Arc<Self> {
-        Arc::new(Self { store, shared: Some(shared), flights: Arc::default(), counters: CacheCounters::default() })
+    pub fn with_shared(store: Box<dyn CacheStore>, shortcuts: Shortcuts, shared: Box<dyn SharedStore>) -> Arc<Self> {
+        Self::build(store, shortcuts, Some(shared))
+    }
+
+    /// A cache in this process's memory, bounded to `max_bytes` (for tests).
+    #[cfg(test)]
+    pub(crate) fn in_memory(max_bytes: u64) -> Arc<Self> {
+        let shortcuts = Shortcuts::within(max_bytes);
+        Self::new(Box::new(memory::MemoryStore::new(max_bytes - shortcuts.max_bytes())), shortcuts)
+    }
+
+    fn build(store: Box<dyn CacheStore>, shortcuts: Shortcuts, shared: Option<Box<dyn SharedStore>>) -> Arc<Self> {
+        Arc::new(Self { store, shared, flights: Arc::default(), shortcuts, counters: CacheCounters::default() })
+    }
+
+    /// The shortcut remembered for the request sent as `raw`, if it holds
+    /// under routing table `generation`.
+    pub fn shortcut(&self, raw: &RawKey, generation: u64) -> Option<Arc<Shortcut>> {
+        self.shortcuts.get(raw, generation)
+    }
+
+    /// Remembers where the request sent as `raw` leads (its entry was just found).
+    pub fn remember(&self, raw: RawKey, shortcut: Shortcut) {
+        self.shortcuts.remember(raw, shortcut);
+    }
+
+    /// Shortcuts held.
+    pub fn shortcuts(&self) -> u64 {
+        self.shortcuts.len()
     }
 
     /// Whether a store several instances share stands behind this one.
@@ -205,6 +238,7 @@ impl ResponseCache {
 
     /// Removes every entry (of `model`) held in this process; returns how many.
     pub fn purge(&self, model: Option<&str>) -> u64 {
+        self.shortcuts.clear();
         self.store.purge(model)
     }
 
@@ -219,7 +253,7 @@ impl ResponseCache {
             Some(shared) => Some(shared.purge(model.map(str::to_string)).await),
             None => None,
         };
-        let here = self.store.purge(model);
+        let here = self.purge(model);
         match shared {
             Some(Some(removed)) => (removed, true),
             Some(None) => (here, false),
@@ -227,9 +261,9 @@ impl ResponseCache {
         }
     }
 
-    /// Bytes held.
+    /// Bytes held, entries and shortcuts, as the bound counts them.
     pub fn bytes(&self) -> u64 {
-        self.store.bytes()
+        self.store.bytes() + self.shortcuts.bytes()
     }
 
     /// Entries held.
@@ -372,7 +406,7 @@ mod tests {
     use super::*;
 
     fn entry(parts: &[&[u8]], ttl: Duration) -> Arc<Entry> {
-        let cache = ResponseCache::new(Box::new(memory::MemoryStore::new(1 << 20)));
+        let cache = ResponseCache::in_memory(1 << 20);
         let fill = Fill::new(Arc::clone(&cache), [1; 32], ttl, 1 << 10, None, None);
         let mut recorder = fill.record(None, None, true);
         for part in parts {
@@ -395,7 +429,7 @@ mod tests {
 
     #[test]
     fn an_answer_past_max_entry_is_not_stored() {
-        let cache = ResponseCache::new(Box::new(memory::MemoryStore::new(1 << 20)));
+        let cache = ResponseCache::in_memory(1 << 20);
         let fill = Fill::new(Arc::clone(&cache), [2; 32], Duration::from_secs(5), 8, None, None);
         let mut recorder = fill.record(None, None, false);
         recorder.saw(&Bytes::from_static(b"12345"));

@@ -1,5 +1,5 @@
 //! The request stages of a proxied request, in the order they run:
-//! [`read`] the body once under the cap, [`plan`] where it goes (sniff `model`
+//! [`read`] the body once under the cap ([`receive`]), [`plan`] where it goes (sniff `model`
 //! and `stream`, route, rewrite only when a field must change, decide whether a
 //! re-send would be safe), [`retry`] the one loop that sends it, and [`respond`]
 //! with the upstream's answer passed through by [`body::MeteredBody`]. Every
@@ -48,14 +48,20 @@ pub struct Prepared {
     pub fill: Option<Fill>,
 }
 
-/// Reads and plans one `/v1/*` request: the body stage and the plan stage.
-pub async fn prepare(
+/// A `/v1/*` request whose body stage is done: its head, and its body as read.
+pub struct Received {
+    /// Method, URI and headers.
+    pub parts: http::request::Parts,
+    /// The body: read whole, or an upload to stream through.
+    pub read: read::Read,
+}
+
+/// The body stage of one `/v1/*` request.
+pub async fn receive(
     live: &Live,
     request: Request<Incoming>,
-    client: Option<&Client>,
     ctx: &mut RequestContext,
-) -> Result<Prepared, ProxyError> {
-    let allowed = client.map(|c| &c.allowed);
+) -> Result<Received, ProxyError> {
     let (parts, body) = request.into_parts();
     let max_body = live.config.server.max_body;
     let read = match read::plan(&parts, body, max_body)? {
@@ -65,19 +71,30 @@ pub async fn prepare(
             if json { read::Read::Json(bytes) } else { read::Read::Whole(bytes) }
         }
     };
+    if let read::Read::Json(bytes) | read::Read::Whole(bytes) = &read {
+        ctx.bytes_in = bytes.len() as u64;
+    }
+    Ok(Received { parts, read })
+}
+
+/// The plan stage of one received `/v1/*` request.
+pub fn prepare(
+    live: &Live,
+    received: Received,
+    client: Option<&Client>,
+    ctx: &mut RequestContext,
+) -> Result<Prepared, ProxyError> {
+    let Received { parts, read } = received;
+    let allowed = client.map(|c| &c.allowed);
     let plan = match read {
         read::Read::Json(bytes) => {
-            ctx.bytes_in = bytes.len() as u64;
             let plan = plan::plan_json(live, &parts.method, parts.uri.path(), bytes, client)?;
             ctx.stream = plan.stream;
             ctx.model = plan.model.clone();
             ctx.max_tokens_capped = plan.capped;
             plan
         }
-        read::Read::Whole(bytes) => {
-            ctx.bytes_in = bytes.len() as u64;
-            plan::plan_opaque(live, &parts.method, ForwardBody::full(bytes), allowed)?
-        }
+        read::Read::Whole(bytes) => plan::plan_opaque(live, &parts.method, ForwardBody::full(bytes), allowed)?,
         read::Read::Upload(body) => plan::plan_opaque(live, &parts.method, body, allowed)?,
     };
     Ok(Prepared { plan, method: parts.method, uri: parts.uri, headers: parts.headers, fill: None })

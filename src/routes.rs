@@ -143,7 +143,14 @@ pub struct Routes {
     /// What it lists: each name and alias with its route's canonical name
     /// and upstream, in config order.
     listing: Vec<Listed>,
+    /// Which table this is, unique in the process: a plan made under one
+    /// table (and the snapshot's config and upstreams, built with it) holds
+    /// for the same body only while the same table serves.
+    pub generation: u64,
 }
+
+/// The last [`Routes::generation`] handed out.
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// One entry of `GET /v1/models`.
 #[derive(Debug)]
@@ -244,7 +251,9 @@ impl Routes {
             })
             .collect();
         let models_json = models_json(listing.iter());
-        let mut table = Self { models_json, listing, routes, by_name, wildcard, default: None, param_names };
+        let generation = GENERATIONS.fetch_add(1, Relaxed) + 1;
+        let mut table =
+            Self { models_json, listing, routes, by_name, wildcard, default: None, param_names, generation };
         table.default = config.default_model.as_deref().and_then(|name| table.lookup(name).map(|i| (name.into(), i)));
         table
     }

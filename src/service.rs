@@ -27,7 +27,7 @@ use crate::config::OnRedisError;
 use crate::error::{CLIENT_ADDRESS, CLIENT_CLOSED, ProxyError, json_response, printable};
 use crate::ids::REQUEST_ID;
 use crate::proxy::body::SluiceBody;
-use crate::proxy::cached::{self, CACHE_STATUS, Step};
+use crate::proxy::cached::{self, CACHE_STATUS, Found, Step};
 use crate::proxy::plan::INFERENCE_PATHS;
 use crate::proxy::{self, end, retry};
 use crate::state::{Live, Shared};
@@ -300,11 +300,19 @@ async fn forward(
     if proxy::is_model_endpoint(path) && request.method() != Method::POST {
         return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
     }
-    let mut prepared = proxy::prepare(live, request, client.as_deref(), ctx).await?;
+    let received = proxy::receive(live, request, ctx).await?;
+    let mut lookout = None;
+    if live.config.cache.enabled {
+        match cached::shortcut(&shared.cache, live, &received, client.as_deref(), ctx) {
+            Found::Answer(response) => return Ok(response),
+            Found::Plan(found) => lookout = found,
+        }
+    }
+    let mut prepared = proxy::prepare(live, received, client.as_deref(), ctx)?;
     if live.config.cache.enabled
         && prepared.plan.cacheable
         && let Step::Answer(response) =
-            cached::stage(&shared.cache, &live.config.cache, &mut prepared, client.as_deref(), ctx).await?
+            cached::stage(&shared.cache, live, &mut prepared, lookout, client.as_deref(), ctx).await?
     {
         return Ok(response);
     }

@@ -20,6 +20,7 @@ use crate::access::store::{self, Snapshot, StoreHandle, UsageQueue};
 use crate::access::table::ClientTable;
 use crate::cache::ResponseCache;
 use crate::cache::memory::MemoryStore;
+use crate::cache::shortcut::Shortcuts;
 use crate::cluster::Cluster;
 use crate::cluster::cache::RedisCache;
 use crate::cluster::health::Instance;
@@ -198,12 +199,16 @@ impl Shared {
             .clone()
             .map(|redis| Cluster::new(redis, config.server.event_loops, Arc::clone(clients.news())))
             .transpose()?;
-        let memory = Box::new(MemoryStore::new(config.cache.max_bytes));
+        // The shortcuts of hot requests take their share of the bound.
+        let shortcuts = Shortcuts::within(config.cache.max_bytes);
+        let memory = Box::new(MemoryStore::new(config.cache.max_bytes - shortcuts.max_bytes()));
         let cache = match &cluster {
-            Some(cluster) => {
-                ResponseCache::with_shared(memory, Box::new(RedisCache::new(Arc::clone(cluster), tasks.clone())))
-            }
-            None => ResponseCache::new(memory),
+            Some(cluster) => ResponseCache::with_shared(
+                memory,
+                shortcuts,
+                Box::new(RedisCache::new(Arc::clone(cluster), tasks.clone())),
+            ),
+            None => ResponseCache::new(memory, shortcuts),
         };
         let live = Live::prepare(config, &clients, None, from_store, cluster.as_ref().map(|c| &c.tokens))?;
         let shared = Arc::new(Self {

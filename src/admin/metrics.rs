@@ -113,6 +113,13 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
         (metrics::CACHE_EVICTIONS, "counter", "Entries evicted to stay under max_bytes.", cache.evictions()),
         (metrics::CACHE_BYTES, "gauge", "Bytes the response cache holds.", cache.bytes()),
         (metrics::CACHE_ENTRIES, "gauge", "Entries the response cache holds.", cache.entries()),
+        (
+            metrics::CACHE_SHORTCUT_HITS,
+            "counter",
+            "Cache hits found by the bytes the client sent, without planning the request.",
+            cache.counters.shortcut_hits.load(Relaxed),
+        ),
+        (metrics::CACHE_SHORTCUTS, "gauge", "Shortcuts of hot requests the response cache holds.", cache.shortcuts()),
     ] {
         header(&mut out, name, kind, help);
         line(&mut out, name, &[], value);

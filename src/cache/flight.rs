@@ -130,12 +130,11 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::memory::MemoryStore;
     use crate::cache::{Fill, ResponseCache};
 
     #[tokio::test]
     async fn followers_get_the_leaders_answer_or_go_on_their_own() {
-        let cache = ResponseCache::new(Box::new(MemoryStore::new(1 << 20)));
+        let cache = ResponseCache::in_memory(1 << 20);
         let Joined::Leader(guard) = cache.flights().join([7; 32]) else { panic!("first is the leader") };
         let Joined::Follower(follower) = cache.flights().join([7; 32]) else { panic!("second follows") };
         let waiting = tokio::spawn(follower.wait(Duration::from_secs(5)));

@@ -121,7 +121,7 @@ mod tests {
     #[test]
     fn the_byte_bound_holds_while_more_goes_in() {
         let max = 256 << 10;
-        let cache = ResponseCache::new(Box::new(MemoryStore::new(max)));
+        let cache = ResponseCache::in_memory(max);
         for i in 0..1000 {
             put(&cache, i, 4096, "m");
             assert!(cache.bytes() <= max, "{} bytes held of {max} after {i}", cache.bytes());
@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn purge_by_model_or_all() {
-        let cache = ResponseCache::new(Box::new(MemoryStore::new(1 << 20)));
+        let cache = ResponseCache::in_memory(1 << 20);
         for i in 0..10 {
             put(&cache, i, 100, if i % 2 == 0 { "a" } else { "b" });
         }

@@ -5,6 +5,11 @@
 //! identical request already upstream (non-streaming only), or sends the
 //! request on with a [`Fill`] that stores its answer if it ends whole.
 //!
+//! Before the plan, [`shortcut`] looks for a hot request by the bytes the
+//! client sent: when an earlier identical request's plan found its entry,
+//! the entry is served without planning this one (the key's model grant is
+//! checked again). Only a hit found the planned way is remembered so.
+//!
 //! Client controls: `Cache-Control: no-store` skips the cache both ways,
 //! `no-cache` skips the lookup but stores the fresh answer, and
 //! `x-sluice-cache-ttl: SECONDS` stores with a shorter TTL and accepts only
@@ -19,13 +24,21 @@ use http::header::{AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 use tokio::time::Instant;
 
+use bytes::Bytes;
+use http::Method;
+
 use crate::access::table::Client;
 use crate::cache::flight::Joined;
-use crate::cache::{Entry, Fill, KeyBuilder, ResponseCache};
-use crate::config::{CacheConfig, CacheScope};
+use crate::cache::shortcut::{RawKey, Shortcut};
+use crate::cache::{CacheKey, Entry, Fill, KeyBuilder, ResponseCache};
+use crate::config::CacheScope;
 use crate::error::ProxyError;
-use crate::proxy::Prepared;
 use crate::proxy::body::SluiceBody;
+use crate::proxy::plan::{CACHE_PATHS, named_route};
+use crate::proxy::read::Read;
+use crate::proxy::{Prepared, Received, sniff};
+use crate::routes::Routes;
+use crate::state::Live;
 use crate::telemetry::{CacheStatus, RequestContext};
 use crate::upstream::body::ForwardBody;
 
@@ -70,14 +83,100 @@ impl Controls {
     }
 }
 
-/// Runs the cache stage for a prepared request.
+/// A cacheable request the shortcut did not answer: the key of what its
+/// client sent, to be remembered if its plan finds the entry.
+pub struct Lookout {
+    raw: RawKey,
+    body: Bytes,
+}
+
+/// What the shortcut found.
+pub enum Found {
+    /// Answered from the cache.
+    Answer(Response<SluiceBody>),
+    /// Plan the request (with a lookout, when it may be remembered).
+    Plan(Option<Lookout>),
+}
+
+/// Looks for a received request's answer by the bytes its client sent,
+/// before planning it. Refuses nothing: a request it does not answer is
+/// planned, and the plan says what is wrong with it.
+pub fn shortcut(
+    cache: &ResponseCache,
+    live: &Live,
+    received: &Received,
+    client: Option<&Client>,
+    ctx: &mut RequestContext,
+) -> Found {
+    let (parts, Read::Json(body)) = (&received.parts, &received.read) else { return Found::Plan(None) };
+    if parts.method != Method::POST || body.is_empty() || !CACHE_PATHS.contains(&parts.uri.path()) {
+        return Found::Plan(None);
+    }
+    let Ok(controls) = Controls::of(&parts.headers) else { return Found::Plan(None) };
+    if controls.no_store || controls.no_cache {
+        return Found::Plan(None);
+    }
+    let routes = &live.routes;
+    // What the plan depends on besides the routing table (the shortcut
+    // holds under one only): the client's scope and whether its streamed
+    // chats must ask for their usage (a token budget), the path and the body.
+    let budget = client.is_some_and(|c| c.limits.tokens_per_day.is_some());
+    let raw = KeyBuilder::default()
+        .part(scope(live.config.cache.scope, client).as_bytes())
+        .part(if budget { b"budget" } else { b"-" })
+        .part(parts.uri.path().as_bytes())
+        .part(parts.uri.query().unwrap_or("").as_bytes())
+        .part(body)
+        .finish();
+    if let Some(shortcut) = cache.shortcut(&raw, routes.generation)
+        && shortcut.permits(client.map(|c| &c.allowed))
+    {
+        let now = Instant::now();
+        if let Some(entry) = cache.lookup(&shortcut.key, controls.ttl, now) {
+            ctx.stream = shortcut.stream;
+            ctx.model = shortcut.model.clone();
+            ctx.max_tokens_capped = shortcut.capped;
+            cache.counters.shortcut_hits.fetch_add(1, Relaxed);
+            return Found::Answer(hit(cache, entry, now, ctx));
+        }
+    }
+    Found::Plan(Some(Lookout { raw, body: body.clone() }))
+}
+
+/// Remembers where a request's plan led, when any identical request (by
+/// the lookout's key) would be planned the same way: one target, where
+/// no round-robin turn picks the upstream (and the body renamed for it).
+fn remember(cache: &ResponseCache, routes: &Routes, lookout: Lookout, key: CacheKey, prepared: &Prepared) {
+    let plan = &prepared.plan;
+    if !plan.fallbacks.is_empty() {
+        return;
+    }
+    // The names the key's model grant is checked against, as the plan read them.
+    let Ok(sniffed) = sniff::sniff(&lookout.body, &routes.param_names) else { return };
+    let Ok((route, requested, _)) = named_route(routes, sniffed.model.as_deref()) else { return };
+    let shortcut = Shortcut {
+        generation: routes.generation,
+        key,
+        route: route.name.clone(),
+        requested: requested.into(),
+        model: plan.model.clone(),
+        stream: plan.stream,
+        capped: plan.capped,
+    };
+    cache.remember(lookout.raw, shortcut);
+}
+
+/// Runs the cache stage for a prepared request; `lookout` is the
+/// shortcut's, when it looked and found nothing.
 pub async fn stage(
     cache: &Arc<ResponseCache>,
-    config: &CacheConfig,
+    live: &Live,
     prepared: &mut Prepared,
+    lookout: Option<Lookout>,
     client: Option<&Client>,
     ctx: &mut RequestContext,
 ) -> Result<Step, ProxyError> {
+    let config = &live.config.cache;
     if !config.enabled || !prepared.plan.cacheable {
         return Ok(Step::Forward);
     }
@@ -104,6 +203,9 @@ pub async fn stage(
         // One clock read for the freshness and the age.
         let now = Instant::now();
         if let Some(entry) = cache.lookup(&key, controls.ttl, now) {
+            if let Some(lookout) = lookout {
+                remember(cache, &live.routes, lookout, key, prepared);
+            }
             return Ok(Step::Answer(hit(cache, entry, now, ctx)));
         }
         // Another instance may have stored it (one round trip, bounded by

@@ -23,7 +23,7 @@ use crate::config::{CapMode, FallbackSet};
 use crate::error::ProxyError;
 use crate::proxy::sniff::{Sniffed, TOKEN_LIMIT_NAMES};
 use crate::proxy::{is_model_endpoint, sniff};
-use crate::routes::{Route, Target};
+use crate::routes::{Route, Routes, Target};
 use crate::state::Live;
 use crate::telemetry::metrics::ModelMetrics;
 use crate::upstream::Upstream;
@@ -175,6 +175,22 @@ pub fn plan_opaque(
     })
 }
 
+/// The route a routed body names: the one its `model` names, or without
+/// one, the default model's. Also the name it was asked by (what a key's
+/// model grant is checked against) and whether `model` must be inserted.
+pub fn named_route<'a>(routes: &'a Routes, model: Option<&'a str>) -> Result<(&'a Route, &'a str, bool), ProxyError> {
+    match model {
+        Some(model) => {
+            let route = routes.get(model).ok_or_else(|| ProxyError::UnknownModel(model.to_string()))?;
+            Ok((route, model, false))
+        }
+        None => {
+            let (name, route) = routes.default_route().ok_or(ProxyError::NoModel)?;
+            Ok((route, name, true))
+        }
+    }
+}
+
 /// The member that makes a streamed chat end with its token usage.
 const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true}"#;
 
@@ -198,25 +214,13 @@ pub fn plan_json(
     }
     let routes = &live.routes;
     let sniffed = sniff::sniff(&bytes, &routes.param_names)?;
-    // The route, the name the client asked for (or the default's), and
-    // whether the body lacks `model` (the default model's is inserted).
-    let (route, requested, insert_model): (&Route, &str, bool) = match sniffed.model.as_deref() {
-        Some(model) => {
-            let route = routes.get(model).ok_or_else(|| ProxyError::UnknownModel(model.to_string()))?;
-            authorize(allowed, &route.name, model)?;
-            (route, model, false)
-        }
-        None if !model_endpoint => {
-            let mut plan = plan_opaque(live, method, ForwardBody::full(bytes.clone()), allowed)?;
-            plan.stream = sniffed.stream;
-            return Ok(plan);
-        }
-        None => {
-            let (name, route) = routes.default_route().ok_or(ProxyError::NoModel)?;
-            authorize(allowed, &route.name, name)?;
-            (route, name, true)
-        }
-    };
+    if sniffed.model.is_none() && !model_endpoint {
+        let mut plan = plan_opaque(live, method, ForwardBody::full(bytes.clone()), allowed)?;
+        plan.stream = sniffed.stream;
+        return Ok(plan);
+    }
+    let (route, requested, insert_model) = named_route(routes, sniffed.model.as_deref())?;
+    authorize(allowed, &route.name, requested)?;
     let replay = Replay::of(method, INFERENCE_PATHS.contains(&path));
     let cacheable = route.cache && *method == Method::POST && CACHE_PATHS.contains(&path);
     let meter_stream = sniffed.stream

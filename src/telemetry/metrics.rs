@@ -65,6 +65,10 @@ pub const CACHE_EVICTIONS: &str = "sluice_cache_evictions_total";
 pub const CACHE_BYTES: &str = "sluice_cache_bytes";
 /// Gauge: entries the cache holds.
 pub const CACHE_ENTRIES: &str = "sluice_cache_entries";
+/// Counter: cache hits found by a shortcut, without planning the request (part of the hits).
+pub const CACHE_SHORTCUT_HITS: &str = "sluice_cache_shortcut_hits_total";
+/// Gauge: shortcuts of hot requests held.
+pub const CACHE_SHORTCUTS: &str = "sluice_cache_shortcuts";
 /// Redis operations that failed or ran past `[redis] timeout`.
 pub const REDIS_ERRORS: &str = "sluice_redis_errors_total";
 /// 1 while the shared Redis answers.

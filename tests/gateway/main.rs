@@ -27,6 +27,7 @@ mod ops;
 mod reload;
 mod retries;
 mod routing;
+mod shortcuts;
 mod store_binary;
 mod store_pg;
 mod streaming;
