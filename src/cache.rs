@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use flight::{FlightGuard, Flights};
-use shortcut::{RawKey, Shortcut, Shortcuts};
+use shortcut::Shortcuts;
 
 /// The SHA-256 of everything that makes two requests the same.
 pub type CacheKey = [u8; 32];
@@ -184,20 +184,9 @@ impl ResponseCache {
         Arc::new(Self { store, shared, flights: Arc::default(), shortcuts, counters: CacheCounters::default() })
     }
 
-    /// The shortcut remembered for the request sent as `raw`, if it holds
-    /// under routing table `generation`.
-    pub fn shortcut(&self, raw: &RawKey, generation: u64) -> Option<Arc<Shortcut>> {
-        self.shortcuts.get(raw, generation)
-    }
-
-    /// Remembers where the request sent as `raw` leads (its entry was just found).
-    pub fn remember(&self, raw: RawKey, shortcut: Shortcut) {
-        self.shortcuts.remember(raw, shortcut);
-    }
-
-    /// Shortcuts held.
-    pub fn shortcuts(&self) -> u64 {
-        self.shortcuts.len()
+    /// The shortcuts of hot requests.
+    pub fn shortcuts(&self) -> &Shortcuts {
+        &self.shortcuts
     }
 
     /// Whether a store several instances share stands behind this one.

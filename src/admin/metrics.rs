@@ -119,7 +119,12 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
             "Cache hits found by the bytes the client sent, without planning the request.",
             cache.counters.shortcut_hits.load(Relaxed),
         ),
-        (metrics::CACHE_SHORTCUTS, "gauge", "Shortcuts of hot requests the response cache holds.", cache.shortcuts()),
+        (
+            metrics::CACHE_SHORTCUTS,
+            "gauge",
+            "Shortcuts of hot requests the response cache holds.",
+            cache.shortcuts().len(),
+        ),
     ] {
         header(&mut out, name, kind, help);
         line(&mut out, name, &[], value);

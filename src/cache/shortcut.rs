@@ -1,19 +1,23 @@
 //! Shortcuts of hot requests: from the exact bytes a client sent to the
 //! entry their plan leads to, so that a repeated request is answered without
-//! sniffing, routing and rewriting its body again.
+//! sniffing, routing and rewriting its body again, or hashing it with SHA-256.
 //!
 //! A shortcut is remembered when a request's planned key was found in the
 //! cache (a hit), never on a miss: a fill of distinct requests makes none.
-//! It holds only under the routing table it was planned with
-//! ([`Routes::generation`]); its key is only a way to the entry, so an
-//! entry evicted, expired or purged leaves the shortcut leading nowhere and
-//! the request goes the planned way. The index is bounded in bytes and takes
-//! them out of `[cache] max_bytes`.
+//! It is found by a fast hash of what was sent and taken only when every
+//! part of it compares equal (a hash collision finds nothing). It holds only
+//! under the routing table it was planned with ([`Routes::generation`]);
+//! its key is only a way to the entry, so an entry evicted, expired or
+//! purged leaves the shortcut leading nowhere and the request goes the
+//! planned way. The index is bounded in bytes (what was sent included) and
+//! takes them out of `[cache] max_bytes`.
 //!
 //! [`Routes::generation`]: crate::routes::Routes::generation
 
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 
@@ -21,8 +25,54 @@ use super::CacheKey;
 use crate::access::table::{Allowed, PrefixHasher};
 use crate::telemetry::metrics::ModelMetrics;
 
-/// The SHA-256 of what a client sent, with what decides its plan.
-pub type RawKey = [u8; 32];
+/// What a client sent, as far as its plan depends on it (besides the
+/// routing table): the cache scope it is in, whether its key has a token
+/// budget (a budget's streamed chats ask for their usage), the path and
+/// query, the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sent<'a> {
+    /// The cache scope's name.
+    pub scope: &'a str,
+    /// Whether the key has a token budget.
+    pub budget: bool,
+    /// The path.
+    pub path: &'a str,
+    /// The query.
+    pub query: &'a str,
+    /// The body.
+    pub body: &'a [u8],
+}
+
+/// [`Sent`], kept by a shortcut to compare against.
+#[derive(Debug)]
+struct Kept {
+    scope: Box<str>,
+    budget: bool,
+    path: Box<str>,
+    query: Box<str>,
+    body: Bytes,
+}
+
+impl Kept {
+    fn of(sent: Sent<'_>) -> Self {
+        Self {
+            scope: sent.scope.into(),
+            budget: sent.budget,
+            path: sent.path.into(),
+            query: sent.query.into(),
+            // A copy: the request's bytes are a slice of its connection's read buffer.
+            body: Bytes::copy_from_slice(sent.body),
+        }
+    }
+
+    fn sent(&self) -> Sent<'_> {
+        Sent { scope: &self.scope, budget: self.budget, path: &self.path, query: &self.query, body: &self.body }
+    }
+
+    fn len(&self) -> u64 {
+        (self.scope.len() + self.path.len() + self.query.len() + self.body.len()) as u64
+    }
+}
 
 /// Where a request's plan led, and what the request needs to be answered
 /// from the cache without planning it again.
@@ -32,8 +82,8 @@ pub struct Shortcut {
     pub generation: u64,
     /// The planned key: the entry it leads to.
     pub key: CacheKey,
-    /// The route's canonical name and the name the client asked by: a key
-    /// limited to some models is checked again on every use.
+    /// The route's canonical name: a key limited to some models is checked
+    /// again on every use.
     pub route: Box<str>,
     /// The name the client asked by.
     pub requested: Box<str>,
@@ -45,21 +95,31 @@ pub struct Shortcut {
     pub capped: Option<u64>,
 }
 
+/// A shortcut and what was sent to make it.
+#[derive(Debug)]
+struct Remembered {
+    sent: Kept,
+    shortcut: Arc<Shortcut>,
+}
+
 impl Shortcut {
     /// Whether a key allowed `allowed` may take it.
     pub fn permits(&self, allowed: Option<&Allowed>) -> bool {
         allowed.is_none_or(|allowed| allowed.permits(&self.route, &self.requested))
     }
+}
 
+impl Remembered {
     fn weight(&self) -> u64 {
-        SHORTCUT_OVERHEAD + self.route.len() as u64 + self.requested.len() as u64
+        let names = self.shortcut.route.len() + self.shortcut.requested.len();
+        SHORTCUT_OVERHEAD + names as u64 + self.sent.len()
     }
 }
 
-/// What a shortcut costs beyond its two names: the index's slot and raw
-/// key, the shortcut in its `Arc`, the two names' allocations as the
-/// allocator rounds them.
-const SHORTCUT_OVERHEAD: u64 = 320;
+/// What a shortcut costs beyond its names and what was sent: the index's
+/// slot, the shortcut in its `Arc`, six allocations as the allocator
+/// rounds them.
+const SHORTCUT_OVERHEAD: u64 = 384;
 
 /// The index's share of `[cache] max_bytes`: 1/64 of it, at most 1 MiB
 /// (about 3000 shortcuts), at least 16 KiB.
@@ -70,17 +130,21 @@ fn budget(max_bytes: u64) -> u64 {
 #[derive(Debug, Clone, Copy)]
 struct ByBytes;
 
-impl Weighter<RawKey, Arc<Shortcut>> for ByBytes {
-    fn weight(&self, _key: &RawKey, shortcut: &Arc<Shortcut>) -> u64 {
-        shortcut.weight()
+impl Weighter<u64, Arc<Remembered>> for ByBytes {
+    fn weight(&self, _hash: &u64, remembered: &Arc<Remembered>) -> u64 {
+        remembered.weight()
     }
 }
 
+/// The index's keys are already hashes.
 type Hasher = std::hash::BuildHasherDefault<PrefixHasher>;
 
 /// The shortcuts of hot requests, bounded in bytes.
 pub struct Shortcuts {
-    index: Cache<RawKey, Arc<Shortcut>, ByBytes, Hasher>,
+    index: Cache<u64, Arc<Remembered>, ByBytes, Hasher>,
+    /// Seeded per process: a client cannot aim two requests at one slot
+    /// (which would cost it nothing but a shortcut, and others theirs).
+    hasher: foldhash::fast::RandomState,
     max_bytes: u64,
 }
 
@@ -89,7 +153,8 @@ impl Shortcuts {
     pub fn within(max_bytes: u64) -> Self {
         let max_bytes = budget(max_bytes);
         let items = usize::try_from(max_bytes / SHORTCUT_OVERHEAD).unwrap_or(1 << 12).max(16);
-        Self { index: Cache::with(items, max_bytes, ByBytes, Hasher::default(), Default::default()), max_bytes }
+        let index = Cache::with(items, max_bytes, ByBytes, Hasher::default(), Default::default());
+        Self { index, hasher: foldhash::fast::RandomState::default(), max_bytes }
     }
 
     /// Bytes it may hold, as its bound counts them.
@@ -97,14 +162,22 @@ impl Shortcuts {
         self.max_bytes
     }
 
-    /// The shortcut remembered for `raw` under routing table `generation`.
-    pub fn get(&self, raw: &RawKey, generation: u64) -> Option<Arc<Shortcut>> {
-        self.index.get(raw).filter(|shortcut| shortcut.generation == generation)
+    /// The fast hash `sent` is found by.
+    pub fn hash(&self, sent: &Sent<'_>) -> u64 {
+        self.hasher.hash_one(sent)
     }
 
-    /// Remembers a shortcut (replacing one of an older table).
-    pub fn remember(&self, raw: RawKey, shortcut: Shortcut) {
-        self.index.insert(raw, Arc::new(shortcut));
+    /// The shortcut remembered for `sent` (whose [`Shortcuts::hash`] is
+    /// `hash`) under routing table `generation`.
+    pub fn get(&self, hash: u64, sent: &Sent<'_>, generation: u64) -> Option<Arc<Shortcut>> {
+        let remembered = self.index.get(&hash)?;
+        let holds = remembered.shortcut.generation == generation && remembered.sent.sent() == *sent;
+        holds.then(|| Arc::clone(&remembered.shortcut))
+    }
+
+    /// Remembers where `sent` leads (replacing whatever had its hash).
+    pub fn remember(&self, hash: u64, sent: Sent<'_>, shortcut: Shortcut) {
+        self.index.insert(hash, Arc::new(Remembered { sent: Kept::of(sent), shortcut: Arc::new(shortcut) }));
     }
 
     /// Shortcuts held.
@@ -144,13 +217,29 @@ mod tests {
         }
     }
 
+    fn sent(body: &[u8]) -> Sent<'_> {
+        Sent { scope: "*", budget: false, path: "/v1/chat/completions", query: "", body }
+    }
+
     #[test]
-    fn a_shortcut_holds_under_its_own_routing_table_only() {
+    fn a_shortcut_holds_for_what_was_sent_under_its_own_routing_table_only() {
         let shortcuts = Shortcuts::within(64 << 20);
-        shortcuts.remember([1; 32], shortcut(3, "m"));
-        assert_eq!(shortcuts.get(&[1; 32], 3).map(|s| s.key), Some([7; 32]));
-        assert!(shortcuts.get(&[1; 32], 4).is_none(), "a reload's table plans afresh");
-        assert!(shortcuts.get(&[2; 32], 3).is_none());
+        let body = sent(b"{}");
+        let hash = shortcuts.hash(&body);
+        shortcuts.remember(hash, body, shortcut(3, "m"));
+        assert_eq!(shortcuts.get(hash, &sent(b"{}"), 3).map(|s| s.key), Some([7; 32]));
+        assert!(shortcuts.get(hash, &body, 4).is_none(), "a reload's table plans afresh");
+        // What was sent must be equal, part by part, not just hash alike.
+        for other in [
+            Sent { body: b"{ }", ..body },
+            Sent { scope: "key:1", ..body },
+            Sent { budget: true, ..body },
+            Sent { path: "/v1/completions", ..body },
+            Sent { query: "a=1", ..body },
+        ] {
+            assert!(shortcuts.get(hash, &other, 3).is_none(), "{other:?}");
+        }
+        assert!(shortcuts.get(hash ^ 1, &body, 3).is_none());
     }
 
     #[test]
@@ -160,14 +249,14 @@ mod tests {
         assert_eq!(shortcuts.max_bytes(), 64 << 10, "1/64 of the cache");
         assert_eq!(Shortcuts::within(1 << 40).max_bytes(), 1 << 20, "at most 1 MiB");
         for i in 0..10_000u32 {
-            let mut raw = [0u8; 32];
-            raw[..4].copy_from_slice(&i.to_le_bytes());
-            raw[4..8].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_le_bytes());
-            shortcuts.remember(raw, shortcut(1, "a-model-name"));
+            let body = format!("{{\"n\":{i}}}");
+            let sent = sent(body.as_bytes());
+            shortcuts.remember(shortcuts.hash(&sent), sent, shortcut(1, "a-model-name"));
             assert!(shortcuts.bytes() <= shortcuts.max_bytes());
         }
         assert!(shortcuts.len() > 100, "it holds many: {}", shortcuts.len());
-        let allowed = Allowed::All;
-        assert!(shortcut(1, "m").permits(Some(&allowed)) && shortcut(1, "m").permits(None));
+        let only: Allowed = Allowed::Only(["m".into()].into_iter().collect());
+        assert!(shortcut(1, "m").permits(Some(&only)) && shortcut(1, "m").permits(None));
+        assert!(!shortcut(1, "n").permits(Some(&only)));
     }
 }

@@ -7,8 +7,9 @@
 //!
 //! Before the plan, [`shortcut`] looks for a hot request by the bytes the
 //! client sent: when an earlier identical request's plan found its entry,
-//! the entry is served without planning this one (the key's model grant is
-//! checked again). Only a hit found the planned way is remembered so.
+//! the entry is served without planning this one or hashing it with
+//! SHA-256 (the key's model grant is checked again). Only a hit found the
+//! planned way is remembered so.
 //!
 //! Client controls: `Cache-Control: no-store` skips the cache both ways,
 //! `no-cache` skips the lookup but stores the fresh answer, and
@@ -29,7 +30,7 @@ use http::Method;
 
 use crate::access::table::Client;
 use crate::cache::flight::Joined;
-use crate::cache::shortcut::{RawKey, Shortcut};
+use crate::cache::shortcut::{Sent, Shortcut};
 use crate::cache::{CacheKey, Entry, Fill, KeyBuilder, ResponseCache};
 use crate::config::CacheScope;
 use crate::error::ProxyError;
@@ -83,10 +84,12 @@ impl Controls {
     }
 }
 
-/// A cacheable request the shortcut did not answer: the key of what its
-/// client sent, to be remembered if its plan finds the entry.
+/// A cacheable request the shortcut did not answer: what its client sent,
+/// to be remembered if its plan finds the entry.
 pub struct Lookout {
-    raw: RawKey,
+    hash: u64,
+    scope: Cow<'static, str>,
+    budget: bool,
     body: Bytes,
 }
 
@@ -116,19 +119,12 @@ pub fn shortcut(
     if controls.no_store || controls.no_cache {
         return Found::Plan(None);
     }
-    let routes = &live.routes;
-    // What the plan depends on besides the routing table (the shortcut
-    // holds under one only): the client's scope and whether its streamed
-    // chats must ask for their usage (a token budget), the path and the body.
+    let scope = scope(live.config.cache.scope, client);
     let budget = client.is_some_and(|c| c.limits.tokens_per_day.is_some());
-    let raw = KeyBuilder::default()
-        .part(scope(live.config.cache.scope, client).as_bytes())
-        .part(if budget { b"budget" } else { b"-" })
-        .part(parts.uri.path().as_bytes())
-        .part(parts.uri.query().unwrap_or("").as_bytes())
-        .part(body)
-        .finish();
-    if let Some(shortcut) = cache.shortcut(&raw, routes.generation)
+    let sent = Sent { scope: &scope, budget, path: parts.uri.path(), query: parts.uri.query().unwrap_or(""), body };
+    let shortcuts = cache.shortcuts();
+    let hash = shortcuts.hash(&sent);
+    if let Some(shortcut) = shortcuts.get(hash, &sent, live.routes.generation)
         && shortcut.permits(client.map(|c| &c.allowed))
     {
         let now = Instant::now();
@@ -140,12 +136,12 @@ pub fn shortcut(
             return Found::Answer(hit(cache, entry, now, ctx));
         }
     }
-    Found::Plan(Some(Lookout { raw, body: body.clone() }))
+    Found::Plan(Some(Lookout { hash, scope, budget, body: body.clone() }))
 }
 
-/// Remembers where a request's plan led, when any identical request (by
-/// the lookout's key) would be planned the same way: one target, where
-/// no round-robin turn picks the upstream (and the body renamed for it).
+/// Remembers where a request's plan led, when any identical request would
+/// be planned the same way: one target, where no round-robin turn picks
+/// the upstream (and the body renamed for it).
 fn remember(cache: &ResponseCache, routes: &Routes, lookout: Lookout, key: CacheKey, prepared: &Prepared) {
     let plan = &prepared.plan;
     if !plan.fallbacks.is_empty() {
@@ -163,7 +159,15 @@ fn remember(cache: &ResponseCache, routes: &Routes, lookout: Lookout, key: Cache
         stream: plan.stream,
         capped: plan.capped,
     };
-    cache.remember(lookout.raw, shortcut);
+    let uri = &prepared.uri;
+    let sent = Sent {
+        scope: &lookout.scope,
+        budget: lookout.budget,
+        path: uri.path(),
+        query: uri.query().unwrap_or(""),
+        body: &lookout.body,
+    };
+    cache.shortcuts().remember(lookout.hash, sent, shortcut);
 }
 
 /// Runs the cache stage for a prepared request; `lookout` is the
