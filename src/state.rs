@@ -168,8 +168,13 @@ impl Shared {
         let clients = ClientRegistry::new(config.client.clone(), config.server.event_loops, tasks.clone());
         let log = match &config.log.requests {
             Some(path) => Some(
-                AccessLog::start(path.clone(), config.log.requests_max_size, config.log.requests_keep)
-                    .map_err(|e| format!("cannot open the request log `{}`: {e}", path.display()))?,
+                AccessLog::start(
+                    path.clone(),
+                    config.log.requests_max_size,
+                    config.log.requests_keep,
+                    config.server.event_loops,
+                )
+                .map_err(|e| format!("cannot open the request log `{}`: {e}", path.display()))?,
             ),
             None => None,
         };

@@ -46,6 +46,16 @@ pub fn current() -> usize {
     CURRENT.with(Cell::get)
 }
 
+/// Runs `f` as if the calling thread were loop `n`'s (tests of per-loop
+/// resources without starting loops).
+#[cfg(test)]
+pub(crate) fn as_loop<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    let before = CURRENT.with(|current| current.replace(n + 1));
+    let result = f();
+    CURRENT.with(|current| current.set(before));
+    result
+}
+
 /// The calling thread's own of `per_loop`: a resource kept once for the
 /// runtime's workers (index 0) and once for each loop (`n + 1`).
 pub fn here<T>(per_loop: &[T]) -> &T {

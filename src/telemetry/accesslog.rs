@@ -1,12 +1,15 @@
 //! The request log: one JSON line per finished request. The request path
 //! formats its line on its own thread (from borrowed fields: no reference
 //! count of a shared name is touched on another core) and appends it to a
-//! shared buffer bounded in bytes, under a lock held for one copy (and, in
-//! a burst past the buffer's capacity, for its growth). A dedicated thread
-//! swaps that buffer for an empty one every [`DRAIN_INTERVAL`], or at once
-//! when it passes [`WAKE_AT`] bytes (one wake-up per drain at most), and
-//! writes it to the file: the request path never waits for the disk. When
-//! the buffer is full, lines are dropped and counted. Lines a failing write
+//! buffer bounded in bytes, under a lock held for one copy (and, in a burst
+//! past the buffer's capacity, for its growth). There is one buffer for the
+//! runtime's workers and one for each event loop, so loops on different
+//! cores never contend for a lock (lines of one connection stay in order;
+//! lines of different loops reach the file in batches, each in order). A
+//! dedicated thread takes the buffers every [`DRAIN_INTERVAL`], or at once
+//! when one passes [`WAKE_AT`] bytes (one wake-up per drain at most), and
+//! writes them to the file: the request path never waits for the disk. When
+//! a buffer is full, lines are dropped and counted. Lines a failing write
 //! (a full disk) could not take are kept for the next drain, up to the same
 //! bound (past it they are dropped and counted); a line a write cut part
 //! way is ended in the file it began in before another file is opened.
@@ -33,10 +36,14 @@ mod line;
 
 use http::{HeaderValue, Method};
 
+use crate::tasks::loops;
+
 /// Bytes of lines the buffer holds before lines are dropped: ~3000 lines of
 /// ~350 bytes, ~35 ms of the fastest rate measured here (88k lines a
 /// second). Grown as needed (its capacity never past this), not allocated up
-/// front, and given back after a burst (see [`RETAIN`]).
+/// front, and given back after a burst (see [`RETAIN`]). With event loops,
+/// each of their buffers holds half of it (each loop takes its share of
+/// the rate).
 pub const MAX_PENDING: usize = 1 << 20;
 /// Bytes buffered at which the request path wakes the writer before its
 /// timer (~180 lines): a sixteenth of the buffer, so the rest is left for
@@ -99,10 +106,24 @@ pub struct Record<'a> {
     pub error: Option<&'static str>,
 }
 
+/// One buffer of whole lines waiting for the writer, on cache lines of its
+/// own (two loops' locks side by side would still bounce between cores).
+#[derive(Default)]
+#[repr(align(128))]
+struct Pending(Mutex<Vec<u8>>);
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// What the request path and the writer share.
 struct Handoff {
-    /// Whole lines waiting for the writer.
-    pending: Mutex<Vec<u8>>,
+    /// The workers' buffer, then each event loop's.
+    pending: Box<[Pending]>,
+    /// Bytes each buffer holds at most.
+    max_pending: usize,
     /// Flushes asked for and flushes done, for [`AccessLog::flush`].
     flush_asked: AtomicU64,
     flush_done: AtomicU64,
@@ -118,9 +139,11 @@ struct Handoff {
 }
 
 impl Handoff {
-    fn new() -> Self {
+    /// The buffers of the workers and of `loops` event loops.
+    fn new(loops: usize) -> Self {
         Self {
-            pending: Mutex::new(Vec::new()),
+            pending: (0..=loops).map(|_| Pending::default()).collect(),
+            max_pending: if loops == 0 { MAX_PENDING } else { MAX_PENDING / 2 },
             dropped: Arc::default(),
             flush_asked: AtomicU64::new(0),
             flush_done: AtomicU64::new(0),
@@ -130,18 +153,19 @@ impl Handoff {
         }
     }
 
-    /// Appends one line unless the buffer is full; returns whether it went
-    /// in, and the bytes now buffered.
+    /// Appends one line to the calling thread's buffer unless it is full;
+    /// returns whether it went in, and the bytes that buffer now holds.
     fn append(&self, line: &[u8]) -> (bool, usize) {
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let max = self.max_pending;
+        let mut pending = loops::here(&self.pending).lock();
         let needed = pending.len() + line.len();
-        if needed > MAX_PENDING {
+        if needed > max {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return (false, pending.len());
         }
         if needed > pending.capacity() {
             // Doubling, but never to a capacity past the bound.
-            let additional = (2 * pending.capacity()).clamp(needed, MAX_PENDING) - pending.len();
+            let additional = (2 * pending.capacity()).clamp(needed, max) - pending.len();
             pending.reserve_exact(additional);
         }
         pending.extend_from_slice(line);
@@ -167,13 +191,14 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// Opens (creating folders) the log file and starts the writer thread.
-    pub fn start(path: PathBuf, max_size: u64, keep: usize) -> std::io::Result<Self> {
+    /// Opens (creating folders) the log file and starts the writer thread,
+    /// with a buffer for the workers and one for each of `loops` event loops.
+    pub fn start(path: PathBuf, max_size: u64, keep: usize, loops: usize) -> std::io::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let mut writer = Writer::new(path, max_size, keep, open)?;
-        let shared = Arc::new(Handoff::new());
+        let shared = Arc::new(Handoff::new(loops));
         writer.dropped = Arc::clone(&shared.dropped);
         let for_writer = Arc::clone(&shared);
         let handle =
@@ -341,14 +366,24 @@ impl Writer {
         }
     }
 
-    /// Takes the buffered lines (leaving this writer's empty buffer in their
-    /// place) and writes them after any an earlier write could not take,
-    /// and keeps at most [`RETAIN`] of the buffer. While writes fail (a full
-    /// disk), what they could not take is kept, whole lines up to
-    /// [`MAX_PENDING`] bytes; lines past that are dropped and counted.
+    /// Takes the buffered lines (the first buffer that holds any swapped
+    /// for this writer's empty one, the others copied out) and writes them
+    /// after any an earlier write could not take, and keeps at most
+    /// [`RETAIN`] of each buffer. While writes fail (a full disk), what they
+    /// could not take is kept, whole lines up to [`MAX_PENDING`] bytes;
+    /// lines past that are dropped and counted.
     fn drain(&mut self, shared: &Handoff) {
-        std::mem::swap(&mut *shared.pending.lock().unwrap_or_else(PoisonError::into_inner), &mut self.chunk);
         let mut chunk = std::mem::take(&mut self.chunk);
+        for pending in &shared.pending {
+            let mut pending = pending.lock();
+            if chunk.is_empty() {
+                std::mem::swap(&mut *pending, &mut chunk);
+            } else if !pending.is_empty() {
+                chunk.extend_from_slice(&pending);
+                pending.clear();
+                pending.shrink_to(RETAIN);
+            }
+        }
         let mut kept = std::mem::take(&mut self.unwritten);
         if !kept.is_empty() {
             let done = self.write(&kept);
@@ -596,9 +631,9 @@ mod tests {
     #[test]
     fn a_sixteenth_full_buffer_wakes_the_writer_once_per_drain() {
         // No writer thread: this thread stands in for it and drains by hand.
-        let log = AccessLog { shared: Arc::new(Handoff::new()), writer: std::thread::current() };
+        let log = AccessLog { shared: Arc::new(Handoff::new(0)), writer: std::thread::current() };
         let woken = || log.shared.woken.load(Ordering::Acquire);
-        let buffered = || log.shared.pending.lock().unwrap().len();
+        let buffered = || log.shared.pending[0].lock().len();
         let mut n = 0;
         while buffered() + line(n).len() < WAKE_AT {
             assert!(log.log(&record(&id(n))));
@@ -611,7 +646,7 @@ mod tests {
         assert!(log.log(&record(&id(1))) && woken());
         // The writer's drain: clear the flag, take the lines.
         log.shared.woken.store(false, Ordering::Release);
-        let taken = std::mem::take(&mut *log.shared.pending.lock().unwrap());
+        let taken = std::mem::take(&mut *log.shared.pending[0].lock());
         assert!(log.log(&record(&id(2))) && !woken());
         // Whole lines, each the request path's format, in order.
         let lines: Vec<&[u8]> = taken.split_inclusive(|&b| b == b'\n').collect();
@@ -646,7 +681,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("logs/requests.jsonl");
         // Each line is ~350 bytes: rotate about every third line, keep two old files.
-        let log = AccessLog::start(path.clone(), 1000, 2).unwrap();
+        let log = AccessLog::start(path.clone(), 1000, 2, 0).unwrap();
         for n in 0..20 {
             assert!(log.log(&record(&id(n))));
         }
@@ -666,32 +701,59 @@ mod tests {
 
     #[test]
     fn a_long_line_leaves_no_large_buffer_on_its_thread() {
-        let log = AccessLog { shared: Arc::new(Handoff::new()), writer: std::thread::current() };
+        let log = AccessLog { shared: Arc::new(Handoff::new(0)), writer: std::thread::current() };
         let path = format!("/v1/files/{}", "a".repeat(100_000));
         let request_id = id(1);
         assert!(log.log(&Record { path: &path, ..record(&request_id) }));
         let capacity = SCRATCH.with_borrow(|(line, _)| line.capacity());
         assert!(capacity <= SCRATCH_KEEP, "kept {capacity} bytes");
-        let buffered = log.shared.pending.lock().unwrap().clone();
+        let buffered = log.shared.pending[0].lock().clone();
         assert!(buffered.windows(100_000).any(|w| w.iter().all(|&b| b == b'a')), "the long line is logged whole");
+    }
+
+    #[test]
+    fn each_event_loop_buffers_its_own_lines_and_the_writer_takes_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.jsonl");
+        let shared = Handoff::new(2);
+        let mut writer = Writer::new(path.clone(), 1 << 30, 1, open).unwrap();
+        assert!(shared.append(&line(0)).0);
+        crate::tasks::loops::as_loop(0, || assert!(shared.append(&line(1)).0 && shared.append(&line(2)).0));
+        crate::tasks::loops::as_loop(1, || assert!(shared.append(&line(3)).0));
+        let held: Vec<usize> = shared.pending.iter().map(|p| p.lock().len()).collect();
+        assert_eq!(held, [line(0).len(), line(1).len() + line(2).len(), line(3).len()], "a buffer per loop");
+        // Each loop's buffer holds half of the bound.
+        crate::tasks::loops::as_loop(1, || while shared.append(&line(4)).0 {});
+        assert!(shared.pending[2].lock().len() <= MAX_PENDING / 2);
+        assert!(shared.pending[2].lock().len() + line(4).len() > MAX_PENDING / 2);
+        writer.drain(&shared);
+        assert!(shared.pending.iter().all(|p| p.lock().is_empty() && p.lock().capacity() <= RETAIN));
+        let written = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> = written
+            .lines()
+            .take(4)
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"].to_string())
+            .collect();
+        assert_eq!(ids, ["\"req-0\"", "\"req-1\"", "\"req-2\"", "\"req-3\""], "every buffer, each in order");
+        assert_eq!(lines(&path), 4 + (MAX_PENDING / 2) / line(4).len() - 1, "every line held, written");
     }
 
     #[test]
     fn a_burst_leaves_no_large_buffer_behind() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("requests.jsonl");
-        let shared = Handoff::new();
+        let shared = Handoff::new(0);
         let mut writer = Writer::new(path.clone(), 1 << 30, 1, open).unwrap();
         // A burst fills the buffer to the top; two drains cycle both buffers.
         let mut n = 0;
         while shared.append(&line(n)).0 {
             n += 1;
         }
-        let capacity = shared.pending.lock().unwrap().capacity();
+        let capacity = shared.pending[0].lock().capacity();
         assert!(capacity > RETAIN && capacity <= MAX_PENDING, "grown, never past the bound: {capacity}");
         writer.drain(&shared);
         writer.drain(&shared);
-        assert!(writer.chunk.capacity() <= RETAIN && shared.pending.lock().unwrap().capacity() <= RETAIN);
+        assert!(writer.chunk.capacity() <= RETAIN && shared.pending[0].lock().capacity() <= RETAIN);
         assert_eq!(lines(&path), usize::from(n), "every buffered line written");
     }
 
@@ -704,7 +766,7 @@ mod tests {
     fn lines_a_full_disk_refused_are_kept_whole_and_dropped_past_the_bound() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("requests.jsonl");
-        let shared = Handoff::new();
+        let shared = Handoff::new(0);
         let mut writer = Writer::new(path.clone(), 1 << 30, 1, full_disk).unwrap();
         writer.dropped = Arc::clone(&shared.dropped);
         let kept: Vec<u8> = (0..3).flat_map(line).collect();
@@ -747,7 +809,7 @@ mod tests {
         // logrotate moves the file away; the writer follows the path.
         std::fs::rename(&path, &moved).unwrap();
         writer.reopen();
-        let shared = Handoff::new();
+        let shared = Handoff::new(0);
         assert!(shared.append(&line(6)).0);
         writer.drain(&shared);
         assert_eq!(std::fs::read(&moved).unwrap(), cut, "the cut line ends in the file it began in");
@@ -786,7 +848,7 @@ mod tests {
     fn an_outside_rotation_is_followed_on_reopen_and_by_inode() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("requests.jsonl");
-        let log = AccessLog::start(path.clone(), 1 << 20, 2).unwrap();
+        let log = AccessLog::start(path.clone(), 1 << 20, 2, 0).unwrap();
         assert!(log.log(&record(&id(1))));
         log.flush();
         // logrotate's default: move the file away, then signal.
