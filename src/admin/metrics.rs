@@ -123,7 +123,7 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
             metrics::CACHE_SHORTCUTS,
             "gauge",
             "Shortcuts of hot requests the response cache holds.",
-            cache.shortcuts().len(),
+            cache.shortcuts().count(),
         ),
     ] {
         header(&mut out, name, kind, help);

@@ -105,7 +105,7 @@ fn cache_stats(cache: &ResponseCache, enabled: bool) -> serde_json::Value {
         "evictions": cache.evictions(),
         "entries": cache.entries(),
         "bytes": cache.bytes(),
-        "shortcuts": cache.shortcuts().len(),
+        "shortcuts": cache.shortcuts().count(),
         "shortcut_hits": c.shortcut_hits.load(Relaxed),
     })
 }

@@ -16,6 +16,7 @@
 
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::Bytes;
 use quick_cache::Weighter;
@@ -145,6 +146,9 @@ pub struct Shortcuts {
     /// Seeded per process: a client cannot aim two requests at one slot
     /// (which would cost it nothing but a shortcut, and others theirs).
     hasher: foldhash::fast::RandomState,
+    /// Whether any was remembered since the last clear: a request looks
+    /// only then (the index's own count takes every shard's lock).
+    any: AtomicBool,
     max_bytes: u64,
 }
 
@@ -154,7 +158,7 @@ impl Shortcuts {
         let max_bytes = budget(max_bytes);
         let items = usize::try_from(max_bytes / SHORTCUT_OVERHEAD).unwrap_or(1 << 12).max(16);
         let index = Cache::with(items, max_bytes, ByBytes, Hasher::default(), Default::default());
-        Self { index, hasher: foldhash::fast::RandomState::default(), max_bytes }
+        Self { index, hasher: foldhash::fast::RandomState::default(), any: AtomicBool::new(false), max_bytes }
     }
 
     /// Bytes it may hold, as its bound counts them.
@@ -178,16 +182,17 @@ impl Shortcuts {
     /// Remembers where `sent` leads (replacing whatever had its hash).
     pub fn remember(&self, hash: u64, sent: Sent<'_>, shortcut: Shortcut) {
         self.index.insert(hash, Arc::new(Remembered { sent: Kept::of(sent), shortcut: Arc::new(shortcut) }));
+        self.any.store(true, Relaxed);
     }
 
-    /// Shortcuts held.
-    pub fn len(&self) -> u64 {
+    /// Whether there may be any to find (none was remembered since the last clear otherwise).
+    pub fn any(&self) -> bool {
+        self.any.load(Relaxed)
+    }
+
+    /// Shortcuts held (every shard's lock taken: for stats, not requests).
+    pub fn count(&self) -> u64 {
         self.index.len() as u64
-    }
-
-    /// Whether it holds none.
-    pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
     }
 
     /// Bytes held, as the bound counts them.
@@ -197,6 +202,8 @@ impl Shortcuts {
 
     /// Forgets every shortcut (a purge: they would lead nowhere).
     pub fn clear(&self) {
+        // Cleared first: a shortcut remembered meanwhile sets it again.
+        self.any.store(false, Relaxed);
         self.index.clear();
     }
 }
@@ -254,7 +261,7 @@ mod tests {
             shortcuts.remember(shortcuts.hash(&sent), sent, shortcut(1, "a-model-name"));
             assert!(shortcuts.bytes() <= shortcuts.max_bytes());
         }
-        assert!(shortcuts.len() > 100, "it holds many: {}", shortcuts.len());
+        assert!(shortcuts.count() > 100, "it holds many: {}", shortcuts.count());
         let only: Allowed = Allowed::Only(["m".into()].into_iter().collect());
         assert!(shortcut(1, "m").permits(Some(&only)) && shortcut(1, "m").permits(None));
         assert!(!shortcut(1, "n").permits(Some(&only)));

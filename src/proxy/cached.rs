@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use http::header::{AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE};
-use http::{HeaderMap, HeaderName, HeaderValue, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, Uri};
 use tokio::time::Instant;
 
 use bytes::Bytes;
@@ -84,12 +84,9 @@ impl Controls {
     }
 }
 
-/// A cacheable request the shortcut did not answer: what its client sent,
-/// to be remembered if its plan finds the entry.
+/// A cacheable request the shortcut did not answer: the body its client
+/// sent, to be remembered if its plan finds the entry.
 pub struct Lookout {
-    hash: u64,
-    scope: Cow<'static, str>,
-    budget: bool,
     body: Bytes,
 }
 
@@ -103,7 +100,8 @@ pub enum Found {
 
 /// Looks for a received request's answer by the bytes its client sent,
 /// before planning it. Refuses nothing: a request it does not answer is
-/// planned, and the plan says what is wrong with it.
+/// planned, and the plan says what is wrong with it (a client control it
+/// sent included). While no request is hot, it only keeps the body.
 pub fn shortcut(
     cache: &ResponseCache,
     live: &Live,
@@ -115,40 +113,47 @@ pub fn shortcut(
     if parts.method != Method::POST || body.is_empty() || !CACHE_PATHS.contains(&parts.uri.path()) {
         return Found::Plan(None);
     }
-    let Ok(controls) = Controls::of(&parts.headers) else { return Found::Plan(None) };
-    if controls.no_store || controls.no_cache {
-        return Found::Plan(None);
+    let lookout = Lookout { body: body.clone() };
+    let shortcuts = cache.shortcuts();
+    if !shortcuts.any() {
+        return Found::Plan(Some(lookout));
     }
     let scope = scope(live.config.cache.scope, client);
+    let sent = sent(&scope, client, &parts.uri, body);
+    let found = shortcuts.get(shortcuts.hash(&sent), &sent, live.routes.generation);
+    let Some(shortcut) = found.filter(|s| s.permits(client.map(|c| &c.allowed))) else {
+        return Found::Plan(Some(lookout));
+    };
+    // `no-store` and `no-cache` are the cache stage's to answer.
+    let controls = match Controls::of(&parts.headers) {
+        Ok(controls) if !controls.no_store && !controls.no_cache => controls,
+        _ => return Found::Plan(Some(lookout)),
+    };
+    let now = Instant::now();
+    let Some(entry) = cache.lookup(&shortcut.key, controls.ttl, now) else { return Found::Plan(Some(lookout)) };
+    ctx.stream = shortcut.stream;
+    ctx.model = shortcut.model.clone();
+    ctx.max_tokens_capped = shortcut.capped;
+    cache.counters.shortcut_hits.fetch_add(1, Relaxed);
+    Found::Answer(hit(cache, entry, now, ctx))
+}
+
+/// What a client sent, as a shortcut knows it.
+fn sent<'a>(scope: &'a str, client: Option<&Client>, uri: &'a Uri, body: &'a [u8]) -> Sent<'a> {
     let budget = client.is_some_and(|c| c.limits.tokens_per_day.is_some());
-    let sent = Sent { scope: &scope, budget, path: parts.uri.path(), query: parts.uri.query().unwrap_or(""), body };
-    let shortcuts = cache.shortcuts();
-    let hash = shortcuts.hash(&sent);
-    if let Some(shortcut) = shortcuts.get(hash, &sent, live.routes.generation)
-        && shortcut.permits(client.map(|c| &c.allowed))
-    {
-        let now = Instant::now();
-        if let Some(entry) = cache.lookup(&shortcut.key, controls.ttl, now) {
-            ctx.stream = shortcut.stream;
-            ctx.model = shortcut.model.clone();
-            ctx.max_tokens_capped = shortcut.capped;
-            cache.counters.shortcut_hits.fetch_add(1, Relaxed);
-            return Found::Answer(hit(cache, entry, now, ctx));
-        }
-    }
-    Found::Plan(Some(Lookout { hash, scope, budget, body: body.clone() }))
+    Sent { scope, budget, path: uri.path(), query: uri.query().unwrap_or(""), body }
 }
 
 /// Remembers where a request's plan led, when any identical request would
 /// be planned the same way: one target, where no round-robin turn picks
 /// the upstream (and the body renamed for it).
-fn remember(cache: &ResponseCache, routes: &Routes, lookout: Lookout, key: CacheKey, prepared: &Prepared) {
+fn remember(cache: &ResponseCache, routes: &Routes, key: CacheKey, prepared: &Prepared, sent: Sent<'_>) {
     let plan = &prepared.plan;
     if !plan.fallbacks.is_empty() {
         return;
     }
     // The names the key's model grant is checked against, as the plan read them.
-    let Ok(sniffed) = sniff::sniff(&lookout.body, &routes.param_names) else { return };
+    let Ok(sniffed) = sniff::sniff(sent.body, &routes.param_names) else { return };
     let Ok((route, requested, _)) = named_route(routes, sniffed.model.as_deref()) else { return };
     let shortcut = Shortcut {
         generation: routes.generation,
@@ -159,15 +164,8 @@ fn remember(cache: &ResponseCache, routes: &Routes, lookout: Lookout, key: Cache
         stream: plan.stream,
         capped: plan.capped,
     };
-    let uri = &prepared.uri;
-    let sent = Sent {
-        scope: &lookout.scope,
-        budget: lookout.budget,
-        path: uri.path(),
-        query: uri.query().unwrap_or(""),
-        body: &lookout.body,
-    };
-    cache.shortcuts().remember(lookout.hash, sent, shortcut);
+    let shortcuts = cache.shortcuts();
+    shortcuts.remember(shortcuts.hash(&sent), sent, shortcut);
 }
 
 /// Runs the cache stage for a prepared request; `lookout` is the
@@ -191,8 +189,9 @@ pub async fn stage(
         cache.counters.bypasses.fetch_add(1, Relaxed);
         return Ok(Step::Forward);
     }
+    let scope = scope(config.scope, client);
     let key = KeyBuilder::default()
-        .part(scope(config.scope, client).as_bytes())
+        .part(scope.as_bytes())
         .part(prepared.plan.upstream.name.as_bytes())
         .part(prepared.uri.path().as_bytes())
         .part(prepared.uri.query().unwrap_or("").as_bytes())
@@ -207,8 +206,8 @@ pub async fn stage(
         // One clock read for the freshness and the age.
         let now = Instant::now();
         if let Some(entry) = cache.lookup(&key, controls.ttl, now) {
-            if let Some(lookout) = lookout {
-                remember(cache, &live.routes, lookout, key, prepared);
+            if let Some(lookout) = &lookout {
+                remember(cache, &live.routes, key, prepared, sent(&scope, client, &prepared.uri, &lookout.body));
             }
             return Ok(Step::Answer(hit(cache, entry, now, ctx)));
         }
