@@ -41,18 +41,21 @@ use crate::tasks::loops;
 /// Bytes of lines the buffer holds before lines are dropped: ~3000 lines of
 /// ~350 bytes, ~35 ms of the fastest rate measured here (88k lines a
 /// second). Grown as needed (its capacity never past this), not allocated up
-/// front, and given back after a burst (see [`RETAIN`]). With event loops,
-/// each of their buffers holds half of it (each loop takes its share of
-/// the rate).
+/// front, and given back after a burst (see [`RETAIN`]). With N event loops
+/// there are N + 1 buffers (the workers' and one a loop) of half this each
+/// (each loop takes its share of the rate). Also the bound of the lines a
+/// failing disk left unwritten.
 pub const MAX_PENDING: usize = 1 << 20;
-/// Bytes buffered at which the request path wakes the writer before its
-/// timer (~180 lines): a sixteenth of the buffer, so the rest is left for
-/// the time the woken thread waits for a core (a queue of 1024 lines woken
-/// at a quarter full dropped lines on a busy 2-core machine).
+/// Bytes a buffer holds at which the request path wakes the writer before
+/// its timer (~180 lines): a sixteenth of [`MAX_PENDING`] (an eighth of a
+/// loop's buffer), so the rest is left for the time the woken thread waits
+/// for a core (a queue of 1024 lines woken at a quarter full dropped lines
+/// on a busy 2-core machine).
 pub const WAKE_AT: usize = MAX_PENDING / 16;
 /// The capacity a buffer keeps after a drain: what a busy period fills
-/// between two wake-ups. A burst's larger buffer is given back, so a burst
-/// leaves at most two buffers of this size behind.
+/// between two wake-ups. A burst's larger buffers are given back, so a
+/// burst leaves at most this much behind in each buffer, the writer's
+/// included.
 const RETAIN: usize = 2 * WAKE_AT;
 /// How often the writer drains the buffer (a line reaches the file within about this).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
@@ -305,6 +308,8 @@ struct Writer {
     /// The lines taken from the buffer, swapped with it at each drain (two
     /// buffers in all, each shrunk back to [`RETAIN`] after a drain).
     chunk: Vec<u8>,
+    /// An empty buffer per request-path buffer, swapped in for its lines.
+    spares: Vec<Vec<u8>>,
     /// Lines a failing write could not take, written first at the next drain.
     unwritten: Vec<u8>,
     /// The open file ends inside a line (a write stopped part way): its
@@ -331,6 +336,7 @@ impl Writer {
             checked: Instant::now(),
             reopen_due: false,
             chunk: Vec::new(),
+            spares: Vec::new(),
             unwritten: Vec::new(),
             torn: false,
             dropped: Arc::default(),
@@ -366,22 +372,26 @@ impl Writer {
         }
     }
 
-    /// Takes the buffered lines (the first buffer that holds any swapped
-    /// for this writer's empty one, the others copied out) and writes them
+    /// Takes the buffered lines (each buffer swapped for an empty one under
+    /// its lock, then copied out but for the first) and writes them
     /// after any an earlier write could not take, and keeps at most
     /// [`RETAIN`] of each buffer. While writes fail (a full disk), what they
     /// could not take is kept, whole lines up to [`MAX_PENDING`] bytes;
     /// lines past that are dropped and counted.
     fn drain(&mut self, shared: &Handoff) {
         let mut chunk = std::mem::take(&mut self.chunk);
-        for pending in &shared.pending {
-            let mut pending = pending.lock();
+        if self.spares.len() < shared.pending.len() {
+            self.spares.resize_with(shared.pending.len(), Vec::new);
+        }
+        for (pending, spare) in shared.pending.iter().zip(&mut self.spares) {
+            // Under the lock only a swap: the loop appends again at once.
+            std::mem::swap(&mut *pending.lock(), spare);
             if chunk.is_empty() {
-                std::mem::swap(&mut *pending, &mut chunk);
-            } else if !pending.is_empty() {
-                chunk.extend_from_slice(&pending);
-                pending.clear();
-                pending.shrink_to(RETAIN);
+                std::mem::swap(&mut chunk, spare);
+            } else if !spare.is_empty() {
+                chunk.extend_from_slice(spare);
+                spare.clear();
+                spare.shrink_to(RETAIN);
             }
         }
         let mut kept = std::mem::take(&mut self.unwritten);
@@ -389,20 +399,14 @@ impl Writer {
             let done = self.write(&kept);
             kept.drain(..done);
         }
-        if kept.is_empty() {
-            let done = self.write(&chunk);
-            kept.extend_from_slice(&chunk[done..]);
-        } else {
-            // Still failing: keep the new lines that fit, whole.
-            let room = MAX_PENDING.saturating_sub(kept.len());
-            let fits = if chunk.len() <= room {
-                chunk.len()
-            } else {
-                memchr::memrchr(b'\n', &chunk[..room]).map_or(0, |i| i + 1)
-            };
-            self.drop_lines(&chunk[fits..]);
-            kept.extend_from_slice(&chunk[..fits]);
-        }
+        // While writes fail, keep what they could not take (the rest of a
+        // line cut part way first), whole lines up to the bound.
+        let left = if kept.is_empty() { &chunk[self.write(&chunk)..] } else { &chunk[..] };
+        let room = MAX_PENDING.saturating_sub(kept.len());
+        let fits =
+            if left.len() <= room { left.len() } else { memchr::memrchr(b'\n', &left[..room]).map_or(0, |i| i + 1) };
+        self.drop_lines(&left[fits..]);
+        kept.extend_from_slice(&left[..fits]);
         // Nothing kept: its buffer is given back.
         self.unwritten = if kept.is_empty() { Vec::new() } else { kept };
         chunk.clear();
