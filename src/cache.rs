@@ -62,7 +62,7 @@ pub struct Entry {
 /// (2026-12-02, loadtest's fill: 50k streamed answers of ~3.6 KiB into
 /// 64 MiB, 35k of them evicted on the way): the process grew by 830-1100
 /// bytes an entry held above body and frame table, by process and run.
-const ENTRY_OVERHEAD: u64 = 1024;
+pub(crate) const ENTRY_OVERHEAD: u64 = 1024;
 
 impl Entry {
     /// Bytes it holds, as the bound counts them.
@@ -177,7 +177,7 @@ impl ResponseCache {
     #[cfg(test)]
     pub(crate) fn in_memory(max_bytes: u64) -> Arc<Self> {
         let shortcuts = Shortcuts::within(max_bytes);
-        Self::new(Box::new(memory::MemoryStore::new(max_bytes - shortcuts.max_bytes())), shortcuts)
+        Self::new(Box::new(memory::MemoryStore::new(max_bytes - shortcuts.max_bytes(), 1 << 10)), shortcuts)
     }
 
     fn build(store: Box<dyn CacheStore>, shortcuts: Shortcuts, shared: Option<Box<dyn SharedStore>>) -> Arc<Self> {

@@ -206,7 +206,7 @@ impl Shared {
             .transpose()?;
         // The shortcuts of hot requests take their share of the bound.
         let shortcuts = Shortcuts::within(config.cache.max_bytes);
-        let memory = Box::new(MemoryStore::new(config.cache.max_bytes - shortcuts.max_bytes()));
+        let memory = Box::new(MemoryStore::new(config.cache.max_bytes - shortcuts.max_bytes(), config.cache.max_entry));
         let cache = match &cluster {
             Some(cluster) => ResponseCache::with_shared(
                 memory,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use quick_cache::sync::Cache;
-use quick_cache::{Lifecycle, Weighter};
+use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
 use super::{CacheKey, CacheStore, Entry};
 use crate::access::table::PrefixHasher;
@@ -50,16 +50,33 @@ pub struct MemoryStore {
     evictions: Arc<AtomicU64>,
 }
 
+/// quick_cache's four shards a core, but no more than hold four entries of
+/// `max_entry` each; a power of two (quick_cache rounds up otherwise).
+fn shards(max_bytes: u64, max_entry: u64, cores: usize) -> usize {
+    let fit = usize::try_from(max_bytes / (4 * (max_entry + super::ENTRY_OVERHEAD))).unwrap_or(usize::MAX);
+    1 << (4 * cores).min(fit).max(1).ilog2()
+}
+
 /// A guess of the average entry, for sizing the table up front.
 const TYPICAL_ENTRY: u64 = 4 << 10;
 
 impl MemoryStore {
-    /// A store bounded to `max_bytes`.
-    pub fn new(max_bytes: u64) -> Self {
+    /// A store bounded to `max_bytes`, in shards (each its own lock and an
+    /// equal share of the bound) that each hold at least four entries of
+    /// `max_entry`: quick_cache refuses an entry heavier than ~97% of a
+    /// shard, and by default makes four shards a core.
+    pub fn new(max_bytes: u64, max_entry: u64) -> Self {
         let lifecycle = CountEvictions::default();
         let evictions = Arc::clone(&lifecycle.0);
         let items = usize::try_from((max_bytes / TYPICAL_ENTRY).clamp(16, 1 << 22)).unwrap_or(1 << 22);
-        let entries = Cache::with(items, max_bytes, ByBytes, Hasher::default(), lifecycle);
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let options = OptionsBuilder::new()
+            .shards(shards(max_bytes, max_entry, cores))
+            .estimated_items_capacity(items)
+            .weight_capacity(max_bytes)
+            .build()
+            .unwrap_or_else(|_| unreachable!("every option is set"));
+        let entries = Cache::with_options(options, ByBytes, Hasher::default(), lifecycle);
         Self { entries, evictions }
     }
 }
@@ -129,6 +146,19 @@ mod tests {
         assert!(cache.bytes() > max / 2, "the bound is used, not wasted: {}", cache.bytes());
         assert!(cache.evictions() > 0);
         assert_eq!(cache.counters.stores.load(Relaxed), 1000);
+    }
+
+    #[test]
+    fn shards_hold_entries_of_max_entry_however_many_cores() {
+        // The defaults on 64 cores: 256 shards of 1 MiB would refuse every
+        // answer of `max_entry`; 32 shards of 8 MiB hold seven each.
+        assert_eq!(shards(256 << 20, 1 << 20, 64), 32);
+        assert_eq!(shards(256 << 20, 1 << 20, 2), 8, "few cores: quick_cache's four a core");
+        assert_eq!(shards(1 << 20, 1 << 20, 2), 1, "an entry as large as the cache: one shard");
+        let store = MemoryStore::new(64 << 20, 1 << 20);
+        let cache = ResponseCache::new(Box::new(store), crate::cache::shortcut::Shortcuts::within(64 << 20));
+        put(&cache, 1, 1 << 20, "m");
+        assert_eq!(cache.entries(), 1, "a 1 MiB answer is stored");
     }
 
     #[test]
