@@ -1,5 +1,6 @@
 //! The request stages of a proxied request, in the order they run:
-//! [`read`] the body once under the cap ([`receive`]), [`plan`] where it goes (sniff `model`
+//! [`read`] the body once under the cap ([`receive`]), a hot request's cache
+//! shortcut ([`cached::shortcut`]), [`plan`] where it goes (sniff `model`
 //! and `stream`, route, rewrite only when a field must change, decide whether a
 //! re-send would be safe), [`retry`] the one loop that sends it, and [`respond`]
 //! with the upstream's answer passed through by [`body::MeteredBody`]. Every

@@ -3,8 +3,9 @@
 //! below it just use `?`.
 //!
 //! A proxied request runs: authenticate + admit (the client's key, its
-//! limits) -> read + plan (and whether the key may use the model) -> cache
-//! (answer from it, or arrange to fill it) -> send -> decorate.
+//! limits) -> read -> a hot request's cache shortcut -> plan (and whether
+//! the key may use the model) -> cache (answer from it, or arrange to fill
+//! it) -> send -> decorate.
 //! Every request, answered or abandoned, is recorded once by
 //! [`proxy::end::finish`].
 
@@ -283,7 +284,7 @@ async fn handle_inner(
     }
 }
 
-/// The proxied pipeline: authenticate + admit -> read + plan -> cache -> send.
+/// The proxied pipeline: authenticate + admit -> read -> shortcut -> plan -> cache -> send.
 async fn forward(
     shared: &Shared,
     live: &Live,
@@ -312,10 +313,12 @@ async fn forward(
     if live.config.cache.enabled
         && prepared.plan.cacheable
         && let Step::Answer(response) =
-            cached::stage(&shared.cache, live, &mut prepared, lookout, client.as_deref(), ctx).await?
+            cached::stage(&shared.cache, live, &mut prepared, lookout.take(), client.as_deref(), ctx).await?
     {
         return Ok(response);
     }
+    // Not held (with the client's body) while the request is upstream.
+    drop(lookout);
     proxy::mark_forwarded(live, &mut prepared, ctx);
     // The retry loop's future is boxed: inline, every request's future (a
     // cache hit's too) would carry its size, and be copied with it.

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::Bytes;
-use quick_cache::Weighter;
 use quick_cache::sync::Cache;
+use quick_cache::{OptionsBuilder, Weighter};
 
 use super::CacheKey;
 use crate::access::table::{Allowed, PrefixHasher};
@@ -69,7 +69,10 @@ impl Kept {
     fn sent(&self) -> Sent<'_> {
         Sent { scope: &self.scope, budget: self.budget, path: &self.path, query: &self.query, body: &self.body }
     }
+}
 
+impl Sent<'_> {
+    /// Its bytes, as a shortcut keeps them.
     fn len(&self) -> u64 {
         (self.scope.len() + self.path.len() + self.query.len() + self.body.len()) as u64
     }
@@ -112,18 +115,27 @@ impl Shortcut {
 
 impl Remembered {
     fn weight(&self) -> u64 {
-        let names = self.shortcut.route.len() + self.shortcut.requested.len();
-        SHORTCUT_OVERHEAD + names as u64 + self.sent.len()
+        weight(&self.shortcut, &self.sent.sent())
     }
 }
 
+/// What a shortcut of `sent` weighs in the index's bound.
+fn weight(shortcut: &Shortcut, sent: &Sent<'_>) -> u64 {
+    SHORTCUT_OVERHEAD + (shortcut.route.len() + shortcut.requested.len()) as u64 + sent.len()
+}
+
 /// What a shortcut costs beyond its names and what was sent: the index's
-/// slot, the shortcut in its `Arc`, six allocations as the allocator
-/// rounds them.
-const SHORTCUT_OVERHEAD: u64 = 384;
+/// slot, the shortcut and what was sent in their `Arc`s, eight allocations
+/// as the allocator rounds them.
+const SHORTCUT_OVERHEAD: u64 = 448;
+
+/// The index's shards (each with its own lock and a share of the bound):
+/// few, so each can hold a shortcut of a large request.
+const SHARDS: usize = 4;
 
 /// The index's share of `[cache] max_bytes`: 1/64 of it, at most 1 MiB
-/// (about 3000 shortcuts), at least 16 KiB.
+/// (about 1900 shortcuts of 100-byte requests), at least 16 KiB (at most
+/// half of a smaller cache).
 fn budget(max_bytes: u64) -> u64 {
     (max_bytes / 64).clamp(16 << 10, 1 << 20).min(max_bytes / 2)
 }
@@ -157,7 +169,13 @@ impl Shortcuts {
     pub fn within(max_bytes: u64) -> Self {
         let max_bytes = budget(max_bytes);
         let items = usize::try_from(max_bytes / SHORTCUT_OVERHEAD).unwrap_or(1 << 12).max(16);
-        let index = Cache::with(items, max_bytes, ByBytes, Hasher::default(), Default::default());
+        let options = OptionsBuilder::new()
+            .shards(SHARDS)
+            .estimated_items_capacity(items)
+            .weight_capacity(max_bytes)
+            .build()
+            .unwrap_or_else(|_| unreachable!("every option is set"));
+        let index = Cache::with_options(options, ByBytes, Hasher::default(), Default::default());
         Self { index, hasher: foldhash::fast::RandomState::default(), any: AtomicBool::new(false), max_bytes }
     }
 
@@ -180,8 +198,14 @@ impl Shortcuts {
     }
 
     /// Remembers where `sent` leads (replacing whatever had its hash).
+    /// A shortcut heavier than half a shard's share is not kept (the shard
+    /// would refuse it; this way, before the copy of what was sent).
     pub fn remember(&self, hash: u64, sent: Sent<'_>, shortcut: Shortcut) {
-        self.index.insert(hash, Arc::new(Remembered { sent: Kept::of(sent), shortcut: Arc::new(shortcut) }));
+        if weight(&shortcut, &sent) > self.max_bytes / (2 * SHARDS as u64) {
+            return;
+        }
+        let remembered = Remembered { sent: Kept::of(sent), shortcut: Arc::new(shortcut) };
+        self.index.insert(hash, Arc::new(remembered));
         self.any.store(true, Relaxed);
     }
 
@@ -262,6 +286,15 @@ mod tests {
             assert!(shortcuts.bytes() <= shortcuts.max_bytes());
         }
         assert!(shortcuts.count() > 100, "it holds many: {}", shortcuts.count());
+        // One past half a shard's share is not kept (nor copied).
+        let big = vec![b' '; 8 << 10];
+        let sent = sent(&big);
+        shortcuts.remember(shortcuts.hash(&sent), sent, shortcut(1, "m"));
+        assert!(shortcuts.get(shortcuts.hash(&sent), &sent, 1).is_none());
+        let fits = &big[..4 << 10];
+        let sent = Sent { body: fits, ..sent };
+        shortcuts.remember(shortcuts.hash(&sent), sent, shortcut(1, "m"));
+        assert!(shortcuts.get(shortcuts.hash(&sent), &sent, 1).is_some(), "a 4 KiB request is kept");
         let only: Allowed = Allowed::Only(["m".into()].into_iter().collect());
         assert!(shortcut(1, "m").permits(Some(&only)) && shortcut(1, "m").permits(None));
         assert!(!shortcut(1, "n").permits(Some(&only)));

@@ -84,7 +84,7 @@ impl Controls {
     }
 }
 
-/// A cacheable request the shortcut did not answer: the body its client
+/// A request to a cacheable path the shortcut did not answer: the body its client
 /// sent, to be remembered if its plan finds the entry.
 pub struct Lookout {
     body: Bytes,
@@ -168,8 +168,8 @@ fn remember(cache: &ResponseCache, routes: &Routes, key: CacheKey, prepared: &Pr
     shortcuts.remember(shortcuts.hash(&sent), sent, shortcut);
 }
 
-/// Runs the cache stage for a prepared request; `lookout` is the
-/// shortcut's, when it looked and found nothing.
+/// Runs the cache stage for a prepared request; `lookout` is what the
+/// shortcut kept of a request it did not answer.
 pub async fn stage(
     cache: &Arc<ResponseCache>,
     live: &Live,
