@@ -334,6 +334,9 @@ impl Shared {
             removed: old.iter().filter(|k| !new.iter().any(|n| Arc::ptr_eq(n, k))).count(),
         };
         self.live.store(Arc::new(next));
+        // The new routing table plans afresh: the old table's shortcuts
+        // would lead nowhere and only hold their share of the cache.
+        self.cache.shortcuts().clear();
         Ok(summary)
     }
 

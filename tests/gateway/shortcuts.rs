@@ -89,6 +89,7 @@ async fn a_reload_that_changes_the_plan_is_not_answered_by_the_old_entry() {
     assert_ne!(renamed, text);
     std::fs::write(&path, renamed).unwrap();
     assert_eq!(h.admin("/admin/reload").await.status, StatusCode::OK);
+    assert_eq!(cache_stats(&h).await["shortcuts"], 0, "the old table's shortcuts are gone");
     let after = h.chat(CHAT).await;
     assert_eq!((after.status, label(&after)), (StatusCode::OK, "miss"));
     assert_eq!(chats(&h), 2);
