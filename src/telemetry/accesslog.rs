@@ -372,8 +372,8 @@ impl Writer {
         }
     }
 
-    /// Takes the buffered lines (each buffer swapped for an empty one under
-    /// its lock, then copied out but for the first) and writes them
+    /// Takes the buffered lines (each buffer swapped for its empty spare
+    /// under its lock, then copied out) and writes them
     /// after any an earlier write could not take, and keeps at most
     /// [`RETAIN`] of each buffer. While writes fail (a full disk), what they
     /// could not take is kept, whole lines up to [`MAX_PENDING`] bytes;
@@ -384,15 +384,13 @@ impl Writer {
             self.spares.resize_with(shared.pending.len(), Vec::new);
         }
         for (pending, spare) in shared.pending.iter().zip(&mut self.spares) {
-            // Under the lock only a swap: the loop appends again at once.
+            // Under the lock only a swap: the request path appends again at
+            // once, into a buffer that kept its capacity (up to RETAIN), so
+            // it does not grow one from nothing every drain.
             std::mem::swap(&mut *pending.lock(), spare);
-            if chunk.is_empty() {
-                std::mem::swap(&mut chunk, spare);
-            } else if !spare.is_empty() {
-                chunk.extend_from_slice(spare);
-                spare.clear();
-                spare.shrink_to(RETAIN);
-            }
+            chunk.extend_from_slice(spare);
+            spare.clear();
+            spare.shrink_to(RETAIN);
         }
         let mut kept = std::mem::take(&mut self.unwritten);
         if !kept.is_empty() {
