@@ -305,10 +305,8 @@ struct Writer {
     /// A reopen failed; it is retried every [`CHECK_EVERY`], and no rotation
     /// starts meanwhile.
     reopen_due: bool,
-    /// The lines taken from the buffer, swapped with it at each drain (two
-    /// buffers in all, each shrunk back to [`RETAIN`] after a drain).
-    chunk: Vec<u8>,
-    /// An empty buffer per request-path buffer, swapped in for its lines.
+    /// A buffer per request-path buffer, swapped with it at each drain (so
+    /// two of each in all, each shrunk back to [`RETAIN`] after a drain).
     spares: Vec<Vec<u8>>,
     /// Lines a failing write could not take, written first at the next drain.
     unwritten: Vec<u8>,
@@ -335,7 +333,6 @@ impl Writer {
             inode: meta.ino(),
             checked: Instant::now(),
             reopen_due: false,
-            chunk: Vec::new(),
             spares: Vec::new(),
             unwritten: Vec::new(),
             torn: false,
@@ -373,43 +370,43 @@ impl Writer {
     }
 
     /// Takes the buffered lines (each buffer swapped for its empty spare
-    /// under its lock, then copied out) and writes them
-    /// after any an earlier write could not take, and keeps at most
-    /// [`RETAIN`] of each buffer. While writes fail (a full disk), what they
-    /// could not take is kept, whole lines up to [`MAX_PENDING`] bytes;
-    /// lines past that are dropped and counted.
+    /// under its lock) and writes them, buffer by buffer, after any an
+    /// earlier write could not take; each spare keeps at most [`RETAIN`] of
+    /// its capacity. While writes fail (a full disk), what they could not
+    /// take is kept, whole lines up to [`MAX_PENDING`] bytes; lines past
+    /// that are dropped and counted.
     fn drain(&mut self, shared: &Handoff) {
-        let mut chunk = std::mem::take(&mut self.chunk);
-        if self.spares.len() < shared.pending.len() {
-            self.spares.resize_with(shared.pending.len(), Vec::new);
-        }
-        for (pending, spare) in shared.pending.iter().zip(&mut self.spares) {
+        let mut spares = std::mem::take(&mut self.spares);
+        spares.resize_with(shared.pending.len(), Vec::new);
+        for (pending, spare) in shared.pending.iter().zip(&mut spares) {
             // Under the lock only a swap: the request path appends again at
-            // once, into a buffer that kept its capacity (up to RETAIN), so
-            // it does not grow one from nothing every drain.
+            // once, into a buffer that kept its capacity, so it does not
+            // grow one from nothing every drain.
             std::mem::swap(&mut *pending.lock(), spare);
-            chunk.extend_from_slice(spare);
-            spare.clear();
-            spare.shrink_to(RETAIN);
         }
         let mut kept = std::mem::take(&mut self.unwritten);
         if !kept.is_empty() {
             let done = self.write(&kept);
             kept.drain(..done);
         }
-        // While writes fail, keep what they could not take (the rest of a
-        // line cut part way first), whole lines up to the bound.
-        let left = if kept.is_empty() { &chunk[self.write(&chunk)..] } else { &chunk[..] };
-        let room = MAX_PENDING.saturating_sub(kept.len());
-        let fits =
-            if left.len() <= room { left.len() } else { memchr::memrchr(b'\n', &left[..room]).map_or(0, |i| i + 1) };
-        self.drop_lines(&left[fits..]);
-        kept.extend_from_slice(&left[..fits]);
+        for lines in &mut spares {
+            // While writes fail, keep what they could not take (the rest of
+            // a line cut part way first), whole lines up to the bound.
+            let left = if kept.is_empty() { &lines[self.write(lines)..] } else { &lines[..] };
+            let room = MAX_PENDING.saturating_sub(kept.len());
+            let fits = if left.len() <= room {
+                left.len()
+            } else {
+                memchr::memrchr(b'\n', &left[..room]).map_or(0, |i| i + 1)
+            };
+            self.drop_lines(&left[fits..]);
+            kept.extend_from_slice(&left[..fits]);
+            lines.clear();
+            lines.shrink_to(RETAIN);
+        }
         // Nothing kept: its buffer is given back.
         self.unwritten = if kept.is_empty() { Vec::new() } else { kept };
-        chunk.clear();
-        chunk.shrink_to(RETAIN);
-        self.chunk = chunk;
+        self.spares = spares;
     }
 
     /// Counts the lines in `bytes` as dropped; returns how many.
@@ -755,7 +752,7 @@ mod tests {
         assert!(capacity > RETAIN && capacity <= MAX_PENDING, "grown, never past the bound: {capacity}");
         writer.drain(&shared);
         writer.drain(&shared);
-        assert!(writer.chunk.capacity() <= RETAIN && shared.pending[0].lock().capacity() <= RETAIN);
+        assert!(writer.spares.iter().all(|s| s.capacity() <= RETAIN) && shared.pending[0].lock().capacity() <= RETAIN);
         assert_eq!(lines(&path), usize::from(n), "every buffered line written");
     }
 
