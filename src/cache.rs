@@ -115,6 +115,21 @@ pub trait CacheStore: Send + Sync {
     fn evictions(&self) -> u64;
 }
 
+/// Hashes the in-process indexes' keys, which are hashes already (a
+/// SHA-256, a seeded fast hash): their first eight bytes.
+type KeyHasher = std::hash::BuildHasherDefault<crate::access::table::PrefixHasher>;
+
+/// quick_cache's options for an index bounded to `max_bytes` in `shards`
+/// shards (a power of two), sized for about `items` of them.
+fn index_options(shards: usize, items: usize, max_bytes: u64) -> quick_cache::Options {
+    quick_cache::OptionsBuilder::new()
+        .shards(shards)
+        .estimated_items_capacity(items)
+        .weight_capacity(max_bytes)
+        .build()
+        .unwrap_or_else(|_| unreachable!("every option is set"))
+}
+
 /// A boxed future, as the shared store's calls return them.
 pub type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 

@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use quick_cache::sync::Cache;
-use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
+use quick_cache::{Lifecycle, Weighter};
 
-use super::{CacheKey, CacheStore, Entry};
-use crate::access::table::PrefixHasher;
+use super::{CacheKey, CacheStore, Entry, KeyHasher};
 
 /// Weighs an entry by its bytes.
 #[derive(Debug, Clone, Copy)]
@@ -42,11 +41,9 @@ impl Lifecycle<CacheKey, Arc<Entry>> for CountEvictions {
     }
 }
 
-type Hasher = std::hash::BuildHasherDefault<PrefixHasher>;
-
 /// Entries in memory, at most `max_bytes` of them by [`Entry::weight`].
 pub struct MemoryStore {
-    entries: Cache<CacheKey, Arc<Entry>, ByBytes, Hasher, CountEvictions>,
+    entries: Cache<CacheKey, Arc<Entry>, ByBytes, KeyHasher, CountEvictions>,
     evictions: Arc<AtomicU64>,
 }
 
@@ -70,13 +67,8 @@ impl MemoryStore {
         let evictions = Arc::clone(&lifecycle.0);
         let items = usize::try_from((max_bytes / TYPICAL_ENTRY).clamp(16, 1 << 22)).unwrap_or(1 << 22);
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let options = OptionsBuilder::new()
-            .shards(shards(max_bytes, max_entry, cores))
-            .estimated_items_capacity(items)
-            .weight_capacity(max_bytes)
-            .build()
-            .unwrap_or_else(|_| unreachable!("every option is set"));
-        let entries = Cache::with_options(options, ByBytes, Hasher::default(), lifecycle);
+        let options = super::index_options(shards(max_bytes, max_entry, cores), items, max_bytes);
+        let entries = Cache::with_options(options, ByBytes, KeyHasher::default(), lifecycle);
         Self { entries, evictions }
     }
 }

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::Bytes;
+use quick_cache::Weighter;
 use quick_cache::sync::Cache;
-use quick_cache::{OptionsBuilder, Weighter};
 
-use super::CacheKey;
-use crate::access::table::{Allowed, PrefixHasher};
+use super::{CacheKey, KeyHasher};
+use crate::access::table::Allowed;
 use crate::telemetry::metrics::ModelMetrics;
 
 /// What a client sent, as far as its plan depends on it (besides the
@@ -149,12 +149,9 @@ impl Weighter<u64, Arc<Remembered>> for ByBytes {
     }
 }
 
-/// The index's keys are already hashes.
-type Hasher = std::hash::BuildHasherDefault<PrefixHasher>;
-
 /// The shortcuts of hot requests, bounded in bytes.
 pub struct Shortcuts {
-    index: Cache<u64, Arc<Remembered>, ByBytes, Hasher>,
+    index: Cache<u64, Arc<Remembered>, ByBytes, KeyHasher>,
     /// Seeded per process: a client cannot aim two requests at one slot
     /// (which would cost it nothing but a shortcut, and others theirs).
     hasher: foldhash::fast::RandomState,
@@ -169,13 +166,8 @@ impl Shortcuts {
     pub fn within(max_bytes: u64) -> Self {
         let max_bytes = budget(max_bytes);
         let items = usize::try_from(max_bytes / SHORTCUT_OVERHEAD).unwrap_or(1 << 12).max(16);
-        let options = OptionsBuilder::new()
-            .shards(SHARDS)
-            .estimated_items_capacity(items)
-            .weight_capacity(max_bytes)
-            .build()
-            .unwrap_or_else(|_| unreachable!("every option is set"));
-        let index = Cache::with_options(options, ByBytes, Hasher::default(), Default::default());
+        let options = super::index_options(SHARDS, items, max_bytes);
+        let index = Cache::with_options(options, ByBytes, KeyHasher::default(), Default::default());
         Self { index, hasher: foldhash::fast::RandomState::default(), any: AtomicBool::new(false), max_bytes }
     }
 
