@@ -5,6 +5,7 @@
 //! at once, here.
 
 use std::future::Future as _;
+use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -102,11 +103,23 @@ fn declared_length(parts: &Parts) -> Option<u64> {
 
 /// Reads the whole body under the cap and the read timeout.
 pub async fn read_whole(body: Incoming, max_body: u64) -> Result<Bytes, ProxyError> {
-    let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
+    let mut limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
+    // A small body usually came in with the head, in one frame: taken as it
+    // is, without a collector's list or the timer (a clock read for its
+    // deadline, a handle to the runtime, and on drop the timer driver's lock,
+    // which every worker shares).
+    let first = match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut limited).poll_frame(cx))).await {
+        Poll::Ready(None) => return Ok(Bytes::new()),
+        Poll::Ready(Some(Err(error))) => return Err(client_body_error(error.as_ref(), max_body)),
+        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            Ok(data) if limited.is_end_stream() => return Ok(data),
+            Ok(data) => Some(data),
+            // Trailers: nothing a body sluice reads holds.
+            Err(_) => None,
+        },
+        Poll::Pending => None,
+    };
     let mut collect = std::pin::pin!(limited.collect());
-    // A small body usually came in with the head: take it without making
-    // the timer (a clock read for its deadline, a handle to the runtime, and
-    // on drop the timer driver's lock, which every worker shares).
     let read = match std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await {
         Poll::Ready(read) => read,
         Poll::Pending => match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
@@ -114,9 +127,16 @@ pub async fn read_whole(body: Incoming, max_body: u64) -> Result<Bytes, ProxyErr
             Ok(read) => read,
         },
     };
-    match read {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) => Err(client_body_error(error.as_ref(), max_body)),
+    match (first, read) {
+        (None, Ok(rest)) => Ok(rest.to_bytes()),
+        (Some(first), Ok(rest)) => {
+            let rest = rest.to_bytes();
+            let mut whole = bytes::BytesMut::with_capacity(first.len() + rest.len());
+            whole.extend_from_slice(&first);
+            whole.extend_from_slice(&rest);
+            Ok(whole.freeze())
+        }
+        (_, Err(error)) => Err(client_body_error(error.as_ref(), max_body)),
     }
 }
 
