@@ -37,7 +37,12 @@ use crate::telemetry::{ConnWatch, End, RequestContext};
 
 /// The gateway as a hyper service for one connection; cheap to clone.
 #[derive(Clone)]
-pub struct Gateway {
+pub struct Gateway(Arc<Connection>);
+
+/// What a connection's requests share. Each request takes a reference to
+/// this, which only the connection's own thread counts, rather than to the
+/// process's state, whose count every core would write to.
+struct Connection {
     shared: Arc<Shared>,
     watch: Arc<ConnWatch>,
 }
@@ -45,7 +50,7 @@ pub struct Gateway {
 impl Gateway {
     /// The service for the connection `watch` watches (and knows the facts of).
     pub fn new(shared: Arc<Shared>, watch: Arc<ConnWatch>) -> Self {
-        Self { shared, watch }
+        Self(Arc::new(Connection { shared, watch }))
     }
 }
 
@@ -55,8 +60,8 @@ impl hyper::service::Service<Request<Incoming>> for Gateway {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let (shared, watch) = (Arc::clone(&self.shared), Arc::clone(&self.watch));
-        Box::pin(async move { Ok(handle(&shared, request, Some(watch)).await) })
+        let conn = Arc::clone(&self.0);
+        Box::pin(async move { Ok(handle(&conn.shared, request, Some(Arc::clone(&conn.watch))).await) })
     }
 }
 
