@@ -12,12 +12,14 @@
 //! find their entry by the bytes the client sent ([`shortcut`]).
 
 pub mod flight;
+pub mod hot;
 pub mod memory;
 pub mod shortcut;
 pub mod wire;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use flight::{FlightGuard, Flights};
+use hot::HotAnswers;
 use shortcut::Shortcuts;
 
 /// The SHA-256 of everything that makes two requests the same.
@@ -85,6 +88,28 @@ impl Entry {
         let end = *self.frame_ends.get(i)? as usize;
         let start = if i == 0 { 0 } else { self.frame_ends[i - 1] as usize };
         Some(self.body.slice(start..end))
+    }
+
+    /// A copy in allocations of its own: its reference counts and its
+    /// bytes' are touched by whoever holds the copy, not the original's.
+    pub fn copy(&self) -> Self {
+        let own = |value: &HeaderValue| {
+            let mut copy = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
+                .unwrap_or_else(|_| value.clone());
+            copy.set_sensitive(value.is_sensitive());
+            copy
+        };
+        Self {
+            body: Bytes::copy_from_slice(&self.body),
+            frame_ends: self.frame_ends.clone(),
+            content_type: self.content_type.as_ref().map(own),
+            content_encoding: self.content_encoding.as_ref().map(own),
+            sse: self.sse,
+            model: self.model.as_deref().map(Arc::from),
+            tokens: self.tokens,
+            stored_at: self.stored_at,
+            ttl: self.ttl,
+        }
     }
 
     /// Whether it is still served at `now`, for a client that accepts answers
@@ -149,7 +174,8 @@ pub trait SharedStore: Send + Sync {
 /// Counters of `sluice_cache_*_total`.
 #[derive(Debug, Default)]
 pub struct CacheCounters {
-    /// Answers served from the cache (single-flight followers included).
+    /// Answers served from the cache (single-flight followers included),
+    /// but for the loops' hot answers ([`ResponseCache::hits`] counts all).
     pub hits: AtomicU64,
     /// Cacheable requests that went upstream.
     pub misses: AtomicU64,
@@ -157,7 +183,8 @@ pub struct CacheCounters {
     pub stores: AtomicU64,
     /// Cacheable requests the client asked to skip the cache for.
     pub bypasses: AtomicU64,
-    /// Hits found by a shortcut, without planning the request (part of `hits`).
+    /// Hits found by a shortcut, without planning the request (part of
+    /// `hits`; [`ResponseCache::shortcut_hits`] counts the hot answers too).
     pub shortcut_hits: AtomicU64,
 }
 
@@ -167,6 +194,9 @@ pub struct ResponseCache {
     shared: Option<Box<dyn SharedStore>>,
     flights: Arc<Flights>,
     shortcuts: Shortcuts,
+    hot: HotAnswers,
+    /// Changes of the store so far (see [`ResponseCache::changes`]).
+    changes: AtomicU64,
     /// Its counters.
     pub counters: CacheCounters,
 }
@@ -178,30 +208,79 @@ impl std::fmt::Debug for ResponseCache {
 }
 
 impl ResponseCache {
-    /// A cache over `store`, with `shortcuts` for its hot requests.
-    pub fn new(store: Box<dyn CacheStore>, shortcuts: Shortcuts) -> Arc<Self> {
-        Self::build(store, shortcuts, None)
-    }
-
-    /// A cache over `store` in front of `shared` (instances sharing Redis).
-    pub fn with_shared(store: Box<dyn CacheStore>, shortcuts: Shortcuts, shared: Box<dyn SharedStore>) -> Arc<Self> {
-        Self::build(store, shortcuts, Some(shared))
+    /// A cache of `max_bytes` in all, answers of up to `max_entry` bytes,
+    /// served on `event_loops` loops, in front of `shared` when instances
+    /// share one: the shortcuts of hot requests and the loops' hot answers
+    /// take their shares of the bound, entries in memory the rest.
+    pub fn within(
+        max_bytes: u64,
+        max_entry: u64,
+        event_loops: usize,
+        shared: Option<Box<dyn SharedStore>>,
+    ) -> Arc<Self> {
+        let shortcuts = Shortcuts::within(max_bytes);
+        let hot_bytes = hot::budget(max_bytes);
+        let store = memory::MemoryStore::new(max_bytes - shortcuts.max_bytes() - hot_bytes, max_entry);
+        Arc::new(Self {
+            store: Box::new(store),
+            shared,
+            flights: Arc::default(),
+            shortcuts,
+            hot: HotAnswers::new(event_loops, hot_bytes),
+            changes: AtomicU64::new(0),
+            counters: CacheCounters::default(),
+        })
     }
 
     /// A cache in this process's memory, bounded to `max_bytes` (for tests).
     #[cfg(test)]
     pub(crate) fn in_memory(max_bytes: u64) -> Arc<Self> {
-        let shortcuts = Shortcuts::within(max_bytes);
-        Self::new(Box::new(memory::MemoryStore::new(max_bytes - shortcuts.max_bytes(), 1 << 10)), shortcuts)
-    }
-
-    fn build(store: Box<dyn CacheStore>, shortcuts: Shortcuts, shared: Option<Box<dyn SharedStore>>) -> Arc<Self> {
-        Arc::new(Self { store, shared, flights: Arc::default(), shortcuts, counters: CacheCounters::default() })
+        Self::within(max_bytes, 1 << 10, 0, None)
     }
 
     /// The shortcuts of hot requests.
     pub fn shortcuts(&self) -> &Shortcuts {
         &self.shortcuts
+    }
+
+    /// The event loops' copies of hot answers.
+    pub fn hot(&self) -> &HotAnswers {
+        &self.hot
+    }
+
+    /// How many times the store changed (an entry stored, removed or
+    /// purged): a hot answer checked at this count is still the store's.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Acquire)
+    }
+
+    /// Whether the store holds the entry at `entry` under `key` (a hot
+    /// answer's source, by address).
+    pub fn holds(&self, key: &CacheKey, entry: *const Entry) -> bool {
+        self.store.get(key).is_some_and(|held| std::ptr::eq(Arc::as_ptr(&held), entry))
+    }
+
+    /// Counts a change of the store (after making it).
+    fn changed(&self) {
+        self.changes.fetch_add(1, Release);
+    }
+
+    /// Forgets every shortcut and hot answer (a purge, or a reload's new
+    /// routing table: they would lead nowhere and only hold their share).
+    pub fn forget_shortcuts(&self) {
+        self.shortcuts.clear();
+        self.hot.clear();
+    }
+
+    /// Answers served from the cache.
+    pub fn hits(&self) -> u64 {
+        self.counters.hits.load(Relaxed) + self.hot.hits()
+    }
+
+    /// Hits found by the bytes the client sent, without planning the
+    /// request (part of [`ResponseCache::hits`]).
+    pub fn shortcut_hits(&self) -> u64 {
+        self.counters.shortcut_hits.load(Relaxed) + self.hot.hits()
     }
 
     /// Whether a store several instances share stands behind this one.
@@ -214,6 +293,7 @@ impl ResponseCache {
     pub async fn lookup_shared(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<Arc<Entry>> {
         let entry = Arc::new(self.shared.as_ref()?.get(*key).await?);
         self.store.insert(*key, Arc::clone(&entry));
+        self.changed();
         entry.fresh(Instant::now(), max_age).then_some(entry)
     }
 
@@ -225,6 +305,7 @@ impl ResponseCache {
         }
         if !entry.fresh(now, None) {
             self.store.remove(key);
+            self.changed();
         }
         None
     }
@@ -233,6 +314,7 @@ impl ResponseCache {
     /// stored a newer one in the shared store).
     pub fn forget(&self, key: &CacheKey) {
         self.store.remove(key);
+        self.changed();
     }
 
     /// The single flights of identical misses.
@@ -242,8 +324,10 @@ impl ResponseCache {
 
     /// Removes every entry (of `model`) held in this process; returns how many.
     pub fn purge(&self, model: Option<&str>) -> u64 {
-        self.shortcuts.clear();
-        self.store.purge(model)
+        let removed = self.store.purge(model);
+        self.changed();
+        self.forget_shortcuts();
+        removed
     }
 
     /// Removes every entry (of `model`) from the shared store, then here,
@@ -265,9 +349,9 @@ impl ResponseCache {
         }
     }
 
-    /// Bytes held, entries and shortcuts, as the bound counts them.
+    /// Bytes held, entries, shortcuts and hot answers, as the bound counts them.
     pub fn bytes(&self) -> u64 {
-        self.store.bytes() + self.shortcuts.bytes()
+        self.store.bytes() + self.shortcuts.bytes() + self.hot.bytes()
     }
 
     /// Entries held.
@@ -285,6 +369,7 @@ impl ResponseCache {
             shared.put(key, Arc::clone(&entry));
         }
         self.store.insert(key, entry);
+        self.changed();
         self.counters.stores.fetch_add(1, Relaxed);
     }
 }

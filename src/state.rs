@@ -19,8 +19,6 @@ use crate::access::limits::TokenTally;
 use crate::access::store::{self, Snapshot, StoreHandle, UsageQueue};
 use crate::access::table::ClientTable;
 use crate::cache::ResponseCache;
-use crate::cache::memory::MemoryStore;
-use crate::cache::shortcut::Shortcuts;
 use crate::cluster::Cluster;
 use crate::cluster::cache::RedisCache;
 use crate::cluster::health::Instance;
@@ -204,17 +202,16 @@ impl Shared {
             .clone()
             .map(|redis| Cluster::new(redis, config.server.event_loops, Arc::clone(clients.news())))
             .transpose()?;
-        // The shortcuts of hot requests take their share of the bound.
-        let shortcuts = Shortcuts::within(config.cache.max_bytes);
-        let memory = Box::new(MemoryStore::new(config.cache.max_bytes - shortcuts.max_bytes(), config.cache.max_entry));
-        let cache = match &cluster {
-            Some(cluster) => ResponseCache::with_shared(
-                memory,
-                shortcuts,
-                Box::new(RedisCache::new(Arc::clone(cluster), tasks.clone())),
-            ),
-            None => ResponseCache::new(memory, shortcuts),
+        let shared_cache: Option<Box<dyn crate::cache::SharedStore>> = match &cluster {
+            Some(cluster) => Some(Box::new(RedisCache::new(Arc::clone(cluster), tasks.clone()))),
+            None => None,
         };
+        let cache = ResponseCache::within(
+            config.cache.max_bytes,
+            config.cache.max_entry,
+            config.server.event_loops,
+            shared_cache,
+        );
         let live = Live::prepare(config, &clients, None, from_store, cluster.as_ref().map(|c| &c.tokens))?;
         let shared = Arc::new(Self {
             live: ArcSwap::from_pointee(live),
@@ -336,7 +333,7 @@ impl Shared {
         self.live.store(Arc::new(next));
         // The new routing table plans afresh: the old table's shortcuts
         // would lead nowhere and only hold their share of the cache.
-        self.cache.shortcuts().clear();
+        self.cache.forget_shortcuts();
         Ok(summary)
     }
 

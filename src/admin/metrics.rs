@@ -101,7 +101,7 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
     }
     let cache = &shared.cache;
     for (name, kind, help, value) in [
-        (metrics::CACHE_HITS, "counter", "Answers served from the response cache.", cache.counters.hits.load(Relaxed)),
+        (metrics::CACHE_HITS, "counter", "Answers served from the response cache.", cache.hits()),
         (metrics::CACHE_MISSES, "counter", "Cacheable requests sent upstream.", cache.counters.misses.load(Relaxed)),
         (
             metrics::CACHE_BYPASSES,
@@ -117,7 +117,7 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
             metrics::CACHE_SHORTCUT_HITS,
             "counter",
             "Cache hits found by the bytes the client sent, without planning the request.",
-            cache.counters.shortcut_hits.load(Relaxed),
+            cache.shortcut_hits(),
         ),
         (
             metrics::CACHE_SHORTCUTS,
@@ -125,6 +125,7 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
             "Shortcuts of hot requests the response cache holds.",
             cache.shortcuts().count(),
         ),
+        (metrics::CACHE_HOT_ANSWERS, "gauge", "Copies of hot answers the event loops hold.", cache.hot().count()),
     ] {
         header(&mut out, name, kind, help);
         line(&mut out, name, &[], value);

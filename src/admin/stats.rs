@@ -98,7 +98,7 @@ fn cache_stats(cache: &ResponseCache, enabled: bool) -> serde_json::Value {
     let c = &cache.counters;
     serde_json::json!({
         "enabled": enabled,
-        "hits": c.hits.load(Relaxed),
+        "hits": cache.hits(),
         "misses": c.misses.load(Relaxed),
         "bypasses": c.bypasses.load(Relaxed),
         "stores": c.stores.load(Relaxed),
@@ -106,6 +106,7 @@ fn cache_stats(cache: &ResponseCache, enabled: bool) -> serde_json::Value {
         "entries": cache.entries(),
         "bytes": cache.bytes(),
         "shortcuts": cache.shortcuts().count(),
-        "shortcut_hits": c.shortcut_hits.load(Relaxed),
+        "shortcut_hits": cache.shortcut_hits(),
+        "hot_answers": cache.hot().count(),
     })
 }

@@ -147,8 +147,7 @@ mod tests {
         assert_eq!(shards(256 << 20, 1 << 20, 64), 32);
         assert_eq!(shards(256 << 20, 1 << 20, 2), 8, "few cores: quick_cache's four a core");
         assert_eq!(shards(1 << 20, 1 << 20, 2), 1, "an entry as large as the cache: one shard");
-        let store = MemoryStore::new(64 << 20, 1 << 20);
-        let cache = ResponseCache::new(Box::new(store), crate::cache::shortcut::Shortcuts::within(64 << 20));
+        let cache = ResponseCache::within(64 << 20, 1 << 20, 0, None);
         put(&cache, 1, 1 << 20, "m");
         assert_eq!(cache.entries(), 1, "a 1 MiB answer is stored");
     }

@@ -44,9 +44,9 @@ pub struct Sent<'a> {
     pub body: &'a [u8],
 }
 
-/// [`Sent`], kept by a shortcut to compare against.
+/// [`Sent`], kept by a shortcut (or a hot answer) to compare against.
 #[derive(Debug)]
-struct Kept {
+pub(super) struct Kept {
     scope: Box<str>,
     budget: bool,
     path: Box<str>,
@@ -55,7 +55,7 @@ struct Kept {
 }
 
 impl Kept {
-    fn of(sent: Sent<'_>) -> Self {
+    pub(super) fn of(sent: Sent<'_>) -> Self {
         Self {
             scope: sent.scope.into(),
             budget: sent.budget,
@@ -66,14 +66,14 @@ impl Kept {
         }
     }
 
-    fn sent(&self) -> Sent<'_> {
+    pub(super) fn sent(&self) -> Sent<'_> {
         Sent { scope: &self.scope, budget: self.budget, path: &self.path, query: &self.query, body: &self.body }
     }
 }
 
 impl Sent<'_> {
     /// Its bytes, as a shortcut keeps them.
-    fn len(&self) -> u64 {
+    pub(super) fn len(&self) -> u64 {
         (self.scope.len() + self.path.len() + self.query.len() + self.body.len()) as u64
     }
 }

@@ -30,6 +30,7 @@ use http::Method;
 
 use crate::access::table::Client;
 use crate::cache::flight::Joined;
+use crate::cache::hot::Check;
 use crate::cache::shortcut::{Sent, Shortcut};
 use crate::cache::{CacheKey, Entry, Fill, KeyBuilder, ResponseCache};
 use crate::config::CacheScope;
@@ -120,22 +121,42 @@ pub fn shortcut(
     }
     let scope = scope(live.config.cache.scope, client);
     let sent = sent(&scope, client, &parts.uri, body);
-    let found = shortcuts.get(shortcuts.hash(&sent), &sent, live.routes.generation);
-    let Some(shortcut) = found.filter(|s| s.permits(client.map(|c| &c.allowed))) else {
-        return Found::Plan(Some(lookout));
-    };
     // `no-store` and `no-cache` are the cache stage's to answer.
     let controls = match Controls::of(&parts.headers) {
         Ok(controls) if !controls.no_store && !controls.no_cache => controls,
         _ => return Found::Plan(Some(lookout)),
     };
-    let now = Instant::now();
-    let Some(entry) = cache.lookup(&shortcut.key, controls.ttl, now) else { return Found::Plan(Some(lookout)) };
+    let hash = shortcuts.hash(&sent);
+    let check = Check {
+        generation: live.routes.generation,
+        allowed: client.map(|c| &c.allowed),
+        now: Instant::now(),
+        max_age: controls.ttl,
+        epoch: cache.changes(),
+    };
+    // This loop's own copy first: nothing another core writes to.
+    if let Some(hot) = cache.hot().find(hash, &sent, &check, |key, entry| cache.holds(key, entry)) {
+        answered_by(&hot.shortcut, ctx);
+        return Found::Answer(replay(hot.answer, check.now, ctx));
+    }
+    let found = shortcuts.get(hash, &sent, check.generation);
+    let Some(shortcut) = found.filter(|s| s.permits(check.allowed)) else {
+        return Found::Plan(Some(lookout));
+    };
+    let Some(entry) = cache.lookup(&shortcut.key, controls.ttl, check.now) else {
+        return Found::Plan(Some(lookout));
+    };
+    cache.hot().offer(hash, sent, &shortcut, &entry, check.epoch);
+    answered_by(&shortcut, ctx);
+    cache.counters.shortcut_hits.fetch_add(1, Relaxed);
+    Found::Answer(hit(cache, entry, check.now, ctx))
+}
+
+/// What a request answered by `shortcut` records of its plan.
+fn answered_by(shortcut: &Shortcut, ctx: &mut RequestContext) {
     ctx.stream = shortcut.stream;
     ctx.model = shortcut.model.clone();
     ctx.max_tokens_capped = shortcut.capped;
-    cache.counters.shortcut_hits.fetch_add(1, Relaxed);
-    Found::Answer(hit(cache, entry, now, ctx))
 }
 
 /// What a client sent, as a shortcut knows it.
@@ -261,20 +282,26 @@ fn scope(scope: CacheScope, client: Option<&Client>) -> Cow<'static, str> {
     }
 }
 
-/// The answer from a stored entry: its status and type, its frames as they
-/// came, and how old it is at `now`.
+/// The answer from a stored entry, counted as a hit.
 fn hit(cache: &ResponseCache, entry: Arc<Entry>, now: Instant, ctx: &mut RequestContext) -> Response<SluiceBody> {
     cache.counters.hits.fetch_add(1, Relaxed);
+    replay(entry, now, ctx)
+}
+
+/// The answer from a stored entry (or a loop's copy of one): its status and
+/// type, its frames as they came, and how old it is at `now`.
+fn replay(entry: Arc<Entry>, now: Instant, ctx: &mut RequestContext) -> Response<SluiceBody> {
     ctx.cache = Some(CacheStatus::Hit);
     ctx.cached_tokens = entry.tokens;
     let age = now.saturating_duration_since(entry.stored_at).as_secs();
-    let mut response = Response::new(SluiceBody::Replay { entry: Arc::clone(&entry), next: 0 });
+    let (content_type, encoding) = (entry.content_type.clone(), entry.content_encoding.clone());
+    let mut response = Response::new(SluiceBody::Replay { entry, next: 0 });
     let headers = response.headers_mut();
-    if let Some(content_type) = &entry.content_type {
-        headers.insert(CONTENT_TYPE, content_type.clone());
+    if let Some(content_type) = content_type {
+        headers.insert(CONTENT_TYPE, content_type);
     }
-    if let Some(encoding) = &entry.content_encoding {
-        headers.insert(CONTENT_ENCODING, encoding.clone());
+    if let Some(encoding) = encoding {
+        headers.insert(CONTENT_ENCODING, encoding);
     }
     headers.insert(AGE, HeaderValue::from(age));
     response

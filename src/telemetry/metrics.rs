@@ -69,6 +69,8 @@ pub const CACHE_ENTRIES: &str = "sluice_cache_entries";
 pub const CACHE_SHORTCUT_HITS: &str = "sluice_cache_shortcut_hits_total";
 /// Gauge: shortcuts of hot requests held.
 pub const CACHE_SHORTCUTS: &str = "sluice_cache_shortcuts";
+/// Gauge: copies of hot answers the event loops hold.
+pub const CACHE_HOT_ANSWERS: &str = "sluice_cache_hot_answers";
 /// Redis operations that failed or ran past `[redis] timeout`.
 pub const REDIS_ERRORS: &str = "sluice_redis_errors_total";
 /// 1 while the shared Redis answers.

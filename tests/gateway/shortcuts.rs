@@ -3,12 +3,15 @@
 //! the same entry: under the same routing table, for a key granted the
 //! model, for a client whose plan is the same, on a route with one target.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use crate::support::{
-    ADMIN_TOKEN, CLIENT_KEY, Harness, Opts, Reply, config_text, h1_client, h2_client, sample, scrape_at,
+    ADMIN_TOKEN, CLIENT_KEY, Harness, Opts, Reply, advance_clock, config_text, h1_client, h2_client, sample, scrape_at,
+    send,
 };
 
 const CHAT: &str = r#"{"model":"plain","messages":[{"role":"user","content":"hi"}]}"#;
@@ -104,10 +107,12 @@ async fn a_reload_that_changes_the_plan_is_not_answered_by_the_old_entry() {
 #[tokio::test]
 async fn a_key_not_granted_the_model_is_refused_however_hot_the_request() {
     let h = cached("[[clients]]\nname = \"minis\"\nkey = \"sk-minis\"\nmodels = [\"mini\"]\n").await;
-    for expected in ["miss", "hit", "hit"] {
+    // Hot enough for a copy of the answer, and served from it.
+    for expected in ["miss", "hit", "hit", "hit", "hit"] {
         assert_eq!(label(&h.chat(CHAT).await), expected);
     }
-    assert_eq!(cache_stats(&h).await["shortcut_hits"], 1);
+    let cache = cache_stats(&h).await;
+    assert_eq!((cache["shortcut_hits"].as_u64(), cache["hot_answers"].as_u64()), (Some(3), Some(1)), "{cache}");
     // The global scope shares the entry, not the grant.
     let refused = h.send(as_key(&h, "sk-minis", CHAT)).await;
     assert_eq!((refused.status, refused.error_code().as_str()), (StatusCode::FORBIDDEN, "model_not_allowed"));
@@ -115,7 +120,7 @@ async fn a_key_not_granted_the_model_is_refused_however_hot_the_request() {
     for expected in ["miss", "hit", "hit"] {
         assert_eq!(label(&h.send(as_key(&h, "sk-minis", granted)).await), expected);
     }
-    assert_eq!(cache_stats(&h).await["shortcut_hits"], 2);
+    assert_eq!(cache_stats(&h).await["shortcut_hits"], 4);
 }
 
 #[tokio::test]
@@ -171,10 +176,64 @@ async fn a_shortcut_stays_within_its_scope() {
         "scope = \"key\"\n[[clients]]\nname = \"a\"\nkey = \"sk-a\"\n[[clients]]\nname = \"b\"\nkey = \"sk-b\"\n",
     )
     .await;
-    for expected in ["miss", "hit", "hit"] {
+    for expected in ["miss", "hit", "hit", "hit", "hit"] {
         assert_eq!(label(&h.send(as_key(&h, "sk-a", CHAT)).await), expected);
     }
-    assert_eq!(cache_stats(&h).await["shortcut_hits"], 1);
+    let cache = cache_stats(&h).await;
+    assert_eq!((cache["shortcut_hits"].as_u64(), cache["hot_answers"].as_u64()), (Some(3), Some(1)), "{cache}");
     assert_eq!(label(&h.send(as_key(&h, "sk-b", CHAT)).await), "miss", "b never reaches a's entry");
+    assert_eq!(chats(&h), 2);
+}
+
+#[tokio::test]
+async fn a_hot_answer_is_served_only_while_the_store_holds_what_it_copied() {
+    let h = cached("ttl = \"60s\"").await;
+    let first = h.chat(CHAT).await;
+    // The first hit remembers a shortcut, the second copies the answer for
+    // the loop it runs on, the rest are served from that copy.
+    for _ in 0..4 {
+        let reply = h.chat(CHAT).await;
+        assert_eq!((label(&reply), &reply.body), ("hit", &first.body));
+    }
+    let cache = cache_stats(&h).await;
+    assert_eq!(cache["hot_answers"], 1, "{cache}");
+    assert_eq!((cache["hits"].as_u64(), cache["shortcut_hits"].as_u64()), (Some(4), Some(3)), "{cache}");
+    let scrape = scrape_at(h.gateway.addr).await;
+    assert_eq!(sample(&scrape, "sluice_cache_hits_total", &[]), 4.0);
+    assert_eq!(sample(&scrape, "sluice_cache_hot_answers", &[]), 1.0);
+    // A refresh stores another answer (the mock numbers its ids): the copy
+    // of the one it replaced is not served again.
+    let refresh = h.post("/v1/chat/completions").header("cache-control", "no-cache").body(Full::new(Bytes::from(CHAT)));
+    let refreshed = h.send(refresh.unwrap()).await;
+    assert_eq!(label(&refreshed), "bypass");
+    assert_ne!(refreshed.body, first.body);
+    for _ in 0..3 {
+        let reply = h.chat(CHAT).await;
+        assert_eq!((label(&reply), &reply.body), ("hit", &refreshed.body));
+    }
+    assert_eq!(chats(&h), 2);
+    // Past the entry's TTL, its copy is as stale as the entry. (A connection
+    // of its own: moving the clock closes idle pooled ones.)
+    advance_clock(Duration::from_secs(61)).await;
+    let request = h.post("/v1/chat/completions").body(Full::new(Bytes::from(CHAT))).unwrap();
+    assert_eq!(label(&send(&h1_client(), request).await), "miss");
+    assert_eq!(chats(&h), 3);
+}
+
+#[tokio::test]
+async fn a_purge_takes_the_hot_answers_with_the_entries() {
+    let h = cached("").await;
+    for expected in ["miss", "hit", "hit", "hit"] {
+        assert_eq!(label(&h.chat(CHAT).await), expected);
+    }
+    assert_eq!(cache_stats(&h).await["hot_answers"], 1);
+    let purge = Request::post(h.url("/admin/cache/purge"))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h.send(purge).await.status, StatusCode::OK);
+    let cache = cache_stats(&h).await;
+    assert_eq!((cache["hot_answers"].as_u64(), cache["bytes"].as_u64()), (Some(0), Some(0)), "{cache}");
+    assert_eq!(label(&h.chat(CHAT).await), "miss");
     assert_eq!(chats(&h), 2);
 }

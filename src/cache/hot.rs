@@ -1,0 +1,376 @@
+//! Hot answers: each event loop's own copy of the answers its hottest
+//! requests get, so that a repeated request is answered without touching
+//! memory another core writes to.
+//!
+//! Two cores serving one hot entry from the shared store and the shortcut
+//! index contend on every shared write a hit makes: the index shard's lock,
+//! the shortcut's and the entry's reference counts, the count of each frame
+//! handed out. perf put two thirds of those lookups' time in the atomic
+//! instructions. A hot answer is a copy (what was sent, the shortcut, the
+//! entry's bytes) in a small table of the loop's own, behind a lock only that
+//! loop takes, except for a purge or `/stats`.
+//!
+//! A copy is made on the second shortcut hit of a request in a table slot's
+//! turn, never on a miss. It is served only while what it was copied from
+//! is what the store holds: the store's changes are counted
+//! ([`ResponseCache`]'s epoch), and a copy checked at an older count asks
+//! the store once, by key, whether its entry is still the one there. It
+//! holds only under its shortcut's routing table, for a key its model grant
+//! permits, while its entry is fresh. The tables are bounded in bytes and
+//! take them out of `[cache] max_bytes`.
+//!
+//! [`ResponseCache`]: super::ResponseCache
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::shortcut::{Kept, Sent, Shortcut};
+use super::{CacheKey, Entry};
+use crate::access::table::Allowed;
+use crate::tasks::loops;
+
+/// Slots in a loop's table (direct-mapped by the request's fast hash).
+const SLOTS: usize = 16;
+
+/// What a copy costs beyond what was sent and the entry's own weight: the
+/// slot, what was sent in its allocations, and the entry's `Arc` the weak
+/// handle keeps allocated.
+const HOT_OVERHEAD: u64 = 512;
+
+/// One hot answer.
+#[derive(Debug)]
+struct Hot {
+    hash: u64,
+    sent: Kept,
+    shortcut: Arc<Shortcut>,
+    /// The store's entry this is a copy of: compared by address (the weak
+    /// handle keeps the address from being reused), never upgraded.
+    source: Weak<Entry>,
+    /// The copy, in allocations of this loop's own.
+    answer: Arc<Entry>,
+    /// The store's change count when `source` was last seen in it.
+    epoch: u64,
+    weight: u64,
+}
+
+/// A slot: its hot answer, and the hash of the last request that found
+/// the slot taken by another (its second hit takes the slot).
+#[derive(Debug, Default)]
+struct Slot {
+    hot: Option<Hot>,
+    candidate: u64,
+}
+
+/// One loop's table.
+#[derive(Debug)]
+struct Table {
+    slots: Vec<Slot>,
+    bytes: u64,
+    /// Answers served from this table.
+    hits: u64,
+    /// Where room is made when a copy does not fit: the slot after the
+    /// last one emptied so.
+    hand: usize,
+}
+
+impl Table {
+    fn new() -> Self {
+        Self { slots: (0..SLOTS).map(|_| Slot::default()).collect(), bytes: 0, hits: 0, hand: 0 }
+    }
+
+    fn take(&mut self, slot: usize) -> Option<Hot> {
+        let hot = self.slots[slot].hot.take()?;
+        self.bytes -= hot.weight;
+        Some(hot)
+    }
+
+    fn clear(&mut self) {
+        for slot in 0..SLOTS {
+            self.take(slot);
+        }
+    }
+}
+
+/// A table on a cache line of its own.
+#[repr(align(128))]
+#[derive(Debug)]
+struct PerLoop(Mutex<Table>);
+
+impl PerLoop {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding it leaves the table consistent: slots and
+        // bytes change together.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Every loop's table of hot answers (and one for the threads that are no
+/// loop's).
+#[derive(Debug)]
+pub struct HotAnswers {
+    tables: Box<[PerLoop]>,
+    per_table: u64,
+}
+
+/// What a hot answer is checked against, besides the store.
+pub struct Check<'a> {
+    /// The routing table's generation.
+    pub generation: u64,
+    /// The key's model grant (`None`: every model).
+    pub allowed: Option<&'a Allowed>,
+    /// Now, on tokio's clock.
+    pub now: Instant,
+    /// The oldest answer the request accepts (`x-sluice-cache-ttl`).
+    pub max_age: Option<Duration>,
+    /// The store's change count now.
+    pub epoch: u64,
+}
+
+/// A hot answer found for a request.
+pub struct Found {
+    /// The shortcut it was copied with.
+    pub shortcut: Arc<Shortcut>,
+    /// The copy of the entry.
+    pub answer: Arc<Entry>,
+}
+
+/// The bytes of `[cache] max_bytes` the tables take: 1/64 of it, at most
+/// 1 MiB, at least 16 KiB, at most a quarter of a smaller cache.
+pub fn budget(max_bytes: u64) -> u64 {
+    (max_bytes / 64).clamp(16 << 10, 1 << 20).min(max_bytes / 4)
+}
+
+impl HotAnswers {
+    /// Tables for `event_loops` loops (and the other threads), sharing `budget` bytes.
+    pub fn new(event_loops: usize, budget: u64) -> Self {
+        let tables: Box<[PerLoop]> = (0..=event_loops).map(|_| PerLoop(Mutex::new(Table::new()))).collect();
+        let per_table = budget / tables.len() as u64;
+        Self { tables, per_table }
+    }
+
+    /// The hot answer to `sent` (whose fast hash is `hash`) on the calling
+    /// thread's loop, if one holds by `check`; `current` says whether the
+    /// store still holds the entry at an address under a key (asked only
+    /// when the store changed since the copy was last checked). A copy that
+    /// no longer holds (another routing table, a stale or replaced entry)
+    /// is let go.
+    pub fn find(
+        &self,
+        hash: u64,
+        sent: &Sent<'_>,
+        check: &Check<'_>,
+        current: impl FnOnce(&CacheKey, *const Entry) -> bool,
+    ) -> Option<Found> {
+        let mut table = loops::here(&self.tables).lock();
+        let slot = hash as usize % SLOTS;
+        let hot = table.slots[slot].hot.as_mut().filter(|hot| hot.hash == hash && hot.sent.sent() == *sent)?;
+        if !hot.shortcut.permits(check.allowed) {
+            return None;
+        }
+        let holds = hot.shortcut.generation == check.generation
+            && hot.answer.fresh(check.now, check.max_age)
+            && (hot.epoch == check.epoch || current(&hot.shortcut.key, hot.source.as_ptr()));
+        if !holds {
+            // Not necessarily stale for another client's `x-sluice-cache-ttl`,
+            // but the planned way finds it as cheaply and copies it again.
+            table.take(slot);
+            return None;
+        }
+        hot.epoch = check.epoch;
+        let found = Found { shortcut: Arc::clone(&hot.shortcut), answer: Arc::clone(&hot.answer) };
+        table.hits += 1;
+        Some(found)
+    }
+
+    /// Copies `entry` for `sent` into the calling thread's table, when its
+    /// slot is free or this is the second request in a row to want it
+    /// there; `epoch` is the store's change count read before `entry` was
+    /// looked up. A copy heavier than half a table is not made.
+    pub fn offer(&self, hash: u64, sent: Sent<'_>, shortcut: &Arc<Shortcut>, entry: &Arc<Entry>, epoch: u64) {
+        let weight = HOT_OVERHEAD + sent.len() + entry.weight();
+        if weight > self.per_table / 2 {
+            return;
+        }
+        let mut table = loops::here(&self.tables).lock();
+        let slot = hash as usize % SLOTS;
+        let taken = table.slots[slot].hot.as_ref().is_some_and(|hot| hot.hash != hash);
+        if taken && std::mem::replace(&mut table.slots[slot].candidate, hash) != hash {
+            return;
+        }
+        table.take(slot);
+        while table.bytes + weight > self.per_table {
+            let victim = table.hand;
+            table.hand = (victim + 1) % SLOTS;
+            table.take(victim);
+        }
+        let hot = Hot {
+            hash,
+            sent: Kept::of(sent),
+            shortcut: Arc::clone(shortcut),
+            source: Arc::downgrade(entry),
+            answer: Arc::new(entry.copy()),
+            epoch,
+            weight,
+        };
+        table.bytes += weight;
+        table.slots[slot] = Slot { hot: Some(hot), candidate: 0 };
+    }
+
+    /// Lets every copy go (a purge, a reload).
+    pub fn clear(&self) {
+        for table in &self.tables {
+            table.lock().clear();
+        }
+    }
+
+    /// Answers served from the tables.
+    pub fn hits(&self) -> u64 {
+        self.tables.iter().map(|t| t.lock().hits).sum()
+    }
+
+    /// Copies held.
+    pub fn count(&self) -> u64 {
+        self.tables.iter().map(|t| t.lock().slots.iter().filter(|s| s.hot.is_some()).count() as u64).sum()
+    }
+
+    /// Bytes held, as the bound counts them.
+    pub fn bytes(&self) -> u64 {
+        self.tables.iter().map(|t| t.lock().bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::cache::{Fill, ResponseCache};
+
+    /// An answer of `len` bytes stored under `[key; 32]`, as the store holds it.
+    fn stored(cache: &Arc<ResponseCache>, key: u8, len: usize) -> Arc<Entry> {
+        let fill = Fill::new(Arc::clone(cache), [key; 32], Duration::from_secs(60), 1 << 20, None, None);
+        let mut recorder = fill.record(None, None, false);
+        recorder.saw(&Bytes::from(vec![key; len]));
+        recorder.finish(None);
+        cache.lookup(&[key; 32], None, Instant::now()).unwrap()
+    }
+
+    fn shortcut(key: u8, route: &str) -> Arc<Shortcut> {
+        Arc::new(Shortcut {
+            generation: 1,
+            key: [key; 32],
+            route: route.into(),
+            requested: route.into(),
+            model: None,
+            stream: false,
+            capped: None,
+        })
+    }
+
+    fn sent(body: &[u8]) -> Sent<'_> {
+        Sent { scope: "*", budget: false, path: "/v1/chat/completions", query: "", body }
+    }
+
+    fn check(epoch: u64) -> Check<'static> {
+        Check { generation: 1, allowed: None, now: Instant::now(), max_age: None, epoch }
+    }
+
+    #[test]
+    fn a_copy_is_served_on_its_own_loop_from_allocations_of_its_own() {
+        let cache = ResponseCache::in_memory(64 << 20);
+        let entry = stored(&cache, 1, 100);
+        let hot = HotAnswers::new(2, 1 << 20);
+        let (body, epoch) = (sent(b"{}"), cache.changes());
+        loops::as_loop(0, || hot.offer(7, body, &shortcut(1, "m"), &entry, epoch));
+        let unasked = |_: &CacheKey, _: *const Entry| -> bool { unreachable!("the store did not change") };
+        let found = loops::as_loop(0, || hot.find(7, &body, &check(epoch), unasked)).expect("a copy");
+        assert!(!Arc::ptr_eq(&found.answer, &entry));
+        let (copy, original) = (found.answer.frame(0).unwrap(), entry.frame(0).unwrap());
+        assert_eq!(copy, original);
+        assert_ne!(copy.as_ptr(), original.as_ptr(), "its bytes are its own");
+        assert_eq!((found.answer.stored_at, found.answer.ttl), (entry.stored_at, entry.ttl));
+        assert!(loops::as_loop(1, || hot.find(7, &body, &check(epoch), unasked)).is_none(), "another loop's");
+        assert!(hot.find(7, &body, &check(epoch), unasked).is_none(), "the workers' table");
+        // What was sent must be equal, not just hash alike.
+        assert!(loops::as_loop(0, || hot.find(7, &sent(b"{ }"), &check(epoch), unasked)).is_none());
+        assert_eq!((hot.hits(), hot.count()), (1, 1));
+        hot.clear();
+        assert_eq!((hot.count(), hot.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_copy_holds_while_the_store_holds_what_it_copied() {
+        let cache = ResponseCache::in_memory(64 << 20);
+        let entry = stored(&cache, 1, 100);
+        let hot = HotAnswers::new(0, 1 << 20);
+        let body = sent(b"{}");
+        hot.offer(7, body, &shortcut(1, "m"), &entry, cache.changes());
+        // Another entry stored: the store changed, but still holds this one.
+        stored(&cache, 2, 100);
+        let asked = Cell::new(0);
+        let current = |key: &CacheKey, at: *const Entry| {
+            asked.set(asked.get() + 1);
+            cache.holds(key, at)
+        };
+        assert!(hot.find(7, &body, &check(cache.changes()), current).is_some());
+        assert!(hot.find(7, &body, &check(cache.changes()), current).is_some());
+        assert_eq!(asked.get(), 1, "asked once a change");
+        // Its own entry replaced (a refresh): the copy is let go.
+        let replaced = stored(&cache, 1, 100);
+        assert!(!Arc::ptr_eq(&replaced, &entry));
+        assert!(hot.find(7, &body, &check(cache.changes()), current).is_none());
+        assert_eq!((asked.get(), hot.count()), (2, 0));
+    }
+
+    #[test]
+    fn a_copy_holds_under_its_routing_table_for_keys_granted_its_model_while_fresh() {
+        let cache = ResponseCache::in_memory(64 << 20);
+        let entry = stored(&cache, 1, 100);
+        let hot = HotAnswers::new(0, 1 << 20);
+        let (body, epoch) = (sent(b"{}"), cache.changes());
+        let offer = || hot.offer(7, body, &shortcut(1, "m"), &entry, epoch);
+        let holds = |check: &Check<'_>| hot.find(7, &body, check, |_, _| true).is_some();
+        offer();
+        let other: Allowed = Allowed::Only(["n".into()].into_iter().collect());
+        assert!(!holds(&Check { allowed: Some(&other), ..check(epoch) }), "not granted");
+        assert!(holds(&check(epoch)), "still held for the keys that are");
+        assert!(!holds(&Check { max_age: Some(Duration::ZERO), ..check(epoch) }), "older than the client takes");
+        offer();
+        assert!(!holds(&Check { now: Instant::now() + Duration::from_secs(60), ..check(epoch) }), "past its TTL");
+        offer();
+        assert!(!holds(&Check { generation: 2, ..check(epoch) }), "a reload's table plans afresh");
+        assert_eq!(hot.count(), 0);
+    }
+
+    #[test]
+    fn a_taken_slot_goes_to_a_second_request_in_a_row_and_the_tables_stay_in_their_bound() {
+        let cache = ResponseCache::in_memory(64 << 20);
+        let (a, b) = (stored(&cache, 1, 100), stored(&cache, 2, 100));
+        let hot = HotAnswers::new(0, 64 << 10);
+        let (one, two) = (sent(b"1"), sent(b"2"));
+        let epoch = cache.changes();
+        // 1 and 17 share a slot.
+        hot.offer(1, one, &shortcut(1, "m"), &a, epoch);
+        hot.offer(17, two, &shortcut(2, "m"), &b, epoch);
+        assert!(hot.find(1, &one, &check(epoch), |_, _| true).is_some(), "one offer does not take it");
+        hot.offer(17, two, &shortcut(2, "m"), &b, epoch);
+        assert!(hot.find(17, &two, &check(epoch), |_, _| true).is_some(), "two in a row do");
+        assert!(hot.find(1, &one, &check(epoch), |_, _| true).is_none());
+        // Heavy answers in every slot: the oldest make room; one heavier than
+        // half the table is not copied.
+        let heavy = stored(&cache, 3, 20 << 10);
+        for hash in 0..SLOTS as u64 {
+            hot.offer(hash, one, &shortcut(3, "m"), &heavy, epoch);
+            assert!(hot.bytes() <= 64 << 10, "{} bytes", hot.bytes());
+        }
+        assert!(hot.count() >= 2);
+        let too_heavy = stored(&cache, 4, 32 << 10);
+        hot.clear();
+        hot.offer(5, one, &shortcut(4, "m"), &too_heavy, epoch);
+        assert_eq!(hot.count(), 0);
+    }
+}
