@@ -224,7 +224,7 @@ async fn handle_inner(
     ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
     // One snapshot per request, kept until the request (and its body) is done.
-    let live = shared.live.load_full();
+    let live = shared.live.load();
     ctx.overhead_header = live.config.server.overhead_header;
     check_path(request.uri().path())?;
     let request = seed_alias(request, ctx)?;

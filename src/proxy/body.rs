@@ -140,7 +140,7 @@ impl Meter {
     /// counts an SSE stream as open.
     pub fn new(ctx: RequestContext, key: Option<Arc<str>>, lease: Option<KeyLease>, status: u16, sse: bool) -> Self {
         if sse {
-            ctx.telemetry.metrics.streams_open.fetch_add(1, Relaxed);
+            ctx.telemetry().metrics.streams_open.fetch_add(1, Relaxed);
         }
         Self {
             ctx,
@@ -203,7 +203,7 @@ impl Meter {
 impl Drop for Meter {
     fn drop(&mut self) {
         self.client_took();
-        let telemetry = &self.ctx.telemetry;
+        let telemetry = self.ctx.telemetry();
         if self.sse {
             telemetry.metrics.streams_open.fetch_sub(1, Relaxed);
         }

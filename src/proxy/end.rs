@@ -21,7 +21,7 @@ pub fn finish(ctx: &RequestContext, end: End<'_>) {
             cached: ctx.cache == Some(CacheStatus::Hit),
         });
     }
-    ctx.telemetry.finish(ctx, end);
+    ctx.telemetry().finish(ctx, end);
 }
 
 /// Tokens charged for an answer cut off before its usage arrived (the client

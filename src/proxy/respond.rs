@@ -40,7 +40,7 @@ pub fn respond(
         parts.headers.remove(CONTENT_LENGTH);
     }
     let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
-    ctx.telemetry.metrics.overhead.observe(overhead);
+    ctx.telemetry().metrics.overhead.observe(overhead);
     if ctx.overhead_header {
         parts.headers.insert(OVERHEAD_HEADER, HeaderValue::from(overhead.as_micros() as u64));
     }

@@ -108,7 +108,7 @@ pub async fn send(prepared: Prepared, ctx: &mut RequestContext) -> Result<Respon
             // answer: one sent with none would be generated and billed unread.
             && (req.stream || remaining_total(&next.upstream, ctx.started) >= min_attempt_wait(&next.upstream))
         {
-            ctx.telemetry.metrics.fallen_back(why);
+            ctx.telemetry().metrics.fallen_back(why);
             tracing::info!(
                 request_id = ctx.request_id.to_str().unwrap_or("-"),
                 from = %upstream.name,

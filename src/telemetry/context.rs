@@ -147,8 +147,6 @@ pub struct RequestContext {
     /// The connection the request came on, with its facts (`None` for
     /// internal requests: probes, `sluice chat`).
     pub watch: Option<Arc<ConnWatch>>,
-    /// Where the request is recorded.
-    pub telemetry: Arc<Telemetry>,
     /// The authenticated client: how logs name it, and who is charged.
     pub client: Option<Arc<dyn Account>>,
     /// The `x-ratelimit-*` values of the answer, when the client's key is limited.
@@ -194,7 +192,7 @@ pub struct InFlight(Arc<Telemetry>, Option<Arc<ConnWatch>>);
 
 impl InFlight {
     fn new(telemetry: Arc<Telemetry>, watch: Option<Arc<ConnWatch>>) -> Arc<Self> {
-        telemetry.metrics.in_flight.fetch_add(1, Relaxed);
+        telemetry.metrics.in_flight.add(1);
         if let Some(watch) = &watch {
             watch.begin_request();
         }
@@ -204,7 +202,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.metrics.in_flight.fetch_sub(1, Relaxed);
+        self.0.metrics.in_flight.add(-1);
         if let Some(watch) = &self.1 {
             watch.end_request();
         }
@@ -212,11 +210,17 @@ impl Drop for InFlight {
 }
 
 impl RequestContext {
+    /// Where the request is recorded (held by its in-flight count: one
+    /// reference to the process's telemetry a request, not two).
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.in_flight.0
+    }
+
     /// The context of a request that just arrived on the connection `watch`
     /// watches (`None` for internal requests).
     pub fn new<B>(telemetry: Arc<Telemetry>, request: &Request<B>, watch: Option<Arc<ConnWatch>>) -> Self {
         Self {
-            in_flight: InFlight::new(Arc::clone(&telemetry), watch.clone()),
+            in_flight: InFlight::new(telemetry, watch.clone()),
             watch,
             request_id: ids::request_id(request.headers()),
             started: Instant::now(),
@@ -224,7 +228,6 @@ impl RequestContext {
             method: request.method().clone(),
             path: Arc::from(request.uri().path()),
             endpoint: Endpoint::of(request.uri().path()),
-            telemetry,
             client: None,
             rate: None,
             tenant: false,

@@ -372,7 +372,7 @@ pub struct Metrics {
     /// sluice's own time per request.
     pub overhead: Histogram,
     /// Requests in flight.
-    pub in_flight: AtomicI64,
+    pub in_flight: SpreadGauge,
     /// SSE streams open.
     pub streams_open: AtomicI64,
     /// Attempts after the first, by [`RetryReason`] (indexed by its position).
@@ -385,6 +385,32 @@ pub struct Metrics {
     pub rejections: Rejections,
     /// Requests moved on to a model's next target, by [`FallbackOn`] (its position).
     pub fallbacks: [AtomicU64; FallbackOn::ALL.len()],
+}
+
+/// A gauge every request moves: a counter a thread slot (each event loop
+/// its own, each on a cache line of its own), summed when read. One shared
+/// counter was a cache line two cores wrote to twice a request.
+#[derive(Debug, Default)]
+pub struct SpreadGauge([Slot; SPREAD]);
+
+/// Slots of a [`SpreadGauge`]: loop `n` moves slot `(n + 1) % SPREAD`, the
+/// runtime's workers slot 0.
+const SPREAD: usize = 16;
+
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Slot(AtomicI64);
+
+impl SpreadGauge {
+    /// Moves the gauge by `n` (from any thread: the sum stays exact).
+    pub fn add(&self, n: i64) {
+        self.0[crate::tasks::loops::current() % SPREAD].0.fetch_add(n, Relaxed);
+    }
+
+    /// The gauge's value.
+    pub fn get(&self) -> i64 {
+        self.0.iter().map(|slot| slot.0.load(Relaxed)).sum()
+    }
 }
 
 /// `sluice_client_rejections_total{reason}`.
@@ -413,7 +439,7 @@ impl Default for Metrics {
         Self {
             unrouted: ModelMetrics::new("-", "-"),
             overhead: Histogram::default(),
-            in_flight: AtomicI64::new(0),
+            in_flight: SpreadGauge::default(),
             streams_open: AtomicI64::new(0),
             retries: Default::default(),
             failovers: AtomicU64::new(0),
@@ -505,7 +531,7 @@ impl Metrics {
         }
         self.overhead.render(OVERHEAD, "Time spent in sluice itself, upstream waits excluded.", out);
         header(out, IN_FLIGHT, "gauge", "Requests being served, the scrape itself not counted.");
-        line(out, IN_FLIGHT, &[], (self.in_flight.load(Relaxed) - 1).max(0));
+        line(out, IN_FLIGHT, &[], (self.in_flight.get() - 1).max(0));
         header(out, STREAMS_OPEN, "gauge", "SSE streams open.");
         line(out, STREAMS_OPEN, &[], self.streams_open.load(Relaxed));
         header(out, RETRIES, "counter", "Upstream attempts after the first of a request, by cause.");
@@ -543,6 +569,23 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spread_gauge_sums_what_every_thread_moved() {
+        let gauge = SpreadGauge::default();
+        // A request counted in on one loop may be counted out on another thread.
+        crate::tasks::loops::as_loop(0, || gauge.add(1));
+        crate::tasks::loops::as_loop(20, || gauge.add(1));
+        gauge.add(-1);
+        assert_eq!(gauge.get(), 1);
+        crate::tasks::loops::as_loop(0, || gauge.add(-1));
+        assert_eq!(gauge.get(), 0);
+        assert_ne!(
+            std::ptr::from_ref(&gauge.0[1]).addr() / 128,
+            std::ptr::from_ref(&gauge.0[2]).addr() / 128,
+            "each slot on a line of its own"
+        );
+    }
 
     #[test]
     fn routes_and_statuses_are_closed_sets() {

@@ -147,10 +147,8 @@ async fn errors_and_cut_streams_are_never_stored() {
         let response = h.h1.request(cut()).await.unwrap();
         let _ = response.into_body().collect().await;
     }
-    crate::support::eventually("both cut streams ended", || {
-        h.gateway.shared.telemetry.metrics.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
-    })
-    .await;
+    crate::support::eventually("both cut streams ended", || h.gateway.shared.telemetry.metrics.in_flight.get() == 0)
+        .await;
     assert_eq!(chats(&h), 4);
     let third = h.h1.request(cut()).await.unwrap();
     assert_eq!(third.headers()["x-sluice-cache"], "miss", "a cut stream is not stored");

@@ -237,7 +237,7 @@ async fn a_client_that_stops_reading_releases_the_upstream() {
     };
     eventually("the key was released", || leased() == 0).await;
     let in_flight = &h.gateway.shared.telemetry.metrics.in_flight;
-    eventually("the request was recorded", || in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0).await;
+    eventually("the request was recorded", || in_flight.get() == 0).await;
     drop(response);
     assert_eq!(h.chat(CHAT).await.status, StatusCode::OK, "the listener still serves");
 }

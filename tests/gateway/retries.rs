@@ -253,7 +253,7 @@ async fn client_failures_never_count_against_keys_or_breakers(t: Transport) {
         drop(stream);
     }
     crate::support::eventually("the broken uploads were recorded", || {
-        h.gateway.shared.telemetry.metrics.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+        h.gateway.shared.telemetry.metrics.in_flight.get() == 0
     })
     .await;
     let health = h.health().await;

@@ -88,7 +88,7 @@ pub(super) async fn attempt(
     fill: &mut Option<Fill>,
     ctx: &mut RequestContext,
 ) -> Result<Tried, ProxyError> {
-    let telemetry = Arc::clone(&ctx.telemetry);
+    let telemetry = Arc::clone(ctx.telemetry());
     let metrics = &telemetry.metrics;
     let probe = match upstream.breaker.admit(now_ms()) {
         Admission::Allowed => None,
