@@ -534,21 +534,25 @@ impl Writer {
 #[derive(Default)]
 struct Timestamps {
     second: Option<u64>,
-    text: String,
+    /// ASCII only.
+    text: Vec<u8>,
 }
 
 impl Timestamps {
-    fn format(&mut self, at: SystemTime) -> &str {
+    fn format(&mut self, at: SystemTime) -> &[u8] {
         let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
         if self.second != Some(since.as_secs()) {
             self.second = Some(since.as_secs());
-            self.text = rfc3339(UNIX_EPOCH + Duration::from_secs(since.as_secs()));
+            self.text = rfc3339(UNIX_EPOCH + Duration::from_secs(since.as_secs())).into_bytes();
         }
-        // "...SS.mmmZ": rewrite the three millisecond digits in place.
+        // "...SS.mmmZ": the three millisecond digits, in place.
         let millis = since.subsec_millis();
-        let digits = [b'0' + (millis / 100) as u8, b'0' + (millis / 10 % 10) as u8, b'0' + (millis % 10) as u8];
         let at = self.text.len() - 4;
-        self.text.replace_range(at..at + 3, std::str::from_utf8(&digits).unwrap_or("000"));
+        self.text[at..at + 3].copy_from_slice(&[
+            b'0' + (millis / 100) as u8,
+            b'0' + (millis / 10 % 10) as u8,
+            b'0' + (millis % 10) as u8,
+        ]);
         &self.text
     }
 }
@@ -622,7 +626,7 @@ mod tests {
     /// Line `n` as the request path formats it.
     fn line(n: u16) -> Vec<u8> {
         let mut out = Vec::new();
-        line::write(&mut out, &record(&id(n)), "2026-12-02T10:00:00.123Z");
+        line::write(&mut out, &record(&id(n)), b"2026-12-02T10:00:00.123Z");
         out.push(b'\n');
         out
     }
@@ -665,7 +669,7 @@ mod tests {
         let mut clock = Timestamps::default();
         for millis in [784_111_777_123u64, 784_111_777_999, 784_111_778_000, 784_111_778_007, 1_582_934_399_999, 0] {
             let at = UNIX_EPOCH + Duration::from_millis(millis);
-            assert_eq!(clock.format(at), rfc3339(at), "{millis}");
+            assert_eq!(clock.format(at), rfc3339(at).as_bytes(), "{millis}");
         }
     }
 

@@ -9,10 +9,12 @@ use serde_json::ser::{CompactFormatter, Formatter as _};
 
 use super::Record;
 
-/// Appends `record`'s JSON object (without a newline) to `out`.
-pub(super) fn write(out: &mut Vec<u8>, r: &Record<'_>, ts: &str) {
-    out.extend_from_slice(b"{\"ts\":");
-    string(out, ts);
+/// Appends `record`'s JSON object (without a newline) to `out`; `ts` is an
+/// RFC 3339 timestamp (nothing in it to escape).
+pub(super) fn write(out: &mut Vec<u8>, r: &Record<'_>, ts: &[u8]) {
+    out.extend_from_slice(b"{\"ts\":\"");
+    out.extend_from_slice(ts);
+    out.push(b'"');
     out.extend_from_slice(b",\"request_id\":");
     bytes(out, r.request_id.as_bytes());
     out.extend_from_slice(b",\"client\":");
@@ -82,9 +84,10 @@ fn bytes(out: &mut Vec<u8>, value: &[u8]) {
 /// characters below 0x20. Runs without an escape are copied in one piece.
 fn string(out: &mut Vec<u8>, value: &str) {
     let bytes = value.as_bytes();
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    while let Some(at) = bytes[start..].iter().position(|&b| ESCAPED[usize::from(b)]) {
+    while let Some(at) = first_escaped(&bytes[start..]) {
         let i = start + at;
         out.extend_from_slice(&bytes[start..i]);
         escape(out, bytes[i]);
@@ -92,6 +95,27 @@ fn string(out: &mut Vec<u8>, value: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Where the first byte a JSON string cannot hold as it is sits, if any:
+/// eight bytes a step while there is none (the usual value has none), then
+/// byte by byte from the eight that hold one.
+fn first_escaped(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte below `n` (n <= 0x80) sets its high bit here; none sets one falsely.
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
+    let mut clean = 0;
+    for chunk in bytes.chunks_exact(8) {
+        let word = u64::from_ne_bytes(chunk.try_into().unwrap_or_default());
+        if below(word, 0x20) | below(word ^ (ONES * u64::from(b'"')), 1) | below(word ^ (ONES * u64::from(b'\\')), 1)
+            != 0
+        {
+            break;
+        }
+        clean += 8;
+    }
+    bytes[clean..].iter().position(|&b| ESCAPED[usize::from(b)]).map(|at| clean + at)
 }
 
 /// The bytes a JSON string cannot hold as they are.
@@ -248,7 +272,7 @@ mod tests {
 
     fn by_hand(r: &Record<'_>) -> String {
         let mut out = Vec::new();
-        write(&mut out, r, "2026-12-02T10:00:00.123Z");
+        write(&mut out, r, b"2026-12-02T10:00:00.123Z");
         String::from_utf8(out).unwrap()
     }
 
@@ -282,6 +306,26 @@ mod tests {
             let line = by_hand(r);
             assert_eq!(line, by_serde(r));
             serde_json::from_str::<serde_json::Value>(&line).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_byte_to_escape_is_found_wherever_it_sits_in_its_eight() {
+        for special in (0u8..0x20).chain([b'"', b'\\']) {
+            for at in 0..21 {
+                let mut text = "abcdefghijé-klmnopqrs".as_bytes().to_vec();
+                text.truncate(21);
+                text[at] = special;
+                let text = String::from_utf8_lossy(&text).into_owned();
+                let mut out = Vec::new();
+                string(&mut out, &text);
+                assert_eq!(out, serde_json::to_vec(&text).unwrap(), "{special:#x} at {at}");
+            }
+        }
+        for clean in ["", "a", "exactly8", "sixteen-bytes-ok", "é中🦀 and \u{7f}"] {
+            let mut out = Vec::new();
+            string(&mut out, clean);
+            assert_eq!(out, serde_json::to_vec(clean).unwrap());
         }
     }
 }
