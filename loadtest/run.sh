@@ -7,6 +7,7 @@
 # Knobs (environment): DURATION=10 (s per scenario), CONNS=64, RATE=1000 (req/s for
 # the latency scenario), STREAM_CONNS=32, STREAM_CHUNKS=20, SLOW_STREAMS=2000,
 # SOAK_SECONDS=600 (0 skips the soak), SOAK_RATE=2000, TTFB_SAMPLES=200, CACHE_FILL=50000,
+# CACHE_ROUNDS=5 (the cache-hit scenario's alternating rounds),
 # MOCK_PORT=19001 NGINX_PORT=19002 SLUICE_PORT=19003, SKIP_NGINX=1; the upstream
 # transport scenarios use ports 19004-19008 (TLS needs openssl for a throwaway
 # certificate; without it those rows are skipped), the fresh cache fill 19009
@@ -29,6 +30,7 @@ SOAK_SECONDS="${SOAK_SECONDS:-600}"
 SOAK_RATE="${SOAK_RATE:-2000}"
 TTFB_SAMPLES="${TTFB_SAMPLES:-200}"
 CACHE_FILL="${CACHE_FILL:-50000}"
+CACHE_ROUNDS="${CACHE_ROUNDS:-5}"
 MOCK_PORT="${MOCK_PORT:-19001}"
 NGINX_PORT="${NGINX_PORT:-19002}"
 SLUICE_PORT="${SLUICE_PORT:-19003}"
@@ -142,6 +144,48 @@ run_oha() {
   echo "   $scenario $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, errors $errors/$total, ${cpu_us} µs CPU/req (user + kernel)"
 }
 
+# run_alternating SCENARIO ROUNDS [oha args...]: the mock direct and sluice
+# in ROUNDS alternating rounds of DURATION / ROUNDS seconds (the mock first
+# in odd rounds, sluice first in even ones); appends one row for each over
+# all its rounds (req/s from every round's requests, p50/p99 the rounds'
+# medians) and sets alternating_ratios (sluice / direct, each round).
+run_alternating() {
+  local scenario="$1" rounds="$2"; shift 2
+  local secs=$(( DURATION / rounds )); [ "$secs" -ge 1 ] || secs=1
+  local -A total errors user kernel p50s p99s rps_now
+  alternating_ratios=""
+  for t in direct sluice; do total[$t]=0; errors[$t]=0; user[$t]=0; kernel[$t]=0; p50s[$t]=""; p99s[$t]=""; done
+  for round in $(seq 1 "$rounds"); do
+    local order="direct sluice"; [ $((round % 2)) = 0 ] && order="sluice direct"
+    for t in $order; do
+      local pids_of u0 s0 u1 s1 rps p50 p99 e n
+      pids_of="$(proxy_pids "$t")"
+      read -r u0 s0 < <(cpu_ticks "$pids_of")
+      oha --no-tui --output-format json -z "${secs}s" "$@" "$(url "$t")" >"$tmp/oha.json"
+      read -r u1 s1 < <(cpu_ticks "$pids_of")
+      read -r rps p50 p99 e n < <(summarize "$tmp/oha.json")
+      total[$t]=$(( total[$t] + n )); errors[$t]=$(( errors[$t] + e ))
+      user[$t]=$(( user[$t] + u1 - u0 )); kernel[$t]=$(( kernel[$t] + s1 - s0 ))
+      p50s[$t]="${p50s[$t]} $p50"; p99s[$t]="${p99s[$t]} $p99"; rps_now[$t]="$rps"
+    done
+    alternating_ratios="$alternating_ratios $(python3 -c "print(f'{${rps_now[sluice]} / max(${rps_now[direct]}, 1):.2f}')")"
+  done
+  for t in direct sluice; do
+    local median='import statistics, sys; print(f"{statistics.median(map(float, sys.argv[1:])):.3f}")'
+    local p50 p99 rps cpu_us="-"
+    p50="$(python3 -c "$median" ${p50s[$t]})"; p99="$(python3 -c "$median" ${p99s[$t]})"
+    rps=$(( total[$t] / (rounds * secs) ))
+    if [ "${total[$t]}" -gt 0 ]; then
+      local us=$(( user[$t] * 1000000 / HZ / total[$t] )) ks=$(( kernel[$t] * 1000000 / HZ / total[$t] ))
+      cpu_us="$((us + ks)) ($us + $ks)"
+    fi
+    local rss; rss="$(( $(rss_kib "$(proxy_pids "$t")") / 1024 ))"
+    rows+=("| $scenario | $t | $rps | $p50 | $p99 | ${errors[$t]} / ${total[$t]} | $cpu_us | $rss |")
+    echo "   $scenario $t: $rps req/s over $rounds alternating rounds, p50 $p50 ms, p99 $p99 ms, errors ${errors[$t]}/${total[$t]}, ${cpu_us} µs CPU/req (user + kernel)"
+  done
+  echo "   sluice / direct, each round:$alternating_ratios"
+}
+
 targets="direct"; [ -n "$have_nginx" ] && targets="$targets nginx"; targets="$targets sluice"
 idle_rss="$(( $(rss_kib "$sluice_pid") ))"
 
@@ -194,7 +238,10 @@ echo "== 7. cache: the same request repeated (hits), then $CACHE_FILL distinct ~
 CACHED='{"model":"cached","messages":[{"role":"user","content":"Say hello"}]}'
 CACHED_STREAM='{"model":"cached","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
 curl -s -o /dev/null "$(url sluice)" -H "$KEY" -d "$CACHED"  # the one miss
-for t in direct sluice; do run_oha "cache hits c$CONNS" "$t" -z "${DURATION}s" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CACHED"; done
+# The mock and sluice in alternating rounds, each DURATION in all: a drift of
+# the machine's speed during the scenario (seen here at +-10% within
+# minutes) weighs on both alike, not on whichever ran second.
+run_alternating "cache hits c$CONNS" "$CACHE_ROUNDS" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CACHED"
 before_fill="$(rss_kib "$sluice_pid")"
 # Distinct keys by query string (the cache key includes it); 20-chunk streams are ~4 KiB.
 oha --no-tui --output-format json -n "$CACHE_FILL" -c 32 --rand-regex-url "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions\\?n=[0-9]{12}" \
@@ -330,6 +377,7 @@ mkdir -p "$here/results"
   echo "- Stream bytes through sluice vs direct (ids masked): $bytes_same"
   mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
   echo "- Memory: idle RSS $(mib "$idle_rss") MiB; with $SLOW_STREAMS concurrent slow streams peak $(mib "$peak") MiB (+$(mib $((peak - idle_rss))) MiB, $(( (peak - idle_rss) * 1024 / SLOW_STREAMS )) bytes a stream); errors $slow_errors / $slow_total"
+  echo "- Cache hits, sluice / direct req/s in each of $CACHE_ROUNDS alternating rounds:$alternating_ratios"
   echo "- Cache fill: $cache_fill"
   echo "- Cache fill into a fresh sluice (nothing served before): $fresh_fill"
   echo "- Soak: $soak"
