@@ -25,6 +25,13 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&uuid_v4_bytes()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
+/// A copy of `value` in an allocation of its own (see the callers for why).
+pub fn copy(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
 thread_local! {
     static STATE: Cell<u64> = Cell::new(seed());
 }

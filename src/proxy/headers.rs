@@ -168,7 +168,7 @@ pub fn client_ip(
 /// Prepares upstream response headers for the client.
 pub fn to_client(headers: &mut HeaderMap, request_id: &HeaderValue) {
     strip_hop_by_hop(headers);
-    headers.insert(REQUEST_ID, request_id.clone());
+    headers.insert(REQUEST_ID, crate::ids::copy(request_id));
 }
 
 #[cfg(test)]
