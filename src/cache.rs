@@ -219,7 +219,7 @@ impl ResponseCache {
         shared: Option<Box<dyn SharedStore>>,
     ) -> Arc<Self> {
         let shortcuts = Shortcuts::within(max_bytes);
-        let hot_bytes = hot::budget(max_bytes);
+        let hot_bytes = hot::budget(max_bytes, event_loops);
         let store = memory::MemoryStore::new(max_bytes - shortcuts.max_bytes() - hot_bytes, max_entry);
         Arc::new(Self {
             store: Box::new(store),

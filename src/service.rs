@@ -40,8 +40,9 @@ use crate::telemetry::{ConnWatch, End, RequestContext};
 pub struct Gateway(Arc<Connection>);
 
 /// What a connection's requests share. Each request takes a reference to
-/// this, which only the connection's own thread counts, rather than to the
-/// process's state, whose count every core would write to.
+/// this, counted by the connection's own thread (its event loop's; an
+/// HTTP/2 connection's streams on the workers may run on other workers),
+/// rather than to the process's state, whose count every core writes to.
 struct Connection {
     shared: Arc<Shared>,
     watch: Arc<ConnWatch>,
@@ -106,7 +107,10 @@ pub async fn handle(
 /// The decorate stage: what every answer carries.
 fn decorate(response: &mut Response<SluiceBody>, ctx: &RequestContext) {
     let headers = response.headers_mut();
-    headers.insert(REQUEST_ID, ctx.request_id.clone());
+    // A copy, not a clone: the id's bytes are one allocation of their own,
+    // which a clone would promote to a shared one (a second allocation and
+    // two atomic counts) only to drop both a moment later.
+    headers.insert(REQUEST_ID, crate::ids::copy(&ctx.request_id));
     if ctx.attempts > 1 {
         let (name, value) = retry::no_more_retries();
         headers.insert(name, value);
@@ -223,7 +227,10 @@ async fn handle_inner(
     request: Request<Incoming>,
     ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
-    // One snapshot per request, kept until the request (and its body) is done.
+    // One snapshot per request, kept until it is answered: arc-swap's guard
+    // (a debt slot of the thread's own) rather than a clone of the `Arc`,
+    // whose count every core writes to. A proxied request trades it for the
+    // clone once it may wait long (see `forward`).
     let live = shared.live.load();
     ctx.overhead_header = live.config.server.overhead_header;
     check_path(request.uri().path())?;
@@ -284,7 +291,7 @@ async fn handle_inner(
             // request's, and every request's future would carry its size.
             Box::pin(admin::handle(shared, &live, request)).await
         }
-        _ if path.starts_with("/v1/") => forward(shared, &live, request, ctx).await,
+        _ if path.starts_with("/v1/") => forward(shared, live, request, ctx).await,
         _ => Err(ProxyError::NotFound(path.to_string())),
     }
 }
@@ -292,11 +299,11 @@ async fn handle_inner(
 /// The proxied pipeline: authenticate + admit -> read -> shortcut -> plan -> cache -> send.
 async fn forward(
     shared: &Shared,
-    live: &Live,
+    live: arc_swap::Guard<Arc<Live>>,
     request: Request<Incoming>,
     ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
-    let client = admit(shared, live, &request, ctx).await?;
+    let client = admit(shared, &live, &request, ctx).await?;
     let path = request.uri().path();
     // Files, batches, assistants, stored responses live in the upstream
     // account every client shares: a tenant's key reaches them only when granted.
@@ -306,14 +313,18 @@ async fn forward(
     if proxy::is_model_endpoint(path) && request.method() != Method::POST {
         return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
     }
-    let received = proxy::receive(live, request, ctx).await?;
+    let received = proxy::receive(&live, request, ctx).await?;
     let mut lookout = None;
     if live.config.cache.enabled {
-        match cached::shortcut(&shared.cache, live, &received, client.as_deref(), ctx) {
+        match cached::shortcut(&shared.cache, &live, &received, client.as_deref(), ctx) {
             Found::Answer(response) => return Ok(response),
             Found::Plan(found) => lookout = found,
         }
     }
+    // From here the request may wait long (a single flight, Redis, the
+    // upstream): an owned snapshot, not one of the thread's few guard slots
+    // (past them, every load on the thread takes arc-swap's slower path).
+    let live = &*arc_swap::Guard::into_inner(live);
     let mut prepared = proxy::prepare(live, received, client.as_deref(), ctx)?;
     if live.config.cache.enabled
         && prepared.plan.cacheable

@@ -72,7 +72,7 @@ pub fn render_stats(shared: &Shared, live: &Live) -> serde_json::Value {
         "successes": successes,
         "failures": failures,
         "success_rate": if total == 0 { 1.0 } else { successes as f64 / total as f64 },
-        "in_flight": metrics.in_flight.get(),
+        "in_flight": metrics.in_flight.get().max(0),
         "streams_open": metrics.streams_open.load(Relaxed),
         "retries": metrics.retries_total(),
         "failovers": metrics.failovers.load(Relaxed),
@@ -108,5 +108,6 @@ fn cache_stats(cache: &ResponseCache, enabled: bool) -> serde_json::Value {
         "shortcuts": cache.shortcuts().count(),
         "shortcut_hits": cache.shortcut_hits(),
         "hot_answers": cache.hot().count(),
+        "hot_hits": cache.hot().hits(),
     })
 }

@@ -6,18 +6,22 @@
 //! index contend on every shared write a hit makes: the index shard's lock,
 //! the shortcut's and the entry's reference counts, the count of each frame
 //! handed out. perf put two thirds of those lookups' time in the atomic
-//! instructions. A hot answer is a copy (what was sent, the shortcut, the
-//! entry's bytes) in a small table of the loop's own, behind a lock only that
-//! loop takes, except for a purge or `/stats`.
+//! instructions. A hot answer is a copy (what was sent, what the plan found,
+//! the entry's bytes) in a small table of the loop's own, behind a lock only
+//! that loop takes, except for a purge or `/stats`. Only event loops keep
+//! tables: the runtime's workers would share one, and its lock would be the
+//! contention this removes.
 //!
-//! A copy is made on the second shortcut hit of a request in a table slot's
-//! turn, never on a miss. It is served only while what it was copied from
-//! is what the store holds: the store's changes are counted
-//! ([`ResponseCache`]'s epoch), and a copy checked at an older count asks
-//! the store once, by key, whether its entry is still the one there. It
-//! holds only under its shortcut's routing table, for a key its model grant
-//! permits, while its entry is fresh. The tables are bounded in bytes and
-//! take them out of `[cache] max_bytes`.
+//! A copy is made on a shortcut hit, never on a miss, when its slot is free;
+//! a slot another request holds goes to the second request in a row asking
+//! for it. It is served only while what it was copied from is what the store
+//! holds: the store's changes are counted ([`ResponseCache`]'s change count),
+//! and a copy checked at an older count asks the store once, by key, whether
+//! its entry is still the one there (with a steady stream of misses being
+//! stored, that is once per store a loop sees). It holds only under its
+//! shortcut's routing table, for a key its model grant permits, while its
+//! entry is fresh. The tables are bounded in bytes and take them out of
+//! `[cache] max_bytes`.
 //!
 //! [`ResponseCache`]: super::ResponseCache
 
@@ -27,16 +31,17 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::shortcut::{Kept, Sent, Shortcut};
-use super::{CacheKey, Entry};
+use super::{CacheKey, ENTRY_OVERHEAD, Entry};
 use crate::access::table::Allowed;
 use crate::tasks::loops;
+use crate::telemetry::metrics::ModelMetrics;
 
 /// Slots in a loop's table (direct-mapped by the request's fast hash).
 const SLOTS: usize = 16;
 
-/// What a copy costs beyond what was sent and the entry's own weight: the
-/// slot, what was sent in its allocations, and the entry's `Arc` the weak
-/// handle keeps allocated.
+/// What a copy costs beyond what was sent, the route's names and the
+/// entry's own weight: the slot, the allocations of what was sent and of the
+/// names, and the original entry's `Arc` the weak handle keeps allocated.
 const HOT_OVERHEAD: u64 = 512;
 
 /// One hot answer.
@@ -44,7 +49,8 @@ const HOT_OVERHEAD: u64 = 512;
 struct Hot {
     hash: u64,
     sent: Kept,
-    shortcut: Arc<Shortcut>,
+    /// The shortcut's facts, in allocations of this loop's own.
+    shortcut: Shortcut,
     /// The store's entry this is a copy of: compared by address (the weak
     /// handle keeps the address from being reused), never upgraded.
     source: Weak<Entry>,
@@ -128,26 +134,42 @@ pub struct Check<'a> {
     pub epoch: u64,
 }
 
-/// A hot answer found for a request.
+/// A hot answer found for a request, and what its plan said of it.
 pub struct Found {
-    /// The shortcut it was copied with.
-    pub shortcut: Arc<Shortcut>,
     /// The copy of the entry.
     pub answer: Arc<Entry>,
+    /// The routed model's counters.
+    pub model: Option<Arc<ModelMetrics>>,
+    /// `"stream": true` in the request.
+    pub stream: bool,
+    /// The `max_tokens` cap the request was lowered to, if it was.
+    pub capped: Option<u64>,
 }
 
-/// The bytes of `[cache] max_bytes` the tables take: 1/64 of it, at most
-/// 1 MiB, at least 16 KiB, at most a quarter of a smaller cache.
-pub fn budget(max_bytes: u64) -> u64 {
-    (max_bytes / 64).clamp(16 << 10, 1 << 20).min(max_bytes / 4)
+/// The lightest copy there is: one of an empty answer to an empty request.
+const LIGHTEST: u64 = HOT_OVERHEAD + ENTRY_OVERHEAD;
+
+/// The bytes of `[cache] max_bytes` the tables of `event_loops` loops take:
+/// 1/64 of it, at most 1 MiB, at most a quarter of a small cache; none
+/// without loops, or when a loop's share could not hold a few small copies.
+pub fn budget(max_bytes: u64, event_loops: usize) -> u64 {
+    let budget = (max_bytes / 64).clamp(16 << 10, 1 << 20).min(max_bytes / 4);
+    if event_loops == 0 || budget / (event_loops as u64) < 4 * LIGHTEST { 0 } else { budget }
 }
 
 impl HotAnswers {
-    /// Tables for `event_loops` loops (and the other threads), sharing `budget` bytes.
+    /// Tables for `event_loops` loops, sharing `budget` bytes (the
+    /// workers' slot of [`loops::here`] is kept empty).
     pub fn new(event_loops: usize, budget: u64) -> Self {
         let tables: Box<[PerLoop]> = (0..=event_loops).map(|_| PerLoop(Mutex::new(Table::new()))).collect();
-        let per_table = budget / tables.len() as u64;
+        let per_table = budget / event_loops.max(1) as u64;
         Self { tables, per_table }
+    }
+
+    /// The calling thread's table: an event loop's, and only when the
+    /// tables hold anything.
+    fn here(&self) -> Option<&PerLoop> {
+        (self.per_table > 0 && loops::current() > 0).then(|| loops::here(&self.tables))
     }
 
     /// The hot answer to `sent` (whose fast hash is `hash`) on the calling
@@ -163,23 +185,29 @@ impl HotAnswers {
         check: &Check<'_>,
         current: impl FnOnce(&CacheKey, *const Entry) -> bool,
     ) -> Option<Found> {
-        let mut table = loops::here(&self.tables).lock();
+        let mut table = self.here()?.lock();
         let slot = hash as usize % SLOTS;
         let hot = table.slots[slot].hot.as_mut().filter(|hot| hot.hash == hash && hot.sent.sent() == *sent)?;
-        if !hot.shortcut.permits(check.allowed) {
+        if !hot.shortcut.permits(check.allowed) || !hot.answer.fresh(check.now, check.max_age) {
+            // Not for this key, or too old for this client: still the
+            // store's entry for others.
             return None;
         }
         let holds = hot.shortcut.generation == check.generation
-            && hot.answer.fresh(check.now, check.max_age)
-            && (hot.epoch == check.epoch || current(&hot.shortcut.key, hot.source.as_ptr()));
+            && hot.answer.fresh(check.now, None)
+            && (hot.epoch >= check.epoch || current(&hot.shortcut.key, hot.source.as_ptr()));
         if !holds {
-            // Not necessarily stale for another client's `x-sluice-cache-ttl`,
-            // but the planned way finds it as cheaply and copies it again.
             table.take(slot);
             return None;
         }
-        hot.epoch = check.epoch;
-        let found = Found { shortcut: Arc::clone(&hot.shortcut), answer: Arc::clone(&hot.answer) };
+        hot.epoch = hot.epoch.max(check.epoch);
+        let shortcut = &hot.shortcut;
+        let found = Found {
+            answer: Arc::clone(&hot.answer),
+            model: shortcut.model.clone(),
+            stream: shortcut.stream,
+            capped: shortcut.capped,
+        };
         table.hits += 1;
         Some(found)
     }
@@ -188,32 +216,38 @@ impl HotAnswers {
     /// slot is free or this is the second request in a row to want it
     /// there; `epoch` is the store's change count read before `entry` was
     /// looked up. A copy heavier than half a table is not made.
-    pub fn offer(&self, hash: u64, sent: Sent<'_>, shortcut: &Arc<Shortcut>, entry: &Arc<Entry>, epoch: u64) {
-        let weight = HOT_OVERHEAD + sent.len() + entry.weight();
+    pub fn offer(&self, hash: u64, sent: Sent<'_>, shortcut: &Shortcut, entry: &Arc<Entry>, epoch: u64) {
+        let Some(here) = self.here() else { return };
+        let names = (shortcut.route.len() + shortcut.requested.len()) as u64;
+        let weight = HOT_OVERHEAD + names + sent.len() + entry.weight();
         if weight > self.per_table / 2 {
             return;
         }
-        let mut table = loops::here(&self.tables).lock();
         let slot = hash as usize % SLOTS;
-        let taken = table.slots[slot].hot.as_ref().is_some_and(|hot| hot.hash != hash);
-        if taken && std::mem::replace(&mut table.slots[slot].candidate, hash) != hash {
-            return;
+        {
+            let mut table = here.lock();
+            let taken = table.slots[slot].hot.as_ref().is_some_and(|hot| hot.hash != hash);
+            if taken && std::mem::replace(&mut table.slots[slot].candidate, hash) != hash {
+                return;
+            }
         }
+        // Copied outside the lock (only this loop takes it, but a purge waits).
+        let hot = Hot {
+            hash,
+            sent: Kept::of(sent),
+            shortcut: shortcut.clone(),
+            source: Arc::downgrade(entry),
+            answer: Arc::new(entry.copy()),
+            epoch,
+            weight,
+        };
+        let mut table = here.lock();
         table.take(slot);
         while table.bytes + weight > self.per_table {
             let victim = table.hand;
             table.hand = (victim + 1) % SLOTS;
             table.take(victim);
         }
-        let hot = Hot {
-            hash,
-            sent: Kept::of(sent),
-            shortcut: Arc::clone(shortcut),
-            source: Arc::downgrade(entry),
-            answer: Arc::new(entry.copy()),
-            epoch,
-            weight,
-        };
         table.bytes += weight;
         table.slots[slot] = Slot { hot: Some(hot), candidate: 0 };
     }
@@ -259,8 +293,8 @@ mod tests {
         cache.lookup(&[key; 32], None, Instant::now()).unwrap()
     }
 
-    fn shortcut(key: u8, route: &str) -> Arc<Shortcut> {
-        Arc::new(Shortcut {
+    fn shortcut(key: u8, route: &str) -> Shortcut {
+        Shortcut {
             generation: 1,
             key: [key; 32],
             route: route.into(),
@@ -268,7 +302,7 @@ mod tests {
             model: None,
             stream: false,
             capped: None,
-        })
+        }
     }
 
     fn sent(body: &[u8]) -> Sent<'_> {
@@ -284,6 +318,9 @@ mod tests {
         let cache = ResponseCache::in_memory(64 << 20);
         let entry = stored(&cache, 1, 100);
         let hot = HotAnswers::new(2, 1 << 20);
+        // Only loops keep tables.
+        hot.offer(7, sent(b"{}"), &shortcut(1, "m"), &entry, cache.changes());
+        assert_eq!(hot.count(), 0, "the workers keep none");
         let (body, epoch) = (sent(b"{}"), cache.changes());
         loops::as_loop(0, || hot.offer(7, body, &shortcut(1, "m"), &entry, epoch));
         let unasked = |_: &CacheKey, _: *const Entry| -> bool { unreachable!("the store did not change") };
@@ -304,9 +341,13 @@ mod tests {
 
     #[test]
     fn a_copy_holds_while_the_store_holds_what_it_copied() {
+        loops::as_loop(0, a_copy_holds_while_the_store_holds_what_it_copied_on_a_loop);
+    }
+
+    fn a_copy_holds_while_the_store_holds_what_it_copied_on_a_loop() {
         let cache = ResponseCache::in_memory(64 << 20);
         let entry = stored(&cache, 1, 100);
-        let hot = HotAnswers::new(0, 1 << 20);
+        let hot = HotAnswers::new(1, 1 << 20);
         let body = sent(b"{}");
         hot.offer(7, body, &shortcut(1, "m"), &entry, cache.changes());
         // Another entry stored: the store changed, but still holds this one.
@@ -328,9 +369,13 @@ mod tests {
 
     #[test]
     fn a_copy_holds_under_its_routing_table_for_keys_granted_its_model_while_fresh() {
+        loops::as_loop(0, a_copy_holds_under_its_routing_table_on_a_loop);
+    }
+
+    fn a_copy_holds_under_its_routing_table_on_a_loop() {
         let cache = ResponseCache::in_memory(64 << 20);
         let entry = stored(&cache, 1, 100);
-        let hot = HotAnswers::new(0, 1 << 20);
+        let hot = HotAnswers::new(1, 1 << 20);
         let (body, epoch) = (sent(b"{}"), cache.changes());
         let offer = || hot.offer(7, body, &shortcut(1, "m"), &entry, epoch);
         let holds = |check: &Check<'_>| hot.find(7, &body, check, |_, _| true).is_some();
@@ -339,18 +384,25 @@ mod tests {
         assert!(!holds(&Check { allowed: Some(&other), ..check(epoch) }), "not granted");
         assert!(holds(&check(epoch)), "still held for the keys that are");
         assert!(!holds(&Check { max_age: Some(Duration::ZERO), ..check(epoch) }), "older than the client takes");
-        offer();
+        assert!(holds(&check(epoch)), "but still held for the others");
         assert!(!holds(&Check { now: Instant::now() + Duration::from_secs(60), ..check(epoch) }), "past its TTL");
         offer();
         assert!(!holds(&Check { generation: 2, ..check(epoch) }), "a reload's table plans afresh");
         assert_eq!(hot.count(), 0);
+        // Tables only where loops are, and only when a loop's share holds a few copies.
+        assert_eq!((budget(64 << 20, 0), budget(64 << 20, 2)), (0, 1 << 20));
+        assert_eq!(budget(1 << 20, 64), 0, "16 KiB over 64 loops");
     }
 
     #[test]
     fn a_taken_slot_goes_to_a_second_request_in_a_row_and_the_tables_stay_in_their_bound() {
+        loops::as_loop(0, a_taken_slot_goes_to_a_second_request_on_a_loop);
+    }
+
+    fn a_taken_slot_goes_to_a_second_request_on_a_loop() {
         let cache = ResponseCache::in_memory(64 << 20);
         let (a, b) = (stored(&cache, 1, 100), stored(&cache, 2, 100));
-        let hot = HotAnswers::new(0, 64 << 10);
+        let hot = HotAnswers::new(1, 64 << 10);
         let (one, two) = (sent(b"1"), sent(b"2"));
         let epoch = cache.changes();
         // 1 and 17 share a slot.

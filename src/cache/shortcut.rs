@@ -80,7 +80,7 @@ impl Sent<'_> {
 
 /// Where a request's plan led, and what the request needs to be answered
 /// from the cache without planning it again.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Shortcut {
     /// The routing table it was planned under.
     pub generation: u64,

@@ -136,7 +136,7 @@ pub fn shortcut(
     };
     // This loop's own copy first: nothing another core writes to.
     if let Some(hot) = cache.hot().find(hash, &sent, &check, |key, entry| cache.holds(key, entry)) {
-        answered_by(&hot.shortcut, ctx);
+        (ctx.stream, ctx.model, ctx.max_tokens_capped) = (hot.stream, hot.model, hot.capped);
         return Found::Answer(replay(hot.answer, check.now, ctx));
     }
     let found = shortcuts.get(hash, &sent, check.generation);
@@ -147,16 +147,9 @@ pub fn shortcut(
         return Found::Plan(Some(lookout));
     };
     cache.hot().offer(hash, sent, &shortcut, &entry, check.epoch);
-    answered_by(&shortcut, ctx);
+    (ctx.stream, ctx.model, ctx.max_tokens_capped) = (shortcut.stream, shortcut.model.clone(), shortcut.capped);
     cache.counters.shortcut_hits.fetch_add(1, Relaxed);
     Found::Answer(hit(cache, entry, check.now, ctx))
-}
-
-/// What a request answered by `shortcut` records of its plan.
-fn answered_by(shortcut: &Shortcut, ctx: &mut RequestContext) {
-    ctx.stream = shortcut.stream;
-    ctx.model = shortcut.model.clone();
-    ctx.max_tokens_capped = shortcut.capped;
 }
 
 /// What a client sent, as a shortcut knows it.

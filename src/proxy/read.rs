@@ -131,6 +131,11 @@ pub async fn read_whole(body: Incoming, max_body: u64) -> Result<Bytes, ProxyErr
         (None, Ok(rest)) => Ok(rest.to_bytes()),
         (Some(first), Ok(rest)) => {
             let rest = rest.to_bytes();
+            // The end of the stream came alone (a chunked body's last chunk,
+            // an HTTP/2 END_STREAM in an empty frame).
+            if rest.is_empty() {
+                return Ok(first);
+            }
             let mut whole = bytes::BytesMut::with_capacity(first.len() + rest.len());
             whole.extend_from_slice(&first);
             whole.extend_from_slice(&rest);

@@ -402,12 +402,13 @@ const SPREAD: usize = 16;
 struct Slot(AtomicI64);
 
 impl SpreadGauge {
-    /// Moves the gauge by `n` (from any thread: the sum stays exact).
+    /// Moves the gauge by `n` (from any thread: the slots' sum is the gauge).
     pub fn add(&self, n: i64) {
         self.0[crate::tasks::loops::current() % SPREAD].0.fetch_add(n, Relaxed);
     }
 
-    /// The gauge's value.
+    /// The gauge's value: the slots read one by one, so a value moved up in
+    /// one slot and down in another meanwhile may show one move only.
     pub fn get(&self) -> i64 {
         self.0.iter().map(|slot| slot.0.load(Relaxed)).sum()
     }
