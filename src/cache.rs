@@ -195,8 +195,9 @@ pub struct ResponseCache {
     flights: Arc<Flights>,
     shortcuts: Shortcuts,
     hot: HotAnswers,
-    /// Changes of the store so far (see [`ResponseCache::changes`]).
-    changes: AtomicU64,
+    /// Changes of the store so far, by bucket of keys (see
+    /// [`ResponseCache::changes`]).
+    changes: [AtomicU64; CHANGE_BUCKETS],
     /// Its counters.
     pub counters: CacheCounters,
 }
@@ -227,7 +228,7 @@ impl ResponseCache {
             flights: Arc::default(),
             shortcuts,
             hot: HotAnswers::new(event_loops, hot_bytes),
-            changes: AtomicU64::new(0),
+            changes: std::array::from_fn(|_| AtomicU64::new(0)),
             counters: CacheCounters::default(),
         })
     }
@@ -248,10 +249,14 @@ impl ResponseCache {
         &self.hot
     }
 
-    /// How many times the store changed (an entry stored, removed or
-    /// purged): a hot answer checked at this count is still the store's.
-    pub fn changes(&self) -> u64 {
-        self.changes.load(Acquire)
+    /// How many times the store changed under keys of `key`'s bucket (an
+    /// entry stored or removed there, or any purge): a hot answer checked
+    /// at this count is still the store's. Evictions do not count: what
+    /// the bound let go was fresh and right, and its copy stays so (its own
+    /// TTL, its own share of the bound); a change in its bucket has it
+    /// checked, and let go, later.
+    pub fn changes(&self, key: &CacheKey) -> u64 {
+        self.changes[bucket(key)].load(Acquire)
     }
 
     /// Whether the store holds the entry at `entry` under `key` (a hot
@@ -260,9 +265,16 @@ impl ResponseCache {
         self.store.get(key).is_some_and(|held| std::ptr::eq(Arc::as_ptr(&held), entry))
     }
 
-    /// Counts a change of the store (after making it).
-    fn changed(&self) {
-        self.changes.fetch_add(1, Release);
+    /// Counts a change of the store under `key` (after making it).
+    fn changed(&self, key: &CacheKey) {
+        self.changes[bucket(key)].fetch_add(1, Release);
+    }
+
+    /// Counts a change under every key (a purge).
+    fn changed_all(&self) {
+        for bucket in &self.changes {
+            bucket.fetch_add(1, Release);
+        }
     }
 
     /// Forgets every shortcut and hot answer (a purge, or a reload's new
@@ -293,7 +305,7 @@ impl ResponseCache {
     pub async fn lookup_shared(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<Arc<Entry>> {
         let entry = Arc::new(self.shared.as_ref()?.get(*key).await?);
         self.store.insert(*key, Arc::clone(&entry));
-        self.changed();
+        self.changed(key);
         entry.fresh(Instant::now(), max_age).then_some(entry)
     }
 
@@ -305,7 +317,7 @@ impl ResponseCache {
         }
         if !entry.fresh(now, None) {
             self.store.remove(key);
-            self.changed();
+            self.changed(key);
         }
         None
     }
@@ -314,7 +326,7 @@ impl ResponseCache {
     /// stored a newer one in the shared store).
     pub fn forget(&self, key: &CacheKey) {
         self.store.remove(key);
-        self.changed();
+        self.changed(key);
     }
 
     /// The single flights of identical misses.
@@ -325,7 +337,7 @@ impl ResponseCache {
     /// Removes every entry (of `model`) held in this process; returns how many.
     pub fn purge(&self, model: Option<&str>) -> u64 {
         let removed = self.store.purge(model);
-        self.changed();
+        self.changed_all();
         self.forget_shortcuts();
         removed
     }
@@ -369,9 +381,19 @@ impl ResponseCache {
             shared.put(key, Arc::clone(&entry));
         }
         self.store.insert(key, entry);
-        self.changed();
+        self.changed(&key);
         self.counters.stores.fetch_add(1, Relaxed);
     }
+}
+
+/// Buckets of the store's change count: a store under one key has the hot
+/// answers of 1/64 of the others checked, not all of them.
+const CHANGE_BUCKETS: usize = 64;
+
+/// `key`'s bucket of the change count (keys are SHA-256 digests: any byte
+/// spreads them).
+fn bucket(key: &CacheKey) -> usize {
+    usize::from(key[0]) % CHANGE_BUCKETS
 }
 
 /// Builds a [`CacheKey`] from the parts that make two requests the same, each

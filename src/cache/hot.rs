@@ -15,15 +15,16 @@
 //! A copy is made on a shortcut hit, never on a miss, when its slot is free;
 //! a slot another request holds goes to the second request in a row asking
 //! for it. It is served only while what it was copied from is what the store
-//! holds: the store's changes are counted ([`ResponseCache`]'s change count),
-//! and a copy checked at an older count asks the store once, by key, whether
-//! its entry is still the one there (with a steady stream of misses being
-//! stored, that is once per store a loop sees). It holds only under its
+//! holds: the store's changes are counted by bucket of keys
+//! ([`ResponseCache::changes`]), and a copy checked at an older count of its
+//! key's bucket asks the store once, by key, whether its entry is still the
+//! one there (with a steady stream of misses being stored, about once per 64
+//! stores a loop sees). It holds only under its
 //! shortcut's routing table, for a key its model grant permits, while its
 //! entry is fresh. The tables are bounded in bytes and take them out of
 //! `[cache] max_bytes`.
 //!
-//! [`ResponseCache`]: super::ResponseCache
+//! [`ResponseCache::changes`]: super::ResponseCache::changes
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -130,8 +131,6 @@ pub struct Check<'a> {
     pub now: Instant,
     /// The oldest answer the request accepts (`x-sluice-cache-ttl`).
     pub max_age: Option<Duration>,
-    /// The store's change count now.
-    pub epoch: u64,
 }
 
 /// A hot answer found for a request, and what its plan said of it.
@@ -173,16 +172,17 @@ impl HotAnswers {
     }
 
     /// The hot answer to `sent` (whose fast hash is `hash`) on the calling
-    /// thread's loop, if one holds by `check`; `current` says whether the
-    /// store still holds the entry at an address under a key (asked only
-    /// when the store changed since the copy was last checked). A copy that
-    /// no longer holds (another routing table, a stale or replaced entry)
-    /// is let go.
+    /// thread's loop, if one holds by `check`; `changes` is the store's
+    /// change count under a key now, and `current` says whether the store
+    /// still holds the entry at an address under a key (asked only when the
+    /// count moved since the copy was last checked). A copy that no longer
+    /// holds (another routing table, a stale or replaced entry) is let go.
     pub fn find(
         &self,
         hash: u64,
         sent: &Sent<'_>,
         check: &Check<'_>,
+        changes: impl FnOnce(&CacheKey) -> u64,
         current: impl FnOnce(&CacheKey, *const Entry) -> bool,
     ) -> Option<Found> {
         let mut table = self.here()?.lock();
@@ -193,14 +193,15 @@ impl HotAnswers {
             // store's entry for others.
             return None;
         }
+        let epoch = changes(&hot.shortcut.key);
         let holds = hot.shortcut.generation == check.generation
             && hot.answer.fresh(check.now, None)
-            && (hot.epoch >= check.epoch || current(&hot.shortcut.key, hot.source.as_ptr()));
+            && (hot.epoch >= epoch || current(&hot.shortcut.key, hot.source.as_ptr()));
         if !holds {
             table.take(slot);
             return None;
         }
-        hot.epoch = hot.epoch.max(check.epoch);
+        hot.epoch = hot.epoch.max(epoch);
         let shortcut = &hot.shortcut;
         let found = Found {
             answer: Arc::clone(&hot.answer),
@@ -214,8 +215,8 @@ impl HotAnswers {
 
     /// Copies `entry` for `sent` into the calling thread's table, when its
     /// slot is free or this is the second request in a row to want it
-    /// there; `epoch` is the store's change count read before `entry` was
-    /// looked up. A copy heavier than half a table is not made.
+    /// there; `epoch` is the store's change count under the shortcut's key,
+    /// read before `entry` was looked up. A copy heavier than half a table is not made.
     pub fn offer(&self, hash: u64, sent: Sent<'_>, shortcut: &Shortcut, entry: &Arc<Entry>, epoch: u64) {
         let Some(here) = self.here() else { return };
         let names = (shortcut.route.len() + shortcut.requested.len()) as u64;
@@ -309,8 +310,13 @@ mod tests {
         Sent { scope: "*", budget: false, path: "/v1/chat/completions", query: "", body }
     }
 
-    fn check(epoch: u64) -> Check<'static> {
-        Check { generation: 1, allowed: None, now: Instant::now(), max_age: None, epoch }
+    fn check() -> Check<'static> {
+        Check { generation: 1, allowed: None, now: Instant::now(), max_age: None }
+    }
+
+    /// The store's change count under any key: `epoch`.
+    fn at(epoch: u64) -> impl FnOnce(&CacheKey) -> u64 {
+        move |_| epoch
     }
 
     #[test]
@@ -319,21 +325,21 @@ mod tests {
         let entry = stored(&cache, 1, 100);
         let hot = HotAnswers::new(2, 1 << 20);
         // Only loops keep tables.
-        hot.offer(7, sent(b"{}"), &shortcut(1, "m"), &entry, cache.changes());
+        hot.offer(7, sent(b"{}"), &shortcut(1, "m"), &entry, cache.changes(&[1; 32]));
         assert_eq!(hot.count(), 0, "the workers keep none");
-        let (body, epoch) = (sent(b"{}"), cache.changes());
+        let (body, epoch) = (sent(b"{}"), cache.changes(&[1; 32]));
         loops::as_loop(0, || hot.offer(7, body, &shortcut(1, "m"), &entry, epoch));
         let unasked = |_: &CacheKey, _: *const Entry| -> bool { unreachable!("the store did not change") };
-        let found = loops::as_loop(0, || hot.find(7, &body, &check(epoch), unasked)).expect("a copy");
+        let found = loops::as_loop(0, || hot.find(7, &body, &check(), at(epoch), unasked)).expect("a copy");
         assert!(!Arc::ptr_eq(&found.answer, &entry));
         let (copy, original) = (found.answer.frame(0).unwrap(), entry.frame(0).unwrap());
         assert_eq!(copy, original);
         assert_ne!(copy.as_ptr(), original.as_ptr(), "its bytes are its own");
         assert_eq!((found.answer.stored_at, found.answer.ttl), (entry.stored_at, entry.ttl));
-        assert!(loops::as_loop(1, || hot.find(7, &body, &check(epoch), unasked)).is_none(), "another loop's");
-        assert!(hot.find(7, &body, &check(epoch), unasked).is_none(), "the workers' table");
+        assert!(loops::as_loop(1, || hot.find(7, &body, &check(), at(epoch), unasked)).is_none(), "another loop's");
+        assert!(hot.find(7, &body, &check(), at(epoch), unasked).is_none(), "the workers' table");
         // What was sent must be equal, not just hash alike.
-        assert!(loops::as_loop(0, || hot.find(7, &sent(b"{ }"), &check(epoch), unasked)).is_none());
+        assert!(loops::as_loop(0, || hot.find(7, &sent(b"{ }"), &check(), at(epoch), unasked)).is_none());
         assert_eq!((hot.hits(), hot.count()), (1, 1));
         hot.clear();
         assert_eq!((hot.count(), hot.bytes()), (0, 0));
@@ -349,22 +355,32 @@ mod tests {
         let entry = stored(&cache, 1, 100);
         let hot = HotAnswers::new(1, 1 << 20);
         let body = sent(b"{}");
-        hot.offer(7, body, &shortcut(1, "m"), &entry, cache.changes());
-        // Another entry stored: the store changed, but still holds this one.
-        stored(&cache, 2, 100);
+        hot.offer(7, body, &shortcut(1, "m"), &entry, cache.changes(&[1; 32]));
         let asked = Cell::new(0);
-        let current = |key: &CacheKey, at: *const Entry| {
-            asked.set(asked.get() + 1);
-            cache.holds(key, at)
+        let find = || {
+            let current = |key: &CacheKey, at: *const Entry| {
+                asked.set(asked.get() + 1);
+                cache.holds(key, at)
+            };
+            hot.find(7, &body, &check(), |key| cache.changes(key), current).is_some()
         };
-        assert!(hot.find(7, &body, &check(cache.changes()), current).is_some());
-        assert!(hot.find(7, &body, &check(cache.changes()), current).is_some());
+        // Another key's entry stored, in another bucket of the count: not even asked.
+        stored(&cache, 2, 100);
+        assert!(find());
+        assert_eq!(asked.get(), 0);
+        // One in its bucket (the key's first byte, modulo 64): asked once.
+        stored(&cache, 65, 100);
+        assert!(find() && find());
         assert_eq!(asked.get(), 1, "asked once a change");
         // Its own entry replaced (a refresh): the copy is let go.
         let replaced = stored(&cache, 1, 100);
         assert!(!Arc::ptr_eq(&replaced, &entry));
-        assert!(hot.find(7, &body, &check(cache.changes()), current).is_none());
+        assert!(!find());
         assert_eq!((asked.get(), hot.count()), (2, 0));
+        // A purge changes every bucket.
+        let before = cache.changes(&[9; 32]);
+        cache.purge(None);
+        assert!(cache.changes(&[9; 32]) > before);
     }
 
     #[test]
@@ -376,18 +392,18 @@ mod tests {
         let cache = ResponseCache::in_memory(64 << 20);
         let entry = stored(&cache, 1, 100);
         let hot = HotAnswers::new(1, 1 << 20);
-        let (body, epoch) = (sent(b"{}"), cache.changes());
+        let (body, epoch) = (sent(b"{}"), cache.changes(&[1; 32]));
         let offer = || hot.offer(7, body, &shortcut(1, "m"), &entry, epoch);
-        let holds = |check: &Check<'_>| hot.find(7, &body, check, |_, _| true).is_some();
+        let holds = |check: &Check<'_>| hot.find(7, &body, check, at(epoch), |_, _| true).is_some();
         offer();
         let other: Allowed = Allowed::Only(["n".into()].into_iter().collect());
-        assert!(!holds(&Check { allowed: Some(&other), ..check(epoch) }), "not granted");
-        assert!(holds(&check(epoch)), "still held for the keys that are");
-        assert!(!holds(&Check { max_age: Some(Duration::ZERO), ..check(epoch) }), "older than the client takes");
-        assert!(holds(&check(epoch)), "but still held for the others");
-        assert!(!holds(&Check { now: Instant::now() + Duration::from_secs(60), ..check(epoch) }), "past its TTL");
+        assert!(!holds(&Check { allowed: Some(&other), ..check() }), "not granted");
+        assert!(holds(&check()), "still held for the keys that are");
+        assert!(!holds(&Check { max_age: Some(Duration::ZERO), ..check() }), "older than the client takes");
+        assert!(holds(&check()), "but still held for the others");
+        assert!(!holds(&Check { now: Instant::now() + Duration::from_secs(60), ..check() }), "past its TTL");
         offer();
-        assert!(!holds(&Check { generation: 2, ..check(epoch) }), "a reload's table plans afresh");
+        assert!(!holds(&Check { generation: 2, ..check() }), "a reload's table plans afresh");
         assert_eq!(hot.count(), 0);
         // Tables only where loops are, and only when a loop's share holds a few copies.
         assert_eq!((budget(64 << 20, 0), budget(64 << 20, 2)), (0, 1 << 20));
@@ -404,14 +420,14 @@ mod tests {
         let (a, b) = (stored(&cache, 1, 100), stored(&cache, 2, 100));
         let hot = HotAnswers::new(1, 64 << 10);
         let (one, two) = (sent(b"1"), sent(b"2"));
-        let epoch = cache.changes();
+        let epoch = cache.changes(&[1; 32]);
         // 1 and 17 share a slot.
         hot.offer(1, one, &shortcut(1, "m"), &a, epoch);
         hot.offer(17, two, &shortcut(2, "m"), &b, epoch);
-        assert!(hot.find(1, &one, &check(epoch), |_, _| true).is_some(), "one offer does not take it");
+        assert!(hot.find(1, &one, &check(), at(epoch), |_, _| true).is_some(), "one offer does not take it");
         hot.offer(17, two, &shortcut(2, "m"), &b, epoch);
-        assert!(hot.find(17, &two, &check(epoch), |_, _| true).is_some(), "two in a row do");
-        assert!(hot.find(1, &one, &check(epoch), |_, _| true).is_none());
+        assert!(hot.find(17, &two, &check(), at(epoch), |_, _| true).is_some(), "two in a row do");
+        assert!(hot.find(1, &one, &check(), at(epoch), |_, _| true).is_none());
         // Heavy answers in every slot: the oldest make room; one heavier than
         // half the table is not copied.
         let heavy = stored(&cache, 3, 20 << 10);

@@ -132,10 +132,10 @@ pub fn shortcut(
         allowed: client.map(|c| &c.allowed),
         now: Instant::now(),
         max_age: controls.ttl,
-        epoch: cache.changes(),
     };
     // This loop's own copy first: nothing another core writes to.
-    if let Some(hot) = cache.hot().find(hash, &sent, &check, |key, entry| cache.holds(key, entry)) {
+    let changes = |key: &CacheKey| cache.changes(key);
+    if let Some(hot) = cache.hot().find(hash, &sent, &check, changes, |key, entry| cache.holds(key, entry)) {
         (ctx.stream, ctx.model, ctx.max_tokens_capped) = (hot.stream, hot.model, hot.capped);
         return Found::Answer(replay(hot.answer, check.now, ctx));
     }
@@ -143,10 +143,11 @@ pub fn shortcut(
     let Some(shortcut) = found.filter(|s| s.permits(check.allowed)) else {
         return Found::Plan(Some(lookout));
     };
+    let epoch = cache.changes(&shortcut.key);
     let Some(entry) = cache.lookup(&shortcut.key, controls.ttl, check.now) else {
         return Found::Plan(Some(lookout));
     };
-    cache.hot().offer(hash, sent, &shortcut, &entry, check.epoch);
+    cache.hot().offer(hash, sent, &shortcut, &entry, epoch);
     (ctx.stream, ctx.model, ctx.max_tokens_capped) = (shortcut.stream, shortcut.model.clone(), shortcut.capped);
     cache.counters.shortcut_hits.fetch_add(1, Relaxed);
     Found::Answer(hit(cache, entry, check.now, ctx))
