@@ -388,6 +388,18 @@ impl Instance for ThisInstance {
         }
     }
 
+    fn forget_cached_copies(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            let dropped = shared.cache.purge(None);
+            if dropped > 0 {
+                tracing::info!(
+                    dropped,
+                    "subscribed to Redis again: this instance's copy of the cache was dropped (purges sent meanwhile were not heard)"
+                );
+            }
+        }
+    }
+
     fn purge_cache(&self, model: Option<&str>) {
         if let Some(shared) = self.0.upgrade() {
             let purged = shared.cache.purge(model);

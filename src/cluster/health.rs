@@ -4,8 +4,10 @@
 //! disabled keys are kept in Redis under an expiry, so an instance that
 //! starts later, or comes back after missing messages, reads them back
 //! ([`resync`]); resets are numbered in Redis, so one missed meanwhile is
-//! made on reading back too. (A cache purge missed meanwhile is not: an
-//! instance's copy in memory then lives out its TTL.)
+//! made on reading back too. A cache purge or a newer answer announced
+//! meanwhile cannot be read back: each new subscription drops the instance's
+//! copy of the cache in memory instead (the entries stay in Redis, where the
+//! next lookup finds what is still there).
 //!
 //! A cooldown travels as a duration, not a time of day (instances' clocks
 //! may disagree): the Redis key expires when it ends, raised by one script
@@ -53,6 +55,9 @@ pub trait Instance: Send + Sync {
     fn purge_cache(&self, model: Option<&str>);
     /// Another instance stored a newer answer under this cache key (hex).
     fn forget_cached(&self, key: &str);
+    /// Messages sent while this instance was not subscribed were lost:
+    /// its copy of the cache in memory goes (the shared store keeps its own).
+    fn forget_cached_copies(&self);
 }
 
 /// KEYS: the key's cooldown, the reset counter. ARGV: its length (ms), the
@@ -321,9 +326,13 @@ async fn subscribe(cluster: &Cluster, instance: &dyn Instance) {
     if !matches!(tokio::time::timeout(SUBSCRIPTION_WAIT, pubsub.subscribe(CHANNEL)).await, Ok(Ok(()))) {
         return;
     }
-    // Messages published before this subscription are read back from Redis.
+    // Messages published before this subscription: key health is read back
+    // from Redis; purges and newer answers cannot be, so the copies they may
+    // have been about go (at the first subscription too: an instance that
+    // could not subscribe at its start may have cached answers meanwhile).
     cluster.resync_due.store(true, Relaxed);
     cluster.news.wake();
+    instance.forget_cached_copies();
     let (mut sink, mut messages) = pubsub.split();
     // (Subscribed, Redis answers PING with an array, not `PONG`: any answer will do.)
     let mut check = tokio::time::interval(SUBSCRIPTION_CHECK);

@@ -611,6 +611,50 @@ fn subscribers(redis: &RedisServer) -> i64 {
     count
 }
 
+/// Lets clients subscribe or not (an ACL rule on Redis's default user;
+/// connections open already keep every other command).
+fn allow_subscribing(redis: &RedisServer, allowed: bool) {
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let rule = if allowed { "+subscribe" } else { "-subscribe" };
+    let _: () = redis::cmd("ACL").arg("SETUSER").arg("default").arg(rule).query(&mut conn).unwrap();
+}
+
+/// Closes every subscribed connection Redis has.
+fn kill_subscriptions(redis: &RedisServer) {
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let _: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query(&mut conn).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_sent_while_an_instance_was_not_subscribed_still_reaches_its_copy() {
+    let cluster = Cluster::start("", "[cache]\nenabled = true\n", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    eventually("three instances subscribed", || subscribers(&cluster.redis) == 3).await;
+    assert_eq!(cluster.chat(0, CLIENT_KEY).await.headers["x-sluice-cache"], "miss");
+    eventually("the answer is in Redis", || !redis_keys(&cluster.redis, "sluice:cache:e:*").is_empty()).await;
+    // Instance 1 takes its copy of it.
+    assert_eq!(cluster.chat(1, CLIENT_KEY).await.headers["x-sluice-cache"], "hit");
+    // The subscriptions drop and cannot be made again; the purge goes out to nobody.
+    allow_subscribing(&cluster.redis, false);
+    kill_subscriptions(&cluster.redis);
+    eventually("no instance subscribed", || subscribers(&cluster.redis) == 0).await;
+    let purge = cluster.admin(0, Method::POST, "/admin/cache/purge", json!({})).await;
+    assert_eq!(purge.status, StatusCode::OK, "{:?}", purge.body);
+    assert!(redis_keys(&cluster.redis, "sluice:cache:e:*").is_empty(), "the purge emptied Redis");
+    // Unheard, the purge leaves instance 1's copy in place while it cannot subscribe.
+    assert_eq!(cluster.chat(1, CLIENT_KEY).await.headers["x-sluice-cache"], "hit");
+    assert_eq!(cluster.mock.state.stats().requests, 1);
+    // Subscribed again, it drops the copies it may have missed news of.
+    allow_subscribing(&cluster.redis, true);
+    eventually("three instances subscribed again", || subscribers(&cluster.redis) == 3).await;
+    eventually_async("instance 1 no longer serves the purged answer", || async move {
+        cluster.chat(1, CLIENT_KEY).await.headers["x-sluice-cache"] == "miss"
+    })
+    .await;
+    assert_eq!(cluster.mock.state.stats().requests, 2, "one answer after the purge, from the upstream");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscriptions_stay_up_through_their_checks() {
     let cluster = Cluster::start("", "", None).await;
