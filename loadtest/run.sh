@@ -11,7 +11,7 @@
 # MOCK_PORT=19001 NGINX_PORT=19002 SLUICE_PORT=19003, SKIP_NGINX=1; the upstream
 # transport scenarios use ports 19004-19008 (TLS needs openssl for a throwaway
 # certificate; without it those rows are skipped), the fresh cache fill 19009
-# (FRESH_PORT).
+# (FRESH_PORT), the cache hits without a request log 19010 (NOLOG_PORT).
 # Every loop is bounded in time or count. Prints a table and writes it to
 # loadtest/results/<date>-<HHMM>.md.
 set -euo pipefail
@@ -35,6 +35,7 @@ MOCK_PORT="${MOCK_PORT:-19001}"
 NGINX_PORT="${NGINX_PORT:-19002}"
 SLUICE_PORT="${SLUICE_PORT:-19003}"
 FRESH_PORT="${FRESH_PORT:-19009}"
+NOLOG_PORT="${NOLOG_PORT:-19010}"
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -95,8 +96,8 @@ for _ in $(seq 1 50); do  # the server picks up the CLI's key within 2 s
 done
 CHAT='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 STREAM='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
-url() { case "$1" in direct) echo "http://127.0.0.1:$MOCK_PORT/v1/chat/completions";; nginx) echo "http://127.0.0.1:$NGINX_PORT/v1/chat/completions";; sluice) echo "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions";; up-*) echo "http://127.0.0.1:${up_port[$1]}/v1/chat/completions";; esac; }
-proxy_pids() { case "$1" in direct) echo "$mock_pid";; nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')";; sluice) echo "$sluice_pid";; up-*) echo "${up_pid[$1]}";; esac; }
+url() { case "$1" in direct) echo "http://127.0.0.1:$MOCK_PORT/v1/chat/completions";; nginx) echo "http://127.0.0.1:$NGINX_PORT/v1/chat/completions";; sluice) echo "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions";; no-log) echo "http://127.0.0.1:$NOLOG_PORT/v1/chat/completions";; up-*) echo "http://127.0.0.1:${up_port[$1]}/v1/chat/completions";; esac; }
+proxy_pids() { case "$1" in direct) echo "$mock_pid";; nginx) echo "$nginx_pid $(pgrep -P "$nginx_pid" | tr '\n' ' ')";; sluice) echo "$sluice_pid";; no-log) echo "$nolog_pid";; up-*) echo "${up_pid[$1]}";; esac; }
 declare -A up_port up_pid
 # "utime stime" in clock ticks, each summed over the given pids.
 cpu_ticks() {
@@ -144,33 +145,39 @@ run_oha() {
   echo "   $scenario $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, errors $errors/$total, ${cpu_us} µs CPU/req (user + kernel)"
 }
 
-# run_alternating SCENARIO ROUNDS [oha args...]: the mock direct and sluice
-# in ROUNDS alternating rounds of DURATION / ROUNDS seconds (the mock first
-# in odd rounds, sluice first in even ones); appends one row for each over
-# all its rounds (req/s from every round's requests, p50/p99 the rounds'
-# medians) and sets alternating_ratios (sluice / direct, each round).
+# run_alternating SCENARIO ROUNDS TARGETS [oha args...]: the targets (the
+# first is the baseline, the mock direct) in ROUNDS rounds of DURATION /
+# ROUNDS seconds each, the order turned by one each round (so none always
+# runs first); appends one row for each over all its rounds (req/s from
+# every round's requests, p50/p99 the rounds' medians) and sets
+# alternating_ratios[TARGET] (TARGET / baseline, each round).
+declare -A alternating_ratios
 run_alternating() {
-  local scenario="$1" rounds="$2"; shift 2
+  local scenario="$1" rounds="$2" targets_here="$3"; shift 3
   local secs=$(( DURATION / rounds )); [ "$secs" -ge 1 ] || secs=1
   local -A total errors user kernel p50s p99s rps_now
-  alternating_ratios=""
-  for t in direct sluice; do total[$t]=0; errors[$t]=0; user[$t]=0; kernel[$t]=0; p50s[$t]=""; p99s[$t]=""; done
+  local -a list; read -r -a list <<<"$targets_here"
+  local base="${list[0]}" n="${#list[@]}"
+  for t in "${list[@]}"; do total[$t]=0; errors[$t]=0; user[$t]=0; kernel[$t]=0; p50s[$t]=""; p99s[$t]=""; alternating_ratios[$t]=""; done
   for round in $(seq 1 "$rounds"); do
-    local order="direct sluice"; [ $((round % 2)) = 0 ] && order="sluice direct"
-    for t in $order; do
-      local pids_of u0 s0 u1 s1 rps p50 p99 e n
+    local i
+    for i in $(seq 0 $((n - 1))); do
+      local t="${list[$(( (i + round - 1) % n ))]}"
+      local pids_of u0 s0 u1 s1 rps p50 p99 e count
       pids_of="$(proxy_pids "$t")"
       read -r u0 s0 < <(cpu_ticks "$pids_of")
       oha --no-tui --output-format json -z "${secs}s" "$@" "$(url "$t")" >"$tmp/oha.json"
       read -r u1 s1 < <(cpu_ticks "$pids_of")
-      read -r rps p50 p99 e n < <(summarize "$tmp/oha.json")
-      total[$t]=$(( total[$t] + n )); errors[$t]=$(( errors[$t] + e ))
+      read -r rps p50 p99 e count < <(summarize "$tmp/oha.json")
+      total[$t]=$(( total[$t] + count )); errors[$t]=$(( errors[$t] + e ))
       user[$t]=$(( user[$t] + u1 - u0 )); kernel[$t]=$(( kernel[$t] + s1 - s0 ))
       p50s[$t]="${p50s[$t]} $p50"; p99s[$t]="${p99s[$t]} $p99"; rps_now[$t]="$rps"
     done
-    alternating_ratios="$alternating_ratios $(python3 -c "print(f'{${rps_now[sluice]} / max(${rps_now[direct]}, 1):.2f}')")"
+    for t in "${list[@]:1}"; do
+      alternating_ratios[$t]="${alternating_ratios[$t]} $(python3 -c "print(f'{${rps_now[$t]} / max(${rps_now[$base]}, 1):.2f}')")"
+    done
   done
-  for t in direct sluice; do
+  for t in "${list[@]}"; do
     local median='import statistics, sys; print(f"{statistics.median(map(float, sys.argv[1:])):.3f}")'
     local p50 p99 rps cpu_us="-"
     p50="$(python3 -c "$median" ${p50s[$t]})"; p99="$(python3 -c "$median" ${p99s[$t]})"
@@ -181,9 +188,9 @@ run_alternating() {
     fi
     local rss; rss="$(( $(rss_kib "$(proxy_pids "$t")") / 1024 ))"
     rows+=("| $scenario | $t | $rps | $p50 | $p99 | ${errors[$t]} / ${total[$t]} | $cpu_us | $rss |")
-    echo "   $scenario $t: $rps req/s over $rounds alternating rounds, p50 $p50 ms, p99 $p99 ms, errors ${errors[$t]}/${total[$t]}, ${cpu_us} µs CPU/req (user + kernel)"
+    echo "   $scenario $t: $rps req/s over $rounds rounds, p50 $p50 ms, p99 $p99 ms, errors ${errors[$t]}/${total[$t]}, ${cpu_us} µs CPU/req (user + kernel)"
   done
-  echo "   sluice / direct, each round:$alternating_ratios"
+  for t in "${list[@]:1}"; do echo "   $t / $base, each round:${alternating_ratios[$t]}"; done
 }
 
 targets="direct"; [ -n "$have_nginx" ] && targets="$targets nginx"; targets="$targets sluice"
@@ -237,11 +244,22 @@ for t in direct sluice; do run_oha "h2c streams c$STREAM_CONNS" "$t" --http2 -z 
 echo "== 7. cache: the same request repeated (hits), then $CACHE_FILL distinct ~4 KiB answers into max_bytes = 64 MiB"
 CACHED='{"model":"cached","messages":[{"role":"user","content":"Say hello"}]}'
 CACHED_STREAM='{"model":"cached","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
-curl -s -o /dev/null "$(url sluice)" -H "$KEY" -d "$CACHED"  # the one miss
+# Beside it, the same config without the request log: what a line written
+# for every hit costs, measured in the same rounds (the mock writes none).
+mkdir -p "$tmp/no-log"
+sed -e "s#__TMP__#$tmp/no-log#g" -e "s#__MOCK_PORT__#$MOCK_PORT#g" -e "s#__SLUICE_PORT__#$NOLOG_PORT#g" \
+  -e "s#^url = .*#url = \"sqlite://$tmp/keys.db\"#" -e '/^requests = /d' "$here/sluice.toml" >"$tmp/no-log.toml"
+"$bin" serve -c "$tmp/no-log.toml" >"$tmp/no-log.log" 2>&1 &
+nolog_pid=$!; pids+=("$nolog_pid")
+wait_port "$NOLOG_PORT"
+kill -0 "$nolog_pid" 2>/dev/null || { echo "the sluice without a request log did not start (port $NOLOG_PORT taken?)" >&2; exit 1; }
+for t in sluice no-log; do curl -s -o /dev/null "$(url "$t")" -H "$KEY" -d "$CACHED"; done  # the one miss each
 # The mock and sluice in alternating rounds, each DURATION in all: a drift of
 # the machine's speed during the scenario (seen here at +-10% within
-# minutes) weighs on both alike, not on whichever ran second.
-run_alternating "cache hits c$CONNS" "$CACHE_ROUNDS" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CACHED"
+# minutes) weighs on all alike, not on whichever ran second.
+run_alternating "cache hits c$CONNS" "$CACHE_ROUNDS" "direct sluice no-log" -c "$CONNS" -m POST -H "$KEY" -H 'content-type: application/json' -d "$CACHED"
+kill "$nolog_pid" 2>/dev/null || true
+wait "$nolog_pid" 2>/dev/null || true
 before_fill="$(rss_kib "$sluice_pid")"
 # Distinct keys by query string (the cache key includes it); 20-chunk streams are ~4 KiB.
 oha --no-tui --output-format json -n "$CACHE_FILL" -c 32 --rand-regex-url "http://127.0.0.1:$SLUICE_PORT/v1/chat/completions\\?n=[0-9]{12}" \
@@ -377,7 +395,8 @@ mkdir -p "$here/results"
   echo "- Stream bytes through sluice vs direct (ids masked): $bytes_same"
   mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
   echo "- Memory: idle RSS $(mib "$idle_rss") MiB; with $SLOW_STREAMS concurrent slow streams peak $(mib "$peak") MiB (+$(mib $((peak - idle_rss))) MiB, $(( (peak - idle_rss) * 1024 / SLOW_STREAMS )) bytes a stream); errors $slow_errors / $slow_total"
-  echo "- Cache hits, sluice / direct req/s in each of $CACHE_ROUNDS alternating rounds:$alternating_ratios"
+  echo "- Cache hits, sluice / direct req/s in each of $CACHE_ROUNDS alternating rounds:${alternating_ratios[sluice]}"
+  echo "- Cache hits without the request log (otherwise the same config), no-log / direct:${alternating_ratios[no-log]}"
   echo "- Cache fill: $cache_fill"
   echo "- Cache fill into a fresh sluice (nothing served before): $fresh_fill"
   echo "- Soak: $soak"
