@@ -130,6 +130,9 @@ pub trait CacheStore: Send + Sync {
     fn insert(&self, key: CacheKey, entry: Arc<Entry>);
     /// Removes the entry under `key`.
     fn remove(&self, key: &CacheKey);
+    /// Removes the entry under `key` only if it is `entry`, not one stored
+    /// in its place since it was read; whether it did.
+    fn remove_if_same(&self, key: &CacheKey, entry: &Arc<Entry>) -> bool;
     /// Removes every entry (of `model`, if given); returns how many.
     fn purge(&self, model: Option<&str>) -> u64;
     /// Bytes held, as the bound counts them.
@@ -315,8 +318,9 @@ impl ResponseCache {
         if entry.fresh(now, max_age) {
             return Some(entry);
         }
-        if !entry.fresh(now, None) {
-            self.store.remove(key);
+        // Only this entry: a fresh answer another request stored under the
+        // key since it was read must stay.
+        if !entry.fresh(now, None) && self.store.remove_if_same(key, &entry) {
             self.changed(key);
         }
         None
@@ -536,6 +540,67 @@ mod tests {
         assert!(!stored.fresh(Instant::now(), Some(Duration::ZERO)), "a client's max age shortens it");
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(!stored.fresh(Instant::now(), None));
+    }
+
+    /// Stores `pending` right after the next read: another request's answer
+    /// arriving between a lookup's read and what the lookup does next.
+    struct StoredMeanwhile {
+        held: memory::MemoryStore,
+        pending: std::sync::Mutex<Option<(CacheKey, Arc<Entry>)>>,
+    }
+
+    impl CacheStore for StoredMeanwhile {
+        fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+            let found = self.held.get(key);
+            if let Some((key, entry)) = self.pending.lock().unwrap().take() {
+                self.held.insert(key, entry);
+            }
+            found
+        }
+        fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+            self.held.insert(key, entry);
+        }
+        fn remove(&self, key: &CacheKey) {
+            self.held.remove(key);
+        }
+        fn remove_if_same(&self, key: &CacheKey, entry: &Arc<Entry>) -> bool {
+            self.held.remove_if_same(key, entry)
+        }
+        fn purge(&self, model: Option<&str>) -> u64 {
+            self.held.purge(model)
+        }
+        fn bytes(&self) -> u64 {
+            self.held.bytes()
+        }
+        fn entries(&self) -> u64 {
+            self.held.entries()
+        }
+        fn evictions(&self) -> u64 {
+            self.held.evictions()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_entry_goes_but_not_one_stored_in_its_place_meanwhile() {
+        let key = [1; 32];
+        let old = entry(&[b"old"], Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let new = entry(&[b"new"], Duration::from_secs(60));
+        let held = memory::MemoryStore::new(1 << 20, 1 << 10);
+        held.insert(key, old);
+        let racing = StoredMeanwhile { held, pending: std::sync::Mutex::new(Some((key, Arc::clone(&new)))) };
+        let mut cache = ResponseCache::in_memory(1 << 20);
+        Arc::get_mut(&mut cache).unwrap().store = Box::new(racing);
+        let before = cache.changes(&key);
+        assert!(cache.lookup(&key, None, Instant::now()).is_none(), "the expired entry is not served");
+        let found = cache.lookup(&key, None, Instant::now()).expect("the answer stored meanwhile stays");
+        assert!(Arc::ptr_eq(&found, &new));
+        assert_eq!(cache.changes(&key), before, "nothing was removed");
+        // Expired with nothing in its place, it goes when found.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(cache.lookup(&key, None, Instant::now()).is_none());
+        assert_eq!(cache.entries(), 0);
+        assert_ne!(cache.changes(&key), before);
     }
 
     #[test]

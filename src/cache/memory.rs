@@ -86,6 +86,11 @@ impl CacheStore for MemoryStore {
         self.entries.remove(key);
     }
 
+    fn remove_if_same(&self, key: &CacheKey, entry: &Arc<Entry>) -> bool {
+        // Under the shard's lock: nothing can be stored in between.
+        self.entries.remove_if(key, |held| Arc::ptr_eq(held, entry)).is_some()
+    }
+
     fn purge(&self, model: Option<&str>) -> u64 {
         let before = self.entries.len() as u64;
         match model {
