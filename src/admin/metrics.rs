@@ -65,6 +65,13 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
             }
         }
     }
+    header(&mut out, metrics::UPSTREAM_QUEUED, "gauge", "Requests waiting now for an HTTP/2 stream slot.");
+    for upstream in live.upstreams.iter() {
+        if let Some(pool) = &upstream.h2 {
+            let queued = pool.stats().queued.load(Relaxed);
+            line(&mut out, metrics::UPSTREAM_QUEUED, &[("upstream", upstream.name.as_ref())], queued);
+        }
+    }
     header(&mut out, metrics::UPSTREAM_QUEUE_WAIT, "histogram", "Time requests waited for an HTTP/2 stream slot.");
     for upstream in live.upstreams.iter() {
         if let Some(pool) = &upstream.h2 {

@@ -49,6 +49,8 @@ pub const FALLBACKS: &str = "sluice_fallbacks_total";
 pub const UPSTREAM_CONNECTIONS: &str = "sluice_upstream_connections";
 /// Histogram: time requests waited for an HTTP/2 stream slot, by `upstream`.
 pub const UPSTREAM_QUEUE_WAIT: &str = "sluice_upstream_queue_wait_seconds";
+/// Gauge: requests waiting now for an HTTP/2 stream slot, by `upstream`.
+pub const UPSTREAM_QUEUED: &str = "sluice_upstream_queued";
 /// Counter: retries the per-upstream retry budget refused, by `upstream`.
 pub const RETRY_BUDGET_REFUSED: &str = "sluice_retry_budget_refused_total";
 /// Counter: answers served from the response cache.

@@ -77,7 +77,7 @@ pub enum AcquireError {
 pub struct PoolStats {
     /// Time requests waited for a stream slot (only those that waited).
     pub queue_wait: Histogram,
-    /// Requests waiting now.
+    /// Requests waiting now (`sluice_upstream_queued`).
     pub queued: AtomicU64,
 }
 

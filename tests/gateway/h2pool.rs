@@ -82,6 +82,11 @@ async fn connections(gateway: &Running, state: &str) -> f64 {
     sample(&scrape_at(gateway.addr).await, "sluice_upstream_connections", &[("upstream", "mock"), ("state", state)])
 }
 
+/// Requests waiting for a stream slot now, as `/metrics` says.
+async fn queued(gateway: &Running) -> f64 {
+    sample(&scrape_at(gateway.addr).await, "sluice_upstream_queued", &[("upstream", "mock")])
+}
+
 async fn streams_open_a_connection_each_ten_and_idle_ones_close(t: Transport) {
     let mock = limited_mock(t, SocketAddr::from(([127, 0, 0, 1], 0))).await;
     let gateway = gateway(t, &mock, "").await;
@@ -144,7 +149,7 @@ async fn a_goaway_under_load_costs_no_request(t: Transport) {
 async fn a_request_timed_out_in_line_was_never_sent_and_the_line_moves_on(t: Transport) {
     let mock = limited_mock(t, SocketAddr::from(([127, 0, 0, 1], 0))).await;
     let extra = "max_connections = 1\nbreaker_failures = 1000";
-    let gateway = Arc::new(gateway_waiting(t, &mock, extra, "1s").await);
+    let gateway = Arc::new(gateway_waiting(t, &mock, extra, "2s").await);
     // Ten streams of 20 chunks 250 ms apart hold the one connection's ten
     // slots for 5 s (their heads came at once: no header_timeout for them).
     let holding = {
@@ -154,7 +159,13 @@ async fn a_request_timed_out_in_line_was_never_sent_and_the_line_moves_on(t: Tra
         )
     };
     eventually_async("ten streams open", || async { mock.state.stats().requests == 10 }).await;
-    assert_eq!(burst(&gateway, 20, 0).await, [504; 20], "no slot came free within header_timeout");
+    let waiting = {
+        let gateway = Arc::clone(&gateway);
+        tokio::spawn(async move { burst(&gateway, 20, 0).await })
+    };
+    eventually_async("twenty in line", || async { queued(&gateway).await == 20.0 }).await;
+    assert_eq!(waiting.await.unwrap(), [504; 20], "no slot came free within header_timeout");
+    assert_eq!(queued(&gateway).await, 0.0, "those that gave up left the line");
     assert_eq!(mock.state.stats().requests, 10, "the 20 that waited in line never reached the mock");
     assert_eq!(connections(&gateway, "connecting").await, 0.0);
     let scrape = scrape_at(gateway.addr).await;
