@@ -89,6 +89,11 @@ pub struct Cluster {
     resets_seen: AtomicU64,
     /// Whether the shared key health was read back once.
     synced: AtomicBool,
+    /// The number of the last cache news heard on the subscription (cache
+    /// news is numbered in Redis).
+    cache_news_heard: AtomicU64,
+    /// Subscriptions made so far (`sluice_redis_subscriptions_total`).
+    pub subscriptions: AtomicU64,
     /// Tokens of finished answers, to add to the shared day budgets.
     pub tokens: Arc<TokenTally>,
 }
@@ -130,6 +135,8 @@ impl Cluster {
             resubscribe: Notify::new(),
             resets_seen: AtomicU64::new(0),
             synced: AtomicBool::new(false),
+            cache_news_heard: AtomicU64::new(0),
+            subscriptions: AtomicU64::new(0),
             tokens: Arc::default(),
             config,
         }))

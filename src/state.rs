@@ -394,7 +394,7 @@ impl Instance for ThisInstance {
             if dropped > 0 {
                 tracing::info!(
                     dropped,
-                    "subscribed to Redis again: this instance's copy of the cache was dropped (purges sent meanwhile were not heard)"
+                    "cache news went unheard while this instance was not subscribed to Redis: its copy of the cache was dropped"
                 );
             }
         }

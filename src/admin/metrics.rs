@@ -140,6 +140,8 @@ pub fn render_metrics(shared: &Shared, live: &Live) -> String {
     if let Some(cluster) = &shared.cluster {
         header(&mut out, metrics::REDIS_ERRORS, "counter", "Redis operations that failed or ran past the timeout.");
         line(&mut out, metrics::REDIS_ERRORS, &[], cluster.errors.load(Relaxed));
+        header(&mut out, metrics::REDIS_SUBSCRIPTIONS, "counter", "Subscriptions to the shared channel made.");
+        line(&mut out, metrics::REDIS_SUBSCRIPTIONS, &[], cluster.subscriptions.load(Relaxed));
         header(&mut out, metrics::REDIS_UP, "gauge", "1 while the shared Redis answers.");
         line(&mut out, metrics::REDIS_UP, &[], u64::from(cluster.is_up()));
     }

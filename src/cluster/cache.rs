@@ -11,7 +11,7 @@ use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 
-use super::{CHANNEL, Cluster, Lane};
+use super::{Cluster, Lane};
 use crate::cache::{CacheKey, Entry, Pending, SharedStore};
 use crate::clock::unix_ms;
 use crate::tasks::Tasks;
@@ -81,7 +81,7 @@ impl SharedStore for RedisCache {
             let mut keys = vec![entry_key(&hex)];
             keys.extend(entry.model.as_deref().map(model_key));
             let (bytes, ttl_ms) = (entry.encode(unix_ms()), entry.ttl.as_millis().max(1) as u64);
-            let message = format!("{} stored {hex}", cluster.instance);
+            let news = format!("stored {hex}");
             let stored = cluster
                 .run(Lane::Cache, "cache put", |mut conn| async move {
                     let mut invocation = PUT_SCRIPT.prepare_invoke();
@@ -92,11 +92,7 @@ impl SharedStore for RedisCache {
             // The other instances drop their older copies in memory (the
             // channel lives on the main Redis, which the cache may not share).
             if stored.is_some() {
-                cluster
-                    .run(Lane::Shared, "cache stored", |mut conn| async move {
-                        redis::cmd("PUBLISH").arg(CHANNEL).arg(message).query_async::<i64>(&mut conn).await
-                    })
-                    .await;
+                cluster.publish_cache_news(news).await;
             }
         });
     }

@@ -4,10 +4,11 @@
 //! disabled keys are kept in Redis under an expiry, so an instance that
 //! starts later, or comes back after missing messages, reads them back
 //! ([`resync`]); resets are numbered in Redis, so one missed meanwhile is
-//! made on reading back too. A cache purge or a newer answer announced
-//! meanwhile cannot be read back: each new subscription drops the instance's
-//! copy of the cache in memory instead (the entries stay in Redis, where the
-//! next lookup finds what is still there).
+//! made on reading back too. Cache news (a purge, a newer answer stored)
+//! cannot be read back: it is numbered in Redis instead, and a subscription
+//! that finds the number past the last news it heard drops the instance's
+//! copy of the cache in memory (what Redis holds is found there at the next
+//! lookup).
 //!
 //! A cooldown travels as a duration, not a time of day (instances' clocks
 //! may disagree): the Redis key expires when it ends, raised by one script
@@ -55,8 +56,8 @@ pub trait Instance: Send + Sync {
     fn purge_cache(&self, model: Option<&str>);
     /// Another instance stored a newer answer under this cache key (hex).
     fn forget_cached(&self, key: &str);
-    /// Messages sent while this instance was not subscribed were lost:
-    /// its copy of the cache in memory goes (the shared store keeps its own).
+    /// Cache news went unheard while this instance was not subscribed: its
+    /// copy of the cache in memory goes (Redis keeps what it holds).
     fn forget_cached_copies(&self);
 }
 
@@ -93,6 +94,22 @@ fn off_key(id: &str) -> String {
 
 /// The number of the last reset any instance made.
 const RESETS: &str = "sluice:resets";
+/// The number of the last cache news published (see [`publish_cache_news`]);
+/// outside `sluice:cache:*`, which a purge deletes whole.
+///
+/// [`publish_cache_news`]: Cluster::publish_cache_news
+const CACHE_NEWS: &str = "sluice:news:cache";
+
+/// KEYS: the cache news counter. ARGV: the channel, the sender, the news.
+/// Numbers the news and publishes it as `SENDER#NUMBER NEWS` (an instance
+/// that does not read numbers sees another sender).
+const NEWS: &str = r"
+local n = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. '#' .. n .. ' ' .. ARGV[3])
+return n
+";
+
+static NEWS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(NEWS));
 
 impl Cluster {
     /// Publishes one event, seen after reset number `epoch`, and records it
@@ -142,9 +159,17 @@ impl Cluster {
     /// Tells every other instance to purge its copy of the cache; false if
     /// Redis did not take it.
     pub async fn publish_purge(&self, model: Option<&str>) -> bool {
-        let message = format!("{} purge {}", self.instance, model.unwrap_or("*"));
-        self.run(Lane::Shared, "cache purge", |mut conn| async move {
-            redis::cmd("PUBLISH").arg(CHANNEL).arg(message).query_async::<i64>(&mut conn).await
+        self.publish_cache_news(format!("purge {}", model.unwrap_or("*"))).await
+    }
+
+    /// Publishes cache news (`purge MODEL`, `stored KEY`) under the next
+    /// number; false if Redis did not take it.
+    pub async fn publish_cache_news(&self, news: String) -> bool {
+        let sender = self.instance.to_string();
+        self.run(Lane::Shared, "cache news", |mut conn| async move {
+            let mut invocation = NEWS_SCRIPT.prepare_invoke();
+            invocation.key(CACHE_NEWS).arg(CHANNEL).arg(sender).arg(news);
+            invocation.invoke_async::<u64>(&mut conn).await
         })
         .await
         .is_some()
@@ -216,6 +241,17 @@ fn stale(cluster: &Cluster, epoch: Option<&str>) -> bool {
 fn receive(cluster: &Cluster, instance: &dyn Instance, message: &str) {
     let mut words = message.splitn(3, ' ');
     let (Some(from), Some(what)) = (words.next(), words.next()) else { return };
+    // Cache news carries its number (this instance's own too: the number
+    // says how far the news was heard, in the order Redis published it).
+    let from = match from.split_once('#') {
+        Some((sender, number)) => {
+            if let Ok(number) = number.parse::<u64>() {
+                cluster.cache_news_heard.fetch_max(number, Relaxed);
+            }
+            sender
+        }
+        None => from,
+    };
     if from == &*cluster.instance {
         return;
     }
@@ -319,6 +355,25 @@ pub(super) fn start(cluster: &Arc<Cluster>, tasks: &Tasks, instance: Arc<dyn Ins
     });
 }
 
+/// Whether cache news was published that this instance did not hear: the
+/// number in Redis moved past the last one heard (or back: a Redis that
+/// lost its data), or Redis cannot say. Called once subscribed, before any
+/// message of the new subscription is read.
+async fn missed_cache_news(cluster: &Cluster) -> bool {
+    let published = cluster
+        .run(Lane::Shared, "cache news", |mut conn| async move {
+            redis::cmd("GET").arg(CACHE_NEWS).query_async::<Option<u64>>(&mut conn).await
+        })
+        .await;
+    match published {
+        Some(number) => {
+            let number = number.unwrap_or(0);
+            cluster.cache_news_heard.swap(number, Relaxed) != number
+        }
+        None => true,
+    }
+}
+
 /// Subscribes and acts on messages until the subscription fails its check,
 /// ends, or Redis came back after an outage (when it is made again).
 async fn subscribe(cluster: &Cluster, instance: &dyn Instance) {
@@ -327,12 +382,14 @@ async fn subscribe(cluster: &Cluster, instance: &dyn Instance) {
         return;
     }
     // Messages published before this subscription: key health is read back
-    // from Redis; purges and newer answers cannot be, so the copies they may
-    // have been about go (at the first subscription too: an instance that
-    // could not subscribe at its start may have cached answers meanwhile).
+    // from Redis; cache news cannot be, so if any went unheard, the copies
+    // it may have been about go.
     cluster.resync_due.store(true, Relaxed);
     cluster.news.wake();
-    instance.forget_cached_copies();
+    if missed_cache_news(cluster).await {
+        instance.forget_cached_copies();
+    }
+    cluster.subscriptions.fetch_add(1, Relaxed);
     let (mut sink, mut messages) = pubsub.split();
     // (Subscribed, Redis answers PING with an array, not `PONG`: any answer will do.)
     let mut check = tokio::time::interval(SUBSCRIPTION_CHECK);

@@ -75,6 +75,8 @@ pub const CACHE_SHORTCUTS: &str = "sluice_cache_shortcuts";
 pub const CACHE_HOT_ANSWERS: &str = "sluice_cache_hot_answers";
 /// Redis operations that failed or ran past `[redis] timeout`.
 pub const REDIS_ERRORS: &str = "sluice_redis_errors_total";
+/// Counter: subscriptions to the shared channel made (one at start, one after each break).
+pub const REDIS_SUBSCRIPTIONS: &str = "sluice_redis_subscriptions_total";
 /// 1 while the shared Redis answers.
 pub const REDIS_UP: &str = "sluice_redis_up";
 /// 1 while the key store answers.

@@ -655,6 +655,47 @@ async fn a_purge_sent_while_an_instance_was_not_subscribed_still_reaches_its_cop
     assert_eq!(cluster.mock.state.stats().requests, 2, "one answer after the purge, from the upstream");
 }
 
+/// Entries instance `i` holds in memory, as its `/stats` says.
+async fn cache_entries(cluster: &Cluster, i: usize) -> Value {
+    let request = Request::get(cluster.url(i, "/stats"))
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(&h1_client(), request).await.json()["cache"]["entries"].clone()
+}
+
+/// Subscriptions instance `i` made so far, as its `/metrics` says.
+async fn subscriptions(cluster: &Cluster, i: usize) -> f64 {
+    sample(&scrape_at(cluster.gateways[i].addr).await, "sluice_redis_subscriptions_total", &[])
+}
+
+/// The number of the last cache news published (purges, answers stored).
+fn cache_news(redis: &RedisServer) -> u64 {
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let number: Option<u64> = redis::cmd("GET").arg("sluice:news:cache").query(&mut conn).unwrap();
+    number.unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_made_again_with_no_news_missed_keeps_the_copy() {
+    let cluster = Cluster::start("", "[cache]\nenabled = true\n", None).await;
+    let cluster = &cluster;
+    cluster.all_up().await;
+    eventually("three instances subscribed", || subscribers(&cluster.redis) == 3).await;
+    assert_eq!(cluster.chat(0, CLIENT_KEY).await.headers["x-sluice-cache"], "miss");
+    // Numbered once published: by then it is on its way to every subscriber.
+    eventually("the answer's news is published", || cache_news(&cluster.redis) == 1).await;
+    assert_eq!(cluster.chat(1, CLIENT_KEY).await.headers["x-sluice-cache"], "hit");
+    assert_eq!(cache_entries(cluster, 1).await, 1, "instance 1 holds a copy");
+    let before = subscriptions(cluster, 1).await;
+    assert!(before >= 1.0);
+    kill_subscriptions(&cluster.redis);
+    eventually_async("instance 1 subscribed again", || async move { subscriptions(cluster, 1).await > before }).await;
+    assert_eq!(cache_entries(cluster, 1).await, 1, "no news went unheard: the copy stays");
+    assert_eq!(cluster.chat(1, CLIENT_KEY).await.headers["x-sluice-cache"], "hit");
+    assert_eq!(cluster.mock.state.stats().requests, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscriptions_stay_up_through_their_checks() {
     let cluster = Cluster::start("", "", None).await;
