@@ -8,14 +8,17 @@
 //! marks Redis down for the limits.
 
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Cluster, Lane};
+use super::{Cluster, Lane, PROBE_EVERY};
 use crate::cache::{CacheKey, Entry, Pending, SharedStore};
 use crate::clock::unix_ms;
 use crate::tasks::Tasks;
 
+/// How long an answer's news Redis did not take is offered again.
+const NEWS_RETRY_FOR: Duration = Duration::from_secs(600);
 /// Purges delete in batches of this many keys per round trip.
 const PURGE_BATCH: usize = 500;
 /// At most this many batches per purge (a purge is an operator's call; a
@@ -76,6 +79,7 @@ impl SharedStore for RedisCache {
 
     fn put(&self, key: CacheKey, entry: Arc<Entry>) {
         let cluster = Arc::clone(&self.cluster);
+        let stop = self.tasks.clone();
         self.tasks.spawn(async move {
             let hex = hex::encode(key);
             let mut keys = vec![entry_key(&hex)];
@@ -91,8 +95,21 @@ impl SharedStore for RedisCache {
                 .await;
             // The other instances drop their older copies in memory (the
             // channel lives on the main Redis, which the cache may not share).
-            if stored.is_some() {
-                cluster.publish_cache_news(news).await;
+            // News Redis did not take is sent again once it answers (while
+            // the entry lives, at most NEWS_RETRY_FOR): untold, the others
+            // would serve their older copies, and their count would not say so.
+            if stored.is_none() {
+                return;
+            }
+            let tries = entry.ttl.min(NEWS_RETRY_FOR).as_millis() / PROBE_EVERY.as_millis();
+            for _ in 0..=tries {
+                if cluster.publish_cache_news(news.clone()).await {
+                    return;
+                }
+                tokio::select! {
+                    () = stop.stopped() => return,
+                    () = tokio::time::sleep(PROBE_EVERY) => {}
+                }
             }
         });
     }

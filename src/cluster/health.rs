@@ -6,9 +6,9 @@
 //! ([`resync`]); resets are numbered in Redis, so one missed meanwhile is
 //! made on reading back too. Cache news (a purge, a newer answer stored)
 //! cannot be read back: it is numbered in Redis instead, and a subscription
-//! that finds the number past the last news it heard drops the instance's
-//! copy of the cache in memory (what Redis holds is found there at the next
-//! lookup).
+//! that finds another number than the last one the instance heard (or
+//! cannot read it) drops the instance's copy of the cache in memory (what
+//! Redis holds is found there at the next lookup).
 //!
 //! A cooldown travels as a duration, not a time of day (instances' clocks
 //! may disagree): the Redis key expires when it ends, raised by one script
@@ -100,14 +100,24 @@ const RESETS: &str = "sluice:resets";
 /// [`publish_cache_news`]: Cluster::publish_cache_news
 const CACHE_NEWS: &str = "sluice:news:cache";
 
-/// KEYS: the cache news counter. ARGV: the channel, the sender, the news.
-/// Numbers the news and publishes it as `SENDER#NUMBER NEWS` (an instance
-/// that does not read numbers sees another sender).
+/// KEYS: the cache news counter. ARGV: the channel, the sender, the news,
+/// where a missing counter starts. Numbers the news and publishes it as
+/// `SENDER#NUMBER NEWS` (an instance that does not read numbers sees
+/// another sender). A counter Redis lost (a restart without its data, an
+/// eviction) starts again at a random number, not at 1: counting up from 1
+/// again, it could meet the very number an instance last heard.
 const NEWS: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[4]) end
 local n = redis.call('INCR', KEYS[1])
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. '#' .. n .. ' ' .. ARGV[3])
 return n
 ";
+
+/// Where a missing news counter starts: below 10^12, so Lua (whose numbers
+/// are doubles, written with 14 digits) writes every number it reaches whole.
+fn news_start() -> u64 {
+    1_000_000_000 + crate::ids::next_u64() % 900_000_000_000
+}
 
 static NEWS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(NEWS));
 
@@ -168,7 +178,7 @@ impl Cluster {
         let sender = self.instance.to_string();
         self.run(Lane::Shared, "cache news", |mut conn| async move {
             let mut invocation = NEWS_SCRIPT.prepare_invoke();
-            invocation.key(CACHE_NEWS).arg(CHANNEL).arg(sender).arg(news);
+            invocation.key(CACHE_NEWS).arg(CHANNEL).arg(sender).arg(news).arg(news_start());
             invocation.invoke_async::<u64>(&mut conn).await
         })
         .await
@@ -355,13 +365,14 @@ pub(super) fn start(cluster: &Arc<Cluster>, tasks: &Tasks, instance: Arc<dyn Ins
     });
 }
 
-/// Whether cache news was published that this instance did not hear: the
-/// number in Redis moved past the last one heard (or back: a Redis that
-/// lost its data), or Redis cannot say. Called once subscribed, before any
-/// message of the new subscription is read.
+/// Whether cache news may have gone out that this instance did not hear:
+/// the number in Redis is not the last one heard (past it: news missed;
+/// another: a Redis that lost the count), or Redis cannot say. Called once
+/// subscribed, before any message of the new subscription is read; asked
+/// even while Redis is marked down (a slow Redis is no reason to drop).
 async fn missed_cache_news(cluster: &Cluster) -> bool {
     let published = cluster
-        .run(Lane::Shared, "cache news", |mut conn| async move {
+        .attempt(Lane::Shared, "cache news", |mut conn| async move {
             redis::cmd("GET").arg(CACHE_NEWS).query_async::<Option<u64>>(&mut conn).await
         })
         .await;

@@ -75,7 +75,7 @@ pub const CACHE_SHORTCUTS: &str = "sluice_cache_shortcuts";
 pub const CACHE_HOT_ANSWERS: &str = "sluice_cache_hot_answers";
 /// Redis operations that failed or ran past `[redis] timeout`.
 pub const REDIS_ERRORS: &str = "sluice_redis_errors_total";
-/// Counter: subscriptions to the shared channel made (one at start, one after each break).
+/// Counter: subscriptions to the shared channel made (at start, then each time one is made again).
 pub const REDIS_SUBSCRIPTIONS: &str = "sluice_redis_subscriptions_total";
 /// 1 while the shared Redis answers.
 pub const REDIS_UP: &str = "sluice_redis_up";
