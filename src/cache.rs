@@ -492,6 +492,17 @@ impl Recorder {
         if self.over {
             return;
         }
+        // A client's shorter TTL shortens its own answer's life, never what
+        // the others are served: over a fresh entry, the answer lives at
+        // least as long as that one had left.
+        let now = Instant::now();
+        let ttl = match self.fill.cache.store.get(&self.fill.key) {
+            Some(held) if held.fresh(now, None) => {
+                self.fill.ttl.max((held.stored_at + held.ttl).saturating_duration_since(now))
+            }
+            _ => self.fill.ttl,
+        };
+
         let mut body = BytesMut::with_capacity(self.len as usize);
         let mut frame_ends = Vec::with_capacity(self.frames.len());
         for frame in self.frames.drain(..) {
@@ -506,10 +517,14 @@ impl Recorder {
             sse: self.sse,
             model: self.fill.model.take(),
             tokens,
-            stored_at: Instant::now(),
-            ttl: self.fill.ttl,
+            stored_at: now,
+            ttl,
         });
-        self.fill.cache.store(self.fill.key, Arc::clone(&entry));
+        // An entry of no TTL is never served: not kept (the requests
+        // waiting for this answer still get it).
+        if !ttl.is_zero() {
+            self.fill.cache.store(self.fill.key, Arc::clone(&entry));
+        }
         if let Some(guard) = self.fill.guard.take() {
             guard.complete(entry);
         }

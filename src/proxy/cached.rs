@@ -13,8 +13,9 @@
 //!
 //! Client controls: `Cache-Control: no-store` skips the cache both ways,
 //! `no-cache` skips the lookup but stores the fresh answer, and
-//! `x-sluice-cache-ttl: SECONDS` stores with a shorter TTL and accepts only
-//! entries younger than that.
+//! `x-sluice-cache-ttl: SECONDS` accepts only entries younger than that and
+//! stores with that shorter TTL, except over an entry that had longer to
+//! live (one client's TTL never shortens what others are served).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -85,6 +86,15 @@ impl Controls {
     }
 }
 
+impl Controls {
+    /// The oldest entry this client is served: its own TTL, and never past
+    /// the configured one (a reload that lowered it holds for entries
+    /// stored before it too).
+    fn max_age(&self, ttl: Duration) -> Duration {
+        self.ttl.map_or(ttl, |own| own.min(ttl))
+    }
+}
+
 /// A request to a cacheable path the shortcut did not answer: the body its client
 /// sent, to be remembered if its plan finds the entry.
 pub struct Lookout {
@@ -131,7 +141,7 @@ pub fn shortcut(
         generation: live.routes.generation,
         allowed: client.map(|c| &c.allowed),
         now: Instant::now(),
-        max_age: controls.ttl,
+        max_age: Some(controls.max_age(live.config.cache.ttl)),
     };
     // This loop's own copy first: nothing another core writes to.
     let changes = |key: &CacheKey| cache.changes(key);
@@ -144,7 +154,7 @@ pub fn shortcut(
         return Found::Plan(Some(lookout));
     };
     let epoch = cache.changes(&shortcut.key);
-    let Some(entry) = cache.lookup(&shortcut.key, controls.ttl, check.now) else {
+    let Some(entry) = cache.lookup(&shortcut.key, check.max_age, check.now) else {
         return Found::Plan(Some(lookout));
     };
     cache.hot().offer(hash, sent, &shortcut, &entry, epoch);
@@ -220,7 +230,7 @@ pub async fn stage(
     } else {
         // One clock read for the freshness and the age.
         let now = Instant::now();
-        if let Some(entry) = cache.lookup(&key, controls.ttl, now) {
+        if let Some(entry) = cache.lookup(&key, Some(controls.max_age(config.ttl)), now) {
             if let Some(lookout) = &lookout {
                 remember(cache, &live.routes, key, prepared, sent(&scope, client, &prepared.uri, &lookout.body));
             }
@@ -229,7 +239,7 @@ pub async fn stage(
         // Another instance may have stored it (one round trip, bounded by
         // `[redis] timeout`).
         if cache.is_shared()
-            && let Some(entry) = Box::pin(cache.lookup_shared(&key, controls.ttl)).await
+            && let Some(entry) = Box::pin(cache.lookup_shared(&key, Some(controls.max_age(config.ttl)))).await
         {
             return Ok(Step::Answer(hit(cache, entry, Instant::now(), ctx)));
         }
@@ -254,7 +264,7 @@ pub async fn stage(
         ctx.cache = Some(CacheStatus::Miss);
         cache.counters.misses.fetch_add(1, Relaxed);
     }
-    let ttl = controls.ttl.map_or(config.ttl, |ttl| ttl.min(config.ttl));
+    let ttl = controls.max_age(config.ttl);
     let model = prepared.plan.model.as_ref().map(|m| Arc::clone(&m.model));
     prepared.fill = Some(Fill::new(Arc::clone(cache), key, ttl, config.max_entry, model, guard));
     Ok(Step::Forward)

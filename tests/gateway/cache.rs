@@ -185,6 +185,48 @@ async fn client_controls_no_cache_no_store_and_ttl() {
 }
 
 #[tokio::test]
+async fn a_clients_short_ttl_does_not_shorten_what_the_others_are_served() {
+    let h = cached(Transport::H1Sluice, "").await;
+    let with_ttl = |secs: &'static str| {
+        h.post("/v1/chat/completions").header("x-sluice-cache-ttl", secs).body(Full::new(Bytes::from(CHAT))).unwrap()
+    };
+    assert_eq!(label(&h.chat(CHAT).await), "miss");
+    advance_clock(Duration::from_secs(5)).await;
+    // A client that takes nothing older than 2 s goes upstream; its answer
+    // replaces the entry, but lives as long as the one it replaced had left.
+    assert_eq!(label(&h.send(with_ttl("2")).await), "miss");
+    advance_clock(Duration::from_secs(3)).await;
+    assert_eq!(label(&h.chat(CHAT).await), "hit", "past the client's 2 s, still served to the others");
+    // A TTL of 0: that client's answer is never served, and stored over nothing.
+    assert_eq!(label(&h.send(with_ttl("0")).await), "miss");
+    assert_eq!(label(&h.chat(CHAT).await), "hit");
+    assert_eq!(chats(&h), 3);
+}
+
+#[tokio::test]
+async fn a_reload_that_lowers_the_ttl_holds_for_entries_stored_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = start_mock(Transport::H1Sluice).await;
+    let opts = Opts { tables: "[cache]\nenabled = true\nttl = \"1h\"\n".into(), ..Opts::default() };
+    let text = config_text(&mock.base_url(), &opts);
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = sluice::config::Config::load(&path).unwrap();
+    let gateway = sluice::server::spawn(sluice::state::Shared::new(config).unwrap()).await.unwrap();
+    let h = Harness { mock, gateway, h1: h1_client(), h2: h2_client() };
+    for expected in ["miss", "hit", "hit"] {
+        assert_eq!(label(&h.chat(CHAT).await), expected);
+    }
+    std::fs::write(&path, text.replace("ttl = \"1h\"", "ttl = \"2s\"")).unwrap();
+    assert_eq!(h.admin("/admin/reload").await.status, StatusCode::OK);
+    assert_eq!(label(&h.chat(CHAT).await), "hit", "fresh: within the new TTL");
+    advance_clock(Duration::from_secs(3)).await;
+    assert_eq!(label(&h.chat(CHAT).await), "miss", "stored under 1 h, but older than the 2 s now set");
+    assert_eq!(label(&h.chat(CHAT).await), "hit");
+    assert_eq!(chats(&h), 2);
+}
+
+#[tokio::test]
 async fn entries_expire_on_the_clock() {
     let h = cached(Transport::H1Sluice, "ttl = \"60s\"").await;
     // A connection of its own each time: moving the clock past the idle
