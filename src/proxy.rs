@@ -74,6 +74,7 @@ pub async fn receive(
     };
     if let read::Read::Json(bytes) | read::Read::Whole(bytes) = &read {
         ctx.bytes_in = bytes.len() as u64;
+        ctx.body_unread = false;
     }
     Ok(Received { parts, read })
 }

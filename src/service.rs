@@ -14,8 +14,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use http::header::CONTENT_TYPE;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{CONNECTION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
@@ -75,7 +75,8 @@ pub async fn handle(
     request: Request<Incoming>,
     watch: Option<Arc<ConnWatch>>,
 ) -> Response<SluiceBody> {
-    let ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, watch);
+    let mut ctx = RequestContext::new(Arc::clone(&shared.telemetry), &request, watch);
+    ctx.body_unread = request.version() < Version::HTTP_2 && !request.body().is_end_stream();
     let mut pending = Unanswered { ctx, armed: true };
     let ctx = &mut pending.ctx;
     let (mut response, error) = match handle_inner(shared, request, ctx).await {
@@ -86,7 +87,14 @@ pub async fn handle(
                 shared.telemetry.metrics.rejections.count(reason);
             }
             let kind = error.kind();
-            (error.into_response(), Some(kind))
+            let mut response = error.into_response();
+            if ctx.body_unread {
+                // hyper closes a connection whose request it did not read
+                // to the end: said, so the client does not send its next
+                // request into a closing socket.
+                response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            (response, Some(kind))
         }
     };
     pending.armed = false;
@@ -303,15 +311,20 @@ async fn forward(
     request: Request<Incoming>,
     ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
-    let client = admit(shared, &live, &request, ctx).await?;
+    let client = match admit(shared, &live, &request, ctx).await {
+        Ok(client) => client,
+        Err(error) => return Err(refuse(request, error, ctx).await),
+    };
     let path = request.uri().path();
     // Files, batches, assistants, stored responses live in the upstream
     // account every client shares: a tenant's key reaches them only when granted.
     if client.as_ref().is_some_and(|c| !c.passthrough) && !INFERENCE_PATHS.contains(&path) {
-        return Err(ProxyError::PathNotAllowed(path.to_string()));
+        let error = ProxyError::PathNotAllowed(path.to_string());
+        return Err(refuse(request, error, ctx).await);
     }
     if proxy::is_model_endpoint(path) && request.method() != Method::POST {
-        return Err(ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" });
+        let error = ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" };
+        return Err(refuse(request, error, ctx).await);
     }
     let received = proxy::receive(&live, request, ctx).await?;
     let mut lookout = None;
@@ -339,6 +352,18 @@ async fn forward(
     // The retry loop's future is boxed: inline, every request's future (a
     // cache hit's too) would carry its size, and be copied with it.
     Box::pin(retry::send(prepared, ctx)).await
+}
+
+/// A request refused before its body stage (its key, its limits, a path or
+/// method it may not use): a small body is read and dropped first, so the
+/// client's connection stays open for its next request (a refused client
+/// then costs no new connection, or TLS handshake, a request).
+async fn refuse(request: Request<Incoming>, error: ProxyError, ctx: &mut RequestContext) -> ProxyError {
+    // Boxed: only a refusal pays for the read's future.
+    if ctx.body_unread && Box::pin(proxy::read::drain(request)).await {
+        ctx.body_unread = false;
+    }
+    error
 }
 
 /// The address a request without a key is limited under: the peer's, or

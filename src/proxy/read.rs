@@ -101,6 +101,24 @@ fn declared_length(parts: &Parts) -> Option<u64> {
     parts.headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// The most of a refused request's body read (and dropped) so that its
+/// connection stays open, and the longest wait for it.
+const DRAIN_MAX: u64 = 64 << 10;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Reads and drops the body of a request refused before its body stage,
+/// when it is small (a declared length of at most [`DRAIN_MAX`]) and comes
+/// within [`DRAIN_TIMEOUT`]; whether it ended. hyper keeps a connection
+/// open only once its request was read to the end.
+pub async fn drain(request: http::Request<Incoming>) -> bool {
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_none_or(|len| len > DRAIN_MAX) {
+        return false;
+    }
+    let limited = Limited::new(request.into_body(), DRAIN_MAX as usize);
+    matches!(tokio::time::timeout(DRAIN_TIMEOUT, limited.collect()).await, Ok(Ok(_)))
+}
+
 /// Reads the whole body under the cap and the read timeout.
 pub async fn read_whole(body: Incoming, max_body: u64) -> Result<Bytes, ProxyError> {
     let mut limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));

@@ -180,6 +180,9 @@ pub struct RequestContext {
     pub stream: bool,
     /// Add `x-sluice-overhead-us` to proxied answers.
     pub overhead_header: bool,
+    /// An HTTP/1 request whose body was not read to the end (yet): hyper
+    /// closes its connection after the answer, so an error answer says so.
+    pub body_unread: bool,
     /// Counts the request in flight until the last copy of the context (the
     /// handler's, or the metered body's) is gone, even if hyper drops the
     /// handler mid-way because the client left.
@@ -244,6 +247,7 @@ impl RequestContext {
             bytes_in: 0,
             stream: false,
             overhead_header: false,
+            body_unread: false,
         }
     }
 }

@@ -343,3 +343,65 @@ async fn one_address_holds_at_most_max_connections_per_ip() {
     assert!(answer.starts_with(b"HTTP/1.1 200"));
     drop(held);
 }
+
+/// Reads one HTTP/1.1 answer (head and a `content-length` body) off `stream`:
+/// its head, lowercased.
+async fn read_answer(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert!(buf.len() < 16 << 10, "no end of head");
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "the connection closed mid-answer");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
+    let length =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse::<usize>().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head
+}
+
+/// A chat's head with `content-length: length`, under a key sluice refuses.
+fn refused_head(length: usize) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-not-a-key\r\n\
+         content-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    )
+}
+
+#[tokio::test]
+async fn a_refusal_before_a_large_body_says_the_connection_closes() {
+    let h = Harness::start().await;
+    // Past what a refusal reads to keep the connection; then one small
+    // enough, whose body never comes (the refusal waits 1 s for it).
+    for length in [100_000, 60_000] {
+        let mut stream = TcpStream::connect(h.gateway.addr).await.unwrap();
+        stream.write_all(refused_head(length).as_bytes()).await.unwrap();
+        let head = read_answer(&mut stream).await;
+        assert!(head.starts_with("http/1.1 401"), "{head}");
+        assert!(head.contains("\r\nconnection: close\r\n"), "the client must not reuse it: {head}");
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "closed after the answer");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_request_with_a_small_body_keeps_its_connection() {
+    let h = Harness::start().await;
+    let mut stream = TcpStream::connect(h.gateway.addr).await.unwrap();
+    for _ in 0..3 {
+        // The body comes a little after the head, as over a real network:
+        // the refusal is decided before it is there.
+        stream.write_all(refused_head(CHAT.len()).as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream.write_all(CHAT.as_bytes()).await.unwrap();
+        let head = read_answer(&mut stream).await;
+        assert!(head.starts_with("http/1.1 401"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+    // The same connection still serves.
+    stream.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    assert!(read_answer(&mut stream).await.starts_with("http/1.1 200"));
+}
