@@ -39,7 +39,7 @@ use crate::error::ProxyError;
 use crate::proxy::body::SluiceBody;
 use crate::proxy::plan::{CACHE_PATHS, named_route};
 use crate::proxy::read::Read;
-use crate::proxy::{Prepared, Received, sniff};
+use crate::proxy::{Prepared, Received, headers, sniff};
 use crate::routes::Routes;
 use crate::state::Live;
 use crate::telemetry::{CacheStatus, RequestContext};
@@ -122,6 +122,11 @@ pub fn shortcut(
 ) -> Found {
     let (parts, Read::Json(body)) = (&received.parts, &received.read) else { return Found::Plan(None) };
     if parts.method != Method::POST || body.is_empty() || !CACHE_PATHS.contains(&parts.uri.path()) {
+        return Found::Plan(None);
+    }
+    // Shortcuts know the bytes sent, not the headers: a request whose
+    // headers key its answer neither takes nor leaves one.
+    if parts.headers.keys().any(headers::shapes_answer) {
         return Found::Plan(None);
     }
     let lookout = Lookout { body: body.clone() };
@@ -215,14 +220,20 @@ pub async fn stage(
         return Ok(Step::Forward);
     }
     let scope = scope(config.scope, client);
-    let key = KeyBuilder::default()
+    let mut key = KeyBuilder::default()
         .part(scope.as_bytes())
         .part(prepared.plan.upstream.name.as_bytes())
         .part(prepared.uri.path().as_bytes())
         .part(prepared.uri.query().unwrap_or("").as_bytes())
         // No Accept-Encoding: sluice asks every upstream for uncompressed answers.
-        .part(bytes.as_deref().unwrap_or_default())
-        .finish();
+        .part(bytes.as_deref().unwrap_or_default());
+    // Headers sent on that may change the answer (`openai-beta`, a
+    // provider's version): an answer shaped by one client's headers is not
+    // another's.
+    for (name, value) in headers::answer_shaping(&prepared.headers) {
+        key = key.part(name.as_str().as_bytes()).part(value.as_bytes());
+    }
+    let key = key.finish();
     let mut guard = None;
     if controls.no_cache {
         ctx.cache = Some(CacheStatus::Bypass);

@@ -102,6 +102,63 @@ pub fn to_upstream(headers: &mut HeaderMap, request_id: &HeaderValue, body_rewri
     headers.insert(REQUEST_ID, never_indexed(request_id));
 }
 
+/// Whether a client header may change the upstream's answer, and so keys a
+/// cached answer (see [`answer_shaping`]). Left out: what describes the
+/// body or the connection, what sluice strips or sets itself, credentials,
+/// tracing, the cache's own controls, and the OpenAI SDKs' telemetry
+/// (`x-stainless-*`: it differs by client and SDK version, and would split
+/// every entry). Anything else (`openai-beta`, `anthropic-version`, a
+/// provider's own) is taken to shape the answer.
+pub fn shapes_answer(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    !matches!(
+        name,
+        "host"
+            | "content-type"
+            | "content-length"
+            | "accept"
+            | "accept-encoding"
+            | "accept-language"
+            | "user-agent"
+            | "authorization"
+            | "x-api-key"
+            | "api-key"
+            | "cookie"
+            | "cache-control"
+            | "pragma"
+            | "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "expect"
+            | "origin"
+            | "referer"
+            | "priority"
+            | "via"
+            | "forwarded"
+            | "x-real-ip"
+            | "x-request-id"
+            | "traceparent"
+            | "tracestate"
+            | "baggage"
+            | "openai-organization"
+            | "openai-project"
+    ) && !["x-stainless-", "x-sluice-", "x-forwarded-", "sec-"].iter().any(|prefix| name.starts_with(prefix))
+}
+
+/// The client headers that may shape the upstream's answer, sorted by name
+/// then value (the order a client sends them in says nothing): part of a
+/// cached answer's key.
+pub fn answer_shaping(headers: &HeaderMap) -> Vec<(&HeaderName, &HeaderValue)> {
+    let mut shaping: Vec<_> = headers.iter().filter(|(name, _)| shapes_answer(name)).collect();
+    shaping.sort_by(|a, b| (a.0.as_str(), a.1.as_bytes()).cmp(&(b.0.as_str(), b.1.as_bytes())));
+    shaping
+}
+
 /// `value` marked sensitive: HTTP/2's HPACK then never puts it in the
 /// connection's table. A value that differs per request (the request id) or
 /// per client (its address) would otherwise push the headers every request

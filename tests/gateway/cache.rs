@@ -68,7 +68,11 @@ async fn requests_sent_past_the_cache_carry_the_forwarding_headers() {
     assert_eq!(label(&h.send(echo(None)).await), "hit");
     assert_eq!(chats(&h), 3, "the hit sent nothing");
     // Answers are fetched uncompressed: what the client accepts does not split entries.
-    let gzip = h.post("/v1/chat/completions").header("accept-encoding", "gzip").body(Full::new(Bytes::from(CHAT)));
+    let gzip = h
+        .post("/v1/chat/completions")
+        .header("x-mock-echo", "1")
+        .header("accept-encoding", "gzip")
+        .body(Full::new(Bytes::from(CHAT)));
     assert_eq!(label(&h.send(gzip.unwrap()).await), "hit");
     assert_eq!(chats(&h), 3);
 }
@@ -182,6 +186,32 @@ async fn client_controls_no_cache_no_store_and_ttl() {
         (bad.status, bad.json()["error"]["param"].as_str()),
         (StatusCode::BAD_REQUEST, Some("x-sluice-cache-ttl"))
     );
+}
+
+#[tokio::test]
+async fn headers_that_may_shape_the_answer_are_part_of_its_key() {
+    let h = cached(Transport::H1Sluice, "scope = \"global\"").await;
+    let with = |pairs: &[(&'static str, &'static str)]| {
+        let mut request = h.post("/v1/chat/completions");
+        for (name, value) in pairs {
+            request = request.header(*name, *value);
+        }
+        request.body(Full::new(Bytes::from(CHAT))).unwrap()
+    };
+    // A beta feature's answer, asked again and again (hits that would
+    // leave a shortcut by the bytes sent)...
+    for expected in ["miss", "hit", "hit", "hit"] {
+        assert_eq!(label(&h.send(with(&[("openai-beta", "feature=v1")])).await), expected);
+    }
+    // ...is not the answer to the same body without it, nor with another value.
+    assert_eq!(label(&h.send(with(&[])).await), "miss");
+    assert_eq!(label(&h.send(with(&[("openai-beta", "feature=v2")])).await), "miss");
+    assert_eq!(label(&h.send(with(&[("openai-beta", "feature=v1")])).await), "hit");
+    // The SDKs' telemetry and tracing key nothing.
+    let telemetry =
+        [("x-stainless-os", "Linux"), ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")];
+    assert_eq!(label(&h.send(with(&telemetry)).await), "hit");
+    assert_eq!(chats(&h), 3);
 }
 
 #[tokio::test]
