@@ -380,8 +380,8 @@ impl ResponseCache {
         self.store.evictions()
     }
 
-    fn store(&self, key: CacheKey, entry: Arc<Entry>) {
-        if let Some(shared) = &self.shared {
+    fn store(&self, key: CacheKey, entry: Arc<Entry>, share: bool) {
+        if let Some(shared) = self.shared.as_ref().filter(|_| share) {
             shared.put(key, Arc::clone(&entry));
         }
         self.store.insert(key, entry);
@@ -428,6 +428,8 @@ pub struct Fill {
     max_entry: u64,
     model: Option<Arc<str>>,
     guard: Option<FlightGuard>,
+    /// Stored in the shared store too (see [`Fill::local_only`]).
+    share: bool,
 }
 
 impl Fill {
@@ -440,7 +442,16 @@ impl Fill {
         model: Option<Arc<str>>,
         guard: Option<FlightGuard>,
     ) -> Self {
-        Self { cache, key, ttl, max_entry, model, guard }
+        Self { cache, key, ttl, max_entry, model, guard, share: true }
+    }
+
+    /// Keeps the answer in this process only: one stored under a client's
+    /// shorter TTL, which in the shared store would replace what every
+    /// instance serves (an instance cannot see there what it replaces).
+    #[must_use]
+    pub fn local_only(mut self) -> Self {
+        self.share = false;
+        self
     }
 
     /// Starts recording an answer with these headers.
@@ -523,7 +534,7 @@ impl Recorder {
         // An entry of no TTL is never served: not kept (the requests
         // waiting for this answer still get it).
         if !ttl.is_zero() {
-            self.fill.cache.store(self.fill.key, Arc::clone(&entry));
+            self.fill.cache.store(self.fill.key, Arc::clone(&entry), self.fill.share);
         }
         if let Some(guard) = self.fill.guard.take() {
             guard.complete(entry);
@@ -616,6 +627,37 @@ mod tests {
         assert!(cache.lookup(&key, None, Instant::now()).is_none());
         assert_eq!(cache.entries(), 0);
         assert_ne!(cache.changes(&key), before);
+    }
+
+    /// A shared store that counts what is put in it.
+    #[derive(Default)]
+    struct CountingShared(Arc<std::sync::atomic::AtomicU64>);
+
+    impl SharedStore for CountingShared {
+        fn get(&self, _key: CacheKey) -> Pending<'_, Option<Entry>> {
+            Box::pin(async { None })
+        }
+        fn put(&self, _key: CacheKey, _entry: Arc<Entry>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+        fn purge(&self, _model: Option<String>) -> Pending<'_, Option<u64>> {
+            Box::pin(async { Some(0) })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_kept_local_only_never_reaches_the_shared_store() {
+        let puts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let cache = ResponseCache::within(1 << 20, 1 << 10, 0, Some(Box::new(CountingShared(Arc::clone(&puts)))));
+        for (key, local) in [([3; 32], true), ([4; 32], false)] {
+            let fill = Fill::new(Arc::clone(&cache), key, Duration::from_secs(5), 1 << 10, None, None);
+            let fill = if local { fill.local_only() } else { fill };
+            let mut recorder = fill.record(None, None, false);
+            recorder.saw(&Bytes::from_static(b"answer"));
+            recorder.finish(None);
+            assert!(cache.lookup(&key, None, Instant::now()).is_some(), "kept here either way");
+        }
+        assert_eq!(puts.load(Relaxed), 1, "only the shared answer went to the shared store");
     }
 
     #[test]

@@ -311,19 +311,25 @@ async fn forward(
     request: Request<Incoming>,
     ctx: &mut RequestContext,
 ) -> Result<Response<SluiceBody>, ProxyError> {
+    // A refusal may wait for the body: without the snapshot (see below).
     let client = match admit(shared, &live, &request, ctx).await {
         Ok(client) => client,
-        Err(error) => return Err(refuse(request, error, ctx).await),
+        Err(error) => {
+            drop(live);
+            return Err(refuse(request, error, ctx).await);
+        }
     };
     let path = request.uri().path();
     // Files, batches, assistants, stored responses live in the upstream
     // account every client shares: a tenant's key reaches them only when granted.
     if client.as_ref().is_some_and(|c| !c.passthrough) && !INFERENCE_PATHS.contains(&path) {
         let error = ProxyError::PathNotAllowed(path.to_string());
+        drop(live);
         return Err(refuse(request, error, ctx).await);
     }
     if proxy::is_model_endpoint(path) && request.method() != Method::POST {
         let error = ProxyError::MethodNotAllowed { method: request.method().clone(), allow: "POST" };
+        drop(live);
         return Err(refuse(request, error, ctx).await);
     }
     let received = proxy::receive(&live, request, ctx).await?;

@@ -22,6 +22,7 @@ pub(super) struct RawCache {
     max_bytes: Option<ByteSize>,
     max_entry: Option<ByteSize>,
     scope: Option<CacheScope>,
+    key_headers: Option<Vec<String>>,
 }
 
 /// Who shares cached answers.
@@ -52,6 +53,9 @@ pub struct CacheConfig {
     pub max_entry: u64,
     /// Who shares cached answers.
     pub scope: CacheScope,
+    /// Request headers, besides `openai-*` and `anthropic-*`, that may shape
+    /// an upstream's answer and so are part of its key (lowercase names).
+    pub key_headers: Vec<http::HeaderName>,
 }
 
 impl Default for CacheConfig {
@@ -62,6 +66,7 @@ impl Default for CacheConfig {
             max_bytes: DEFAULT_MAX_BYTES,
             max_entry: DEFAULT_MAX_ENTRY,
             scope: CacheScope::Global,
+            key_headers: Vec::new(),
         }
     }
 }
@@ -75,6 +80,13 @@ impl Validator<'_> {
             max_bytes: raw.max_bytes.map_or(defaults.max_bytes, |b| b.0),
             max_entry: raw.max_entry.map_or(defaults.max_entry, |b| b.0),
             scope: raw.scope.unwrap_or_default(),
+            key_headers: raw
+                .key_headers
+                .unwrap_or_default()
+                .iter()
+                .map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()))
+                .collect::<Result<_, _>>()
+                .map_err(|_| self.invalid("cache.key_headers", "must be header names"))?,
         };
         if config.ttl.is_zero() {
             return Err(self.invalid("cache.ttl", "must be above zero (use enabled = false to turn the cache off)"));

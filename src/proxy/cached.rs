@@ -50,6 +50,11 @@ pub const CACHE_TTL: HeaderName = HeaderName::from_static("x-sluice-cache-ttl");
 /// `hit`, `miss` or `bypass` on every answer the cache could have given.
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-sluice-cache");
 
+/// The form of the cache key, its first part: a change of what keys an
+/// answer changes it, so entries stored under another form (by an older
+/// version, in Redis) are never served for this one's requests.
+const KEY_FORM: &[u8] = b"sluice-cache-key-2: scope upstream path query body headers";
+
 /// What the stage decided.
 pub enum Step {
     /// Send it upstream (with a fill set on it when its answer is to be stored).
@@ -126,7 +131,8 @@ pub fn shortcut(
     }
     // Shortcuts know the bytes sent, not the headers: a request whose
     // headers key its answer neither takes nor leaves one.
-    if parts.headers.keys().any(headers::shapes_answer) {
+    let listed = &live.config.cache.key_headers;
+    if parts.headers.keys().any(|name| headers::shapes_answer(name, listed)) {
         return Found::Plan(None);
     }
     let lookout = Lookout { body: body.clone() };
@@ -221,6 +227,7 @@ pub async fn stage(
     }
     let scope = scope(config.scope, client);
     let mut key = KeyBuilder::default()
+        .part(KEY_FORM)
         .part(scope.as_bytes())
         .part(prepared.plan.upstream.name.as_bytes())
         .part(prepared.uri.path().as_bytes())
@@ -230,7 +237,7 @@ pub async fn stage(
     // Headers sent on that may change the answer (`openai-beta`, a
     // provider's version): an answer shaped by one client's headers is not
     // another's.
-    for (name, value) in headers::answer_shaping(&prepared.headers) {
+    for (name, value) in headers::answer_shaping(&prepared.headers, &config.key_headers) {
         key = key.part(name.as_str().as_bytes()).part(value.as_bytes());
     }
     let key = key.finish();
@@ -277,7 +284,10 @@ pub async fn stage(
     }
     let ttl = controls.max_age(config.ttl);
     let model = prepared.plan.model.as_ref().map(|m| Arc::clone(&m.model));
-    prepared.fill = Some(Fill::new(Arc::clone(cache), key, ttl, config.max_entry, model, guard));
+    let fill = Fill::new(Arc::clone(cache), key, ttl, config.max_entry, model, guard);
+    // A client's shorter TTL stays out of the shared store: there it would
+    // replace the entry every instance serves with one that soon expires.
+    prepared.fill = Some(if ttl < config.ttl { fill.local_only() } else { fill });
     Ok(Step::Forward)
 }
 

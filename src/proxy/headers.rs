@@ -103,58 +103,23 @@ pub fn to_upstream(headers: &mut HeaderMap, request_id: &HeaderValue, body_rewri
 }
 
 /// Whether a client header may change the upstream's answer, and so keys a
-/// cached answer (see [`answer_shaping`]). Left out: what describes the
-/// body or the connection, what sluice strips or sets itself, credentials,
-/// tracing, the cache's own controls, and the OpenAI SDKs' telemetry
-/// (`x-stainless-*`: it differs by client and SDK version, and would split
-/// every entry). Anything else (`openai-beta`, `anthropic-version`, a
-/// provider's own) is taken to shape the answer.
-pub fn shapes_answer(name: &HeaderName) -> bool {
-    let name = name.as_str();
-    !matches!(
-        name,
-        "host"
-            | "content-type"
-            | "content-length"
-            | "accept"
-            | "accept-encoding"
-            | "accept-language"
-            | "user-agent"
-            | "authorization"
-            | "x-api-key"
-            | "api-key"
-            | "cookie"
-            | "cache-control"
-            | "pragma"
-            | "connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "expect"
-            | "origin"
-            | "referer"
-            | "priority"
-            | "via"
-            | "forwarded"
-            | "x-real-ip"
-            | "x-request-id"
-            | "traceparent"
-            | "tracestate"
-            | "baggage"
-            | "openai-organization"
-            | "openai-project"
-    ) && !["x-stainless-", "x-sluice-", "x-forwarded-", "sec-"].iter().any(|prefix| name.starts_with(prefix))
+/// cached answer (see [`answer_shaping`]): the providers' own request
+/// headers (`openai-beta`, `anthropic-version`, `anthropic-beta`, ...; not
+/// `openai-organization` or `openai-project`, which sluice does not send on),
+/// and the names listed in `[cache] key_headers`. Only those: a header a
+/// proxy or SDK adds with a new value each request (trace ids, request ids,
+/// retry counts) would make every key unique.
+pub fn shapes_answer(name: &HeaderName, listed: &[HeaderName]) -> bool {
+    let text = name.as_str();
+    ((text.starts_with("openai-") && !OPENAI_CLIENT_ONLY.contains(name)) || text.starts_with("anthropic-"))
+        || listed.contains(name)
 }
 
-/// The client headers that may shape the upstream's answer, sorted by name
-/// then value (the order a client sends them in says nothing): part of a
-/// cached answer's key.
-pub fn answer_shaping(headers: &HeaderMap) -> Vec<(&HeaderName, &HeaderValue)> {
-    let mut shaping: Vec<_> = headers.iter().filter(|(name, _)| shapes_answer(name)).collect();
+/// The client headers that may shape the upstream's answer (see
+/// [`shapes_answer`]), sorted by name then value (the order a client sends
+/// them in says nothing): part of a cached answer's key.
+pub fn answer_shaping<'a>(headers: &'a HeaderMap, listed: &[HeaderName]) -> Vec<(&'a HeaderName, &'a HeaderValue)> {
+    let mut shaping: Vec<_> = headers.iter().filter(|(name, _)| shapes_answer(name, listed)).collect();
     shaping.sort_by(|a, b| (a.0.as_str(), a.1.as_bytes()).cmp(&(b.0.as_str(), b.1.as_bytes())));
     shaping
 }

@@ -115,8 +115,17 @@ pub async fn drain(request: http::Request<Incoming>) -> bool {
     if declared.is_none_or(|len| len > DRAIN_MAX) {
         return false;
     }
-    let limited = Limited::new(request.into_body(), DRAIN_MAX as usize);
-    matches!(tokio::time::timeout(DRAIN_TIMEOUT, limited.collect()).await, Ok(Ok(_)))
+    // Frame by frame, each dropped as it comes: nothing of it is kept.
+    let mut body = Limited::new(request.into_body(), DRAIN_MAX as usize);
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT, read).await.unwrap_or(false)
 }
 
 /// Reads the whole body under the cap and the read timeout.

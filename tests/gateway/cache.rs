@@ -68,11 +68,7 @@ async fn requests_sent_past_the_cache_carry_the_forwarding_headers() {
     assert_eq!(label(&h.send(echo(None)).await), "hit");
     assert_eq!(chats(&h), 3, "the hit sent nothing");
     // Answers are fetched uncompressed: what the client accepts does not split entries.
-    let gzip = h
-        .post("/v1/chat/completions")
-        .header("x-mock-echo", "1")
-        .header("accept-encoding", "gzip")
-        .body(Full::new(Bytes::from(CHAT)));
+    let gzip = h.post("/v1/chat/completions").header("accept-encoding", "gzip").body(Full::new(Bytes::from(CHAT)));
     assert_eq!(label(&h.send(gzip.unwrap()).await), "hit");
     assert_eq!(chats(&h), 3);
 }
@@ -190,7 +186,7 @@ async fn client_controls_no_cache_no_store_and_ttl() {
 
 #[tokio::test]
 async fn headers_that_may_shape_the_answer_are_part_of_its_key() {
-    let h = cached(Transport::H1Sluice, "scope = \"global\"").await;
+    let h = cached(Transport::H1Sluice, "scope = \"global\"\nkey_headers = [\"X-Model-Revision\"]").await;
     let with = |pairs: &[(&'static str, &'static str)]| {
         let mut request = h.post("/v1/chat/completions");
         for (name, value) in pairs {
@@ -207,11 +203,17 @@ async fn headers_that_may_shape_the_answer_are_part_of_its_key() {
     assert_eq!(label(&h.send(with(&[])).await), "miss");
     assert_eq!(label(&h.send(with(&[("openai-beta", "feature=v2")])).await), "miss");
     assert_eq!(label(&h.send(with(&[("openai-beta", "feature=v1")])).await), "hit");
-    // The SDKs' telemetry and tracing key nothing.
-    let telemetry =
-        [("x-stainless-os", "Linux"), ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")];
-    assert_eq!(label(&h.send(with(&telemetry)).await), "hit");
+    // What SDKs and proxies add, with new values each request, keys nothing.
+    for i in ["1", "2"] {
+        let added = [("x-stainless-retry-count", i), ("x-amzn-trace-id", i), ("idempotency-key", i)];
+        assert_eq!(label(&h.send(with(&added)).await), "hit");
+    }
     assert_eq!(chats(&h), 3);
+    // A header the operator lists keys answers too.
+    for (revision, expected) in [("a", "miss"), ("a", "hit"), ("b", "miss")] {
+        assert_eq!(label(&h.send(with(&[("x-model-revision", revision)])).await), expected, "{revision}");
+    }
+    assert_eq!(chats(&h), 5);
 }
 
 #[tokio::test]
@@ -220,17 +222,20 @@ async fn a_clients_short_ttl_does_not_shorten_what_the_others_are_served() {
     let with_ttl = |secs: &'static str| {
         h.post("/v1/chat/completions").header("x-sluice-cache-ttl", secs).body(Full::new(Bytes::from(CHAT))).unwrap()
     };
-    assert_eq!(label(&h.chat(CHAT).await), "miss");
+    // A TTL of 0 where nothing is stored: that answer could never be
+    // served, so it is not kept.
+    assert_eq!(label(&h.send(with_ttl("0")).await), "miss");
+    assert_eq!(label(&h.chat(CHAT).await), "miss", "nothing was kept under a TTL of 0");
     advance_clock(Duration::from_secs(5)).await;
     // A client that takes nothing older than 2 s goes upstream; its answer
     // replaces the entry, but lives as long as the one it replaced had left.
     assert_eq!(label(&h.send(with_ttl("2")).await), "miss");
     advance_clock(Duration::from_secs(3)).await;
     assert_eq!(label(&h.chat(CHAT).await), "hit", "past the client's 2 s, still served to the others");
-    // A TTL of 0: that client's answer is never served, and stored over nothing.
+    // A TTL of 0 over the entry: a miss for that client, the entry stays.
     assert_eq!(label(&h.send(with_ttl("0")).await), "miss");
     assert_eq!(label(&h.chat(CHAT).await), "hit");
-    assert_eq!(chats(&h), 3);
+    assert_eq!(chats(&h), 4);
 }
 
 #[tokio::test]
