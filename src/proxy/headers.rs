@@ -109,10 +109,17 @@ pub fn to_upstream(headers: &mut HeaderMap, request_id: &HeaderValue, body_rewri
 /// and the names listed in `[cache] key_headers`. Only those: a header a
 /// proxy or SDK adds with a new value each request (trace ids, request ids,
 /// retry counts) would make every key unique.
+#[inline]
 pub fn shapes_answer(name: &HeaderName, listed: &[HeaderName]) -> bool {
+    // Asked of every header of every cacheable request, a hit's too: the
+    // first byte settles most names.
     let text = name.as_str();
-    ((text.starts_with("openai-") && !OPENAI_CLIENT_ONLY.contains(name)) || text.starts_with("anthropic-"))
-        || listed.contains(name)
+    let provider = match text.as_bytes().first() {
+        Some(b'o') => text.starts_with("openai-") && !OPENAI_CLIENT_ONLY.contains(name),
+        Some(b'a') => text.starts_with("anthropic-"),
+        _ => false,
+    };
+    provider || (!listed.is_empty() && listed.contains(name))
 }
 
 /// The client headers that may shape the upstream's answer (see
